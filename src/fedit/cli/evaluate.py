@@ -1,0 +1,52 @@
+"""`fedit eval`: held-out loss and perplexity per category, for the base model or an adapter."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from fedit.cli.common import (
+    AdapterOption,
+    ConfigOption,
+    OverrideOption,
+    console,
+    friendly_errors,
+    resolve_config,
+)
+from fedit.cli.inference import load_for_inference
+from fedit.data.prepare import load_split_records
+from fedit.data.readers import read_records
+from fedit.data.tokenize import tokenize_records
+from fedit.eval.loss import heldout_loss
+
+
+@friendly_errors
+def evaluate(
+    config: ConfigOption = None,
+    set_: OverrideOption = None,
+    adapter: AdapterOption = None,
+    data: Annotated[
+        Path | None,
+        typer.Option("--data", help="Records to score (default: the config's held-out set)"),
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Write the scores as JSON")] = None,
+) -> None:
+    """Held-out loss / perplexity per category (base model when no --adapter)."""
+    cfg = resolve_config(config, set_, adapter)
+    records = read_records(str(data), cfg.data.fields) if data else load_split_records(cfg)[1]
+    tokenizer, model = load_for_inference(cfg, adapter)
+    examples, _ = tokenize_records(records, tokenizer, cfg.data.template, cfg.data.max_seq_len)
+    scores = heldout_loss(model, examples, tokenizer.pad_token_id, cfg.eval.batch_size)
+    table = Table(title=f"held-out loss: {adapter or 'base model'}")
+    for column in ("category", "loss", "perplexity", "tokens"):
+        table.add_column(column)
+    for category, row in scores.items():
+        table.add_row(category, f"{row['loss']:.4f}", f"{row['perplexity']:.2f}", str(row["tokens"]))
+    console.print(table)
+    if out:
+        out.write_text(json.dumps(scores, indent=2))
+        console.print(f"scores written to {out}")

