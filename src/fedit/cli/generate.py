@@ -55,8 +55,10 @@ def generate(
     answers = generate_answers(
         model, tokenizer, prompt_ids, cfg.eval.max_new_tokens, cfg.eval.batch_size
     )
-    lines = [{"instruction": r.instruction, "context": r.context, "answer": a}
-             for r, a in zip(records, answers, strict=True)]
+    lines = [
+        {"instruction": r.instruction, "context": r.context, "answer": a}
+        for r, a in zip(records, answers, strict=True)
+    ]
     for line in lines:
         console.print(f"[bold]> {line['instruction']}[/]\n{line['answer']}\n")
     if out:

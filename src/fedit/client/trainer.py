@@ -110,9 +110,7 @@ def train_client(
     lengths = [len(e.input_ids) for e in examples]
     batches = plan_batches(lengths, cfg.batch_size, num_steps, seed, cfg.group_by_length)
     torch.manual_seed(seed)  # LoRA dropout draws from the global generator
-    optimizer = torch.optim.AdamW(
-        params.values(), lr=learning_rate, weight_decay=cfg.weight_decay
-    )
+    optimizer = torch.optim.AdamW(params.values(), lr=learning_rate, weight_decay=cfg.weight_decay)
     model.train()
     hook.start(params)
     stats = StepStats()

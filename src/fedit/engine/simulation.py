@@ -94,7 +94,9 @@ def prepare_data(cfg: RunConfig, tokenizer) -> FederationData:
     return FederationData(clients, heldout_examples, total, sizes)
 
 
-def _tokenize(cfg: RunConfig, tokenizer, records) -> tuple[list[TokenizedExample], TruncationReport]:
+def _tokenize(
+    cfg: RunConfig, tokenizer, records
+) -> tuple[list[TokenizedExample], TruncationReport]:
     data = cfg.data
     return tokenize_records(
         records, tokenizer, data.template, data.max_seq_len, data.train_on_prompt
@@ -147,14 +149,21 @@ class Simulation:
         start, global_state, residual = self._restore(model, strategy, done)
         self._trim_metrics(start)
         rounds = range(start, cfg.federation.rounds)
-        for r in tqdm(rounds, desc="rounds", initial=start, total=cfg.federation.rounds,
-                      disable=not self.show_progress):
+        for r in tqdm(
+            rounds,
+            desc="rounds",
+            initial=start,
+            total=cfg.federation.rounds,
+            disable=not self.show_progress,
+        ):
             global_state, residual = self._round(
                 r, model, strategy, data, train_cfg, global_state, residual
             )
         final = round_dir(self.output_dir, cfg.federation.rounds)
-        console.print(f"[bold green]done[/]: global adapter in {final}, metrics in "
-                      f"{self.output_dir / 'metrics.jsonl'}")
+        console.print(
+            f"[bold green]done[/]: global adapter in {final}, metrics in "
+            f"{self.output_dir / 'metrics.jsonl'}"
+        )
         return final
 
     def _train_config(self, data: FederationData) -> TrainConfig:
@@ -211,9 +220,14 @@ class Simulation:
             add_to_base_weights(model, new_residual)
             residual = {k: residual.get(k, 0) + v for k, v in new_residual.items()}
         set_adapter_state(model, global_state)
-        record: dict[str, Any] = {"round": r + 1, "learning_rate": lr, "clients": [
-            {"id": u.client_id, "num_examples": u.num_examples, **u.metrics} for u in updates
-        ], "strategy": strategy.metrics()}
+        record: dict[str, Any] = {
+            "round": r + 1,
+            "learning_rate": lr,
+            "clients": [
+                {"id": u.client_id, "num_examples": u.num_examples, **u.metrics} for u in updates
+            ],
+            "strategy": strategy.metrics(),
+        }
         last = r + 1 == fed.rounds
         if last or (r + 1) % cfg.eval.every_rounds == 0:
             record["heldout"] = heldout_loss(model, data.heldout, self.pad_id, cfg.eval.batch_size)

@@ -168,4 +168,3 @@ def load_model(cfg: ModelConfig) -> PreTrainedModel:
     for param in model.parameters():
         param.requires_grad_(False)
     return model
-

@@ -1,0 +1,342 @@
+"""Preference pairs for DPO: read them, tokenise them within length limits, collate them.
+
+Three record formats, detected per record with ``format="auto"``:
+
+* ``plain``: ``{"prompt": str, "chosen": str, "rejected": str, "category"?: str}``.
+* ``hh`` (Anthropic HH-RLHF): ``chosen`` and ``rejected`` are whole dialogues
+  ``"\\n\\nHuman: ...\\n\\nAssistant: ..."`` that share their opening turns; the prompt is
+  their longest shared prefix up to and including the last ``"\\n\\nAssistant:"`` both share.
+* ``ultrafeedback`` (UltraFeedback-binarized): ``prompt`` is a string, ``chosen`` and
+  ``rejected`` are lists of ``{"role", "content"}`` messages whose final assistant message
+  is the response.
+
+Responses are stripped of surrounding whitespace in every format; prompts are kept verbatim
+(the prompt template, applied at tokenisation, decides what separates prompt and response).
+Every malformed pair raises ``DataFormatError`` naming the file, the line and the field, so
+a bad record in a client's shard fails loudly instead of as a ``KeyError`` mid-training.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fedit.data.records import DataFormatError
+
+FORMATS = ("auto", "plain", "hh", "ultrafeedback")
+ASSISTANT_MARKER = "\n\nAssistant:"
+HUMAN_MARKER = "Human:"
+IGNORE_INDEX = -100  # label value that cross-entropy and sequence_logps skip
+
+Row = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """One prompt with a preferred (``chosen``) and a dispreferred (``rejected``) response."""
+
+    prompt: str
+    chosen: str
+    rejected: str
+    category: str = "default"
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def read_preferences(
+    source: str, format: str = "auto", split: str = "train"
+) -> list[PreferencePair]:
+    """Read preference pairs from a .json (list), .jsonl or .csv file, or a Hub dataset.
+
+    ``format`` is one of ``FORMATS``; ``"auto"`` detects each record's format by its keys.
+    A source that is not a .json/.jsonl/.csv path is loaded with ``datasets.load_dataset``
+    (``split`` selects the split, e.g. ``"train_prefs"`` for UltraFeedback-binarized).
+    """
+    if format not in FORMATS:
+        raise ValueError(f"unknown preference format {format!r}; expected one of {FORMATS}")
+    pairs = [parse_pair(row, format, source, where) for where, row in _rows(source, split)]
+    if not pairs:
+        raise DataFormatError(f"{source}: no preference pairs")
+    return pairs
+
+
+def _rows(source: str, split: str) -> Iterator[tuple[str, Row]]:
+    """Yield (location, raw record) pairs; the location reads "line N", "item N" or "row N"."""
+    suffix = Path(source).suffix.lower()
+    if suffix in (".json", ".jsonl", ".csv"):
+        if not Path(source).is_file():
+            raise FileNotFoundError(f"preference file not found: {source}")
+        readers = {".json": _json_rows, ".jsonl": _jsonl_rows, ".csv": _csv_rows}
+        return readers[suffix](source)
+    return _hub_rows(source, split)
+
+
+def _json_rows(path: str) -> Iterator[tuple[str, Row]]:
+    """Items of a JSON list, located as "item N" (1-based, as fedit.data.readers counts)."""
+    with open(path, encoding="utf-8") as handle:
+        try:
+            data = json.load(handle)
+        except json.JSONDecodeError as error:
+            message = f"{path}, line {error.lineno}: invalid JSON ({error.msg})"
+            raise DataFormatError(message) from error
+    if not isinstance(data, list):
+        raise DataFormatError(f"{path}, top level: expected a JSON list of records")
+    for number, row in enumerate(data, start=1):
+        yield f"item {number}", row
+
+
+def _jsonl_rows(path: str) -> Iterator[tuple[str, Row]]:
+    """One JSON object per line (blank lines skipped), located as "line N" (1-based)."""
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield f"line {number}", json.loads(line)
+            except json.JSONDecodeError as error:
+                message = f"{path}, line {number}: invalid JSON ({error.msg})"
+                raise DataFormatError(message) from error
+
+
+def _csv_rows(path: str) -> Iterator[tuple[str, Row]]:
+    """CSV rows under a header, located by the physical line where each row starts."""
+    with open(path, encoding="utf-8", newline="") as handle:
+        reader = csv.DictReader(handle)
+        start = 2  # line 1 is the header
+        for row in reader:
+            # Empty cells mean "absent" (CSV has no null), so an empty category is defaulted.
+            yield f"line {start}", {key: value for key, value in row.items() if value != ""}
+            start = reader.line_num + 1
+
+
+def _hub_rows(name: str, split: str) -> Iterator[tuple[str, Row]]:
+    """Rows of a Hugging Face dataset split, located as "row N" (1-based)."""
+    from datasets import load_dataset  # heavy import, only for Hub sources
+
+    for number, row in enumerate(load_dataset(name, split=split), start=1):
+        yield f"row {number}", row
+
+
+# ---------------------------------------------------------------------------- parsing
+
+
+def _error(source: str, where: str, field: str, problem: str) -> DataFormatError:
+    return DataFormatError(f"{source}, {where}, field '{field}': {problem}")
+
+
+def detect_format(row: Row) -> str:
+    """Guess a record's format from its keys: "plain", "hh", "ultrafeedback" or "" (unknown)."""
+    if "prompt" in row:
+        return "ultrafeedback" if isinstance(row.get("chosen"), list) else "plain"
+    if isinstance(row.get("chosen"), str) and ASSISTANT_MARKER in row["chosen"]:
+        return "hh"
+    return ""
+
+
+def parse_pair(
+    row: Any, format: str, source: str = "<memory>", where: str = "record"
+) -> PreferencePair:
+    """Turn one raw record into a validated ``PreferencePair`` (``format`` may be "auto")."""
+    if not isinstance(row, dict):
+        raise _error(source, where, "(record)", f"expected an object, got {type(row).__name__}")
+    if format == "auto":
+        format = detect_format(row)
+        if not format:
+            raise _error(source, where, "prompt", "missing (and chosen is not an HH dialogue)")
+    parsers = {"plain": _parse_plain, "hh": _parse_hh, "ultrafeedback": _parse_ultrafeedback}
+    prompt, chosen, rejected = parsers[format](row, source, where)
+    if not chosen:
+        raise _error(source, where, "chosen", "empty response")
+    if not rejected:
+        raise _error(source, where, "rejected", "empty response")
+    if chosen == rejected:
+        raise _error(source, where, "rejected", "identical to chosen")
+    category = _field(row, "category", source, where, default="default")
+    return PreferencePair(prompt, chosen, rejected, category or "default")
+
+
+def _field(row: Row, name: str, source: str, where: str, default: str | None = None) -> str:
+    """A string field; missing (or null) is an error unless ``default`` is given."""
+    value = row.get(name)
+    if value is None:
+        if default is None:
+            raise _error(source, where, name, "missing")
+        return default
+    if not isinstance(value, str):
+        raise _error(source, where, name, f"expected a string, got {type(value).__name__}")
+    return value
+
+
+def _parse_plain(row: Row, source: str, where: str) -> tuple[str, str, str]:
+    prompt = _field(row, "prompt", source, where)
+    chosen = _field(row, "chosen", source, where).strip()
+    rejected = _field(row, "rejected", source, where).strip()
+    return prompt, chosen, rejected
+
+
+def common_prefix_len(first: str, second: str) -> int:
+    """Number of leading characters two strings share."""
+    for index, (a, b) in enumerate(zip(first, second, strict=False)):
+        if a != b:
+            return index
+    return min(len(first), len(second))
+
+
+def _parse_hh(row: Row, source: str, where: str) -> tuple[str, str, str]:
+    """Split two HH dialogues at the last "\\n\\nAssistant:" of their shared prefix."""
+    chosen = _field(row, "chosen", source, where)
+    rejected = _field(row, "rejected", source, where)
+    shared = common_prefix_len(chosen, rejected)
+    cut = chosen.rfind(ASSISTANT_MARKER, 0, shared)
+    if cut < 0 or HUMAN_MARKER not in chosen[:cut]:
+        raise _error(source, where, "chosen", "no shared Human/Assistant prefix with rejected")
+    end = cut + len(ASSISTANT_MARKER)
+    return chosen[:end], chosen[end:].strip(), rejected[end:].strip()
+
+
+def _parse_ultrafeedback(row: Row, source: str, where: str) -> tuple[str, str, str]:
+    prompt = _field(row, "prompt", source, where)
+    chosen = _final_assistant(row, "chosen", source, where)
+    rejected = _final_assistant(row, "rejected", source, where)
+    return prompt, chosen, rejected
+
+
+def _final_assistant(row: Row, name: str, source: str, where: str) -> str:
+    """Content of the final message of an UltraFeedback list; it must be the assistant's."""
+    messages = row.get(name)
+    if messages is None:
+        raise _error(source, where, name, "missing")
+    if not isinstance(messages, list):
+        raise _error(source, where, name, f"expected a message list, got {type(messages).__name__}")
+    last = messages[-1] if messages else None
+    if not isinstance(last, dict) or last.get("role") != "assistant":
+        raise _error(source, where, name, "message list has no final assistant turn")
+    content = last.get("content")
+    if not isinstance(content, str):
+        raise _error(source, where, name, "final assistant message has no string content")
+    return content.strip()
+
+
+# ---------------------------------------------------------------------------- tokenising
+
+
+@dataclass
+class TokenizedPair:
+    """Token ids of one pair: the (rendered) prompt and each response ending in eos."""
+
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    category: str = "default"
+
+
+@dataclass
+class PairTruncationReport:
+    """What the length limits did: ``total`` pairs in, ``dropped`` of them left out.
+
+    ``prompt_truncated`` and ``response_truncated`` count kept pairs (a pair counts once
+    even if both its responses were cut); ``dropped`` pairs had a response with no token
+    left once the prompt took its share of ``max_total_len``.
+    """
+
+    total: int = 0
+    prompt_truncated: int = 0
+    response_truncated: int = 0
+    dropped: int = 0
+
+
+def tokenize_pairs(
+    pairs: Sequence[PreferencePair],
+    tokenizer: Any,
+    max_prompt_len: int,
+    max_total_len: int,
+    render_prompt: Callable[[str], str] | None = None,
+) -> tuple[list[TokenizedPair], PairTruncationReport]:
+    """Tokenise pairs so each prompt ≤ ``max_prompt_len`` and prompt + response ≤ ``max_total_len``.
+
+    The prompt text goes through ``render_prompt`` (a template; identity by default) and is
+    tokenised without special tokens. A long prompt keeps its *last* ``max_prompt_len``
+    tokens: the end of the prompt (the latest turn and the template's response cue) is what
+    the response depends on most. Each response gets eos appended, then is cut from the end
+    to fit the budget left by its prompt; a cut response loses its eos, so the model is not
+    taught to stop where the limit fell. Texts are tokenised in three batched calls.
+    """
+    if max_prompt_len < 0 or max_total_len < 1:
+        limits = f"max_prompt_len={max_prompt_len}, max_total_len={max_total_len}"
+        raise ValueError(f"need max_prompt_len >= 0 and max_total_len >= 1, got {limits}")
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos token; responses must end with one")
+    render = render_prompt or (lambda text: text)
+    prompts = _batch_ids(tokenizer, [render(pair.prompt) for pair in pairs])
+    chosens = _batch_ids(tokenizer, [pair.chosen for pair in pairs])
+    rejecteds = _batch_ids(tokenizer, [pair.rejected for pair in pairs])
+    report = PairTruncationReport(total=len(pairs))
+    kept: list[TokenizedPair] = []
+    eos = tokenizer.eos_token_id
+    for pair, prompt, chosen, rejected in zip(pairs, prompts, chosens, rejecteds, strict=True):
+        full = TokenizedPair(prompt, [*chosen, eos], [*rejected, eos], pair.category)
+        fitted = fit_lengths(full, max_prompt_len, max_total_len)
+        if fitted is None:
+            report.dropped += 1
+            continue
+        report.prompt_truncated += len(fitted.prompt_ids) < len(full.prompt_ids)
+        report.response_truncated += fitted.chosen_ids != full.chosen_ids or (
+            fitted.rejected_ids != full.rejected_ids
+        )
+        kept.append(fitted)
+    return kept, report
+
+
+def _batch_ids(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    if not texts:
+        return []
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def fit_lengths(
+    pair: TokenizedPair, max_prompt_len: int, max_total_len: int
+) -> TokenizedPair | None:
+    """Keep the prompt's last ``max_prompt_len`` ids, then cut each response to fit the total.
+
+    Returns None when the prompt leaves a response no room at all (the pair is dropped).
+    """
+    prompt = pair.prompt_ids[max(len(pair.prompt_ids) - max_prompt_len, 0) :]
+    budget = max(max_total_len - len(prompt), 0)
+    chosen, rejected = pair.chosen_ids[:budget], pair.rejected_ids[:budget]
+    if not chosen or not rejected:
+        return None
+    return TokenizedPair(prompt, chosen, rejected, pair.category)
+
+
+# ---------------------------------------------------------------------------- collating
+
+
+def collate_pairs(pairs: Sequence[TokenizedPair], pad_id: int) -> dict[str, Tensor]:
+    """Batch B pairs as 2B right-padded rows (chosen rows first, then rejected) for one forward.
+
+    One concatenated pass gives the policy (and the reference) both responses' log-probs at
+    once. ``labels`` are the response tokens, −100 on the prompt and the padding; T is the
+    longest row in this batch (dynamic padding). Returns input_ids, attention_mask, labels.
+    """
+    if not pairs:
+        raise ValueError("collate_pairs needs at least one pair")
+    responses = [pair.chosen_ids for pair in pairs] + [pair.rejected_ids for pair in pairs]
+    prompts = [pair.prompt_ids for pair in pairs] * 2
+    width = max(len(p) + len(r) for p, r in zip(prompts, responses, strict=True))
+    input_ids = torch.full((len(responses), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(responses), width), dtype=torch.long)
+    labels = torch.full((len(responses), width), IGNORE_INDEX, dtype=torch.long)
+    for row, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
+        length = len(prompt) + len(response)
+        input_ids[row, :length] = torch.tensor(prompt + response, dtype=torch.long)
+        attention_mask[row, :length] = 1
+        labels[row, len(prompt) : length] = torch.tensor(response, dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

@@ -1,0 +1,55 @@
+"""Shared fixtures: a tiny random Llama written once per session, and small run configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fedit.config import RunConfig, load_config
+from fedit.models.tiny import make_tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+DOLLY = REPO.parent / "shared" / "data" / "databricks-dolly-15k.jsonl"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def tiny_run_overrides(model_dir: Path, output_dir: Path, **extra: object) -> list[str]:
+    """Overrides for a seconds-long federation on the tiny model and synthetic skills."""
+    values: dict[str, object] = {
+        "output_dir": str(output_dir),
+        "model.name_or_path": str(model_dir),
+        "data.path": "synthetic",
+        "data.synthetic_per_skill": 12,
+        "data.heldout_per_category": 2,
+        "data.max_seq_len": 384,
+        "partition.num_clients": 5,
+        "federation.rounds": 3,
+        "federation.clients_per_round": 2,
+        "train.max_steps": 2,
+        "train.micro_batch_size": 2,
+        "train.grad_accum_steps": 2,
+        "train.learning_rate": 5e-3,
+        "lora.r": 4,
+        "lora.alpha": 8,
+        "lora.dropout": 0.1,
+    }
+    values.update(extra)
+    return [f"{k}={_toml(v)}" for k, v in values.items()]
+
+
+def _toml(value: object) -> str:
+    if isinstance(value, str):
+        return '"' + value + '"'
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+@pytest.fixture
+def tiny_config(tiny_model_dir: Path, tmp_path: Path) -> RunConfig:
+    return load_config(None, tiny_run_overrides(tiny_model_dir, tmp_path / "run"))

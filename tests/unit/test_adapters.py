@@ -1,0 +1,65 @@
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+
+from fedit.config import LoraConfig, ModelConfig
+from fedit.models.adapters import (
+    adapter_parameters,
+    attach_lora,
+    get_adapter_state,
+    save_adapter,
+    set_adapter_state,
+)
+from fedit.models.loading import load_model, resolve_device, resolve_dtype
+
+
+def randomised_adapter(model: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        name: torch.randn(p.shape, generator=generator) * 0.1
+        for name, p in adapter_parameters(model).items()
+    }
+
+
+def test_saved_adapter_reloads_with_peft_and_gives_same_logits(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    cfg = ModelConfig(name_or_path=str(tiny_model_dir))
+    model = attach_lora(load_model(cfg), LoraConfig(r=4, alpha=8, dropout=0.0), seed=0)
+    state = randomised_adapter(model, seed=1)
+    save_adapter(model, state, tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+    reloaded = PeftModel.from_pretrained(load_model(cfg), str(tmp_path / "adapter")).eval()
+    inputs = torch.tensor([[5, 40, 41, 42, 2]])
+    model.eval()
+    with torch.no_grad():
+        expected = model(input_ids=inputs).logits
+        got = reloaded(input_ids=inputs).logits
+    assert torch.allclose(expected, got, atol=1e-6)
+    base = load_model(cfg).eval()
+    with torch.no_grad():
+        assert not torch.allclose(base(input_ids=inputs).logits, got, atol=1e-3)
+
+
+def test_state_swap_round_trip_and_name_check(tiny_model_dir: Path) -> None:
+    model = attach_lora(
+        load_model(ModelConfig(name_or_path=str(tiny_model_dir))),
+        LoraConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj"]),
+        seed=0,
+    )
+    state = randomised_adapter(model, seed=3)
+    set_adapter_state(model, state)
+    assert all(torch.equal(v, state[k]) for k, v in get_adapter_state(model).items())
+    assert all(".q_proj." in k or ".v_proj." in k for k in state)
+    with pytest.raises(KeyError, match="missing"):
+        set_adapter_state(model, dict(list(state.items())[1:]))
+
+
+def test_cpu_defaults_to_fp32() -> None:
+    device = resolve_device("cpu")
+    assert resolve_dtype("auto", device) == torch.float32
+    assert resolve_dtype("bfloat16", device) == torch.bfloat16

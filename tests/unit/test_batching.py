@@ -1,0 +1,42 @@
+import numpy as np
+import torch
+
+from fedit.client.batching import IGNORE_INDEX, collate, plan_batches, split_micro_batches
+
+
+def padding_share(batches: list[list[int]], lengths: list[int], micro: int) -> float:
+    computed = real = 0
+    for batch in batches:
+        for chunk in split_micro_batches(batch, lengths, micro):
+            computed += max(lengths[i] for i in chunk) * len(chunk)
+            real += sum(lengths[i] for i in chunk)
+    return 1 - real / computed
+
+
+def test_plan_gives_exact_steps_and_covers_epochs() -> None:
+    lengths = list(range(1, 21))
+    batches = plan_batches(lengths, batch_size=8, num_steps=5, seed=0)
+    assert len(batches) == 5
+    first_epoch = [i for b in batches[:3] for i in b]  # 20 records = 8 + 8 + 4
+    assert sorted(first_epoch) == list(range(20))
+
+
+def test_plan_is_deterministic_per_seed() -> None:
+    lengths = list(np.random.default_rng(0).integers(5, 200, size=64))
+    assert plan_batches(lengths, 8, 6, seed=1) == plan_batches(lengths, 8, 6, seed=1)
+    assert plan_batches(lengths, 8, 6, seed=1) != plan_batches(lengths, 8, 6, seed=2)
+
+
+def test_length_grouping_cuts_padding() -> None:
+    lengths = [int(x) for x in np.random.default_rng(0).integers(10, 250, size=400)]
+    grouped = plan_batches(lengths, 8, 50, seed=0, group_by_length=True)
+    random_order = plan_batches(lengths, 8, 50, seed=0, group_by_length=False)
+    assert padding_share(grouped, lengths, 4) < 0.1 < padding_share(random_order, lengths, 4)
+
+
+def test_collate_pads_right_and_masks_padding() -> None:
+    rows = [([5, 6, 7], [IGNORE_INDEX, 6, 7]), ([8], [8])]
+    batch = collate(rows, pad_id=0, device=torch.device("cpu"))
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, 7], [8, IGNORE_INDEX, IGNORE_INDEX]]

@@ -1,0 +1,103 @@
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from fedit.client.batching import collate
+from fedit.client.hooks import ClientHook
+from fedit.client.loss import row_loss_sums
+from fedit.client.trainer import round_learning_rate, steps_per_round, train_client
+from fedit.config import LoraConfig, ModelConfig, TrainConfig
+from fedit.data.synthetic import generate_records
+from fedit.data.tokenize import tokenize_records
+from fedit.models.adapters import attach_lora, get_adapter_state, set_adapter_state
+from fedit.models.loading import load_model
+
+
+@pytest.fixture
+def tiny_peft(tiny_model_dir: Path):
+    model = load_model(ModelConfig(name_or_path=str(tiny_model_dir)))
+    return attach_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0), seed=0)
+
+
+@pytest.fixture
+def examples(tiny_model_dir: Path):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    records = generate_records(4, seed=0, skills=["addition", "uppercase"])
+    return tokenize_records(records, tokenizer, "alpaca", 512)[0], tokenizer.pad_token_id
+
+
+def test_steps_per_round_and_cosine_schedule() -> None:
+    cfg = TrainConfig(micro_batch_size=4, grad_accum_steps=2, local_epochs=1.0)
+    assert steps_per_round(20, cfg) == 3
+    assert steps_per_round(20, TrainConfig(max_steps=7)) == 7
+    cosine = TrainConfig(learning_rate=1e-3, lr_schedule="cosine", min_lr=1e-4)
+    assert round_learning_rate(cosine, 0, 5) == pytest.approx(1e-3)
+    assert round_learning_rate(cosine, 2, 5) == pytest.approx(5.5e-4)
+    assert round_learning_rate(cosine, 4, 5) == pytest.approx(1e-4)
+
+
+def test_label_only_logits_equal_full_logits(tiny_peft, examples) -> None:
+    rows, pad_id = examples
+    batch = collate([(e.input_ids, e.labels) for e in rows[:4]], pad_id, torch.device("cpu"))
+    fast, counts_fast = row_loss_sums(tiny_peft, batch, logits_on_labels_only=True)
+    full, counts_full = row_loss_sums(tiny_peft, batch, logits_on_labels_only=False)
+    assert torch.equal(counts_fast, counts_full)
+    assert torch.allclose(fast, full, atol=1e-5)
+
+
+def test_loss_is_on_response_tokens_only(tiny_peft, examples) -> None:
+    rows, pad_id = examples
+    example = rows[0]
+    batch = collate([(example.input_ids, example.labels)], pad_id, torch.device("cpu"))
+    _, counts = row_loss_sums(tiny_peft, batch, logits_on_labels_only=True)
+    assert int(counts[0]) == sum(label != -100 for label in example.labels)
+
+
+class CountingHook(ClientHook):
+    def __init__(self) -> None:
+        self.calls = {"start": 0, "loss_term": 0, "adjust": 0, "finish": 0}
+
+    def start(self, params):
+        self.calls["start"] += 1
+
+    def loss_term(self, params):
+        self.calls["loss_term"] += 1
+        return None
+
+    def adjust_gradients(self, params):
+        self.calls["adjust"] += 1
+        assert all(p.grad is not None for p in params.values())
+
+    def finish(self, params, num_steps, learning_rate):
+        self.calls["finish"] += 1
+        return {"seen": {"steps": torch.tensor(float(num_steps))}}
+
+
+def test_training_lowers_loss_and_calls_hooks(tiny_peft, examples) -> None:
+    rows, pad_id = examples
+    cfg = TrainConfig(micro_batch_size=2, grad_accum_steps=2, max_steps=12, learning_rate=1e-2)
+    hook = CountingHook()
+    first = train_client(
+        tiny_peft, rows, cfg, client_id=0, learning_rate=1e-2, seed=1, pad_id=pad_id, hook=hook
+    )
+    second = train_client(
+        tiny_peft, rows, cfg, client_id=0, learning_rate=1e-2, seed=2, pad_id=pad_id
+    )
+    assert second.metrics["train_loss"] < first.metrics["train_loss"]
+    assert hook.calls == {"start": 1, "loss_term": 24, "adjust": 12, "finish": 1}
+    assert first.extras["seen"]["steps"].item() == 12
+    assert first.num_steps == 12 and first.num_examples == len(rows)
+
+
+def test_same_seed_same_update(tiny_peft, examples) -> None:
+    rows, pad_id = examples
+    cfg = TrainConfig(micro_batch_size=2, grad_accum_steps=1, max_steps=3, learning_rate=1e-2)
+    start = get_adapter_state(tiny_peft)
+    kwargs = dict(client_id=0, learning_rate=1e-2, seed=5, pad_id=pad_id)
+    first = train_client(tiny_peft, rows, cfg, **kwargs)
+    set_adapter_state(tiny_peft, start)
+    again = train_client(tiny_peft, rows, cfg, **kwargs)
+    assert all(torch.equal(first.state[k], again.state[k]) for k in first.state)
+    assert any(not torch.equal(first.state[k], start[k]) for k in start)
