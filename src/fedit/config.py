@@ -133,6 +133,9 @@ class TrainConfig:
     group_by_length: bool = True  # length-grouped batches: little compute wasted on padding
     logits_on_labels_only: bool = True  # apply the LM head only where a label exists
     threads: int | None = None  # torch intra-op threads (None: torch's default)
+    # compute precision: auto (bf16 on GPUs and on CPUs with native bf16, else fp32) | off
+    # (fp32) | bf16 | fp16; adapter weights and optimizer state stay fp32 either way
+    mixed_precision: str = "auto"
 
     def validate(self) -> None:
         _require(self.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
@@ -146,6 +149,11 @@ class TrainConfig:
             "must be constant or cosine",
         )
         _require(0 <= self.min_lr <= self.learning_rate, "train.min_lr", "must be in [0, lr]")
+        _require(
+            self.mixed_precision in {"auto", "off", "bf16", "fp16"},
+            "train.mixed_precision",
+            "must be auto, off, bf16 or fp16",
+        )
         _require(
             self.max_grad_norm is None or self.max_grad_norm > 0,
             "train.max_grad_norm",
@@ -166,6 +174,9 @@ class FederationConfig:
     clients_per_round: int | None = None  # a count; or set fraction; neither: all clients
     fraction: float | None = None
     local_client: int = 0  # mode = local: which client's records
+    # mode = local: train on these categories' records instead of one client's (the FedIT
+    # paper's Local-1/2/3 baselines are defined by category)
+    local_categories: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         _require(
@@ -234,6 +245,11 @@ class EvalConfig:
     every_rounds: int = 1  # evaluate held-out loss every N rounds (and after the last)
     batch_size: int = 8
     max_new_tokens: int = 64  # for generation-based scores
+    # models `fedit compare` trains and scores: base | fedit | centralized | local:<client>
+    # | local:<category>+<category>
+    compare: list[str] = field(
+        default_factory=lambda: ["base", "local:0", "local:1", "fedit", "centralized"]
+    )
 
     def validate(self) -> None:
         _require(self.every_rounds >= 1, "eval.every_rounds", "must be >= 1")

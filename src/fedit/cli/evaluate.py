@@ -17,11 +17,11 @@ from fedit.cli.common import (
     friendly_errors,
     resolve_config,
 )
-from fedit.cli.inference import load_for_inference
 from fedit.data.prepare import load_split_records
 from fedit.data.readers import read_records
 from fedit.data.tokenize import tokenize_records
 from fedit.eval.loss import heldout_loss
+from fedit.models.inference import load_for_inference
 
 
 @friendly_errors

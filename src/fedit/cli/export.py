@@ -15,7 +15,7 @@ from fedit.cli.common import (
     friendly_errors,
     resolve_config,
 )
-from fedit.cli.inference import load_for_inference
+from fedit.models.inference import load_for_inference
 
 
 @friendly_errors

@@ -16,11 +16,11 @@ from fedit.cli.common import (
     friendly_errors,
     resolve_config,
 )
-from fedit.cli.inference import load_for_inference
 from fedit.data.readers import read_records
 from fedit.data.records import Record
 from fedit.data.tokenize import tokenize_prompt
 from fedit.eval.generate import generate_answers
+from fedit.models.inference import load_for_inference
 
 
 def _prompt_records(prompt: list[str] | None, prompts: Path | None, fields: str) -> list[Record]:

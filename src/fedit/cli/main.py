@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
-import typer
+import warnings
 
-from fedit.cli import evaluate, export, generate, partition, tiny, train
+import typer
+from transformers.utils import logging as hf_logging
+
+from fedit.cli import compare, evaluate, export, generate, partition, tiny, train
+
+# fedit draws its own progress bars; transformers' per-load bars and deprecation notices
+# from inside PEFT/transformers would only bury them.
+hf_logging.set_verbosity_error()
+hf_logging.disable_progress_bar()
+warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
 
 app = typer.Typer(
     name="fedit",
@@ -15,6 +24,7 @@ app = typer.Typer(
 )
 app.command("train")(train.train)
 app.command("partition")(partition.partition)
+app.command("compare")(compare.compare)
 app.command("eval")(evaluate.evaluate)
 app.command("generate")(generate.generate)
 app.command("export")(export.export)

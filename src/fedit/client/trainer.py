@@ -9,7 +9,6 @@ The same function serves simulated clients and networked ones.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Sequence
@@ -21,6 +20,7 @@ from tqdm.auto import tqdm
 from fedit.client.batching import collate, plan_batches, split_micro_batches
 from fedit.client.hooks import ClientHook
 from fedit.client.loss import row_loss_sums
+from fedit.client.precision import autocast, grad_scaler
 from fedit.config import TrainConfig
 from fedit.data.tokenize import TokenizedExample
 from fedit.models.adapters import adapter_parameters, get_adapter_state
@@ -42,15 +42,6 @@ def round_learning_rate(cfg: TrainConfig, round_index: int, num_rounds: int) -> 
     return cfg.min_lr + 0.5 * (cfg.learning_rate - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def autocast_context(model: torch.nn.Module) -> contextlib.AbstractContextManager:
-    """Mixed precision when the base weights are half precision (GPU path); adapters
-    stay fp32 (PEFT keeps them so), which is the master copy the optimizer updates."""
-    param = next(model.parameters())
-    if param.dtype in (torch.bfloat16, torch.float16):
-        return torch.autocast(param.device.type, dtype=param.dtype)
-    return contextlib.nullcontext()
-
-
 @dataclass
 class StepStats:
     loss_sum: float = 0.0
@@ -69,6 +60,7 @@ def _accumulate(
     pad_id: int,
     hook: ClientHook,
     params: dict[str, torch.nn.Parameter],
+    scaler: torch.amp.GradScaler,
     stats: StepStats,
 ) -> None:
     """Forward and backward over one optimizer batch; loss is the token-weighted mean."""
@@ -78,14 +70,14 @@ def _accumulate(
     for micro in micro_batches:
         rows = [(examples[i].input_ids, examples[i].labels) for i in micro]
         inputs = collate(rows, pad_id, device)
-        with autocast_context(model):
+        with autocast(model, cfg.mixed_precision):
             sums, _ = row_loss_sums(model, inputs, cfg.logits_on_labels_only)
         loss = sums.sum() / max(total_labels, 1)
         extra = hook.loss_term(params)
         if extra is not None:
             loss = loss + extra / len(micro_batches)
-        loss.backward()
-        stats.loss_sum += float(sums.sum())
+        scaler.scale(loss).backward()
+        stats.loss_sum += float(sums.detach().sum())
         stats.real_tokens += int(inputs["attention_mask"].sum())
         stats.computed_tokens += inputs["input_ids"].numel()
     stats.label_tokens += total_labels
@@ -111,6 +103,7 @@ def train_client(
     batches = plan_batches(lengths, cfg.batch_size, num_steps, seed, cfg.group_by_length)
     torch.manual_seed(seed)  # LoRA dropout draws from the global generator
     optimizer = torch.optim.AdamW(params.values(), lr=learning_rate, weight_decay=cfg.weight_decay)
+    scaler = grad_scaler(cfg.mixed_precision, model)
     model.train()
     hook.start(params)
     stats = StepStats()
@@ -118,11 +111,13 @@ def train_client(
     for batch in tqdm(batches, desc=f"client {client_id}", leave=False, disable=not show_progress):
         step_started = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        _accumulate(model, examples, batch, lengths, cfg, pad_id, hook, params, stats)
+        _accumulate(model, examples, batch, lengths, cfg, pad_id, hook, params, scaler, stats)
+        scaler.unscale_(optimizer)  # hooks and clipping see true gradients
         hook.adjust_gradients(params)
         if cfg.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params.values(), cfg.max_grad_norm)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         stats.step_seconds += time.perf_counter() - step_started
     extras = hook.finish(params, num_steps, learning_rate)
     return ClientUpdate(

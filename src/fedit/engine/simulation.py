@@ -79,8 +79,12 @@ def prepare_data(cfg: RunConfig, tokenizer) -> FederationData:
         reports.append(report)
     heldout_examples, _ = _tokenize(cfg, tokenizer, heldout)
     sizes = [len(c) for c in clients]
-    if cfg.federation.mode == "local":
-        clients = [clients[cfg.federation.local_client]]
+    fed = cfg.federation
+    if fed.mode == "local" and fed.local_categories:
+        wanted = set(fed.local_categories)
+        clients = [[e for client in clients for e in client if e.category in wanted]]
+    elif fed.mode == "local":
+        clients = [clients[fed.local_client]]
     elif cfg.federation.mode == "centralized":
         clients = [[e for client in clients for e in client]]
     empty = [i for i, c in enumerate(clients) if not c]
@@ -146,6 +150,7 @@ class Simulation:
         model = attach_lora(load_model(cfg.model), cfg.lora, cfg.seed)
         strategy = build_strategy(cfg.strategy, len(data.clients))
         strategy.lora_scaling = lora_scaling(cfg.lora)
+        strategy.set_storage_dir(self.output_dir / "client_state")
         start, global_state, residual = self._restore(model, strategy, done)
         self._trim_metrics(start)
         rounds = range(start, cfg.federation.rounds)

@@ -49,10 +49,12 @@ def score_by_category(
     return scores
 
 
-def format_score_table(rows: dict[str, dict[str, float]], categories: Sequence[str]) -> str:
+def format_score_table(
+    rows: dict[str, dict[str, float]], categories: Sequence[str], digits: int = 2
+) -> str:
     """A markdown table: one row per model, one column per category, then ``mean``.
 
-    Values have 2 decimals; a score a row lacks shows as "-". ``categories`` may include
+    Values have `digits` decimals; a score a row lacks shows as "-". ``categories`` may include
     "mean" (e.g. the keys of a ``score_by_category`` result); it is shown once, last.
     """
     columns = [*(c for c in categories if c != "mean"), "mean"]
@@ -61,6 +63,6 @@ def format_score_table(rows: dict[str, dict[str, float]], categories: Sequence[s
         "|---|" + "---:|" * len(columns),
     ]
     for model, scores in rows.items():
-        cells = [f"{scores[c]:.2f}" if c in scores else "-" for c in columns]
+        cells = [f"{scores[c]:.{digits}f}" if c in scores else "-" for c in columns]
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -10,7 +10,7 @@ import torch
 
 from fedit.client.batching import collate
 from fedit.client.loss import row_loss_sums
-from fedit.client.trainer import autocast_context
+from fedit.client.precision import autocast
 from fedit.data.tokenize import TokenizedExample
 
 
@@ -30,7 +30,7 @@ def heldout_loss(
     for start in range(0, len(order), batch_size):
         chunk = [examples[i] for i in order[start : start + batch_size]]
         batch = collate([(e.input_ids, e.labels) for e in chunk], pad_id, device)
-        with autocast_context(model):
+        with autocast(model):  # fp32 unless the base weights are half precision
             sums, counts = row_loss_sums(model, batch, logits_on_labels_only=True)
         for example, loss, count in zip(chunk, sums.tolist(), counts.tolist(), strict=True):
             for key in (example.category, "overall"):

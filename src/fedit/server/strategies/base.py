@@ -8,20 +8,50 @@ global adapter, what (if anything) clients must do differently, and which server
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from pathlib import Path
 
 from torch import Tensor
 
 from fedit.client.hooks import ClientHook
 from fedit.config import StrategyConfig
+from fedit.server.aggregation import client_weights, state_norm, subtract
+from fedit.server.lora_aggregation import fedex_residual, separate_error
 from fedit.types import AdapterState, ClientUpdate
 
 
 class Strategy(ABC):
-    """Base class. Subclasses are registered with ``fedit.server.strategies.register``."""
+    """Base class. Subclasses are registered with ``fedit.server.strategies.register``.
+
+    LoRA aggregation (``config.lora_aggregation``, see ``fedit.server.lora_aggregation``):
+    in "separate" mode A and B are aggregated like any other tensor. In "exact" mode the
+    algorithm still steps A and B as usual, and the FedEx-LoRA residual
+    R = Σ_k p_k s·B_k A_k − s·B̄Ā (B̄, Ā the p-weighted means of the clients' factors) is
+    collected for the engine to fold into the frozen base weights (``take_base_residual``).
+    For FedAvg and FedProx (and SCAFFOLD with server_lr = 1) the merged model then equals
+    W0 + Σ_k p_k s·B_k A_k exactly. FedEx-LoRA is defined for FedAvg only; for the
+    server-optimiser methods (FedAvgM, FedAdam, ...) fedit uses the same client-factor
+    residual, so the base absorbs what averaging the factors loses and the optimiser then
+    moves the factors: a consistent choice, not a result from the paper.
+
+    Attributes:
+        lora_scaling: s = lora.alpha / lora.r, set by the engine right after building the
+            strategy (``strategy.lora_scaling = alpha / r``). Only "exact" mode uses it.
+    """
+
+    lora_scaling: float = 1.0
 
     def __init__(self, config: StrategyConfig, num_clients: int) -> None:
+        if num_clients < 1:
+            raise ValueError(f"num_clients must be >= 1, got {num_clients}")
         self.config = config
         self.num_clients = num_clients
+        self._metrics: dict[str, float] = {}
+        self._base_residual: dict[str, Tensor] = {}
+
+    def set_storage_dir(self, path: str | Path) -> None:
+        """A directory for per-client server state too large to keep in memory (SCAFFOLD's
+        c_k with many clients). Strategies without such state ignore it."""
+        return None
 
     def client_hook(self, client_id: int, global_state: AdapterState) -> ClientHook:
         """The client-side obligation for this round; FedAvg-style methods have none."""
@@ -35,12 +65,45 @@ class Strategy(ABC):
         tensors it is given (it never modifies them); it may update its own server state."""
 
     def metrics(self) -> dict[str, float]:
-        """Scalars about the last aggregation, written to metrics.jsonl."""
-        return {}
+        """Scalars about the last aggregation, written to metrics.jsonl: "update_norm"
+        (‖x_new − x‖) and the separate-averaging LoRA error "lora_rel_error_max" / "_mean"
+        (reported in both modes, so the cost of "separate" is always visible)."""
+        return dict(self._metrics)
 
     def state_dict(self) -> dict[str, Tensor]:
         """Server state to checkpoint (tensors only, saved as safetensors)."""
         return {}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        """Restore what ``state_dict`` returned."""
+        """Restore what ``state_dict`` returned. Stateless strategies accept only {}, so
+        resuming with another strategy's state fails loudly."""
+        if state:
+            raise ValueError(
+                f"{type(self).__name__} keeps no server state, got {sorted(state)[:3]}"
+            )
+
+    def take_base_residual(self) -> dict[str, Tensor]:
+        """Return and clear the residual to add to the frozen base weights, keyed by the
+        base layer's PEFT name ("<lora prefix>.base_layer.weight"), float32. Empty in
+        "separate" mode. Residuals of rounds not yet taken are summed. Not checkpointed:
+        the engine takes it right after ``aggregate`` and saves the updated base."""
+        residual, self._base_residual = self._base_residual, {}
+        return residual
+
+    def _finish_round(
+        self, global_state: AdapterState, new_state: AdapterState, updates: list[ClientUpdate]
+    ) -> AdapterState:
+        """Bookkeeping each strategy does last in ``aggregate``: record the metrics and, in
+        "exact" mode, add this round's FedEx-LoRA residual. Returns ``new_state``."""
+        states = [u.state for u in updates]
+        weights = client_weights(updates, self.config.weighting)
+        error = separate_error(states, weights)
+        self._metrics = {
+            "update_norm": state_norm(subtract(new_state, global_state)),
+            "lora_rel_error_max": error.max,
+            "lora_rel_error_mean": error.mean,
+        }
+        if self.config.lora_aggregation == "exact":
+            for key, r in fedex_residual(states, weights, self.lora_scaling).items():
+                self._base_residual[key] = self._base_residual.get(key, 0.0) + r
+        return new_state

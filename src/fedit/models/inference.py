@@ -1,4 +1,4 @@
-"""Loading a base model with an optional saved adapter, for eval / generate / export."""
+"""A base model with an optional saved global adapter, ready for scoring and generation."""
 
 from __future__ import annotations
 

@@ -1,0 +1,115 @@
+"""The FedIT paper's comparison: Base, Local models, FedIT and Centralised, matched budgets.
+
+Each contender is the same run config with another `federation.mode`; all are trained by
+the simulation engine (resuming, so a re-run only scores) and scored on the same held-out
+records: held-out loss per category always, plus a generation score per category — exact
+match for the built-in synthetic skills, ROUGE-L otherwise. Writes into `out_dir`:
+`scores.md` (tables), `scores.json`, `metrics.jsonl` (one line per contender) and PNG charts.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from fedit.config import ConfigError, RunConfig
+from fedit.data.prepare import load_split_records
+from fedit.data.records import Record
+from fedit.data.tokenize import tokenize_prompts, tokenize_records
+from fedit.engine.simulation import Simulation, console
+from fedit.eval.exact_match import format_score_table, score_by_category
+from fedit.eval.generate import generate_answers
+from fedit.eval.loss import heldout_loss
+from fedit.eval.report import save_bar_chart
+from fedit.eval.rouge import rouge_l_by_category
+from fedit.models.inference import load_for_inference
+
+
+@dataclass(frozen=True)
+class Contender:
+    """A model to compare: 'base', 'fedit', 'centralized', 'local:<client>' or
+    'local:<category>+<category>' (records of those categories only)."""
+
+    spec: str
+
+    @property
+    def name(self) -> str:
+        return self.spec.replace(":", "-").replace("+", "_")
+
+    def config(self, cfg: RunConfig, out_dir: Path) -> RunConfig:
+        kind, _, arg = self.spec.partition(":")
+        modes = {"fedit": "federated", "centralized": "centralized", "local": "local"}
+        if kind not in modes or (kind == "local") != bool(arg):
+            raise ConfigError(f"contender {self.spec!r}: expected {Contender.__doc__}")
+        federation = replace(cfg.federation, mode=modes[kind])
+        if kind == "local" and arg.isdigit():
+            federation = replace(federation, local_client=int(arg))
+        elif kind == "local":
+            federation = replace(federation, local_categories=arg.split("+"))
+        return replace(cfg, federation=federation, output_dir=str(out_dir / self.name)).validate()
+
+
+def generation_metric(cfg: RunConfig) -> str:
+    return "exact_match" if cfg.data.path == "synthetic" else "rouge_l"
+
+
+def score_model(cfg: RunConfig, adapter: Path | None, heldout: list[Record]) -> dict[str, dict]:
+    """Held-out loss and the generation score per category for one model."""
+    tokenizer, model = load_for_inference(cfg, adapter)
+    examples, _ = tokenize_records(heldout, tokenizer, cfg.data.template, cfg.data.max_seq_len)
+    losses = heldout_loss(model, examples, tokenizer.pad_token_id, cfg.eval.batch_size)
+    prompts = tokenize_prompts(heldout, tokenizer, cfg.data.template)
+    answers = generate_answers(
+        model, tokenizer, prompts, cfg.eval.max_new_tokens, cfg.eval.batch_size
+    )
+    references = [r.response for r in heldout]
+    categories = [r.category for r in heldout]
+    if generation_metric(cfg) == "exact_match":
+        generation = score_by_category(answers, references, categories)
+    else:
+        generation = rouge_l_by_category(answers, references, categories)
+    loss = {c: v["loss"] for c, v in losses.items() if c != "overall"}
+    loss["mean"] = losses["overall"]["loss"]
+    samples = [
+        {"instruction": r.instruction, "answer": a}
+        for r, a in zip(heldout[:3], answers[:3], strict=True)
+    ]
+    return {"loss": loss, generation_metric(cfg): generation, "samples": samples}
+
+
+def run_comparison(cfg: RunConfig, contenders: list[str], out_dir: Path) -> dict[str, dict]:
+    """Train (or resume) and score every contender; write tables and charts."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _, heldout = load_split_records(cfg)
+    metrics_file = out_dir / "metrics.jsonl"
+    metrics_file.write_text("")  # contenders' own runs keep their metrics; this is the summary
+    results: dict[str, dict] = {}
+    for spec in contenders:
+        contender = Contender(spec)
+        console.rule(f"[bold]{contender.name}")
+        adapter = None
+        run_cfg = cfg
+        if spec != "base":
+            run_cfg = contender.config(cfg, out_dir)
+            adapter = Simulation(run_cfg).run(resume=True)
+        results[contender.name] = score_model(run_cfg, adapter, heldout)
+        with metrics_file.open("a") as f:
+            f.write(json.dumps({"model": contender.name, **results[contender.name]}) + "\n")
+    write_report(cfg, results, out_dir)
+    return results
+
+
+def write_report(cfg: RunConfig, results: dict[str, dict], out_dir: Path) -> str:
+    """scores.md / scores.json / charts, and the tables as text for the terminal."""
+    metric = generation_metric(cfg)
+    categories = sorted({c for r in results.values() for c in r["loss"]} - {"mean"})
+    tables = []
+    for key, label, digits in ((metric, metric.replace("_", " "), 2), ("loss", "held-out loss", 3)):
+        rows = {name: r[key] for name, r in results.items()}
+        tables.append(f"### {label}\n\n" + format_score_table(rows, categories, digits))
+        save_bar_chart(rows, categories, out_dir / f"{key}.png", label, title=label)
+    text = "\n\n".join(tables) + "\n"
+    (out_dir / "scores.md").write_text(text)
+    (out_dir / "scores.json").write_text(json.dumps(results, indent=2))
+    return text

@@ -1,0 +1,50 @@
+"""Server strategies, one module per paper, and the registry that builds one by name.
+
+Each strategy is added with one explicit ``register`` call below; a new algorithm adds its
+module and one line here (or decorates its class with ``@register("name")``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from fedit.config import ConfigError, StrategyConfig
+from fedit.server.strategies.base import Strategy
+from fedit.server.strategies.fedadaptive import FedAdagrad, FedAdam, FedYogi
+from fedit.server.strategies.fedavg import FedAvg
+from fedit.server.strategies.fedavgm import FedAvgM
+from fedit.server.strategies.fedprox import FedProx
+from fedit.server.strategies.scaffold import Scaffold
+
+STRATEGIES: dict[str, type[Strategy]] = {}
+
+
+def register(name: str) -> Callable[[type[Strategy]], type[Strategy]]:
+    """Add a Strategy class to ``STRATEGIES`` under ``name`` (usable as a decorator)."""
+
+    def add(cls: type[Strategy]) -> type[Strategy]:
+        if name in STRATEGIES:
+            raise ValueError(f"strategy {name!r} is already registered ({STRATEGIES[name]})")
+        STRATEGIES[name] = cls
+        return cls
+
+    return add
+
+
+def build_strategy(config: StrategyConfig, num_clients: int) -> Strategy:
+    """The strategy ``config.name`` names, for a federation of ``num_clients`` clients."""
+    if config.name not in STRATEGIES:
+        known = ", ".join(sorted(STRATEGIES))
+        raise ConfigError(f"strategy.name: unknown strategy {config.name!r} (known: {known})")
+    return STRATEGIES[config.name](config, num_clients)
+
+
+register("fedavg")(FedAvg)
+register("fedprox")(FedProx)
+register("scaffold")(Scaffold)
+register("fedavgm")(FedAvgM)
+register("fedadagrad")(FedAdagrad)
+register("fedyogi")(FedYogi)
+register("fedadam")(FedAdam)
+
+__all__ = ["STRATEGIES", "Strategy", "build_strategy", "register"]
