@@ -1,0 +1,57 @@
+"""Prompt templates: the text a model sees before the response starts.
+
+"alpaca" is the Stanford Alpaca prompt (a with-input variant when the record has context);
+"chat" is the tokenizer's own chat template with one user turn and the assistant's
+generation prompt. Training and generation both render prompts here, so they always agree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from transformers import PreTrainedTokenizerBase
+
+from fedit.data.records import Record
+
+ALPACA_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides "
+    "further context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+
+def _alpaca(record: Record, tokenizer: PreTrainedTokenizerBase) -> str:
+    if record.context.strip():
+        return ALPACA_WITH_INPUT.format(instruction=record.instruction, input=record.context)
+    return ALPACA_NO_INPUT.format(instruction=record.instruction)
+
+
+def _chat(record: Record, tokenizer: PreTrainedTokenizerBase) -> str:
+    content = record.instruction
+    if record.context.strip():
+        content += "\n\n" + record.context
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+    )
+
+
+TEMPLATES: dict[str, Callable[[Record, PreTrainedTokenizerBase], str]] = {
+    "alpaca": _alpaca,
+    "chat": _chat,
+}
+
+
+def render_prompt(record: Record, template: str, tokenizer: PreTrainedTokenizerBase) -> str:
+    """The prompt text for `record`, ending exactly where the response begins."""
+    try:
+        render = TEMPLATES[template]
+    except KeyError:
+        raise ValueError(
+            f"unknown prompt template {template!r} (known: {', '.join(TEMPLATES)})"
+        ) from None
+    return render(record, tokenizer)
