@@ -243,6 +243,7 @@ class EvalConfig:
     """Held-out evaluation after rounds."""
 
     every_rounds: int = 1  # evaluate held-out loss every N rounds (and after the last)
+    at_start: bool = True  # also evaluate the starting model (metrics line "round": 0)
     batch_size: int = 8
     max_new_tokens: int = 64  # for generation-based scores
     # models `fedit compare` trains and scores: base | fedit | centralized | local:<client>

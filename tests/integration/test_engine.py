@@ -36,15 +36,16 @@ def test_cli_train_writes_peft_adapters_and_metrics(tiny_model_dir: Path, tmp_pa
         files = {p.name for p in (run_dir / f"round_{r:04d}").iterdir()}
         assert {"adapter_config.json", "adapter_model.safetensors", "config.toml"} <= files
     lines = metrics(run_dir)
-    assert [line["round"] for line in lines] == [1, 2, 3]
-    assert all(len(line["clients"]) == 2 for line in lines)
+    assert [line["round"] for line in lines] == [0, 1, 2, 3]  # 0: the starting model
+    assert all(len(line["clients"]) == 2 for line in lines[1:])
     heldout = lines[-1]["heldout"]
+    assert heldout["overall"]["loss"] < lines[0]["heldout"]["overall"]["loss"]
     assert {"overall", "addition", "uppercase"} <= heldout.keys()
     assert lines[-1]["clients"][0]["label_tokens"] > 0
     # the same output_dir again without --resume must refuse and keep what is there
     again = runner.invoke(app, args)
     assert again.exit_code == 2 and "--resume" in again.output
-    assert len(metrics(run_dir)) == 3
+    assert len(metrics(run_dir)) == 4
 
 
 def test_resume_after_crash_gives_identical_final_adapter(
@@ -64,7 +65,7 @@ def test_resume_after_crash_gives_identical_final_adapter(
     final = adapter(resumed_dir, 3)
     assert final.keys() == first_pass.keys()
     assert all(torch.equal(final[k], first_pass[k]) for k in final)
-    assert [line["round"] for line in metrics(resumed_dir)] == [1, 2, 3]
+    assert [line["round"] for line in metrics(resumed_dir)] == [0, 1, 2, 3]
     momentum = load_file(str(resumed_dir / "round_0003" / "server_state.safetensors"))
     assert momentum and all(torch.isfinite(v).all() for v in momentum.values())
 
@@ -91,7 +92,7 @@ def test_baselines_match_the_federated_budget(
         ),
     )
     Simulation(cfg, show_progress=False).run()
-    lines = metrics(tmp_path / mode)
+    lines = metrics(tmp_path / mode)[1:]
     assert all(len(line["clients"]) == 1 for line in lines)
     steps = [line["clients"][0]["steps"] for line in lines]
     # federated: 2 clients x 1 step per round; local: its own 1 step per round

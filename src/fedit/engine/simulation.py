@@ -153,6 +153,8 @@ class Simulation:
         strategy.set_storage_dir(self.output_dir / "client_state")
         start, global_state, residual = self._restore(model, strategy, done)
         self._trim_metrics(start)
+        if start == 0 and cfg.eval.at_start:
+            self._write_metrics({"round": 0, **self._evaluate(model, data)})
         rounds = range(start, cfg.federation.rounds)
         for r in tqdm(
             rounds,
@@ -235,7 +237,7 @@ class Simulation:
         }
         last = r + 1 == fed.rounds
         if last or (r + 1) % cfg.eval.every_rounds == 0:
-            record["heldout"] = heldout_loss(model, data.heldout, self.pad_id, cfg.eval.batch_size)
+            record.update(self._evaluate(model, data))
         record["seconds"] = time.perf_counter() - started
         checkpoint = Checkpoint(
             round_number=r + 1,
@@ -245,14 +247,25 @@ class Simulation:
             run_state={"round": r + 1, "seed": cfg.seed, "strategy": cfg.strategy.name},
         )
         save_checkpoint(self.output_dir, model, checkpoint, cfg)
-        with (self.output_dir / "metrics.jsonl").open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        self._report(record)
+        self._write_metrics(record)
         return global_state, residual
 
-    def _report(self, record: dict[str, Any]) -> None:
-        loss = sum(c["train_loss"] for c in record["clients"]) / len(record["clients"])
-        text = f"round {record['round']}: train loss {loss:.4f}"
+    def _evaluate(self, model, data: FederationData) -> dict[str, Any]:
+        """Held-out loss per category, and how long it took (kept apart from training)."""
+        if not data.heldout:
+            return {}
+        started = time.perf_counter()
+        scores = heldout_loss(model, data.heldout, self.pad_id, self.cfg.eval.batch_size)
+        return {"heldout": scores, "eval_seconds": time.perf_counter() - started}
+
+    def _write_metrics(self, record: dict[str, Any]) -> None:
+        """Append one line to metrics.jsonl (after the round's checkpoint) and report it."""
+        with (self.output_dir / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        text = f"round {record['round']}:"
+        if record.get("clients"):
+            losses = [c["train_loss"] for c in record["clients"]]
+            text += f" train loss {sum(losses) / len(losses):.4f}"
         if "heldout" in record:
-            text += f", held-out loss {record['heldout']['overall']['loss']:.4f}"
-        console.print(text + f" ({record['seconds']:.1f}s)")
+            text += f" held-out loss {record['heldout']['overall']['loss']:.4f}"
+        console.print(text + (f" ({record['seconds']:.1f}s)" if "seconds" in record else ""))
