@@ -75,6 +75,7 @@ class DataConfig:
     max_seq_len: int = 256
     train_on_prompt: bool = False  # False: loss on response tokens only
     heldout_per_category: int = 10  # records per category set aside as the global test set
+    heldout_path: str = ""  # a records file to use as the held-out set instead of splitting
     max_records: int | None = None  # keep only this many records (after a seeded shuffle)
     synthetic_per_skill: int = 200  # for path = "synthetic": records generated per skill
 
@@ -90,7 +91,8 @@ class DataConfig:
         )
 
 
-PARTITION_METHODS = ("category_shards", "dirichlet", "iid", "quantity_skew")
+# "files": data.path is a glob of pre-partitioned client files, one file per client
+PARTITION_METHODS = ("category_shards", "dirichlet", "iid", "quantity_skew", "files")
 
 
 @dataclass

@@ -11,9 +11,18 @@ import typer
 from rich.console import Console
 
 from fedit.config import ConfigError, RunConfig, load_config
+from fedit.data.partition import PartitionError
 from fedit.data.records import DataFormatError
 
 console = Console(stderr=True)
+USER_ERRORS = (
+    ConfigError,
+    DataFormatError,
+    PartitionError,
+    FileNotFoundError,
+    FileExistsError,
+    KeyError,
+)
 F = TypeVar("F", bound=Callable[..., Any])
 
 ConfigOption = Annotated[
@@ -36,8 +45,11 @@ def friendly_errors(command: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
-        except (ConfigError, DataFormatError, FileNotFoundError, FileExistsError, KeyError) as err:
-            console.print(f"[bold red]error:[/] {err}")
+        except USER_ERRORS as err:
+            # Plain text, unwrapped: paths and "[split]" must not be reflowed or read as markup.
+            console.print(
+                f"error: {err}", style="bold red", markup=False, highlight=False, soft_wrap=True
+            )
             raise typer.Exit(code=2) from None
 
     return wrapper  # type: ignore[return-value]

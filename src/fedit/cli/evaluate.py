@@ -17,7 +17,7 @@ from fedit.cli.common import (
     friendly_errors,
     resolve_config,
 )
-from fedit.data.prepare import load_split_records
+from fedit.data.prepare import load_heldout
 from fedit.data.readers import read_records
 from fedit.data.tokenize import tokenize_records
 from fedit.eval.loss import heldout_loss
@@ -37,7 +37,7 @@ def evaluate(
 ) -> None:
     """Held-out loss / perplexity per category (base model when no --adapter)."""
     cfg = resolve_config(config, set_, adapter)
-    records = read_records(str(data), cfg.data.fields) if data else load_split_records(cfg)[1]
+    records = read_records(str(data), cfg.data.fields) if data else load_heldout(cfg)
     tokenizer, model = load_for_inference(cfg, adapter)
     examples, _ = tokenize_records(records, tokenizer, cfg.data.template, cfg.data.max_seq_len)
     scores = heldout_loss(model, examples, tokenizer.pad_token_id, cfg.eval.batch_size)

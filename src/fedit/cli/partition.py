@@ -17,17 +17,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fedit.config import ConfigError, load_config
-from fedit.data.partition import (
-    PartitionError,
-    category_table,
-    format_table,
-    partition_records,
-    save_heatmap,
-)
-from fedit.data.prepare import load_split_records
+from fedit.cli.common import ConfigOption, OverrideOption, friendly_errors, resolve_config
+from fedit.data.partition import category_table, format_table, save_heatmap
+from fedit.data.prepare import prepare_records
 from fedit.data.readers import write_records_jsonl
-from fedit.data.records import DataFormatError
 
 
 def _rich_table(categories: list[str], counts: list[list[int]]) -> Table:
@@ -37,24 +30,16 @@ def _rich_table(categories: list[str], counts: list[list[int]]) -> Table:
     return table
 
 
+@friendly_errors
 def partition(
     out: Annotated[Path, typer.Option("--out", help="directory to write the partition to")],
-    config: Annotated[
-        Path | None, typer.Option("--config", "-c", help="run config TOML (default: defaults)")
-    ] = None,
-    set_: Annotated[
-        list[str] | None, typer.Option("--set", help="section.key=value override")
-    ] = None,
+    config: ConfigOption = None,
+    set_: OverrideOption = None,
 ) -> None:
     """Partition a run's training records over its clients and write one JSONL per client."""
-    console = Console()
-    try:
-        cfg = load_config(config, set_)
-        train, heldout = load_split_records(cfg)
-        parts = partition_records(train, cfg.partition, cfg.seed)
-    except (ConfigError, DataFormatError, PartitionError) as err:
-        console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(code=1) from None
+    cfg = resolve_config(config, set_)
+    prepared = prepare_records(cfg)
+    train, heldout, parts = prepared.train, prepared.heldout, prepared.parts
     out.mkdir(parents=True, exist_ok=True)
     for client, part in enumerate(parts):
         write_records_jsonl([train[i] for i in part], out / f"client_{client}.jsonl")
@@ -63,6 +48,7 @@ def partition(
     (out / "partition_table.txt").write_text(format_table(categories, counts) + "\n")
     save_heatmap(categories, counts, out / "partition_heatmap.png")
     cfg.save(out / "config.toml")  # so the files can be traced back to what produced them
+    console = Console(soft_wrap=True)
     console.print(_rich_table(categories, counts))
     console.print(
         f"{len(train)} training records over {len(parts)} clients "

@@ -1,18 +1,32 @@
-"""From a run config to the records a run trains and evaluates on.
+"""From a run config to the records a run trains and evaluates on, split over clients.
 
-``load_split_records(cfg)`` reads (or generates) the records, keeps at most
-``data.max_records`` of them, and sets aside the global held-out test set. The
-``partition`` command and the engine both call it, so they always see the same split.
+``prepare_records(cfg)`` is the one place that reads (or generates) records, caps them,
+sets aside the global held-out set and partitions the rest over clients. The
+``partition`` command, the engine and the comparison driver all call it, so they always
+see the same split. With ``partition.method = "files"`` the clients come pre-partitioned:
+``data.path`` is a glob and every matching file is one client's records.
 """
 
 from __future__ import annotations
 
+import glob
+import re
+from dataclasses import dataclass
+
 import numpy as np
 
-from fedit.config import RunConfig
-from fedit.data.partition import split_heldout
+from fedit.config import ConfigError, RunConfig
+from fedit.data.partition import partition_records, split_heldout
 from fedit.data.readers import read_records
 from fedit.data.records import Record
+
+
+@dataclass
+class PreparedRecords:
+    train: list[Record]
+    heldout: list[Record]
+    parts: list[list[int]]  # per client, indices into train
+    removed_duplicates: int  # training records dropped because a held-out record equals them
 
 
 def cap_records(records: list[Record], max_records: int | None, seed: int) -> list[Record]:
@@ -23,13 +37,60 @@ def cap_records(records: list[Record], max_records: int | None, seed: int) -> li
     return [records[i] for i in order]
 
 
-def load_split_records(cfg: RunConfig) -> tuple[list[Record], list[Record]]:
-    """Read the configured records, cap them, and split off the held-out set: (train, heldout)."""
+def _natural_key(path: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path)]
+
+
+def client_files(pattern: str, num_clients: int) -> list[str]:
+    """The files of a pre-partitioned dataset, in natural order (client_2 before client_10)."""
+    paths = sorted(glob.glob(pattern), key=_natural_key)
+    if not paths:
+        raise ConfigError(f"data.path: no file matches {pattern!r}")
+    if len(paths) != num_clients:
+        raise ConfigError(
+            f"partition.num_clients is {num_clients} but data.path matches {len(paths)} files"
+        )
+    return paths
+
+
+def _read_source(cfg: RunConfig) -> list[Record]:
     if cfg.data.path == "synthetic":
         from fedit.data.synthetic import generate_records
 
-        records = generate_records(cfg.data.synthetic_per_skill, cfg.seed)
+        return generate_records(cfg.data.synthetic_per_skill, cfg.seed)
+    return read_records(cfg.data.path, cfg.data.fields, cfg.data.split)
+
+
+def drop_heldout_duplicates(train: list[Record], heldout: list[Record]) -> tuple[list[Record], int]:
+    """Training records whose prompt equals a held-out prompt would leak the test set."""
+    seen = {(r.instruction, r.context) for r in heldout}
+    kept = [r for r in train if (r.instruction, r.context) not in seen]
+    return kept, len(train) - len(kept)
+
+
+def prepare_records(cfg: RunConfig) -> PreparedRecords:
+    """(train, held-out, per-client index lists) for a run config."""
+    data = cfg.data
+    heldout_file = read_records(data.heldout_path, data.fields) if data.heldout_path else None
+    if cfg.partition.method == "files":
+        files = client_files(data.path, cfg.partition.num_clients)
+        per_client = [read_records(f, data.fields) for f in files]
+        train = [r for records in per_client for r in records]
+        bounds = np.cumsum([0] + [len(r) for r in per_client])
+        parts = [list(range(bounds[i], bounds[i + 1])) for i in range(len(per_client))]
+        return PreparedRecords(train, heldout_file or [], parts, 0)
+    records = cap_records(_read_source(cfg), data.max_records, cfg.seed)
+    if heldout_file is None:
+        train, heldout = split_heldout(records, data.heldout_per_category, cfg.seed)
     else:
-        records = read_records(cfg.data.path, cfg.data.fields, cfg.data.split)
-    records = cap_records(records, cfg.data.max_records, cfg.seed)
-    return split_heldout(records, cfg.data.heldout_per_category, cfg.seed)
+        train, heldout = records, heldout_file
+    train, removed = drop_heldout_duplicates(train, heldout)
+    parts = partition_records(train, cfg.partition, cfg.seed)
+    return PreparedRecords(train, heldout, parts, removed)
+
+
+def load_heldout(cfg: RunConfig) -> list[Record]:
+    """Only the held-out records of a run config (for evaluation commands)."""
+    if cfg.data.heldout_path:
+        return read_records(cfg.data.heldout_path, cfg.data.fields)
+    return prepare_records(cfg).heldout

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from fedit.config import ConfigError, RunConfig
-from fedit.data.prepare import load_split_records
+from fedit.data.prepare import load_heldout
 from fedit.data.records import Record
 from fedit.data.tokenize import tokenize_prompts, tokenize_records
 from fedit.engine.simulation import Simulation, console
@@ -81,7 +81,7 @@ def score_model(cfg: RunConfig, adapter: Path | None, heldout: list[Record]) -> 
 def run_comparison(cfg: RunConfig, contenders: list[str], out_dir: Path) -> dict[str, dict]:
     """Train (or resume) and score every contender; write tables and charts."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    _, heldout = load_split_records(cfg)
+    heldout = load_heldout(cfg)
     metrics_file = out_dir / "metrics.jsonl"
     metrics_file.write_text("")  # contenders' own runs keep their metrics; this is the summary
     results: dict[str, dict] = {}

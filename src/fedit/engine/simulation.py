@@ -28,8 +28,7 @@ from tqdm.auto import tqdm
 
 from fedit.client.trainer import round_learning_rate, steps_per_round, train_client
 from fedit.config import ConfigError, RunConfig, TrainConfig
-from fedit.data.partition import partition_records
-from fedit.data.prepare import load_split_records
+from fedit.data.prepare import prepare_records
 from fedit.data.tokenize import TokenizedExample, TruncationReport, tokenize_records
 from fedit.engine.checkpoint import (
     Checkpoint,
@@ -69,15 +68,15 @@ def prepare_data(cfg: RunConfig, tokenizer) -> FederationData:
 
     Baseline modes reuse the federated partition so their clients are the same people.
     """
-    train, heldout = load_split_records(cfg)
-    parts = partition_records(train, cfg.partition, cfg.seed)
+    prepared = prepare_records(cfg)
+    train, parts = prepared.train, prepared.parts
     reports: list[TruncationReport] = []
     clients = []
     for part in parts:
         examples, report = _tokenize(cfg, tokenizer, [train[i] for i in part])
         clients.append(examples)
         reports.append(report)
-    heldout_examples, _ = _tokenize(cfg, tokenizer, heldout)
+    heldout_examples, _ = _tokenize(cfg, tokenizer, prepared.heldout)
     sizes = [len(c) for c in clients]
     fed = cfg.federation
     if fed.mode == "local" and fed.local_categories:

@@ -1,0 +1,131 @@
+"""Record readers: each file format, each field mapping, and every malformed-input error."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fedit.config import ConfigError
+from fedit.data.readers import read_records, write_records_jsonl
+from fedit.data.records import DataFormatError, Record
+
+DOLLY_ROW = {"instruction": "Say hi", "context": "", "response": "hi", "category": "open_qa"}
+
+
+def write_jsonl(path: Path, rows: list[object]) -> str:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def test_jsonl_dolly_fields(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "d.jsonl", [DOLLY_ROW, {**DOLLY_ROW, "context": "ctx"}])
+    records = read_records(path)
+    assert records == [
+        Record("Say hi", "hi", "", "open_qa"),
+        Record("Say hi", "hi", "ctx", "open_qa"),
+    ]
+
+
+def test_jsonl_skips_blank_lines(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(DOLLY_ROW) + "\n\n   \n" + json.dumps(DOLLY_ROW) + "\n")
+    assert len(read_records(str(path))) == 2
+
+
+def test_alpaca_fields_default_category(tmp_path: Path) -> None:
+    row = {"instruction": "Add", "input": "1 2", "output": "3"}
+    path = write_jsonl(tmp_path / "a.jsonl", [row])
+    assert read_records(path, fields="alpaca") == [Record("Add", "3", "1 2", "default")]
+
+
+def test_json_list_with_user_mapping(tmp_path: Path) -> None:
+    path = tmp_path / "q.json"
+    path.write_text(json.dumps([{"q": "Why?", "a": "Because.", "c": "misc"}]))
+    records = read_records(str(path), fields="instruction=q,response=a,category=c")
+    assert records == [Record("Why?", "Because.", "", "misc")]
+
+
+def test_csv(tmp_path: Path) -> None:
+    path = tmp_path / "d.csv"
+    path.write_text('instruction,context,response,category\nAsk,"a\nb",Answer,qa\n')
+    assert read_records(str(path)) == [Record("Ask", "Answer", "a\nb", "qa")]
+
+
+def test_write_then_read_round_trip(tmp_path: Path) -> None:
+    records = [Record("I", "R", "C", "cat"), Record("I2", "R2")]
+    path = write_records_jsonl(records, tmp_path / "sub" / "out.jsonl")
+    assert read_records(str(path)) == records
+    assert not list(tmp_path.glob("sub/*.tmp"))
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({**DOLLY_ROW, "response": "  \n"}, "d.jsonl:2: field 'response': empty"),
+        ({**DOLLY_ROW, "instruction": ""}, "d.jsonl:2: field 'instruction': empty"),
+        ({"instruction": "x", "context": ""}, "d.jsonl:2: field 'response': missing"),
+        ({**DOLLY_ROW, "response": 3}, "d.jsonl:2: field 'response': expected a string, got int"),
+        ({**DOLLY_ROW, "context": ["a"]}, "d.jsonl:2: field 'context': expected a string"),
+        (["not", "an", "object"], "d.jsonl:2: expected an object, got list"),
+    ],
+)
+def test_bad_jsonl_record_names_line_and_field(tmp_path: Path, row: object, message: str) -> None:
+    path = write_jsonl(tmp_path / "d.jsonl", [DOLLY_ROW, row])
+    with pytest.raises(DataFormatError, match=message):
+        read_records(path)
+
+
+def test_malformed_jsonl_line_names_line(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(DOLLY_ROW) + "\n\n{not json\n")
+    with pytest.raises(DataFormatError, match=r"d\.jsonl:3: not valid JSON"):
+        read_records(str(path))
+
+
+def test_json_list_error_names_item(tmp_path: Path) -> None:
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([DOLLY_ROW, DOLLY_ROW, {**DOLLY_ROW, "response": ""}]))
+    with pytest.raises(DataFormatError, match="d.json: item 3: field 'response': empty"):
+        read_records(str(path))
+
+
+def test_json_must_be_a_list(tmp_path: Path) -> None:
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(DOLLY_ROW))
+    with pytest.raises(DataFormatError, match="expected a JSON list"):
+        read_records(str(path))
+
+
+def test_csv_error_counts_header_as_line_one(tmp_path: Path) -> None:
+    path = tmp_path / "d.csv"
+    path.write_text("instruction,response\nAsk,Answer\nAsk again,\n")
+    with pytest.raises(DataFormatError, match="d.csv:3: field 'response': empty"):
+        read_records(str(path))
+
+
+def test_csv_missing_column(tmp_path: Path) -> None:
+    path = tmp_path / "d.csv"
+    path.write_text("instruction,context\nAsk,ctx\n")
+    with pytest.raises(DataFormatError, match="d.csv:2: field 'response': missing"):
+        read_records(str(path))
+
+
+@pytest.mark.parametrize("name", ["e.jsonl", "e.json", "e.csv"])
+def test_empty_file_is_named(tmp_path: Path, name: str) -> None:
+    (tmp_path / name).write_text("")
+    with pytest.raises(DataFormatError, match=f"{name}: no records"):
+        read_records(str(tmp_path / name))
+
+
+def test_missing_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(DataFormatError, match="nope.jsonl: file not found"):
+        read_records(str(tmp_path / "nope.jsonl"))
+
+
+@pytest.mark.parametrize("fields", ["instruction=q", "question=q,response=a", "instruction"])
+def test_bad_field_mapping(tmp_path: Path, fields: str) -> None:
+    path = write_jsonl(tmp_path / "d.jsonl", [DOLLY_ROW])
+    with pytest.raises(ConfigError, match="data.fields"):
+        read_records(path, fields=fields)

@@ -1,0 +1,98 @@
+"""Prompt templates and tokenisation: rendering, label masking, truncation and dropping."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import PreTrainedTokenizerFast
+
+from fedit.data.records import Record
+from fedit.data.templates import render_prompt
+from fedit.data.tokenize import IGNORE_INDEX, tokenize_prompt, tokenize_records
+from fedit.models.tiny import byte_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> PreTrainedTokenizerFast:
+    return byte_tokenizer()
+
+
+def test_alpaca_without_input(tokenizer: PreTrainedTokenizerFast) -> None:
+    prompt = render_prompt(Record("Name a color.", "Red."), "alpaca", tokenizer)
+    assert prompt == (
+        "Below is an instruction that describes a task. Write a response that appropriately "
+        "completes the request.\n\n### Instruction:\nName a color.\n\n### Response:\n"
+    )
+
+
+def test_alpaca_with_input(tokenizer: PreTrainedTokenizerFast) -> None:
+    prompt = render_prompt(Record("Sum {x}.", "3", context="1, 2"), "alpaca", tokenizer)
+    assert prompt == (
+        "Below is an instruction that describes a task, paired with an input that provides "
+        "further context. Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\nSum {x}.\n\n### Input:\n1, 2\n\n### Response:\n"
+    )
+
+
+def test_chat_uses_tokenizer_template(tokenizer: PreTrainedTokenizerFast) -> None:
+    prompt = render_prompt(Record("Hi", "Hello", context="ctx"), "chat", tokenizer)
+    assert prompt == "<|im_start|>user\nHi\n\nctx<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_unknown_template(tokenizer: PreTrainedTokenizerFast) -> None:
+    with pytest.raises(ValueError, match="'vicuna'"):
+        render_prompt(Record("a", "b"), "vicuna", tokenizer)
+
+
+@pytest.mark.parametrize("template", ["alpaca", "chat"])
+def test_loss_on_response_and_eos_only(tokenizer: PreTrainedTokenizerFast, template: str) -> None:
+    record = Record("Say hi", "hi there", category="greet")
+    (example,), report = tokenize_records([record], tokenizer, template, max_seq_len=1024)
+    prompt = tokenize_prompt(record, tokenizer, template)
+    response = tokenizer("hi there", add_special_tokens=False)["input_ids"]
+    assert example.input_ids == prompt + response + [tokenizer.eos_token_id]
+    assert example.labels[: len(prompt)] == [IGNORE_INDEX] * len(prompt)
+    assert example.labels[len(prompt) :] == [*response, tokenizer.eos_token_id]
+    assert example.category == "greet"
+    assert (report.total, report.truncated, report.dropped) == (1, 0, 0)
+
+
+def test_alpaca_adds_no_bos(tokenizer: PreTrainedTokenizerFast) -> None:
+    ids = tokenize_prompt(Record("x", "y"), tokenizer, "alpaca")
+    assert tokenizer.bos_token_id not in ids
+
+
+def test_train_on_prompt_labels_everything(tokenizer: PreTrainedTokenizerFast) -> None:
+    (example,), _ = tokenize_records(
+        [Record("Say hi", "hi")], tokenizer, "chat", max_seq_len=1024, train_on_prompt=True
+    )
+    assert example.labels == example.input_ids
+
+
+def test_truncation_counts_and_drops(tokenizer: PreTrainedTokenizerFast) -> None:
+    prompt_len = len(tokenize_prompt(Record("q", "a"), tokenizer, "chat"))
+    records = [
+        Record("q", "a", category="fits"),  # prompt + 1 + eos
+        Record("q", "abcdef", category="cut"),  # loses its tail, keeps some response
+        Record("q" * 50, "a", category="dropped"),  # prompt alone fills max_seq_len
+    ]
+    examples, report = tokenize_records(records, tokenizer, "chat", max_seq_len=prompt_len + 3)
+    assert [e.category for e in examples] == ["fits", "cut"]
+    assert all(len(e.input_ids) <= prompt_len + 3 for e in examples)
+    cut = examples[1]
+    assert cut.labels[prompt_len:] == cut.input_ids[prompt_len:]  # still only response labels
+    assert tokenizer.eos_token_id not in cut.input_ids[prompt_len:]
+    assert (report.total, report.truncated, report.dropped) == (3, 2, 1)
+    assert "1 dropped" in report.summary()
+
+
+def test_batch_prompts_match_single(tokenizer: PreTrainedTokenizerFast) -> None:
+    records = [Record(f"instruction {i}", f"response {i}", context="c" * i) for i in range(20)]
+    examples, _ = tokenize_records(records, tokenizer, "alpaca", max_seq_len=4096)
+    for record, example in zip(records, examples, strict=True):
+        prompt = tokenize_prompt(record, tokenizer, "alpaca")
+        assert example.input_ids[: len(prompt)] == prompt
+
+
+def test_no_records(tokenizer: PreTrainedTokenizerFast) -> None:
+    examples, report = tokenize_records([], tokenizer, "alpaca", max_seq_len=64)
+    assert examples == [] and report.total == 0
