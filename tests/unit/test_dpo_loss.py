@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fedit.client.dpo import dpo_loss, sequence_logps
+from fedit.client.dpo import dpo_loss, preference_scores, sequence_logps
 
 # Two pairs of fixed sequence log-probs:
 #   pair 1: π_c = -10, π_r = -12, ref_c = -11, ref_r = -11  →  h = (-10 + 12) - (-11 + 11) = 2
@@ -133,3 +133,22 @@ def test_sequence_logps_computes_half_precision_in_float32() -> None:
 def test_sequence_logps_rejects_mismatched_shapes() -> None:
     with pytest.raises(ValueError, match="do not match"):
         sequence_logps(torch.zeros(2, 4, 5), torch.zeros(2, 3, dtype=torch.long))
+
+
+def test_preference_scores_match_hand_computation() -> None:
+    # rewards β·(π − ref), β = 0.5, (chosen, rejected) per pair:
+    #   pair a (cat x): (0.5·(-10 + 11), 0.5·(-12 + 11)) = ( 0.5, -0.5) → margin  1.0, right
+    #   pair b (cat x): (0.5·(-8 + 9),   0.5·(-6 + 8))   = ( 0.5,  1.0) → margin -0.5, wrong
+    #   pair c (cat y): (0,              0)              → margin 0, a tie counts as wrong
+    policy = torch.tensor([[-10.0, -12.0], [-8.0, -6.0], [-5.0, -7.0]])
+    reference = torch.tensor([[-11.0, -11.0], [-9.0, -8.0], [-5.0, -7.0]])
+    scores = preference_scores(policy, reference, ["x", "x", "y"], beta=0.5)
+    assert list(scores) == ["overall", "x", "y"]
+    assert scores["x"] == pytest.approx(
+        {"accuracy": 0.5, "margin": 0.25, "chosen_reward": 0.5, "rejected_reward": 0.25, "pairs": 2}
+    )
+    assert scores["y"]["accuracy"] == 0.0 and scores["y"]["margin"] == 0.0
+    assert scores["overall"]["accuracy"] == pytest.approx(1 / 3)
+    assert scores["overall"]["margin"] == pytest.approx((1.0 - 0.5 + 0.0) / 3)
+    with pytest.raises(ValueError, match="expected two"):
+        preference_scores(policy, reference[:2], ["x", "x", "y"], beta=0.5)

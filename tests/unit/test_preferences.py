@@ -110,8 +110,11 @@ def test_auto_detects_each_record_format(tmp_path: Path) -> None:
 def test_unknown_format_and_missing_file_raise(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown preference format"):
         read_preferences(str(tmp_path / "x.jsonl"), format="sharegpt")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(DataFormatError, match=r"missing\.jsonl: file not found"):
         read_preferences(str(tmp_path / "missing.jsonl"))
+    (tmp_path / "prefs.txt").write_text("x", encoding="utf-8")
+    with pytest.raises(DataFormatError, match="unsupported file type"):
+        read_preferences(str(tmp_path / "prefs.txt"))
     (tmp_path / "empty.jsonl").write_text("\n", encoding="utf-8")
     with pytest.raises(DataFormatError, match="no preference pairs"):
         read_preferences(str(tmp_path / "empty.jsonl"))
@@ -167,26 +170,30 @@ def test_malformed_jsonl_record_names_file_line_and_field(
     with pytest.raises(DataFormatError) as raised:
         read_preferences(path, format=format)
     message = str(raised.value)
-    assert path in message and "line 2" in message and f"field '{field}'" in message
+    assert message.startswith(f"{path}:2: field '{field}': ")  # fedit.data.readers' format
     assert problem in message
 
 
 def test_malformed_json_item_and_csv_line_are_located(tmp_path: Path) -> None:
     json_path = tmp_path / "bad.json"
     json_path.write_text(json.dumps([PLAIN_RECORD, PLAIN_RECORD, {"prompt": "p", "chosen": "a"}]))
-    with pytest.raises(DataFormatError, match=r"bad\.json, item 3, field 'rejected'"):
+    with pytest.raises(DataFormatError, match=r"bad\.json: item 3: field 'rejected': missing"):
         read_preferences(str(json_path))
     csv_path = tmp_path / "bad.csv"
     # The first row's prompt spans two physical lines, so the bad row starts on line 4.
     csv_path.write_text('prompt,chosen,rejected\n"two\nlines",a,b\np,a,\n', encoding="utf-8")
-    with pytest.raises(DataFormatError, match=r"bad\.csv, line 4, field 'rejected': missing"):
+    with pytest.raises(DataFormatError, match=r"bad\.csv:4: field 'rejected': empty response"):
         read_preferences(str(csv_path))
+    short_path = tmp_path / "short.csv"  # a row with fewer cells than the header
+    short_path.write_text("prompt,chosen,rejected\np,a\n", encoding="utf-8")
+    with pytest.raises(DataFormatError, match=r"short\.csv:2: field 'rejected': missing"):
+        read_preferences(str(short_path))
 
 
 def test_invalid_json_line_is_located(tmp_path: Path) -> None:
     path = tmp_path / "broken.jsonl"
     path.write_text(json.dumps(PLAIN_RECORD) + "\n{not json\n", encoding="utf-8")
-    with pytest.raises(DataFormatError, match=r"broken\.jsonl, line 2: invalid JSON"):
+    with pytest.raises(DataFormatError, match=r"broken\.jsonl:2: not valid JSON"):
         read_preferences(str(path))
 
 

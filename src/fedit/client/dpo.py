@@ -1,23 +1,31 @@
-"""The maths of DPO as pure functions: sequence log-probs and the preference losses.
+"""The maths of DPO as pure functions: sequence log-probs, the preference losses, scores.
 
-The local trainer runs the policy (LoRA enabled) and the reference (the same base model
-with the adapter disabled, under ``torch.no_grad``) on a batch from
-``fedit.data.preferences.collate_pairs``, turns each model's logits into per-row sums with
-``sequence_logps``, splits the rows into chosen (first half) and rejected (second half),
-and calls ``dpo_loss``. Nothing here touches a model, so every formula is tested by hand.
+The local trainer (``fedit.client.dpo_trainer``) runs the policy (LoRA enabled) and,
+once per round under ``torch.no_grad``, the reference (the same base model with the
+adapter disabled, or the round's starting adapter) on batches from
+``fedit.data.preferences.collate_pairs``, takes per-row sums of the response tokens'
+log-probs, splits the rows into chosen (first half) and rejected (second half), and calls
+``dpo_loss``. The trainer gets the sums as the negated per-row cross-entropy of
+``fedit.client.loss.row_loss_sums`` (the LM head applied only at response positions);
+``sequence_logps`` is the same quantity from full logits. ``preference_scores`` turns
+held-out log-probs into the accuracy and margin the engine reports. Nothing here touches a
+model, so every formula is tested by hand.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fedit.config import DPO_LOSS_TYPES
 from fedit.data.preferences import IGNORE_INDEX
 
-LOSS_TYPES = ("sigmoid", "ipo")
+LOSS_TYPES = DPO_LOSS_TYPES
 
 
 def sequence_logps(logits: Tensor, labels: Tensor) -> Tensor:
@@ -115,3 +123,35 @@ def _check_args(beta: float, label_smoothing: float, loss_type: str) -> None:
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
     if loss_type == "ipo" and label_smoothing:
         raise ValueError("label_smoothing applies to the sigmoid loss only, not to IPO")
+
+
+def preference_scores(
+    policy: Tensor, reference: Tensor, categories: Sequence[str], beta: float
+) -> dict[str, dict[str, float]]:
+    """Held-out preference scores from (N, 2) (chosen, rejected) sequence log-probs.
+
+    The implicit reward of a response is β·(log π − log π_ref). Per category and
+    "overall": "accuracy" is the share of pairs whose chosen reward is strictly higher (a
+    tie, as at the start of training, counts as wrong), "margin" the mean chosen − rejected
+    reward, "chosen_reward" / "rejected_reward" the mean of each side (a falling chosen
+    reward means DPO is lowering the likelihood of both sides), "pairs" the count.
+    """
+    if policy.shape != reference.shape or policy.shape != (len(categories), 2):
+        shapes = f"{tuple(policy.shape)}, {tuple(reference.shape)}"
+        raise ValueError(f"expected two ({len(categories)}, 2) tensors, got {shapes}")
+    rewards = beta * (policy.double() - reference.double())
+    groups: dict[str, list[int]] = defaultdict(list)
+    for index, category in enumerate(categories):
+        groups["overall"].append(index)
+        groups[category].append(index)
+    scores = {}
+    for key in sorted(groups, key=lambda k: (k != "overall", k)):
+        chosen, rejected = rewards[groups[key], 0], rewards[groups[key], 1]
+        scores[key] = {
+            "accuracy": float((chosen > rejected).double().mean()),
+            "margin": float((chosen - rejected).mean()),
+            "chosen_reward": float(chosen.mean()),
+            "rejected_reward": float(rejected.mean()),
+            "pairs": len(groups[key]),
+        }
+    return scores

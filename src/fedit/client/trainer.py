@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -83,6 +83,46 @@ def _accumulate(
     stats.label_tokens += total_labels
 
 
+Accumulate = Callable[[list[int], torch.amp.GradScaler], None]
+
+
+def run_optimizer_steps(
+    model: torch.nn.Module,
+    batches: list[list[int]],
+    cfg: TrainConfig,
+    *,
+    params: dict[str, torch.nn.Parameter],
+    learning_rate: float,
+    hook: ClientHook,
+    accumulate: Accumulate,
+    desc: str,
+    show_progress: bool = False,
+) -> float:
+    """One optimizer step per planned batch; returns the seconds spent in steps.
+
+    ``accumulate(batch, scaler)`` runs forward and backward over the batch's micro-batches
+    (the objective's part: SFT here, DPO in fedit.client.dpo_trainer); around it every
+    objective shares AdamW, loss scaling, the hooks' gradient adjustment and clipping.
+    """
+    optimizer = torch.optim.AdamW(params.values(), lr=learning_rate, weight_decay=cfg.weight_decay)
+    scaler = grad_scaler(cfg.mixed_precision, model)
+    model.train()
+    hook.start(params)
+    step_seconds = 0.0
+    for batch in tqdm(batches, desc=desc, leave=False, disable=not show_progress):
+        step_started = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        accumulate(batch, scaler)
+        scaler.unscale_(optimizer)  # hooks and clipping see true gradients
+        hook.adjust_gradients(params)
+        if cfg.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params.values(), cfg.max_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        step_seconds += time.perf_counter() - step_started
+    return step_seconds
+
+
 def train_client(
     model: torch.nn.Module,
     examples: Sequence[TokenizedExample],
@@ -102,23 +142,23 @@ def train_client(
     lengths = [len(e.input_ids) for e in examples]
     batches = plan_batches(lengths, cfg.batch_size, num_steps, seed, cfg.group_by_length)
     torch.manual_seed(seed)  # LoRA dropout draws from the global generator
-    optimizer = torch.optim.AdamW(params.values(), lr=learning_rate, weight_decay=cfg.weight_decay)
-    scaler = grad_scaler(cfg.mixed_precision, model)
-    model.train()
-    hook.start(params)
     stats = StepStats()
     started = time.perf_counter()
-    for batch in tqdm(batches, desc=f"client {client_id}", leave=False, disable=not show_progress):
-        step_started = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
+
+    def accumulate(batch: list[int], scaler: torch.amp.GradScaler) -> None:
         _accumulate(model, examples, batch, lengths, cfg, pad_id, hook, params, scaler, stats)
-        scaler.unscale_(optimizer)  # hooks and clipping see true gradients
-        hook.adjust_gradients(params)
-        if cfg.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params.values(), cfg.max_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        stats.step_seconds += time.perf_counter() - step_started
+
+    stats.step_seconds = run_optimizer_steps(
+        model,
+        batches,
+        cfg,
+        params=params,
+        learning_rate=learning_rate,
+        hook=hook,
+        accumulate=accumulate,
+        desc=f"client {client_id}",
+        show_progress=show_progress,
+    )
     extras = hook.finish(params, num_steps, learning_rate)
     return ClientUpdate(
         client_id=client_id,

@@ -5,20 +5,32 @@ Every partitioner has one signature, ``fn(records, config, seed) -> list[list[in
 ``@register_partitioner(name)``. ``partition_records`` dispatches on
 ``config.method`` and checks every record went to exactly one client. All randomness
 comes from ``numpy.random.default_rng(seed)``, so a seed always gives the same split.
+Partitioners and the held-out split read only each item's ``category``, so SFT records
+and DPO preference pairs go through the same code.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 import numpy as np
 
 from fedit.config import PartitionConfig
-from fedit.data.records import Record
 
-Partitioner = Callable[[list[Record], PartitionConfig, int], list[list[int]]]
+
+class Categorized(Protocol):
+    """What partitioners see of an item: a Record, a PreferencePair, ..."""
+
+    @property
+    def category(self) -> str: ...
+
+
+Items = Sequence[Categorized]
+Item = TypeVar("Item", bound=Categorized)
+Partitioner = Callable[[Items, PartitionConfig, int], list[list[int]]]
 PARTITIONERS: dict[str, Partitioner] = {}
 MAX_DIRICHLET_TRIES = 1000
 
@@ -37,7 +49,7 @@ def register_partitioner(name: str) -> Callable[[Partitioner], Partitioner]:
     return register
 
 
-def partition_records(records: list[Record], config: PartitionConfig, seed: int) -> list[list[int]]:
+def partition_records(records: Items, config: PartitionConfig, seed: int) -> list[list[int]]:
     """Client index lists from the configured partitioner, checked to cover each record once."""
     if config.method not in PARTITIONERS:
         raise PartitionError(
@@ -54,7 +66,7 @@ def partition_records(records: list[Record], config: PartitionConfig, seed: int)
     return parts
 
 
-def _category_codes(records: list[Record]) -> np.ndarray:
+def _category_codes(records: Items) -> np.ndarray:
     """Each record's category as an int, numbered in sorted category order."""
     names = sorted({r.category for r in records})
     code = {name: i for i, name in enumerate(names)}
@@ -62,7 +74,7 @@ def _category_codes(records: list[Record]) -> np.ndarray:
 
 
 @register_partitioner("category_shards")
-def category_shards(records: list[Record], config: PartitionConfig, seed: int) -> list[list[int]]:
+def category_shards(records: Items, config: PartitionConfig, seed: int) -> list[list[int]]:
     """The FedIT paper's split: category-sorted shards, shards_per_client to each client.
 
     Indices are stable-sorted by category and cut into num_clients * shards_per_client
@@ -101,7 +113,7 @@ def _split_by_counts(indices: np.ndarray, counts: np.ndarray) -> list[list[int]]
 
 
 @register_partitioner("dirichlet")
-def dirichlet(records: list[Record], config: PartitionConfig, seed: int) -> list[list[int]]:
+def dirichlet(records: Items, config: PartitionConfig, seed: int) -> list[list[int]]:
     """Label skew: each category's records go to clients in Dirichlet(alpha) proportions.
 
     Smaller alpha concentrates a category on fewer clients. Proportions are redrawn
@@ -127,14 +139,14 @@ def dirichlet(records: list[Record], config: PartitionConfig, seed: int) -> list
 
 
 @register_partitioner("iid")
-def iid(records: list[Record], config: PartitionConfig, seed: int) -> list[list[int]]:
+def iid(records: Items, config: PartitionConfig, seed: int) -> list[list[int]]:
     """Uniformly random records, near-equal client sizes."""
     order = np.random.default_rng(seed).permutation(len(records))
     return [sorted(part.tolist()) for part in np.array_split(order, config.num_clients)]
 
 
 @register_partitioner("quantity_skew")
-def quantity_skew(records: list[Record], config: PartitionConfig, seed: int) -> list[list[int]]:
+def quantity_skew(records: Items, config: PartitionConfig, seed: int) -> list[list[int]]:
     """Random records, client sizes in log-normal(0, sigma) proportions (min_client_size each)."""
     n, clients, floor = len(records), config.num_clients, config.min_client_size
     if n < clients * floor:
@@ -151,8 +163,8 @@ def quantity_skew(records: list[Record], config: PartitionConfig, seed: int) -> 
 
 
 def split_heldout(
-    records: list[Record], per_category: int, seed: int
-) -> tuple[list[Record], list[Record]]:
+    records: Sequence[Item], per_category: int, seed: int
+) -> tuple[list[Item], list[Item]]:
     """Set aside `per_category` random records of each category as the global test set.
 
     A category with too few records gives fewer, always leaving at least one to train on.
@@ -172,9 +184,7 @@ def split_heldout(
     return train, heldout
 
 
-def category_table(
-    records: list[Record], parts: list[list[int]]
-) -> tuple[list[str], list[list[int]]]:
+def category_table(records: Items, parts: list[list[int]]) -> tuple[list[str], list[list[int]]]:
     """(sorted categories, counts[client][category]) of a partition."""
     categories = sorted({r.category for r in records})
     counts = []

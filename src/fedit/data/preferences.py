@@ -12,25 +12,28 @@ Three record formats, detected per record with ``format="auto"``:
 
 Responses are stripped of surrounding whitespace in every format; prompts are kept verbatim
 (the prompt template, applied at tokenisation, decides what separates prompt and response).
-Every malformed pair raises ``DataFormatError`` naming the file, the line and the field, so
-a bad record in a client's shard fails loudly instead of as a ``KeyError`` mid-training.
+Every malformed pair raises ``DataFormatError`` naming the file, the line and the field in
+the format of ``fedit.data.readers`` (``prefs.jsonl:17: field 'rejected': missing``), so a
+bad record in a client's shard fails loudly instead of as a ``KeyError`` mid-training.
+``synthetic_pairs`` builds checkable pairs from the synthetic skills for demos and tests.
 """
 
 from __future__ import annotations
 
-import csv
-import json
-from collections.abc import Callable, Iterator, Sequence
+import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import Tensor
-
+from fedit.config import PREFERENCE_FORMATS
+from fedit.data.readers import iter_rows
 from fedit.data.records import DataFormatError
+from fedit.data.synthetic import generate_records, wrong_answer
 
-FORMATS = ("auto", "plain", "hh", "ultrafeedback")
+if TYPE_CHECKING:
+    from torch import Tensor
+
+FORMATS = PREFERENCE_FORMATS
 ASSISTANT_MARKER = "\n\nAssistant:"
 HUMAN_MARKER = "Human:"
 IGNORE_INDEX = -100  # label value that cross-entropy and sequence_logps skip
@@ -57,79 +60,38 @@ def read_preferences(
     """Read preference pairs from a .json (list), .jsonl or .csv file, or a Hub dataset.
 
     ``format`` is one of ``FORMATS``; ``"auto"`` detects each record's format by its keys.
-    A source that is not a .json/.jsonl/.csv path is loaded with ``datasets.load_dataset``
-    (``split`` selects the split, e.g. ``"train_prefs"`` for UltraFeedback-binarized).
+    Rows come from ``fedit.data.readers.iter_rows``, so errors name the row the way record
+    errors do: ``path:LINE: field 'x': ...``, ``path: item N: ...`` (JSON lists, 1-based).
+    A source that is not a file path is loaded with ``datasets.load_dataset`` (``split``
+    selects the split, e.g. ``"train_prefs"`` for UltraFeedback-binarized).
     """
     if format not in FORMATS:
         raise ValueError(f"unknown preference format {format!r}; expected one of {FORMATS}")
-    pairs = [parse_pair(row, format, source, where) for where, row in _rows(source, split)]
+    pairs = [parse_pair(row, format, where) for where, row in iter_rows(source, split)]
     if not pairs:
         raise DataFormatError(f"{source}: no preference pairs")
     return pairs
 
 
-def _rows(source: str, split: str) -> Iterator[tuple[str, Row]]:
-    """Yield (location, raw record) pairs; the location reads "line N", "item N" or "row N"."""
-    suffix = Path(source).suffix.lower()
-    if suffix in (".json", ".jsonl", ".csv"):
-        if not Path(source).is_file():
-            raise FileNotFoundError(f"preference file not found: {source}")
-        readers = {".json": _json_rows, ".jsonl": _jsonl_rows, ".csv": _csv_rows}
-        return readers[suffix](source)
-    return _hub_rows(source, split)
+def synthetic_pairs(per_skill: int, seed: int) -> list[PreferencePair]:
+    """Pairs from the synthetic skills: chosen = the right answer, rejected = a wrong one.
 
-
-def _json_rows(path: str) -> Iterator[tuple[str, Row]]:
-    """Items of a JSON list, located as "item N" (1-based, as fedit.data.readers counts)."""
-    with open(path, encoding="utf-8") as handle:
-        try:
-            data = json.load(handle)
-        except json.JSONDecodeError as error:
-            message = f"{path}, line {error.lineno}: invalid JSON ({error.msg})"
-            raise DataFormatError(message) from error
-    if not isinstance(data, list):
-        raise DataFormatError(f"{path}, top level: expected a JSON list of records")
-    for number, row in enumerate(data, start=1):
-        yield f"item {number}", row
-
-
-def _jsonl_rows(path: str) -> Iterator[tuple[str, Row]]:
-    """One JSON object per line (blank lines skipped), located as "line N" (1-based)."""
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield f"line {number}", json.loads(line)
-            except json.JSONDecodeError as error:
-                message = f"{path}, line {number}: invalid JSON ({error.msg})"
-                raise DataFormatError(message) from error
-
-
-def _csv_rows(path: str) -> Iterator[tuple[str, Row]]:
-    """CSV rows under a header, located by the physical line where each row starts."""
-    with open(path, encoding="utf-8", newline="") as handle:
-        reader = csv.DictReader(handle)
-        start = 2  # line 1 is the header
-        for row in reader:
-            # Empty cells mean "absent" (CSV has no null), so an empty category is defaulted.
-            yield f"line {start}", {key: value for key, value in row.items() if value != ""}
-            start = reader.line_num + 1
-
-
-def _hub_rows(name: str, split: str) -> Iterator[tuple[str, Row]]:
-    """Rows of a Hugging Face dataset split, located as "row N" (1-based)."""
-    from datasets import load_dataset  # heavy import, only for Hub sources
-
-    for number, row in enumerate(load_dataset(name, split=split), start=1):
-        yield f"row {number}", row
+    The records are ``generate_records(per_skill, seed)``, the same ones ``data.path =
+    "synthetic"`` gives, in the same order, so with the same seed the held-out split picks
+    the same prompts for both. Wrong answers come from one generator seeded by ``seed``.
+    """
+    rng = random.Random(f"{seed}:preferences")
+    return [
+        PreferencePair(r.instruction, r.response, wrong_answer(r, rng), r.category)
+        for r in generate_records(per_skill, seed)
+    ]
 
 
 # ---------------------------------------------------------------------------- parsing
 
 
-def _error(source: str, where: str, field: str, problem: str) -> DataFormatError:
-    return DataFormatError(f"{source}, {where}, field '{field}': {problem}")
+def _error(where: str, field: str, problem: str) -> DataFormatError:
+    return DataFormatError(f"{where}: field '{field}': {problem}")
 
 
 def detect_format(row: Row) -> str:
@@ -141,44 +103,42 @@ def detect_format(row: Row) -> str:
     return ""
 
 
-def parse_pair(
-    row: Any, format: str, source: str = "<memory>", where: str = "record"
-) -> PreferencePair:
+def parse_pair(row: Any, format: str, where: str = "record") -> PreferencePair:
     """Turn one raw record into a validated ``PreferencePair`` (``format`` may be "auto")."""
     if not isinstance(row, dict):
-        raise _error(source, where, "(record)", f"expected an object, got {type(row).__name__}")
+        raise _error(where, "(record)", f"expected an object, got {type(row).__name__}")
     if format == "auto":
         format = detect_format(row)
         if not format:
-            raise _error(source, where, "prompt", "missing (and chosen is not an HH dialogue)")
+            raise _error(where, "prompt", "missing (and chosen is not an HH dialogue)")
     parsers = {"plain": _parse_plain, "hh": _parse_hh, "ultrafeedback": _parse_ultrafeedback}
-    prompt, chosen, rejected = parsers[format](row, source, where)
+    prompt, chosen, rejected = parsers[format](row, where)
     if not chosen:
-        raise _error(source, where, "chosen", "empty response")
+        raise _error(where, "chosen", "empty response")
     if not rejected:
-        raise _error(source, where, "rejected", "empty response")
+        raise _error(where, "rejected", "empty response")
     if chosen == rejected:
-        raise _error(source, where, "rejected", "identical to chosen")
-    category = _field(row, "category", source, where, default="default")
+        raise _error(where, "rejected", "identical to chosen")
+    category = _field(row, "category", where, default="default")
     return PreferencePair(prompt, chosen, rejected, category or "default")
 
 
-def _field(row: Row, name: str, source: str, where: str, default: str | None = None) -> str:
+def _field(row: Row, name: str, where: str, default: str | None = None) -> str:
     """A string field; missing (or null) is an error unless ``default`` is given."""
     value = row.get(name)
     if value is None:
         if default is None:
-            raise _error(source, where, name, "missing")
+            raise _error(where, name, "missing")
         return default
     if not isinstance(value, str):
-        raise _error(source, where, name, f"expected a string, got {type(value).__name__}")
+        raise _error(where, name, f"expected a string, got {type(value).__name__}")
     return value
 
 
-def _parse_plain(row: Row, source: str, where: str) -> tuple[str, str, str]:
-    prompt = _field(row, "prompt", source, where)
-    chosen = _field(row, "chosen", source, where).strip()
-    rejected = _field(row, "rejected", source, where).strip()
+def _parse_plain(row: Row, where: str) -> tuple[str, str, str]:
+    prompt = _field(row, "prompt", where)
+    chosen = _field(row, "chosen", where).strip()
+    rejected = _field(row, "rejected", where).strip()
     return prompt, chosen, rejected
 
 
@@ -190,38 +150,38 @@ def common_prefix_len(first: str, second: str) -> int:
     return min(len(first), len(second))
 
 
-def _parse_hh(row: Row, source: str, where: str) -> tuple[str, str, str]:
+def _parse_hh(row: Row, where: str) -> tuple[str, str, str]:
     """Split two HH dialogues at the last "\\n\\nAssistant:" of their shared prefix."""
-    chosen = _field(row, "chosen", source, where)
-    rejected = _field(row, "rejected", source, where)
+    chosen = _field(row, "chosen", where)
+    rejected = _field(row, "rejected", where)
     shared = common_prefix_len(chosen, rejected)
     cut = chosen.rfind(ASSISTANT_MARKER, 0, shared)
     if cut < 0 or HUMAN_MARKER not in chosen[:cut]:
-        raise _error(source, where, "chosen", "no shared Human/Assistant prefix with rejected")
+        raise _error(where, "chosen", "no shared Human/Assistant prefix with rejected")
     end = cut + len(ASSISTANT_MARKER)
     return chosen[:end], chosen[end:].strip(), rejected[end:].strip()
 
 
-def _parse_ultrafeedback(row: Row, source: str, where: str) -> tuple[str, str, str]:
-    prompt = _field(row, "prompt", source, where)
-    chosen = _final_assistant(row, "chosen", source, where)
-    rejected = _final_assistant(row, "rejected", source, where)
+def _parse_ultrafeedback(row: Row, where: str) -> tuple[str, str, str]:
+    prompt = _field(row, "prompt", where)
+    chosen = _final_assistant(row, "chosen", where)
+    rejected = _final_assistant(row, "rejected", where)
     return prompt, chosen, rejected
 
 
-def _final_assistant(row: Row, name: str, source: str, where: str) -> str:
+def _final_assistant(row: Row, name: str, where: str) -> str:
     """Content of the final message of an UltraFeedback list; it must be the assistant's."""
     messages = row.get(name)
     if messages is None:
-        raise _error(source, where, name, "missing")
+        raise _error(where, name, "missing")
     if not isinstance(messages, list):
-        raise _error(source, where, name, f"expected a message list, got {type(messages).__name__}")
+        raise _error(where, name, f"expected a message list, got {type(messages).__name__}")
     last = messages[-1] if messages else None
     if not isinstance(last, dict) or last.get("role") != "assistant":
-        raise _error(source, where, name, "message list has no final assistant turn")
+        raise _error(where, name, "message list has no final assistant turn")
     content = last.get("content")
     if not isinstance(content, str):
-        raise _error(source, where, name, "final assistant message has no string content")
+        raise _error(where, name, "final assistant message has no string content")
     return content.strip()
 
 
@@ -251,6 +211,21 @@ class PairTruncationReport:
     prompt_truncated: int = 0
     response_truncated: int = 0
     dropped: int = 0
+
+    def __add__(self, other: PairTruncationReport) -> PairTruncationReport:
+        return PairTruncationReport(
+            self.total + other.total,
+            self.prompt_truncated + other.prompt_truncated,
+            self.response_truncated + other.response_truncated,
+            self.dropped + other.dropped,
+        )
+
+    def summary(self) -> str:
+        return (
+            f"{self.total} preference pairs: {self.prompt_truncated} prompts cut to "
+            f"dpo.max_prompt_len, {self.response_truncated} responses cut to data.max_seq_len, "
+            f"{self.dropped} dropped (no response token left)"
+        )
 
 
 def tokenize_pairs(
@@ -326,6 +301,8 @@ def collate_pairs(pairs: Sequence[TokenizedPair], pad_id: int) -> dict[str, Tens
     once. ``labels`` are the response tokens, −100 on the prompt and the padding; T is the
     longest row in this batch (dynamic padding). Returns input_ids, attention_mask, labels.
     """
+    import torch  # here, so reading and preparing pairs (the CLI) does not load torch
+
     if not pairs:
         raise ValueError("collate_pairs needs at least one pair")
     responses = [pair.chosen_ids for pair in pairs] + [pair.rejected_ids for pair in pairs]

@@ -5,6 +5,10 @@ sets aside the global held-out set and partitions the rest over clients. The
 ``partition`` command, the engine and the comparison driver all call it, so they always
 see the same split. With ``partition.method = "files"`` the clients come pre-partitioned:
 ``data.path`` is a glob and every matching file is one client's records.
+
+``prepare_preferences(cfg)`` does the same for DPO preference pairs (``data.preference_path``):
+the same cap, per-category held-out split and partitioner, so the two sets are split alike
+(with the same seed and synthetic data they hold out the same prompts).
 """
 
 from __future__ import annotations
@@ -12,13 +16,17 @@ from __future__ import annotations
 import glob
 import re
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
 from fedit.config import ConfigError, RunConfig
 from fedit.data.partition import partition_records, split_heldout
+from fedit.data.preferences import PreferencePair, read_preferences, synthetic_pairs
 from fedit.data.readers import read_records
 from fedit.data.records import Record
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -29,7 +37,7 @@ class PreparedRecords:
     removed_duplicates: int  # training records dropped because a held-out record equals them
 
 
-def cap_records(records: list[Record], max_records: int | None, seed: int) -> list[Record]:
+def cap_records(records: list[T], max_records: int | None, seed: int) -> list[T]:
     """A seeded shuffle then the first `max_records` (all records when None or enough)."""
     if max_records is None or max_records >= len(records):
         return records
@@ -71,6 +79,8 @@ def drop_heldout_duplicates(train: list[Record], heldout: list[Record]) -> tuple
 def prepare_records(cfg: RunConfig) -> PreparedRecords:
     """(train, held-out, per-client index lists) for a run config."""
     data = cfg.data
+    if not data.path:  # a DPO-only config: its pairs come from prepare_preferences
+        raise ConfigError("data.path: not set, so this run has no instruction records")
     heldout_file = read_records(data.heldout_path, data.fields) if data.heldout_path else None
     if cfg.partition.method == "files":
         files = client_files(data.path, cfg.partition.num_clients)
@@ -94,3 +104,45 @@ def load_heldout(cfg: RunConfig) -> list[Record]:
     if cfg.data.heldout_path:
         return read_records(cfg.data.heldout_path, cfg.data.fields)
     return prepare_records(cfg).heldout
+
+
+@dataclass
+class PreparedPreferences:
+    train: list[PreferencePair]
+    heldout: list[PreferencePair]
+    parts: list[list[int]]  # per client, indices into train
+    removed_duplicates: int  # training pairs dropped because a held-out pair has their prompt
+
+
+def _read_preference_source(cfg: RunConfig, source: str) -> list[PreferencePair]:
+    data = cfg.data
+    if source == "synthetic":
+        return synthetic_pairs(data.synthetic_per_skill, cfg.seed)
+    return read_preferences(source, data.preference_format, data.preference_split)
+
+
+def prepare_preferences(cfg: RunConfig) -> PreparedPreferences:
+    """(train, held-out, per-client index lists) of the preference pairs of a run config.
+
+    Mirrors ``prepare_records``: ``data.max_records`` caps the pairs, ``data.heldout_per_category``
+    pairs per category are held out, training pairs whose prompt is a held-out prompt are
+    dropped, and the configured partitioner splits the rest. With ``partition.method =
+    "files"``, ``data.preference_path`` is a glob of one file per client and nothing is held
+    out.
+    """
+    data = cfg.data
+    if cfg.partition.method == "files":
+        files = client_files(data.preference_path, cfg.partition.num_clients)
+        per_client = [_read_preference_source(cfg, f) for f in files]
+        train = [p for pairs in per_client for p in pairs]
+        bounds = np.cumsum([0] + [len(p) for p in per_client])
+        parts = [list(range(bounds[i], bounds[i + 1])) for i in range(len(per_client))]
+        return PreparedPreferences(train, [], parts, 0)
+    pairs = cap_records(
+        _read_preference_source(cfg, data.preference_path), data.max_records, cfg.seed
+    )
+    train, heldout = split_heldout(pairs, data.heldout_per_category, cfg.seed)
+    prompts = {p.prompt for p in heldout}
+    kept = [p for p in train if p.prompt not in prompts]
+    parts = partition_records(kept, cfg.partition, cfg.seed)
+    return PreparedPreferences(kept, heldout, parts, len(train) - len(kept))

@@ -59,6 +59,19 @@ def read_records(source: str, fields: str = "dolly", split: str = "train") -> li
     error must name the file, line and field, which the ``datasets`` loaders do not.
     """
     mapping = parse_fields(fields)
+    records = [to_record(row, mapping, where) for where, row in iter_rows(source, split)]
+    if not records:
+        raise DataFormatError(f"{source}: no records")
+    return records
+
+
+def iter_rows(source: str, split: str = "train") -> Iterator[tuple[str, Any]]:
+    """(where, raw row) for every row of a .json/.jsonl/.csv file or a HF dataset split.
+
+    ``where`` locates the row for error messages: ``path:LINE`` (JSONL, CSV), ``path: item N``
+    (JSON lists, 1-based) or ``name[split] row N``. A missing or unsupported file fails here,
+    before any row is read; malformed JSON fails when its line is reached.
+    """
     path = Path(source)
     suffix = path.suffix.lower()
     if suffix in FILE_SUFFIXES or path.is_file():
@@ -66,13 +79,8 @@ def read_records(source: str, fields: str = "dolly", split: str = "train") -> li
             raise DataFormatError(f"{source}: file not found")
         if suffix not in FILE_SUFFIXES:
             raise DataFormatError(f"{source}: unsupported file type (use .json, .jsonl or .csv)")
-        rows = {".json": _json_rows, ".jsonl": _jsonl_rows, ".csv": _csv_rows}[suffix](path)
-    else:
-        rows = _hf_rows(source, split)
-    records = [to_record(row, mapping, where) for where, row in rows]
-    if not records:
-        raise DataFormatError(f"{source}: no records")
-    return records
+        return {".json": _json_rows, ".jsonl": _jsonl_rows, ".csv": _csv_rows}[suffix](path)
+    return _hf_rows(source, split)
 
 
 def to_record(row: Any, mapping: dict[str, str], where: str) -> Record:

@@ -79,23 +79,30 @@ def score_model(cfg: RunConfig, adapter: Path | None, heldout: list[Record]) -> 
 
 
 def run_comparison(cfg: RunConfig, contenders: list[str], out_dir: Path) -> dict[str, dict]:
-    """Train (or resume) and score every contender; write tables and charts."""
+    """Train (or resume) and score every contender spec; write tables and charts."""
+    named = {
+        Contender(spec).name: None if spec == "base" else Contender(spec).config(cfg, out_dir)
+        for spec in contenders
+    }
+    return compare_configs(cfg, named, out_dir)
+
+
+def compare_configs(
+    cfg: RunConfig, named: dict[str, RunConfig | None], out_dir: Path
+) -> dict[str, dict]:
+    """Train (or resume) each named run config and score it on `cfg`'s held-out set;
+    None stands for the untuned base model."""
     out_dir.mkdir(parents=True, exist_ok=True)
     heldout = load_heldout(cfg)
     metrics_file = out_dir / "metrics.jsonl"
     metrics_file.write_text("")  # contenders' own runs keep their metrics; this is the summary
     results: dict[str, dict] = {}
-    for spec in contenders:
-        contender = Contender(spec)
-        console.rule(f"[bold]{contender.name}")
-        adapter = None
-        run_cfg = cfg
-        if spec != "base":
-            run_cfg = contender.config(cfg, out_dir)
-            adapter = Simulation(run_cfg).run(resume=True)
-        results[contender.name] = score_model(run_cfg, adapter, heldout)
+    for name, run_cfg in named.items():
+        console.rule(f"[bold]{name}")
+        adapter = None if run_cfg is None else Simulation(run_cfg).run(resume=True)
+        results[name] = score_model(run_cfg or cfg, adapter, heldout)
         with metrics_file.open("a") as f:
-            f.write(json.dumps({"model": contender.name, **results[contender.name]}) + "\n")
+            f.write(json.dumps({"model": name, **results[name]}) + "\n")
     write_report(cfg, results, out_dir)
     return results
 

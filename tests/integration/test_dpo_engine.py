@@ -1,0 +1,143 @@
+"""Federated DPO end to end on the tiny model and synthetic preference pairs (seconds each)."""
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedit.config import RunConfig, load_config
+from fedit.engine.simulation import Simulation
+from fedit.server.strategies import STRATEGIES
+from tests.conftest import tiny_run_overrides
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and the tests share the CPU with other jobs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def dpo_config(model_dir: Path, output_dir: Path, **extra: object) -> RunConfig:
+    """Pure DPO over 3 clients of synthetic pairs (category shards), all sampled each round."""
+    values: dict[str, object] = {
+        "data.path": "",
+        "data.preference_path": "synthetic",
+        "train.objective": "dpo",
+        "data.max_seq_len": 160,
+        "dpo.max_prompt_len": 128,
+        "dpo.beta": 0.5,
+        "partition.num_clients": 3,
+        "federation.clients_per_round": 3,
+        "train.max_steps": 3,
+        "train.learning_rate": 1e-2,
+        **extra,
+    }
+    return load_config(None, tiny_run_overrides(model_dir, output_dir, **values))
+
+
+def run(cfg: RunConfig) -> list[dict]:
+    Simulation(cfg, show_progress=False).run()
+    path = Path(cfg.output_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def adapter(run_dir: Path, round_number: int) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / f"round_{round_number:04d}" / "adapter_model.safetensors"))
+
+
+def test_federated_dpo_raises_heldout_preference_accuracy_and_margin(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    lines = run(dpo_config(tiny_model_dir, tmp_path / "run"))
+    assert [line["round"] for line in lines] == [0, 1, 2, 3]
+    start, end = lines[0]["heldout_dpo"]["overall"], lines[-1]["heldout_dpo"]["overall"]
+    # round 0: the adapter starts at B = 0, so the policy is the base: every reward is 0
+    assert start == {"accuracy": 0.0, "margin": 0.0, "chosen_reward": 0.0, "rejected_reward": 0.0,
+                     "pairs": 20}  # fmt: skip
+    assert end["accuracy"] >= 0.6 and end["margin"] > 0.05
+    assert {"addition", "uppercase"} <= lines[-1]["heldout_dpo"].keys()
+    assert "heldout" not in lines[-1]  # no SFT data, no held-out loss
+    assert all(line["objective"] == "dpo" for line in lines[1:])
+    client = lines[-1]["clients"][0]
+    assert {"train_loss", "dpo_accuracy", "dpo_margin", "label_tokens"} <= client.keys()
+    assert (tmp_path / "run" / "round_0003" / "adapter_config.json").is_file()
+
+
+def test_round_start_reference_equals_base_in_the_first_round_only(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    runs = {}
+    for reference in ("base", "round_start"):
+        cfg = dpo_config(
+            tiny_model_dir,
+            tmp_path / reference,
+            **{"dpo.reference": reference, "federation.rounds": 2, "lora.dropout": 0.0},
+        )
+        runs[reference] = run(cfg)
+        assert runs[reference][0]["heldout_dpo"]["overall"]["margin"] == 0.0
+        assert runs[reference][-1]["heldout_dpo"]["overall"]["margin"] != 0.0
+    # round 1: the global adapter has B = 0, so "round_start" is the base: zero margins
+    # before training and the very same update; round 2 starts from a trained adapter
+    first = [adapter(tmp_path / ref, 1) for ref in runs]
+    assert all(torch.equal(first[0][k], first[1][k]) for k in first[0])
+    second = [adapter(tmp_path / ref, 2) for ref in runs]
+    assert any(not torch.equal(second[0][k], second[1][k]) for k in second[0])
+
+
+def test_sft_then_dpo_switches_objective_after_sft_rounds(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    cfg = dpo_config(
+        tiny_model_dir,
+        tmp_path / "run",
+        **{
+            "data.path": "synthetic",
+            "data.max_seq_len": 384,
+            "train.objective": "sft_then_dpo",
+            "dpo.sft_rounds": 1,
+        },
+    )
+    lines = run(cfg)
+    assert [line.get("objective") for line in lines] == [None, "sft", "dpo", "dpo"]
+    assert not any("dpo_accuracy" in c for c in lines[1]["clients"])
+    assert all("dpo_accuracy" in c for line in lines[2:] for c in line["clients"])
+    # both held-out views every evaluation: SFT loss and preference scores
+    assert all({"heldout", "heldout_dpo"} <= line.keys() for line in lines)
+    assert lines[1]["heldout"]["overall"]["loss"] < lines[0]["heldout"]["overall"]["loss"]
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_every_strategy_runs_a_dpo_round(tiny_model_dir: Path, tmp_path: Path, name: str) -> None:
+    cfg = dpo_config(
+        tiny_model_dir,
+        tmp_path / name,
+        **{
+            "strategy.name": name,
+            "strategy.server_lr": 0.01 if name.startswith("fedad") or name == "fedyogi" else 1.0,
+            "federation.rounds": 1,
+            "train.max_steps": 1,
+            "eval.at_start": False,
+        },
+    )
+    [line] = run(cfg)
+    assert line["objective"] == "dpo" and len(line["clients"]) == 3
+    assert math.isfinite(line["heldout_dpo"]["overall"]["margin"])
+    assert all(torch.isfinite(v).all() for v in adapter(tmp_path / name, 1).values())
+
+
+def test_dpo_resume_gives_identical_final_adapter(tiny_model_dir: Path, tmp_path: Path) -> None:
+    extra = {"dpo.reference": "round_start", "federation.rounds": 2, "eval.at_start": False}
+    run(dpo_config(tiny_model_dir, tmp_path / "a", **extra))
+    resumed = dpo_config(tiny_model_dir, tmp_path / "b", **extra)
+    run(resumed)
+    shutil.rmtree(tmp_path / "b" / "round_0002")  # as if the run died during round 2
+    Simulation(resumed, show_progress=False).run(resume=True)
+    final, expected = adapter(tmp_path / "b", 2), adapter(tmp_path / "a", 2)
+    assert all(torch.equal(final[k], expected[k]) for k in expected)
