@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 
 from fedit.cli.main import app
 from fedit.config import load_config
-from fedit.engine.simulation import Simulation, centralized_steps
+from fedit.engine.federation_data import centralized_steps
+from fedit.engine.simulation import Simulation
 from tests.conftest import tiny_run_overrides
 
 runner = CliRunner()
@@ -48,10 +49,21 @@ def test_cli_train_writes_peft_adapters_and_metrics(tiny_model_dir: Path, tmp_pa
     assert len(metrics(run_dir)) == 4
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"strategy.name": "fedavgm", "train.lr_schedule": "cosine"},
+        {
+            "strategy.name": "fedadam",
+            "strategy.server_lr": 0.01,
+            "strategy.lora_aggregation": "exact",
+        },
+    ],
+    ids=["fedavgm-cosine", "fedadam-exact"],
+)
 def test_resume_after_crash_gives_identical_final_adapter(
-    tiny_model_dir: Path, tmp_path: Path
+    tiny_model_dir: Path, tmp_path: Path, extra: dict
 ) -> None:
-    extra = {"strategy.name": "fedavgm", "train.lr_schedule": "cosine"}
     straight = load_config(None, tiny_run_overrides(tiny_model_dir, tmp_path / "a", **extra))
     Simulation(straight, show_progress=False).run()
 
@@ -68,6 +80,13 @@ def test_resume_after_crash_gives_identical_final_adapter(
     assert [line["round"] for line in metrics(resumed_dir)] == [0, 1, 2, 3]
     momentum = load_file(str(resumed_dir / "round_0003" / "server_state.safetensors"))
     assert momentum and all(torch.isfinite(v).all() for v in momentum.values())
+    if "strategy.lora_aggregation" in extra:  # the residual folded into W0 resumes exactly
+        residual_file = "round_0003/base_residual.safetensors"
+        straight_residual = load_file(str(tmp_path / "a" / residual_file))
+        resumed_residual = load_file(str(resumed_dir / residual_file))
+        assert all(
+            torch.equal(straight_residual[k], resumed_residual[k]) for k in straight_residual
+        )
 
 
 def test_bad_data_file_error_names_the_line(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ from fedit.config import load_config
 from fedit.data.preferences import synthetic_pairs
 from fedit.data.prepare import prepare_preferences, prepare_records
 from fedit.data.synthetic import generate_records
-from fedit.engine.simulation import prepare_data
+from fedit.engine.federation_data import prepare_data
 from fedit.models.tiny import byte_tokenizer
 
 BASE = [

@@ -9,14 +9,20 @@ match for the built-in synthetic skills, ROUGE-L otherwise. Writes into `out_dir
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from peft import PeftModel
+
+from fedit.client.dpo import preference_scores
+from fedit.client.dpo_trainer import pair_logps
 from fedit.config import ConfigError, RunConfig
-from fedit.data.prepare import load_heldout
+from fedit.data.prepare import load_heldout, prepare_preferences
 from fedit.data.records import Record
 from fedit.data.tokenize import tokenize_prompts, tokenize_records
+from fedit.engine.federation_data import tokenize_pairs_for
 from fedit.engine.simulation import Simulation, console
 from fedit.eval.exact_match import format_score_table, score_by_category
 from fedit.eval.generate import generate_answers
@@ -75,7 +81,30 @@ def score_model(cfg: RunConfig, adapter: Path | None, heldout: list[Record]) -> 
         {"instruction": r.instruction, "answer": a}
         for r, a in zip(heldout[:3], answers[:3], strict=True)
     ]
-    return {"loss": loss, generation_metric(cfg): generation, "samples": samples}
+    scores = {"loss": loss, generation_metric(cfg): generation, "samples": samples}
+    if cfg.data.preference_path:
+        scores["preference_accuracy"] = preference_accuracy(cfg, model, tokenizer)
+    return scores
+
+
+def preference_accuracy(cfg: RunConfig, model, tokenizer) -> dict[str, float]:
+    """Held-out preference accuracy per category: the share of pairs whose implicit reward
+    β·(log π − log π_base) is higher for the chosen answer ('mean' is over all pairs)."""
+    pairs, _ = tokenize_pairs_for(cfg, tokenizer, prepare_preferences(cfg).heldout)
+    logps = functools.partial(
+        pair_logps, pairs=pairs, pad_id=tokenizer.pad_token_id, batch_size=cfg.eval.batch_size
+    )
+    policy = logps(model)
+    if isinstance(model, PeftModel):
+        with model.disable_adapter():
+            reference = logps(model)
+    else:  # the base model is its own reference: every reward is 0
+        reference = policy
+    categories = [p.category for p in pairs]
+    scores = preference_scores(policy, reference, categories, cfg.dpo.beta)
+    accuracy = {c: s["accuracy"] for c, s in scores.items() if c != "overall"}
+    accuracy["mean"] = scores["overall"]["accuracy"]
+    return accuracy
 
 
 def run_comparison(cfg: RunConfig, contenders: list[str], out_dir: Path) -> dict[str, dict]:
@@ -112,8 +141,15 @@ def write_report(cfg: RunConfig, results: dict[str, dict], out_dir: Path) -> str
     metric = generation_metric(cfg)
     categories = sorted({c for r in results.values() for c in r["loss"]} - {"mean"})
     tables = []
-    for key, label, digits in ((metric, metric.replace("_", " "), 2), ("loss", "held-out loss", 3)):
-        rows = {name: r[key] for name, r in results.items()}
+    sections = [
+        (metric, f"{metric.replace('_', ' ')} (mean over categories)", 2),
+        ("loss", "held-out loss (mean: token-weighted over all records)", 3),
+        ("preference_accuracy", "held-out preference accuracy (mean: over all pairs)", 2),
+    ]
+    for key, label, digits in sections:
+        rows = {name: r[key] for name, r in results.items() if key in r}
+        if not rows:
+            continue
         tables.append(f"### {label}\n\n" + format_score_table(rows, categories, digits))
         save_bar_chart(rows, categories, out_dir / f"{key}.png", label, title=label)
     text = "\n\n".join(tables) + "\n"

@@ -25,8 +25,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -36,18 +35,9 @@ from tqdm.auto import tqdm
 
 from fedit.client.dpo import preference_scores
 from fedit.client.dpo_trainer import pair_logps, train_client_dpo
-from fedit.client.trainer import round_learning_rate, steps_per_round, train_client
+from fedit.client.trainer import round_learning_rate, train_client
 from fedit.config import ConfigError, RunConfig, TrainConfig
-from fedit.data.preferences import (
-    PairTruncationReport,
-    PreferencePair,
-    TokenizedPair,
-    tokenize_pairs,
-)
-from fedit.data.prepare import prepare_preferences, prepare_records
-from fedit.data.records import Record
-from fedit.data.templates import render_prompt
-from fedit.data.tokenize import TokenizedExample, TruncationReport, tokenize_records
+from fedit.data.preferences import TokenizedPair
 from fedit.engine.checkpoint import (
     Checkpoint,
     completed_rounds,
@@ -55,13 +45,19 @@ from fedit.engine.checkpoint import (
     round_dir,
     save_checkpoint,
 )
+from fedit.engine.federation_data import (
+    FederationData,
+    centralized_steps,
+    prepare_data,
+    round_objective,
+)
 from fedit.eval.loss import heldout_loss
 from fedit.models.adapters import (
-    add_to_base_weights,
     attach_lora,
     get_adapter_state,
     lora_scaling,
     set_adapter_state,
+    set_base_residual,
 )
 from fedit.models.loading import load_model, load_tokenizer
 from fedit.seeding import derive_seed
@@ -72,142 +68,6 @@ from fedit.types import ClientUpdate
 console = Console(stderr=True)
 
 
-@dataclass
-class FederationData:
-    """Every client's records and preference pairs, tokenised once for the whole run."""
-
-    clients: list[list[TokenizedExample]]
-    heldout: list[TokenizedExample]
-    report: TruncationReport
-    federated_sizes: list[int]  # records per client of the federated partition
-    # DPO (data.preference_path): the same clients' pairs, held-out pairs, truncation counts
-    pair_clients: list[list[TokenizedPair]] = field(default_factory=list)
-    heldout_pairs: list[TokenizedPair] = field(default_factory=list)
-    pair_report: PairTruncationReport | None = None
-    federated_pair_sizes: list[int] = field(default_factory=list)
-
-    @property
-    def num_clients(self) -> int:
-        return len(self.clients or self.pair_clients)
-
-
-def round_objective(cfg: RunConfig, round_index: int) -> str:
-    """What round `round_index` (0-based) trains: "sft" or "dpo"."""
-    objective = cfg.train.objective
-    if objective == "sft_then_dpo":
-        return "sft" if round_index < cfg.dpo.sft_rounds else "dpo"
-    return objective
-
-
-def prepare_data(cfg: RunConfig, tokenizer) -> FederationData:
-    """Records and preference pairs → held-out split → partition → tokenised once per client.
-
-    Either may be absent (data.path / data.preference_path unset). Baseline modes reuse the
-    federated partition so their clients are the same people.
-    """
-    data = FederationData([], [], TruncationReport(0, 0, 0), [])
-    if cfg.data.path:
-        data = _prepare_records(cfg, tokenizer)
-    if cfg.data.preference_path:
-        _prepare_pairs(cfg, tokenizer, data)
-    return data
-
-
-def _prepare_records(cfg: RunConfig, tokenizer) -> FederationData:
-    prepared = prepare_records(cfg)
-    train, parts = prepared.train, prepared.parts
-    reports: list[TruncationReport] = []
-    clients = []
-    for part in parts:
-        examples, report = _tokenize(cfg, tokenizer, [train[i] for i in part])
-        clients.append(examples)
-        reports.append(report)
-    heldout_examples, _ = _tokenize(cfg, tokenizer, prepared.heldout)
-    sizes = [len(c) for c in clients]
-    clients = _mode_clients(cfg, clients)
-    if cfg.train.objective != "dpo":  # with dpo, records only give the held-out loss
-        _check_not_empty(clients, "trainable records")
-    total = TruncationReport(
-        total=sum(r.total for r in reports),
-        truncated=sum(r.truncated for r in reports),
-        dropped=sum(r.dropped for r in reports),
-    )
-    return FederationData(clients, heldout_examples, total, sizes)
-
-
-def _mode_clients(cfg: RunConfig, clients: list[list]) -> list[list]:
-    """The clients a mode trains: all (federated), one, or one pooled client."""
-    fed = cfg.federation
-    if fed.mode == "local" and fed.local_categories:
-        wanted = set(fed.local_categories)
-        return [[e for client in clients for e in client if e.category in wanted]]
-    if fed.mode == "local":
-        return [clients[fed.local_client]]
-    if fed.mode == "centralized":
-        return [[e for client in clients for e in client]]
-    return clients
-
-
-def _check_not_empty(clients: list[list], what: str) -> None:
-    empty = [i for i, c in enumerate(clients) if not c]
-    if empty:
-        raise ConfigError(f"clients {empty[:5]} hold no {what}; change the partition")
-
-
-def _prepare_pairs(cfg: RunConfig, tokenizer, data: FederationData) -> None:
-    """Preference pairs → held-out split → partition → tokenised, into `data`."""
-    prepared = prepare_preferences(cfg)
-    clients, report = [], PairTruncationReport()
-    for part in prepared.parts:
-        pairs, part_report = _tokenize_pairs(cfg, tokenizer, [prepared.train[i] for i in part])
-        clients.append(pairs)
-        report += part_report
-    data.heldout_pairs, _ = _tokenize_pairs(cfg, tokenizer, prepared.heldout)
-    data.federated_pair_sizes = [len(c) for c in clients]
-    data.pair_clients = _mode_clients(cfg, clients)
-    data.pair_report = report
-    if cfg.train.objective != "sft":  # with sft, pairs only give held-out preference scores
-        _check_not_empty(data.pair_clients, "preference pairs")
-
-
-def _tokenize_pairs(
-    cfg: RunConfig, tokenizer, pairs: Sequence[PreferencePair]
-) -> tuple[list[TokenizedPair], PairTruncationReport]:
-    """Prompts rendered with data.template (as SFT prompts are), then length-limited."""
-    template = cfg.data.template
-
-    def render(prompt: str) -> str:
-        return render_prompt(Record(instruction=prompt, response=""), template, tokenizer)
-
-    return tokenize_pairs(pairs, tokenizer, cfg.dpo.max_prompt_len, cfg.data.max_seq_len, render)
-
-
-def _tokenize(
-    cfg: RunConfig, tokenizer, records
-) -> tuple[list[TokenizedExample], TruncationReport]:
-    data = cfg.data
-    return tokenize_records(
-        records, tokenizer, data.template, data.max_seq_len, data.train_on_prompt
-    )
-
-
-def centralized_steps(
-    cfg: RunConfig, client_sizes: list[int], rounds: Sequence[int] | None = None
-) -> int:
-    """Steps per round for the pooled baseline: the federated run's mean total per round.
-
-    `rounds` (default: all) limits the mean to some rounds, e.g. the DPO rounds of
-    sft_then_dpo, whose sizes are the clients' pair counts.
-    """
-    fed = cfg.federation
-    rounds = range(fed.rounds) if rounds is None else rounds
-    total = 0
-    for r in rounds:
-        chosen = select_clients(len(client_sizes), fed.clients_per_round, fed.fraction, cfg.seed, r)
-        total += sum(steps_per_round(client_sizes[k], cfg.train) for k in chosen)
-    return max(1, round(total / len(rounds)))
-
-
 class Simulation:
     """Runs one configured federation (or baseline) in this process."""
 
@@ -216,6 +76,7 @@ class Simulation:
         self.output_dir = Path(cfg.output_dir)
         self.show_progress = show_progress
         self.heldout_reference: torch.Tensor | None = None  # base log-probs of held-out pairs
+        self.base_originals: dict[str, torch.Tensor] = {}  # W0 of weights with a residual
 
     def run(self, resume: bool = False) -> Path:
         """Train all rounds (continuing after the last checkpoint with `resume`)."""
@@ -302,7 +163,7 @@ class Simulation:
         last = done[-1]
         checkpoint = load_checkpoint(model, round_dir(self.output_dir, last), last)
         strategy.load_state_dict(checkpoint.server_state)
-        add_to_base_weights(model, checkpoint.base_residual)
+        set_base_residual(model, self.base_originals, checkpoint.base_residual)
         console.print(f"resuming after round {last}")
         return last, checkpoint.global_state, checkpoint.base_residual
 
@@ -343,8 +204,8 @@ class Simulation:
         global_state = strategy.aggregate(global_state, updates, r)
         new_residual = strategy.take_base_residual()
         if new_residual:
-            add_to_base_weights(model, new_residual)
             residual = {k: residual.get(k, 0) + v for k, v in new_residual.items()}
+            set_base_residual(model, self.base_originals, residual)
         set_adapter_state(model, global_state)
         record: dict[str, Any] = {
             "round": r + 1,

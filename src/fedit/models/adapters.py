@@ -70,6 +70,22 @@ def add_to_base_weights(model: torch.nn.Module, residual: dict[str, torch.Tensor
         params[name].add_(delta.to(params[name].device, params[name].dtype))
 
 
+@torch.no_grad()
+def set_base_residual(
+    model: torch.nn.Module, originals: dict[str, torch.Tensor], residual: dict[str, torch.Tensor]
+) -> None:
+    """Set frozen base weights to W0 + R, R the cumulative exact-aggregation residual.
+
+    Setting from the original W0 each round, rather than adding each round's residual in
+    turn, gives bit-identical weights in an uninterrupted run, a resumed one (which only
+    has the saved R) and an exported model (W0 + R). `originals` caches W0 on first use.
+    """
+    params = dict(model.named_parameters())
+    for name, total in residual.items():
+        base = originals.setdefault(name, params[name].detach().clone())
+        params[name].copy_(base + total.to(base.device, base.dtype))
+
+
 def lora_scaling(cfg: LoraConfig) -> float:
     return cfg.alpha / cfg.r
 

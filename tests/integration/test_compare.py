@@ -1,0 +1,52 @@
+"""The Base / Local / FedIT / Centralised comparison, end to end on the tiny model."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fedit.config import ConfigError, load_config
+from fedit.data.synthetic import SKILL_NAMES
+from fedit.engine.compare import Contender, run_comparison
+from tests.conftest import tiny_run_overrides
+
+
+def test_comparison_writes_tables_charts_and_metrics(tiny_model_dir: Path, tmp_path: Path) -> None:
+    overrides = tiny_run_overrides(
+        tiny_model_dir,
+        tmp_path / "cmp",
+        **{
+            "federation.rounds": 2,
+            "train.max_steps": 1,
+            "eval.max_new_tokens": 4,
+            "eval.at_start": False,
+            "data.preference_path": "synthetic",
+        },
+    )
+    cfg = load_config(None, overrides)
+    contenders = ["base", "local:0", "local:addition+uppercase", "fedit", "centralized"]
+    results = run_comparison(cfg, contenders, tmp_path / "cmp")
+
+    names = ["base", "local-0", "local-addition_uppercase", "fedit", "centralized"]
+    assert list(results) == names
+    for scores in results.values():
+        assert set(scores["exact_match"]) == {*SKILL_NAMES, "mean"}
+        assert 0.0 <= scores["exact_match"]["mean"] <= 1.0
+        assert set(scores["loss"]) == {*SKILL_NAMES, "mean"}
+    assert results["base"]["preference_accuracy"]["mean"] == 0.0  # no adapter: rewards are 0
+    table = (tmp_path / "cmp" / "scores.md").read_text()
+    assert "| local-addition_uppercase |" in table and "preference accuracy" in table
+    for chart in ("exact_match.png", "loss.png", "preference_accuracy.png"):
+        assert (tmp_path / "cmp" / chart).stat().st_size > 0
+    lines = (tmp_path / "cmp" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["model"] for line in lines] == names
+    # trained contenders left their own runs; a second comparison only re-scores them
+    assert (tmp_path / "cmp" / "fedit" / "round_0002" / "adapter_model.safetensors").is_file()
+    again = run_comparison(cfg, ["fedit"], tmp_path / "cmp")
+    assert again["fedit"]["loss"] == results["fedit"]["loss"]
+
+
+@pytest.mark.parametrize("spec", ["fedavg", "local", "fedit:x", "centralized:3"])
+def test_bad_contender_names_the_spec(tiny_config, spec: str) -> None:
+    with pytest.raises(ConfigError, match="contender"):
+        Contender(spec).config(tiny_config, Path("out"))
