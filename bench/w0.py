@@ -48,28 +48,11 @@ TOTALS = ("step_seconds", "label_tokens", "real_tokens", "computed_tokens")
 
 def write_tiny_model(directory: Path) -> None:
     """A random Llama (seed 0) with SmolLM2's tokenizer and vocabulary, as an HF directory."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from fedit.config import ModelConfig
     from fedit.models.loading import load_tokenizer
+    from fedit.models.tiny import make_tiny_model
 
-    tokenizer = load_tokenizer(ModelConfig())  # the embedded SmolLM2 tokenizer
-    config = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
+    make_tiny_model(directory, tokenizer=load_tokenizer(ModelConfig()))
 
 
 def write_first_records(path: Path) -> None:

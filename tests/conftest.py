@@ -5,9 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from fedit.config import RunConfig, load_config
 from fedit.models.tiny import make_tiny_model
+
+# Tiny models gain nothing from a second thread, and one thread keeps the suite from
+# oversubscribing the cores when anything else runs beside it.
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 DOLLY = REPO.parent / "shared" / "data" / "databricks-dolly-15k.jsonl"

@@ -11,7 +11,12 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
@@ -45,10 +50,12 @@ def make_tiny_model(
     hidden_size: int = 64,
     num_layers: int = 2,
     seed: int = 0,
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> Path:
-    """Write a random Llama (hidden 64, 2 layers, 4 heads, 2 KV heads) and its tokenizer."""
+    """Write a random Llama (hidden 64, 2 layers, 4 heads, 2 KV heads) and its tokenizer
+    (the byte-level one unless another is given, e.g. SmolLM2's for the W0 benchmark)."""
     directory = Path(directory)
-    tokenizer = byte_tokenizer()
+    tokenizer = tokenizer or byte_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
