@@ -32,7 +32,7 @@ class FederationData:
     clients: list[list[TokenizedExample]]
     heldout: list[TokenizedExample]
     report: TruncationReport
-    federated_sizes: list[int]  # records per client of the federated partition
+    federated_sizes: list[int]  # records per client of the federated partition (not local)
     # DPO (data.preference_path): the same clients' pairs, held-out pairs, truncation counts
     pair_clients: list[list[TokenizedPair]] = field(default_factory=list)
     heldout_pairs: list[TokenizedPair] = field(default_factory=list)
@@ -68,16 +68,17 @@ def prepare_data(cfg: RunConfig, tokenizer) -> FederationData:
 
 def _prepare_records(cfg: RunConfig, tokenizer) -> FederationData:
     prepared = prepare_records(cfg)
-    train, parts = prepared.train, prepared.parts
     reports: list[TruncationReport] = []
     clients = []
-    for part in parts:
-        examples, report = _tokenize(cfg, tokenizer, [train[i] for i in part])
+    for records in _records_to_tokenize(cfg, prepared.train, prepared.parts):
+        examples, report = _tokenize(cfg, tokenizer, records)
         clients.append(examples)
         reports.append(report)
     heldout_examples, _ = _tokenize(cfg, tokenizer, prepared.heldout)
-    sizes = [len(c) for c in clients]
-    clients = _mode_clients(cfg, clients)
+    local = cfg.federation.mode == "local"
+    sizes = [] if local else [len(c) for c in clients]
+    if not local:
+        clients = _mode_clients(cfg, clients)
     if cfg.train.objective != "dpo":  # with dpo, records only give the held-out loss
         _check_not_empty(clients, "trainable records")
     total = TruncationReport(
@@ -86,6 +87,14 @@ def _prepare_records(cfg: RunConfig, tokenizer) -> FederationData:
         dropped=sum(r.dropped for r in reports),
     )
     return FederationData(clients, heldout_examples, total, sizes)
+
+
+def _records_to_tokenize(cfg: RunConfig, train: list, parts: list[list[int]]) -> list[list]:
+    """Per client, the items to tokenise: a local run needs only its own client's (or
+    categories') items; federated and centralized runs need every client's, whose sizes
+    set the centralized budget."""
+    per_client = [[train[i] for i in part] for part in parts]
+    return _mode_clients(cfg, per_client) if cfg.federation.mode == "local" else per_client
 
 
 def _mode_clients(cfg: RunConfig, clients: list[list]) -> list[list]:
@@ -111,13 +120,14 @@ def _prepare_pairs(cfg: RunConfig, tokenizer, data: FederationData) -> None:
     """Preference pairs → held-out split → partition → tokenised, into `data`."""
     prepared = prepare_preferences(cfg)
     clients, report = [], PairTruncationReport()
-    for part in prepared.parts:
-        pairs, part_report = tokenize_pairs_for(cfg, tokenizer, [prepared.train[i] for i in part])
+    for items in _records_to_tokenize(cfg, prepared.train, prepared.parts):
+        pairs, part_report = tokenize_pairs_for(cfg, tokenizer, items)
         clients.append(pairs)
         report += part_report
     data.heldout_pairs, _ = tokenize_pairs_for(cfg, tokenizer, prepared.heldout)
-    data.federated_pair_sizes = [len(c) for c in clients]
-    data.pair_clients = _mode_clients(cfg, clients)
+    local = cfg.federation.mode == "local"
+    data.federated_pair_sizes = [] if local else [len(c) for c in clients]
+    data.pair_clients = clients if local else _mode_clients(cfg, clients)
     data.pair_report = report
     if cfg.train.objective != "sft":  # with sft, pairs only give held-out preference scores
         _check_not_empty(data.pair_clients, "preference pairs")
