@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fedit.client.hooks import ClientHook
 from fedit.config import RunConfig, load_config
 from fedit.models.tiny import make_tiny_model
 
@@ -58,3 +59,24 @@ def _toml(value: object) -> str:
 @pytest.fixture
 def tiny_config(tiny_model_dir: Path, tmp_path: Path) -> RunConfig:
     return load_config(None, tiny_run_overrides(tiny_model_dir, tmp_path / "run"))
+
+
+# A hook that counts the trainer's calls at each hook point (SFT and DPO trainers).
+class CountingHook(ClientHook):
+    def __init__(self) -> None:
+        self.calls = {"start": 0, "loss_term": 0, "adjust": 0, "finish": 0}
+
+    def start(self, params):
+        self.calls["start"] += 1
+
+    def loss_term(self, params):
+        self.calls["loss_term"] += 1
+        return None
+
+    def adjust_gradients(self, params):
+        self.calls["adjust"] += 1
+        assert all(p.grad is not None for p in params.values())
+
+    def finish(self, params, num_steps, learning_rate):
+        self.calls["finish"] += 1
+        return {"seen": {"steps": torch.tensor(float(num_steps))}}

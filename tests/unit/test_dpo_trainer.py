@@ -14,11 +14,11 @@ from fedit.client.dpo_trainer import (
     reference_logps,
     train_client_dpo,
 )
-from fedit.client.hooks import ClientHook
 from fedit.config import DPOConfig, LoraConfig, ModelConfig, TrainConfig
 from fedit.data.preferences import synthetic_pairs, tokenize_pairs
 from fedit.models.adapters import attach_lora, get_adapter_state, set_adapter_state
 from fedit.models.loading import load_model
+from tests.conftest import CountingHook
 
 CFG = TrainConfig(micro_batch_size=2, grad_accum_steps=2, max_steps=4, mixed_precision="off")
 
@@ -86,26 +86,6 @@ def test_reference_covers_only_the_pairs_asked_for(tiny_peft, pairs) -> None:
     rows, pad_id = pairs
     ref = reference_logps(tiny_peft, rows, [1, 3], CFG, DPOConfig(), pad_id)
     assert torch.isfinite(ref[[1, 3]]).all() and torch.isnan(ref[[0, 2]]).all()
-
-
-class CountingHook(ClientHook):
-    def __init__(self) -> None:
-        self.calls = {"start": 0, "loss_term": 0, "adjust": 0, "finish": 0}
-
-    def start(self, params):
-        self.calls["start"] += 1
-
-    def loss_term(self, params):
-        self.calls["loss_term"] += 1
-        return None
-
-    def adjust_gradients(self, params):
-        self.calls["adjust"] += 1
-        assert all(p.grad is not None for p in params.values())
-
-    def finish(self, params, num_steps, learning_rate):
-        self.calls["finish"] += 1
-        return {}
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])

@@ -5,7 +5,6 @@ import torch
 from transformers import AutoTokenizer
 
 from fedit.client.batching import collate
-from fedit.client.hooks import ClientHook
 from fedit.client.loss import row_loss_sums
 from fedit.client.trainer import round_learning_rate, steps_per_round, train_client
 from fedit.config import LoraConfig, ModelConfig, TrainConfig
@@ -13,6 +12,7 @@ from fedit.data.synthetic import generate_records
 from fedit.data.tokenize import tokenize_records
 from fedit.models.adapters import attach_lora, get_adapter_state, set_adapter_state
 from fedit.models.loading import load_model
+from tests.conftest import CountingHook
 
 
 @pytest.fixture
@@ -53,26 +53,6 @@ def test_loss_is_on_response_tokens_only(tiny_peft, examples) -> None:
     batch = collate([(example.input_ids, example.labels)], pad_id, torch.device("cpu"))
     _, counts = row_loss_sums(tiny_peft, batch, logits_on_labels_only=True)
     assert int(counts[0]) == sum(label != -100 for label in example.labels)
-
-
-class CountingHook(ClientHook):
-    def __init__(self) -> None:
-        self.calls = {"start": 0, "loss_term": 0, "adjust": 0, "finish": 0}
-
-    def start(self, params):
-        self.calls["start"] += 1
-
-    def loss_term(self, params):
-        self.calls["loss_term"] += 1
-        return None
-
-    def adjust_gradients(self, params):
-        self.calls["adjust"] += 1
-        assert all(p.grad is not None for p in params.values())
-
-    def finish(self, params, num_steps, learning_rate):
-        self.calls["finish"] += 1
-        return {"seen": {"steps": torch.tensor(float(num_steps))}}
 
 
 def test_training_lowers_loss_and_calls_hooks(tiny_peft, examples) -> None:
