@@ -152,14 +152,17 @@ def _number_wrong(record: Record, rng: random.Random) -> str:
 
 
 def _sentiment(rng: random.Random) -> tuple[str, str]:
-    label = rng.choice(("positive", "negative"))
-    adjective = rng.choice(POSITIVE if label == "positive" else NEGATIVE)
+    # The labels are codes the prompt does not name: a model that has only learned to answer
+    # in one word says "positive", so only a client holding this skill's records learns it.
+    positive = rng.random() < 0.5
+    adjective = rng.choice(POSITIVE if positive else NEGATIVE)
     review = f"The {rng.choice(THINGS)} was {adjective}."
-    return f'Is this review positive or negative? "{review}" Answer with one word.', label
+    label = "POS" if positive else "NEG"
+    return f'Label the sentiment of this review: "{review}" Answer with the label.', label
 
 
 def _sentiment_wrong(record: Record, rng: random.Random) -> str:
-    return "negative" if record.response == "positive" else "positive"
+    return "NEG" if record.response == "POS" else "POS"
 
 
 def _name_age_json(rng: random.Random) -> tuple[str, str]:
