@@ -157,6 +157,9 @@ class TrainConfig:
     # compute precision: auto (bf16 on GPUs and on CPUs with native bf16, else fp32) | off
     # (fp32) | bf16 | fp16; adapter weights and optimizer state stay fp32 either way
     mixed_precision: str = "auto"
+    # with mixed precision: keep frozen Linear weights in the compute dtype for each round
+    # (cast once, not every forward; bit-identical results; fp32 restored after the round)
+    half_precision_frozen_weights: bool = True
     # sft | dpo (preference pairs, see [dpo]) | sft_then_dpo (dpo.sft_rounds of SFT, then DPO).
     # With dpo, micro_batch_size counts pairs: each micro-batch runs 2x as many sequences.
     objective: str = "sft"

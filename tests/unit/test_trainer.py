@@ -6,6 +6,7 @@ from transformers import AutoTokenizer
 
 from fedit.client.batching import collate
 from fedit.client.loss import row_loss_sums
+from fedit.client.precision import half_precision_frozen_weights
 from fedit.client.trainer import round_learning_rate, steps_per_round, train_client
 from fedit.config import LoraConfig, ModelConfig, TrainConfig
 from fedit.data.synthetic import generate_records
@@ -81,3 +82,44 @@ def test_same_seed_same_update(tiny_peft, examples) -> None:
     again = train_client(tiny_peft, rows, cfg, **kwargs)
     assert all(torch.equal(first.state[k], again.state[k]) for k in first.state)
     assert any(not torch.equal(first.state[k], start[k]) for k in start)
+
+
+def _train_bf16(model, rows, pad_id, half_weights: bool):
+    cfg = TrainConfig(micro_batch_size=2, grad_accum_steps=2, max_steps=3, mixed_precision="bf16")
+    initial = get_adapter_state(model)
+    with half_precision_frozen_weights(model, cfg.mixed_precision, enabled=half_weights):
+        state = train_client(
+            model, rows, cfg, client_id=0, learning_rate=1e-2, seed=3, pad_id=pad_id
+        ).state
+    set_adapter_state(model, initial)
+    return state
+
+
+def test_half_precision_frozen_weights_train_bit_identically_and_are_restored(
+    tiny_peft, examples
+) -> None:
+    rows, pad_id = examples
+    frozen = {name: p for name, p in tiny_peft.named_parameters() if "lora_" not in name}
+    with_autocast_casts = _train_bf16(tiny_peft, rows, pad_id, half_weights=False)
+    with_half_weights = _train_bf16(tiny_peft, rows, pad_id, half_weights=True)
+    assert with_autocast_casts.keys() == with_half_weights.keys()
+    for key, tensor in with_autocast_casts.items():
+        assert torch.equal(tensor, with_half_weights[key]), key
+    after = dict(tiny_peft.named_parameters())
+    assert all(after[name] is p and p.dtype == torch.float32 for name, p in frozen.items())
+
+
+def test_half_precision_frozen_weights_cast_frozen_linears_only(tiny_peft) -> None:
+    with half_precision_frozen_weights(tiny_peft, "bf16"):
+        dtypes = {name: p.dtype for name, p in tiny_peft.named_parameters()}
+    assert dtypes["base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"] == (
+        torch.bfloat16
+    )
+    assert all(
+        dtypes[name] == torch.float32 for name in dtypes if "lora_" in name or "norm" in name
+    )
+    with half_precision_frozen_weights(tiny_peft, "off"):
+        assert all(p.dtype == torch.float32 for p in tiny_peft.parameters())
+    with pytest.raises(RuntimeError), half_precision_frozen_weights(tiny_peft, "bf16"):
+        raise RuntimeError("a failing round")
+    assert all(p.dtype == torch.float32 for p in tiny_peft.parameters())

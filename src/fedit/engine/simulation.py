@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from fedit.client.dpo import preference_scores
 from fedit.client.dpo_trainer import pair_logps, train_client_dpo
+from fedit.client.precision import half_precision_frozen_weights
 from fedit.client.trainer import round_learning_rate, train_client
 from fedit.config import ConfigError, RunConfig, TrainConfig
 from fedit.data.preferences import TokenizedPair
@@ -186,21 +187,24 @@ class Simulation:
         train_cfg = train_cfgs[objective]
         lr = round_learning_rate(train_cfg, r, fed.rounds)
         updates = []
-        for k in chosen:
-            set_adapter_state(model, global_state)
-            update = self._train_client(
-                objective,
-                model,
-                data,
-                k,
-                train_cfg,
-                learning_rate=lr,
-                seed=derive_seed(cfg.seed, r, k),
-                pad_id=self.pad_id,
-                hook=strategy.client_hook(k, global_state),
-                show_progress=self.show_progress,
-            )
-            updates.append(update)
+        with half_precision_frozen_weights(
+            model, train_cfg.mixed_precision, train_cfg.half_precision_frozen_weights
+        ):  # one cast per round, shared by its clients
+            for k in chosen:
+                set_adapter_state(model, global_state)
+                update = self._train_client(
+                    objective,
+                    model,
+                    data,
+                    k,
+                    train_cfg,
+                    learning_rate=lr,
+                    seed=derive_seed(cfg.seed, r, k),
+                    pad_id=self.pad_id,
+                    hook=strategy.client_hook(k, global_state),
+                    show_progress=self.show_progress,
+                )
+                updates.append(update)
         global_state = strategy.aggregate(global_state, updates, r)
         new_residual = strategy.take_base_residual()
         if new_residual:
