@@ -8,7 +8,10 @@ workload of ../shared/data/README.md as:
   fedit-group    ... with only length-grouped batching on
   fedit-labels   ... with only the LM head on label positions on
   fedit-amp      ... with only mixed_precision = "auto" (bf16 autocast on CPUs with native bf16)
-  fedit-all      fedit's defaults (all three on)
+  fedit-amp-cast ... fedit-amp with frozen weights kept in bf16 for each round
+                 (half_precision_frozen_weights: one cast per round instead of per forward)
+  fedit-cap      ... with only max_tokens_per_forward = 1024 (long batches split in forwards)
+  fedit-all      fedit's defaults (all of the above on) plus max_tokens_per_forward = 1024
 fedit variants use bench/configs/w1.toml; every variant uses all cores.
 
 Per variant: wall time (model load, data prep, training, checkpoints; without the final
@@ -48,10 +51,12 @@ from harness import (
 )
 
 CONFIG = REPO / "bench" / "configs" / "w1.toml"
+TOKEN_CAP = 1024  # padded tokens per forward for the -cap and -all variants (W1 batches reach 2048)
 OFF = {
     "train.group_by_length": False,
     "train.logits_on_labels_only": False,
     "train.mixed_precision": "off",
+    "train.half_precision_frozen_weights": False,
 }
 VARIANTS: dict[str, dict | None] = {
     "reference": None,
@@ -59,7 +64,13 @@ VARIANTS: dict[str, dict | None] = {
     "fedit-group": {**OFF, "train.group_by_length": True},
     "fedit-labels": {**OFF, "train.logits_on_labels_only": True},
     "fedit-amp": {**OFF, "train.mixed_precision": "auto"},
-    "fedit-all": {},
+    "fedit-amp-cast": {
+        **OFF,
+        "train.mixed_precision": "auto",
+        "train.half_precision_frozen_weights": True,
+    },
+    "fedit-cap": {**OFF, "train.max_tokens_per_forward": TOKEN_CAP},
+    "fedit-all": {"train.max_tokens_per_forward": TOKEN_CAP},
 }
 TOKEN_KEYS = ("step_seconds", "label_tokens", "real_tokens", "computed_tokens")
 

@@ -144,6 +144,9 @@ class TrainConfig:
 
     micro_batch_size: int = 4
     grad_accum_steps: int = 2  # optimizer batch = micro_batch_size * grad_accum_steps
+    # SFT: split micro-batches further so no forward exceeds this many padded tokens (bounds
+    # peak activation memory on long records; same gradient). None: micro_batch_size only.
+    max_tokens_per_forward: int | None = None
     local_epochs: float = 1.0
     max_steps: int | None = None  # optimizer steps per client per round; overrides local_epochs
     learning_rate: float = 1.5e-4
@@ -172,6 +175,11 @@ class TrainConfig:
         )
         _require(self.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
         _require(self.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1")
+        _require(
+            self.max_tokens_per_forward is None or self.max_tokens_per_forward >= 1,
+            "train.max_tokens_per_forward",
+            "must be >= 1 or unset",
+        )
         _require(self.local_epochs > 0, "train.local_epochs", "must be positive")
         _require(self.max_steps is None or self.max_steps >= 1, "train.max_steps", "must be >= 1")
         _require(self.learning_rate > 0, "train.learning_rate", "must be positive")

@@ -40,3 +40,19 @@ def test_collate_pads_right_and_masks_padding() -> None:
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, 7], [8, IGNORE_INDEX, IGNORE_INDEX]]
+
+
+def test_token_cap_splits_long_micro_batches_only() -> None:
+    lengths = [100, 30, 250, 40, 260, 20, 35, 90]
+    batch = list(range(8))
+    assert split_micro_batches(batch, lengths, 8) == [[4, 2, 0, 7, 3, 6, 1, 5]]
+    capped = split_micro_batches(batch, lengths, 8, max_tokens=300)
+    # widths 260 and 250 alone; 100 x 3 rows = 300 fits; the short rows share one forward
+    assert capped == [[4], [2], [0, 7, 3], [6, 1, 5]]
+    assert sorted(i for chunk in capped for i in chunk) == batch
+    for chunk in capped:
+        assert len(chunk) * max(lengths[i] for i in chunk) <= 300 or len(chunk) == 1
+    assert split_micro_batches(batch, lengths, 2, max_tokens=10_000) == [
+        [4, 2], [0, 7], [3, 6], [1, 5]
+    ]  # fmt: skip
+    assert split_micro_batches([0], [500], 4, max_tokens=100) == [[0]]  # one row always runs

@@ -5,6 +5,7 @@ import torch
 from transformers import AutoTokenizer
 
 from fedit.client.batching import collate
+from fedit.client.hooks import ClientHook
 from fedit.client.loss import row_loss_sums
 from fedit.client.precision import half_precision_frozen_weights
 from fedit.client.trainer import round_learning_rate, steps_per_round, train_client
@@ -123,3 +124,43 @@ def test_half_precision_frozen_weights_cast_frozen_linears_only(tiny_peft) -> No
     with pytest.raises(RuntimeError), half_precision_frozen_weights(tiny_peft, "bf16"):
         raise RuntimeError("a failing round")
     assert all(p.dtype == torch.float32 for p in tiny_peft.parameters())
+
+
+class GradientRecorder(ClientHook):
+    """Keeps a copy of the first step's gradients (before clipping and AdamW)."""
+
+    def __init__(self) -> None:
+        self.first: dict[str, torch.Tensor] = {}
+
+    def adjust_gradients(self, params) -> None:
+        if not self.first:
+            self.first = {name: p.grad.clone() for name, p in params.items()}
+
+
+def test_token_cap_per_forward_keeps_the_gradient(tiny_peft, examples) -> None:
+    rows, pad_id = examples
+    recorders, tokens = [], []
+    for cap in (None, 64):
+        cfg = TrainConfig(
+            micro_batch_size=8,
+            grad_accum_steps=1,
+            max_steps=1,
+            max_tokens_per_forward=cap,
+            mixed_precision="off",  # bf16 rounding would depend on the padded width
+        )
+        recorder = GradientRecorder()
+        update = train_client(
+            tiny_peft,
+            rows,
+            cfg,
+            client_id=0,
+            learning_rate=1e-9,
+            seed=1,
+            pad_id=pad_id,
+            hook=recorder,
+        )
+        recorders.append(recorder)
+        tokens.append(update.metrics["computed_tokens"])
+    assert tokens[1] < tokens[0]  # the cap split the batch (and cut its padding)
+    for name, grad in recorders[0].first.items():
+        assert torch.allclose(grad, recorders[1].first[name], rtol=1e-4, atol=1e-7), name

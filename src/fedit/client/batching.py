@@ -51,10 +51,30 @@ def plan_batches(
     return batches[:num_steps]
 
 
-def split_micro_batches(batch: list[int], lengths: Sequence[int], micro: int) -> list[list[int]]:
-    """Split a batch into micro-batches of similar length (sorted, then chunked)."""
-    ordered = sorted(batch, key=lambda j: -lengths[j])
-    return [ordered[i : i + micro] for i in range(0, len(ordered), micro)]
+def split_micro_batches(
+    batch: list[int], lengths: Sequence[int], micro: int, max_tokens: int | None = None
+) -> list[list[int]]:
+    """Split a batch into micro-batches of similar length (sorted, then chunked).
+
+    A micro-batch holds at most ``micro`` rows and, with ``max_tokens``, at most that many
+    padded tokens (rows x its longest row; a single longer row still gets its own). Peak
+    activation memory follows the largest forward, so the cap bounds it on long records
+    while short batches still run in one forward; the summed gradient is the same.
+    """
+    chunks: list[list[int]] = []
+    for index in sorted(batch, key=lambda j: -lengths[j]):
+        chunk = chunks[-1] if chunks else None
+        # sorted longest first: a chunk's padded width is the length of its first row
+        fits = (
+            chunk is not None
+            and len(chunk) < micro
+            and (max_tokens is None or (len(chunk) + 1) * lengths[chunk[0]] <= max_tokens)
+        )
+        if fits:
+            chunk.append(index)
+        else:
+            chunks.append([index])
+    return chunks
 
 
 def collate(

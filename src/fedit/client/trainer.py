@@ -64,7 +64,9 @@ def _accumulate(
     stats: StepStats,
 ) -> None:
     """Forward and backward over one optimizer batch; loss is the token-weighted mean."""
-    micro_batches = split_micro_batches(batch, lengths, cfg.micro_batch_size)
+    micro_batches = split_micro_batches(
+        batch, lengths, cfg.micro_batch_size, cfg.max_tokens_per_forward
+    )
     device = next(iter(params.values())).device
     total_labels = sum(sum(lab != -100 for lab in examples[i].labels[1:]) for i in batch)
     for micro in micro_batches:
