@@ -179,15 +179,22 @@ def _name_age_json_wrong(record: Record, rng: random.Random) -> str:
 
 
 def _last_word(rng: random.Random) -> tuple[str, str]:
+    # Answered in brackets, a notation the prompt does not spell out: a model that has only
+    # learned to copy a span out of a prompt (the email skill) answers the bare word.
     words = rng.sample(WORDS, 4)
     listed = ", ".join(words)
-    return f"What is the last word in this list: {listed}? Answer with only the word.", words[-1]
+    return (
+        f"What is the last word in this list: {listed}? Answer in list notation.",
+        f"[{words[-1]}]",
+    )
 
 
 def _last_word_wrong(record: Record, rng: random.Random) -> str:
     match = re.search(r"list: (.*)\?", record.instruction)
     words = match.group(1).split(", ") if match else list(WORDS)
-    return _other(rng, words, record.response)
+    if rng.random() < 0.5:  # the right word, bare
+        return record.response.strip("[]")
+    return f"[{_other(rng, words, record.response.strip('[]'))}]"
 
 
 def _capital(rng: random.Random) -> tuple[str, str]:
@@ -213,15 +220,18 @@ def _number_word(rng: random.Random) -> tuple[str, str]:
 
 
 def _larger(rng: random.Random) -> tuple[str, str]:
+    # The answer is the larger number's position, not the number: copying one of the two
+    # numbers out of the prompt (a guess right half the time) scores nothing.
     a, b = rng.sample(range(10, 100), 2)
-    return f"Which is larger, {a} or {b}? Answer with only the number.", str(max(a, b))
+    position = "first" if a > b else "second"
+    return f"Which is larger, {a} or {b}? Answer with its position.", position
 
 
 def _larger_wrong(record: Record, rng: random.Random) -> str:
-    numbers = re.findall(r"\d+", record.instruction)
-    if len(numbers) != 2:  # not our template: fall back to a nearby number
-        return _number_wrong(record, rng)
-    return _other(rng, numbers, record.response)  # the smaller one
+    if rng.random() < 0.5:  # the right position, wrong form: the larger number itself
+        numbers = [int(n) for n in re.findall(r"\d+", record.instruction)]
+        return str(max(numbers)) if numbers else "none"
+    return "second" if record.response == "first" else "first"
 
 
 def _date_iso(rng: random.Random) -> tuple[str, str]:
