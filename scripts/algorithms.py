@@ -2,6 +2,8 @@
 write one comparison table (OpenFedLLM's "every FL algorithm beats local training").
 
     .venv/bin/python scripts/algorithms.py -c configs/algorithms.toml [--set key=value ...]
+    .venv/bin/python scripts/algorithms.py -c configs/algorithms.toml \
+        --only fedadagrad,fedyogi,fedadam --server-lr 1e-2 --set output_dir=runs/algorithms-lr
 
 Each algorithm's hyperparameters are set below, the rest comes from the config. Results go
 to <output_dir>/scores.md, scores.json and charts; each run to <output_dir>/<name>/.
@@ -31,8 +33,11 @@ ALGORITHMS: dict[str, dict[str, float | str]] = {
 LOCAL_CLIENTS = (0, 1, 8)  # the demo's Local models
 
 
-def algorithm_config(cfg: RunConfig, name: str, out_dir: Path) -> RunConfig:
-    strategy = replace(cfg.strategy, name=name, **ALGORITHMS[name])
+def algorithm_config(
+    cfg: RunConfig, name: str, out_dir: Path, server_lr: float | None = None
+) -> RunConfig:
+    settings = ALGORITHMS[name] | ({} if server_lr is None else {"server_lr": server_lr})
+    strategy = replace(cfg.strategy, name=name, **settings)
     return replace(cfg, strategy=strategy, output_dir=str(out_dir / name)).validate()
 
 
@@ -40,13 +45,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-c", "--config", type=Path, required=True)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument(
+        "--only", help="comma-separated algorithms to run, without the local models"
+    )
+    parser.add_argument("--server-lr", type=float, help="server_lr for every algorithm run")
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides)
     out_dir = Path(cfg.output_dir)
-    named: dict[str, RunConfig | None] = {
-        f"local-{k}": Contender(f"local:{k}").config(cfg, out_dir) for k in LOCAL_CLIENTS
-    }
-    named.update({name: algorithm_config(cfg, name, out_dir) for name in ALGORITHMS})
+    names = args.only.split(",") if args.only else list(ALGORITHMS)
+    unknown = sorted(set(names) - set(ALGORITHMS))
+    if unknown:
+        parser.error(f"--only: unknown algorithms {unknown}; known: {', '.join(ALGORITHMS)}")
+    named: dict[str, RunConfig | None] = {}
+    if not args.only:
+        named = {f"local-{k}": Contender(f"local:{k}").config(cfg, out_dir) for k in LOCAL_CLIENTS}
+    named |= {name: algorithm_config(cfg, name, out_dir, args.server_lr) for name in names}
     compare_configs(cfg, named, out_dir)
     console.print((out_dir / "scores.md").read_text())
 
