@@ -20,7 +20,7 @@ steps (wall - sum of step seconds) and its share, label and real (non-pad) token
 wall second, padding share of computed tokens, peak RSS, bytes written, held-out loss;
 ratios against the reference (wall, RSS) and fedit-off (held-out loss).
 
-    .venv/bin/python bench/w1.py                 # full W1, ~20 min on a quiet 2-core machine
+    .venv/bin/python bench/w1.py                 # full W1, ~40 min on a quiet 2-core machine
     .venv/bin/python bench/w1.py --quick         # smoke run: 1 round, 1 client, 1 step
     .venv/bin/python bench/w1.py --variants reference,fedit-all --rounds 2
 
