@@ -192,9 +192,10 @@ def _last_word(rng: random.Random) -> tuple[str, str]:
 def _last_word_wrong(record: Record, rng: random.Random) -> str:
     match = re.search(r"list: (.*)\?", record.instruction)
     words = match.group(1).split(", ") if match else list(WORDS)
+    word = record.response.strip("[]")
     if rng.random() < 0.5:  # the right word, bare
-        return record.response.strip("[]")
-    return f"[{_other(rng, words, record.response.strip('[]'))}]"
+        return word
+    return f"[{_other(rng, words, word)}]"
 
 
 def _capital(rng: random.Random) -> tuple[str, str]:
