@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 
 from fedit.config import ConfigError, load_config
+from fedit.data.prepare import load_heldout
 from fedit.data.synthetic import SKILL_NAMES
-from fedit.engine.compare import Contender, run_comparison
+from fedit.engine.compare import Contender, final_heldout_loss, run_comparison, score_model
 from tests.conftest import tiny_run_overrides
 
 
@@ -44,6 +45,12 @@ def test_comparison_writes_tables_charts_and_metrics(tiny_model_dir: Path, tmp_p
     assert (tmp_path / "cmp" / "fedit" / "round_0002" / "adapter_model.safetensors").is_file()
     again = run_comparison(cfg, ["fedit"], tmp_path / "cmp")
     assert again["fedit"]["loss"] == results["fedit"]["loss"]
+    # the loss reused from the run's last round is the one scoring would compute itself
+    fedit_cfg = Contender("fedit").config(cfg, tmp_path / "cmp")
+    fresh = score_model(fedit_cfg, tmp_path / "cmp" / "fedit" / "round_0002", load_heldout(cfg))
+    assert final_heldout_loss(fedit_cfg) is not None
+    assert fresh["loss"] == pytest.approx(results["fedit"]["loss"], rel=1e-5)
+    assert fresh["exact_match"] == results["fedit"]["exact_match"]
 
 
 @pytest.mark.parametrize("spec", ["fedavg", "local", "fedit:x", "centralized:3"])

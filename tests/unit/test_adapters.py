@@ -4,7 +4,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from fedit.config import LoraConfig, ModelConfig
+from fedit.config import ConfigError, LoraConfig, ModelConfig
 from fedit.models.adapters import (
     adapter_parameters,
     attach_lora,
@@ -57,6 +57,21 @@ def test_state_swap_round_trip_and_name_check(tiny_model_dir: Path) -> None:
     assert all(".q_proj." in k or ".v_proj." in k for k in state)
     with pytest.raises(KeyError, match="missing"):
         set_adapter_state(model, dict(list(state.items())[1:]))
+
+
+def test_last_layers_puts_lora_on_the_top_layers_only(tiny_model_dir: Path, tmp_path: Path) -> None:
+    cfg = ModelConfig(name_or_path=str(tiny_model_dir))
+    model = attach_lora(load_model(cfg), LoraConfig(r=2, alpha=4, last_layers=1), seed=0)
+    names = list(adapter_parameters(model))
+    assert names and all(".layers.1." in name for name in names)  # the tiny model has 2 layers
+    modules = {name.split(".lora_")[0].rsplit(".", 1)[-1] for name in names}
+    assert modules == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    # PEFT itself reloads it: layers_to_transform is in adapter_config.json
+    save_adapter(model, randomised_adapter(model, seed=2), tmp_path / "top")
+    reloaded = PeftModel.from_pretrained(load_model(cfg), str(tmp_path / "top"))
+    assert sorted(n for n, _ in reloaded.named_parameters() if ".lora_" in n) == sorted(names)
+    with pytest.raises(ConfigError, match="lora.last_layers: 3 is more than the model's 2"):
+        attach_lora(load_model(cfg), LoraConfig(last_layers=3), seed=0)
 
 
 def test_cpu_defaults_to_fp32() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from transformers import PreTrainedTokenizerFast
 
+from fedit.config import ConfigError, load_config
 from fedit.data.records import Record
 from fedit.data.templates import render_prompt
 from fedit.data.tokenize import IGNORE_INDEX, tokenize_prompt, tokenize_records
@@ -36,6 +37,24 @@ def test_alpaca_with_input(tokenizer: PreTrainedTokenizerFast) -> None:
 def test_chat_uses_tokenizer_template(tokenizer: PreTrainedTokenizerFast) -> None:
     prompt = render_prompt(Record("Hi", "Hello", context="ctx"), "chat", tokenizer)
     assert prompt == "<|im_start|>user\nHi\n\nctx<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_chat_system_prompt_is_put_first(tokenizer: PreTrainedTokenizerFast) -> None:
+    prompt = render_prompt(Record("Hi", "Hello"), "chat", tokenizer, system_prompt="")
+    assert prompt == (
+        "<|im_start|>system\n<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    )
+    (example,), _ = tokenize_records(
+        [Record("Hi", "Hello")], tokenizer, "chat", max_seq_len=1024, system_prompt="Be brief."
+    )
+    assert tokenizer.decode(example.input_ids).startswith("<|im_start|>system\nBe brief.")
+
+
+def test_system_prompt_needs_the_chat_template() -> None:
+    with pytest.raises(ConfigError, match="data.system_prompt"):
+        load_config(None, ["data.path=x.jsonl", 'data.system_prompt=""'])
+    cfg = load_config(None, ["data.path=x.jsonl", "data.template=chat", 'data.system_prompt=""'])
+    assert cfg.data.system_prompt == ""
 
 
 def test_unknown_template(tokenizer: PreTrainedTokenizerFast) -> None:

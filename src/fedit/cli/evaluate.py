@@ -39,7 +39,13 @@ def evaluate(
     cfg = resolve_config(config, set_, adapter)
     records = read_records(str(data), cfg.data.fields) if data else load_heldout(cfg)
     tokenizer, model = load_for_inference(cfg, adapter)
-    examples, _ = tokenize_records(records, tokenizer, cfg.data.template, cfg.data.max_seq_len)
+    examples, _ = tokenize_records(
+        records,
+        tokenizer,
+        cfg.data.template,
+        cfg.data.max_seq_len,
+        system_prompt=cfg.data.system_prompt,
+    )
     scores = heldout_loss(model, examples, tokenizer.pad_token_id, cfg.eval.batch_size)
     table = Table(title=f"held-out loss: {adapter or 'base model'}")
     for column in ("category", "loss", "perplexity", "tokens"):

@@ -51,7 +51,9 @@ def generate(
     cfg = resolve_config(config, set_, adapter)
     records = _prompt_records(prompt, prompts, cfg.data.fields)
     tokenizer, model = load_for_inference(cfg, adapter)
-    prompt_ids = [tokenize_prompt(r, tokenizer, cfg.data.template) for r in records]
+    prompt_ids = [
+        tokenize_prompt(r, tokenizer, cfg.data.template, cfg.data.system_prompt) for r in records
+    ]
     answers = generate_answers(
         model, tokenizer, prompt_ids, cfg.eval.max_new_tokens, cfg.eval.batch_size
     )

@@ -52,15 +52,24 @@ def _batch_ids(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[lis
 
 
 def tokenize_prompts(
-    records: Sequence[Record], tokenizer: PreTrainedTokenizerBase, template: str
+    records: Sequence[Record],
+    tokenizer: PreTrainedTokenizerBase,
+    template: str,
+    system_prompt: str | None = None,
 ) -> list[list[int]]:
     """Prompt ids for many records at once (the ids training and generation both use)."""
-    return _batch_ids(tokenizer, [render_prompt(r, template, tokenizer) for r in records])
+    texts = [render_prompt(r, template, tokenizer, system_prompt) for r in records]
+    return _batch_ids(tokenizer, texts)
 
 
-def tokenize_prompt(record: Record, tokenizer: PreTrainedTokenizerBase, template: str) -> list[int]:
+def tokenize_prompt(
+    record: Record,
+    tokenizer: PreTrainedTokenizerBase,
+    template: str,
+    system_prompt: str | None = None,
+) -> list[int]:
     """Prompt ids for one record, e.g. to generate its response."""
-    return tokenize_prompts([record], tokenizer, template)[0]
+    return tokenize_prompts([record], tokenizer, template, system_prompt)[0]
 
 
 def tokenize_records(
@@ -69,6 +78,7 @@ def tokenize_records(
     template: str,
     max_seq_len: int,
     train_on_prompt: bool = False,
+    system_prompt: str | None = None,
 ) -> tuple[list[TokenizedExample], TruncationReport]:
     """Tokenise records into training examples, truncating each to max_seq_len.
 
@@ -78,7 +88,7 @@ def tokenize_records(
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no eos_token_id; examples must end with one")
-    prompts = tokenize_prompts(records, tokenizer, template)
+    prompts = tokenize_prompts(records, tokenizer, template, system_prompt)
     responses = _batch_ids(tokenizer, [r.response for r in records])
     examples: list[TokenizedExample] = []
     truncated = dropped = 0

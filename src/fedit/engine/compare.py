@@ -60,31 +60,64 @@ def generation_metric(cfg: RunConfig) -> str:
     return "exact_match" if cfg.data.path == "synthetic" else "rouge_l"
 
 
-def score_model(cfg: RunConfig, adapter: Path | None, heldout: list[Record]) -> dict[str, dict]:
-    """Held-out loss and the generation score per category for one model."""
+def score_model(
+    cfg: RunConfig,
+    adapter: Path | None,
+    heldout: list[Record],
+    losses: dict[str, dict] | None = None,
+) -> dict[str, dict]:
+    """Held-out loss and the generation score per category for one model.
+
+    `losses` is the run's own held-out evaluation after its last round, when it has one
+    (``final_heldout_loss``): the same records and tokens, so it is not computed twice.
+    """
     tokenizer, model = load_for_inference(cfg, adapter)
-    examples, _ = tokenize_records(heldout, tokenizer, cfg.data.template, cfg.data.max_seq_len)
-    losses = heldout_loss(model, examples, tokenizer.pad_token_id, cfg.eval.batch_size)
-    prompts = tokenize_prompts(heldout, tokenizer, cfg.data.template)
+    if losses is None:
+        examples, _ = tokenize_records(
+            heldout,
+            tokenizer,
+            cfg.data.template,
+            cfg.data.max_seq_len,
+            system_prompt=cfg.data.system_prompt,
+        )
+        losses = heldout_loss(model, examples, tokenizer.pad_token_id, cfg.eval.batch_size)
+    loss = {c: v["loss"] for c, v in losses.items() if c != "overall"}
+    loss["mean"] = losses["overall"]["loss"]
+    scores: dict[str, dict] = {"loss": loss}
+    if cfg.data.preference_path:  # before merging: the reference is the adapter switched off
+        scores["preference_accuracy"] = preference_accuracy(cfg, model, tokenizer)
+    if isinstance(model, PeftModel):
+        # Greedy decoding needs no adapter switching: one matmul per layer instead of three.
+        model = model.merge_and_unload()
+    prompts = tokenize_prompts(heldout, tokenizer, cfg.data.template, cfg.data.system_prompt)
     answers = generate_answers(
         model, tokenizer, prompts, cfg.eval.max_new_tokens, cfg.eval.batch_size
     )
     references = [r.response for r in heldout]
     categories = [r.category for r in heldout]
     if generation_metric(cfg) == "exact_match":
-        generation = score_by_category(answers, references, categories)
+        scores[generation_metric(cfg)] = score_by_category(answers, references, categories)
     else:
-        generation = rouge_l_by_category(answers, references, categories)
-    loss = {c: v["loss"] for c, v in losses.items() if c != "overall"}
-    loss["mean"] = losses["overall"]["loss"]
-    samples = [
+        scores[generation_metric(cfg)] = rouge_l_by_category(answers, references, categories)
+    scores["samples"] = [
         {"instruction": r.instruction, "answer": a}
         for r, a in zip(heldout[:3], answers[:3], strict=True)
     ]
-    scores = {"loss": loss, generation_metric(cfg): generation, "samples": samples}
-    if cfg.data.preference_path:
-        scores["preference_accuracy"] = preference_accuracy(cfg, model, tokenizer)
     return scores
+
+
+def final_heldout_loss(run_cfg: RunConfig) -> dict[str, dict] | None:
+    """The held-out loss a finished run measured after its last round (metrics.jsonl), or
+    None if it has none there or counted prompt tokens (data.train_on_prompt), unlike
+    ``score_model``."""
+    metrics = Path(run_cfg.output_dir) / "metrics.jsonl"
+    if run_cfg.data.train_on_prompt or not metrics.is_file():
+        return None
+    lines = [line for line in metrics.read_text().splitlines() if line.strip()]
+    last = json.loads(lines[-1]) if lines else {}
+    if last.get("round") != run_cfg.federation.rounds:
+        return None
+    return last.get("heldout")
 
 
 def preference_accuracy(cfg: RunConfig, model, tokenizer) -> dict[str, float]:
@@ -128,8 +161,12 @@ def compare_configs(
     results: dict[str, dict] = {}
     for name, run_cfg in named.items():
         console.rule(f"[bold]{name}")
-        adapter = None if run_cfg is None else Simulation(run_cfg).run(resume=True)
-        results[name] = score_model(run_cfg or cfg, adapter, heldout)
+        if run_cfg is None:
+            results[name] = score_model(cfg, None, heldout)
+        else:
+            adapter = Simulation(run_cfg).run(resume=True)
+            losses = final_heldout_loss(run_cfg)
+            results[name] = score_model(run_cfg, adapter, heldout, losses)
         with metrics_file.open("a") as f:
             f.write(json.dumps({"model": name, **results[name]}) + "\n")
     write_report(cfg, results, out_dir)

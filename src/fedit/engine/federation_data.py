@@ -140,7 +140,9 @@ def tokenize_pairs_for(
     template = cfg.data.template
 
     def render(prompt: str) -> str:
-        return render_prompt(Record(instruction=prompt, response=""), template, tokenizer)
+        return render_prompt(
+            Record(instruction=prompt, response=""), template, tokenizer, cfg.data.system_prompt
+        )
 
     return tokenize_pairs(pairs, tokenizer, cfg.dpo.max_prompt_len, cfg.data.max_seq_len, render)
 
@@ -150,7 +152,12 @@ def _tokenize(
 ) -> tuple[list[TokenizedExample], TruncationReport]:
     data = cfg.data
     return tokenize_records(
-        records, tokenizer, data.template, data.max_seq_len, data.train_on_prompt
+        records,
+        tokenizer,
+        data.template,
+        data.max_seq_len,
+        data.train_on_prompt,
+        system_prompt=data.system_prompt,
     )
 
 

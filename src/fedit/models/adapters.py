@@ -7,6 +7,7 @@ round-tripping adapters through disk as the reference codes do.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -14,7 +15,7 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from transformers import PreTrainedModel
 
-from fedit.config import LoraConfig
+from fedit.config import ConfigError, LoraConfig
 from fedit.types import AdapterState
 
 
@@ -23,15 +24,38 @@ def attach_lora(model: PreTrainedModel, cfg: LoraConfig, seed: int) -> PeftModel
     targets: str | list[str] = (
         "all-linear" if cfg.target_modules == ["all-linear"] else list(cfg.target_modules)
     )
+    layers = None
+    if cfg.last_layers is not None:
+        num_layers = model.config.num_hidden_layers
+        if cfg.last_layers > num_layers:
+            raise ConfigError(
+                f"lora.last_layers: {cfg.last_layers} is more than the model's {num_layers} layers"
+            )
+        layers = list(range(num_layers - cfg.last_layers, num_layers))
+        if targets == "all-linear":  # PEFT takes layers_to_transform with named modules only
+            targets = decoder_linear_names(model)
     peft_config = PeftLoraConfig(
         task_type="CAUSAL_LM",
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
         target_modules=targets,
+        layers_to_transform=layers,
     )
     torch.manual_seed(seed)  # A's random init is part of the run's reproducibility
     return get_peft_model(model, peft_config)
+
+
+def decoder_linear_names(model: torch.nn.Module) -> list[str]:
+    """Leaf names of the Linear layers inside numbered decoder blocks (q_proj, ..., down_proj):
+    what "all-linear" means once the LM head is left out."""
+    return sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and re.search(r"\.\d+\.", name)
+        }
+    )
 
 
 def adapter_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
