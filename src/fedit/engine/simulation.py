@@ -61,7 +61,7 @@ from fedit.models.adapters import (
     set_base_residual,
 )
 from fedit.models.loading import load_model, load_tokenizer
-from fedit.seeding import derive_seed
+from fedit.seeding import Stream, derive_seed
 from fedit.server.selection import select_clients
 from fedit.server.strategies import build_strategy
 from fedit.types import ClientUpdate
@@ -199,7 +199,7 @@ class Simulation:
                     k,
                     train_cfg,
                     learning_rate=lr,
-                    seed=derive_seed(cfg.seed, r, k),
+                    seed=derive_seed(cfg.seed, Stream.CLIENT_DATA, r, k),
                     pad_id=self.pad_id,
                     hook=strategy.client_hook(k, global_state),
                     show_progress=self.show_progress,
