@@ -80,3 +80,31 @@ class CountingHook(ClientHook):
     def finish(self, params, num_steps, learning_rate):
         self.calls["finish"] += 1
         return {"seen": {"steps": torch.tensor(float(num_steps))}}
+
+
+class InfGradient(torch.autograd.Function):
+    """A zero loss term whose gradient is inf: a finite loss with non-finite gradients."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.shape = x.shape
+        return x.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return torch.full(ctx.shape, float("inf"))
+
+
+# A hook that spoils one optimizer step (give the trainer one micro-batch per step): its
+# loss is NaN ("nan_loss"), or its loss is finite and a gradient inf ("inf_gradient").
+class BadStep(ClientHook):
+    def __init__(self, kind: str, step: int = 2) -> None:
+        self.kind, self.step, self.calls = kind, step, 0
+
+    def loss_term(self, params):
+        self.calls += 1
+        if self.calls != self.step:
+            return None
+        if self.kind == "nan_loss":
+            return torch.tensor(float("nan"))
+        return InfGradient.apply(next(iter(params.values())))

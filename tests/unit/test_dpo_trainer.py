@@ -14,11 +14,12 @@ from fedit.client.dpo_trainer import (
     reference_logps,
     train_client_dpo,
 )
+from fedit.client.trainer import NonFiniteTrainingError
 from fedit.config import DPOConfig, LoraConfig, ModelConfig, TrainConfig
 from fedit.data.preferences import synthetic_pairs, tokenize_pairs
 from fedit.models.adapters import attach_lora, get_adapter_state, set_adapter_state
 from fedit.models.loading import load_model
-from tests.conftest import CountingHook
+from tests.conftest import BadStep, CountingHook
 
 CFG = TrainConfig(micro_batch_size=2, grad_accum_steps=2, max_steps=4, mixed_precision="off")
 
@@ -115,3 +116,11 @@ def test_same_seed_same_update(tiny_peft, pairs) -> None:
     again = train_client_dpo(tiny_peft, rows, CFG, DPOConfig(reference="round_start"), **kwargs)
     assert all(torch.equal(first.state[k], again.state[k]) for k in first.state)
     assert any(not torch.equal(first.state[k], start[k]) for k in start)
+
+
+def test_a_non_finite_dpo_loss_stops_the_client(tiny_peft, pairs) -> None:
+    rows, pad_id = pairs
+    cfg = TrainConfig(micro_batch_size=2, grad_accum_steps=1, max_steps=3, mixed_precision="off")
+    kwargs = dict(client_id=4, learning_rate=1e-2, seed=1, pad_id=pad_id)
+    with pytest.raises(NonFiniteTrainingError, match="client 4: non-finite loss at local step 2"):
+        train_client_dpo(tiny_peft, rows, cfg, DPOConfig(), hook=BadStep("nan_loss"), **kwargs)

@@ -142,10 +142,12 @@ def _accumulate(
     params: dict[str, torch.nn.Parameter],
     scaler: torch.amp.GradScaler,
     stats: DPOStats,
-) -> None:
-    """Forward and backward over one optimizer batch; loss is the mean over its pairs."""
+) -> Tensor:
+    """Forward and backward over one optimizer batch; loss is the mean over its pairs.
+    Returns the batch's loss as back-propagated (unscaled, detached)."""
     micro_batches = split_micro_batches(batch, lengths, cfg.micro_batch_size)
     device = next(iter(params.values())).device
+    batch_loss = torch.zeros((), device=device)
     for micro in micro_batches:
         inputs = _pair_batch(pairs, micro, pad_id, device)
         with autocast(model, cfg.mixed_precision):
@@ -166,6 +168,7 @@ def _accumulate(
         if extra is not None:
             loss = loss + extra / len(micro_batches)
         scaler.scale(loss).backward()
+        batch_loss += loss.detach()
         stats.loss_sum += float(out.loss.detach()) * n
         stats.correct += float(out.accuracy) * n
         stats.margin_sum += float(out.margin) * n
@@ -173,6 +176,7 @@ def _accumulate(
         stats.label_tokens += int(counts.sum())
         stats.real_tokens += int(inputs["attention_mask"].sum())
         stats.computed_tokens += inputs["input_ids"].numel()
+    return batch_loss
 
 
 def train_client_dpo(
@@ -208,12 +212,12 @@ def train_client_dpo(
     torch.manual_seed(seed)  # LoRA dropout draws from the global generator
     stats = DPOStats()
 
-    def accumulate(batch: list[int], scaler: torch.amp.GradScaler) -> None:
-        _accumulate(
+    def accumulate(batch: list[int], scaler: torch.amp.GradScaler) -> Tensor:
+        return _accumulate(
             model, pairs, batch, lengths, reference, cfg, dpo, pad_id, hook, params, scaler, stats
         )
 
-    stats.step_seconds = run_optimizer_steps(
+    run_optimizer_steps(
         model,
         batches,
         cfg,
@@ -221,6 +225,8 @@ def train_client_dpo(
         learning_rate=learning_rate,
         hook=hook,
         accumulate=accumulate,
+        client_id=client_id,
+        stats=stats,
         desc=f"client {client_id} (dpo)",
         show_progress=show_progress,
     )
@@ -241,6 +247,7 @@ def train_client_dpo(
             "real_tokens": stats.real_tokens,
             "computed_tokens": stats.computed_tokens,
             "steps": num_steps,
+            "skipped_steps": stats.skipped_steps,
             "step_seconds": stats.step_seconds,
             "reference_seconds": reference_seconds,
             "seconds": time.perf_counter() - started,

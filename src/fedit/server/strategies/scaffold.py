@@ -94,7 +94,9 @@ class Scaffold(Strategy):
     gradient. fedit therefore computes c_k⁺ as what option II equals under SGD, the mean
     raw gradient over the round's optimizer steps (before correction and clipping): the
     control variates stay estimates of gradients, as the paper intends, whatever the
-    optimizer. With SGD, no clipping and no weight decay it is exactly option II.
+    optimizer. With SGD, no clipping and no weight decay it is exactly option II. Steps
+    that fp16 loss scaling skips (non-finite gradients) never reach the hook, so they are
+    left out of the mean.
 
     Storage: c_k live in memory and are saved in ``state_dict`` ("c.<param>",
     "c_k.<id>.<param>", and the (N,) weights w_k as "client_weights", 0 for clients not
