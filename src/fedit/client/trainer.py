@@ -48,7 +48,11 @@ class NonFiniteTrainingError(ValueError):
 
     def __init__(self, client_id: int, step: int, what: str) -> None:
         self.client_id, self.step, self.what = client_id, step, what
-        super().__init__(f"client {client_id}: non-finite {what} at local step {step}")
+        super().__init__(f"client {client_id}: {self.reason}")
+
+    @property
+    def reason(self) -> str:
+        return f"non-finite {self.what} at local step {self.step}"
 
 
 @dataclass

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from fedit.client.dpo import preference_scores
 from fedit.client.dpo_trainer import pair_logps, train_client_dpo
 from fedit.client.precision import half_precision_frozen_weights
-from fedit.client.trainer import round_learning_rate, train_client
+from fedit.client.trainer import NonFiniteTrainingError, round_learning_rate, train_client
 from fedit.config import ConfigError, RunConfig, TrainConfig
 from fedit.data.preferences import TokenizedPair
 from fedit.engine.checkpoint import (
@@ -64,6 +64,7 @@ from fedit.models.loading import load_model, load_tokenizer
 from fedit.seeding import Stream, derive_seed
 from fedit.server.selection import select_clients
 from fedit.server.strategies import build_strategy
+from fedit.server.validation import AllUpdatesRejectedError, Rejection, reject_non_finite
 from fedit.types import ClientUpdate
 
 console = Console(stderr=True)
@@ -186,7 +187,7 @@ class Simulation:
         objective = round_objective(cfg, r)
         train_cfg = train_cfgs[objective]
         lr = round_learning_rate(train_cfg, r, fed.rounds)
-        updates = []
+        updates, rejected = [], []
         with half_precision_frozen_weights(
             model, train_cfg.mixed_precision, train_cfg.half_precision_frozen_weights
         ):  # one cast per round, shared by its clients
@@ -204,7 +205,14 @@ class Simulation:
                     hook=strategy.client_hook(k, global_state),
                     show_progress=self.show_progress,
                 )
-                updates.append(update)
+                if isinstance(update, Rejection):
+                    rejected.append(update)
+                else:
+                    updates.append(update)
+        updates, refused = reject_non_finite(updates)  # before any server state is touched
+        rejected += refused
+        if not updates:
+            raise AllUpdatesRejectedError(r + 1, rejected)
         global_state = strategy.aggregate(global_state, updates, r)
         new_residual = strategy.take_base_residual()
         if new_residual:
@@ -220,6 +228,8 @@ class Simulation:
             ],
             "strategy": strategy.metrics(),
         }
+        if rejected:
+            record["rejected"] = [rejection.as_record() for rejection in rejected]
         last = r + 1 == fed.rounds
         if last or (r + 1) % cfg.eval.every_rounds == 0:
             record.update(self._evaluate(model, data))
@@ -237,12 +247,18 @@ class Simulation:
 
     def _train_client(
         self, objective: str, model, data: FederationData, k: int, train_cfg, **kwargs: Any
-    ) -> ClientUpdate:
-        """Client k's local round on the round's objective: its records or its pairs."""
-        if objective == "dpo":
-            pairs = data.pair_clients[k]
-            return train_client_dpo(model, pairs, train_cfg, self.cfg.dpo, client_id=k, **kwargs)
-        return train_client(model, data.clients[k], train_cfg, client_id=k, **kwargs)
+    ) -> ClientUpdate | Rejection:
+        """Client k's local round on the round's objective: its records or its pairs; a
+        Rejection (left out of the aggregate) if its loss or gradients went non-finite."""
+        try:
+            if objective == "dpo":
+                pairs = data.pair_clients[k]
+                return train_client_dpo(
+                    model, pairs, train_cfg, self.cfg.dpo, client_id=k, **kwargs
+                )
+            return train_client(model, data.clients[k], train_cfg, client_id=k, **kwargs)
+        except NonFiniteTrainingError as err:
+            return Rejection(k, err.reason)
 
     def _evaluate(self, model, data: FederationData) -> dict[str, Any]:
         """Held-out loss and preference scores per category, and how long they took (kept
