@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from fedit.config import RunConfig, load_config
 from fedit.engine.simulation import Simulation
 from fedit.server.strategies import STRATEGIES
+from fedit.server.strategies.fedavgm import FedAvgM
 from tests.conftest import tiny_run_overrides
 
 
@@ -141,3 +142,59 @@ def test_dpo_resume_gives_identical_final_adapter(tiny_model_dir: Path, tmp_path
     Simulation(resumed, show_progress=False).run(resume=True)
     final, expected = adapter(tmp_path / "b", 2), adapter(tmp_path / "a", 2)
     assert all(torch.equal(final[k], expected[k]) for k in expected)
+
+
+def sft_then_dpo(model_dir: Path, output_dir: Path, **extra: object) -> RunConfig:
+    """Two SFT rounds then one DPO round over 3 clients, all sampled each round."""
+    values = {
+        "data.path": "synthetic",
+        "data.max_seq_len": 384,
+        "train.objective": "sft_then_dpo",
+        "dpo.sft_rounds": 2,
+        "eval.at_start": False,
+        "train.max_steps": 2,
+        **extra,
+    }
+    return dpo_config(model_dir, output_dir, **values)
+
+
+def test_server_state_starts_fresh_when_dpo_takes_over(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    # Prepare: record the server state each aggregate starts from
+    seen: list[dict[str, torch.Tensor]] = []
+    original = FedAvgM.aggregate
+
+    def aggregate(self, global_state, updates, round_index):
+        seen.append(self.state_dict())
+        return original(self, global_state, updates, round_index)
+
+    monkeypatch.setattr(FedAvgM, "aggregate", aggregate)
+
+    # Execute
+    run(sft_then_dpo(tiny_model_dir, tmp_path / "run", **{"strategy.name": "fedavgm"}))
+
+    # Assert: round 2 (SFT) steps with round 1's momentum; round 3, the first DPO round,
+    # starts from none: SFT momentum does not push the DPO rounds
+    assert len(seen) == 3
+    assert seen[0] == {} and seen[1] != {}
+    assert seen[2] == {}
+
+
+def test_resume_across_the_switch_is_bit_exact(tiny_model_dir: Path, tmp_path: Path) -> None:
+    extra = {"strategy.name": "scaffold"}
+    run(sft_then_dpo(tiny_model_dir, tmp_path / "a", **extra))
+    resumed = sft_then_dpo(tiny_model_dir, tmp_path / "b", **extra)
+    run(resumed)
+    expected_state = load_file(str(tmp_path / "a" / "round_0003" / "server_state.safetensors"))
+    # crash during round 3 (after the switch's reset was due) and during round 3 with round 2
+    # lost as well (resume from the last SFT round, right at the switch)
+    for lost in (["round_0003"], ["round_0003", "round_0002"]):
+        for name in lost:
+            shutil.rmtree(tmp_path / "b" / name)
+        Simulation(resumed, show_progress=False).run(resume=True)
+        final, expected = adapter(tmp_path / "b", 3), adapter(tmp_path / "a", 3)
+        assert all(torch.equal(final[k], expected[k]) for k in expected), lost
+        state = load_file(str(tmp_path / "b" / "round_0003" / "server_state.safetensors"))
+        assert state.keys() == expected_state.keys()
+        assert all(torch.equal(state[k], expected_state[k]) for k in state), lost

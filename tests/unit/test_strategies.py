@@ -484,3 +484,26 @@ def test_scaffold_converges_to_the_optimum_of_its_weighting() -> None:
     # Σ_k p_k ∇f_k(x) = 0: x = 0.1*0 + 0.9*10 = 9 by examples, (0 + 10)/2 = 5 uniform
     assert scaffold_on_quadratics("examples") == pytest.approx(9.0, abs=1e-4)
     assert scaffold_on_quadratics("uniform") == pytest.approx(5.0, abs=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_reset_makes_the_strategy_as_new(name: str, tmp_path: Path) -> None:
+    # Prepare: two rounds of server state (SCAFFOLD's c_k spilled to disk: 65 clients)
+    options = {"server_lr": 0.1, "prox_mu": 0.1}
+    used, fresh = build(name, 65, **options), build(name, 65, **options)
+    used.set_storage_dir(tmp_path / "used")
+    fresh.set_storage_dir(tmp_path / "fresh")
+    x = start_state()
+    for r in range(2):
+        x = used.aggregate(x, random_round(x, r), r)
+
+    # Execute
+    used.reset()
+
+    # Assert: the same state and the same next step as a strategy that never ran
+    assert used.state_dict().keys() == fresh.state_dict().keys()
+    assert all(torch.equal(t, fresh.state_dict()[k]) for k, t in used.state_dict().items())
+    assert not list((tmp_path / "used").glob("*"))
+    expected = fresh.aggregate(x, random_round(x, 2), 2)
+    got = used.aggregate(x, random_round(x, 2), 2)
+    assert all(torch.equal(expected[key], got[key]) for key in expected)

@@ -185,6 +185,8 @@ class Simulation:
         if fed.mode != "federated":
             chosen = [0]
         objective = round_objective(cfg, r)
+        if r > 0 and objective != round_objective(cfg, r - 1):
+            strategy.reset()  # DPO starts from fresh server state (see Strategy.reset)
         train_cfg = train_cfgs[objective]
         lr = round_learning_rate(train_cfg, r, fed.rounds)
         updates, rejected = [], []

@@ -135,6 +135,12 @@ class Scaffold(Strategy):
         else:
             save_file(c_k, _c_k_file(self._storage_dir, client_id))
 
+    def reset(self) -> None:
+        super().reset()
+        if self._storage_dir is not None:
+            for file in self._storage_dir.glob("c_*.safetensors"):  # see _c_k_file
+                file.unlink()
+
     def client_hook(self, client_id: int, global_state: AdapterState) -> ClientHook:
         return ScaffoldHook(self._c or zeros_like(global_state), self._get(client_id, global_state))
 
