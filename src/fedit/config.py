@@ -365,7 +365,26 @@ class RunConfig:
             f"must be <= partition.num_clients ({self.partition.num_clients})",
         )
         self._validate_objective()
+        self._validate_exact_aggregation()
         return self
+
+    def _validate_exact_aggregation(self) -> None:
+        """Exact LoRA aggregation folds small residuals into the base weights: they must be
+        stored in full precision (see fedit.server.lora_aggregation)."""
+        if self.strategy.lora_aggregation != "exact":
+            return
+        _require(
+            self.model.load_in_bits is None,
+            "model.load_in_bits",
+            "cannot be used with strategy.lora_aggregation = 'exact' (quantised base weights "
+            "cannot hold the residual); unset it or use lora_aggregation = 'separate'",
+        )
+        _require(
+            self.model.dtype not in ("bfloat16", "float16"),
+            "model.dtype",
+            f"{self.model.dtype} would round away the residual that strategy.lora_aggregation "
+            "= 'exact' folds into the base weights; set model.dtype = \"float32\"",
+        )
 
     def _validate_objective(self) -> None:
         """Which data each objective needs, and the DPO limits that depend on other sections."""

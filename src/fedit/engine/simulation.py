@@ -57,6 +57,7 @@ from fedit.models.adapters import (
     attach_lora,
     get_adapter_state,
     lora_scaling,
+    require_full_precision_base,
     set_adapter_state,
     set_base_residual,
 )
@@ -99,6 +100,8 @@ class Simulation:
         self._describe(data)
         train_cfgs = self._train_configs(data)
         model = attach_lora(load_model(cfg.model), cfg.lora, cfg.seed)
+        if cfg.strategy.lora_aggregation == "exact":  # "auto" may have resolved to half
+            require_full_precision_base(model)
         strategy = build_strategy(cfg.strategy, data.num_clients)
         strategy.lora_scaling = lora_scaling(cfg.lora)
         strategy.set_storage_dir(self.output_dir / "client_state")
