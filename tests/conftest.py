@@ -108,3 +108,13 @@ class BadStep(ClientHook):
         if self.kind == "nan_loss":
             return torch.tensor(float("nan"))
         return InfGradient.apply(next(iter(params.values())))
+
+
+# Keeps a copy of the first step's gradients (before clipping and AdamW).
+class GradientRecorder(ClientHook):
+    def __init__(self) -> None:
+        self.first: dict[str, torch.Tensor] = {}
+
+    def adjust_gradients(self, params) -> None:
+        if not self.first:
+            self.first = {name: p.grad.clone() for name, p in params.items()}

@@ -144,8 +144,10 @@ class TrainConfig:
 
     micro_batch_size: int = 4
     grad_accum_steps: int = 2  # optimizer batch = micro_batch_size * grad_accum_steps
-    # SFT: split micro-batches further so no forward exceeds this many padded tokens (bounds
-    # peak activation memory on long records; same gradient). None: micro_batch_size only.
+    # split micro-batches further so no training forward exceeds this many padded tokens
+    # (bounds peak activation memory on long records; a DPO pair counts both its sequences,
+    # which stay in one forward). Same gradient only with lora.dropout = 0: dropout masks are
+    # drawn per forward. None: micro_batch_size only.
     max_tokens_per_forward: int | None = None
     local_epochs: float = 1.0
     max_steps: int | None = None  # optimizer steps per client per round; overrides local_epochs

@@ -22,7 +22,7 @@ from fedit.models.adapters import attach_lora, get_adapter_state, set_adapter_st
 from fedit.models.loading import load_model
 from fedit.server.aggregation import zeros_like
 from fedit.server.strategies.scaffold import ScaffoldHook
-from tests.conftest import BadStep, CountingHook
+from tests.conftest import BadStep, CountingHook, GradientRecorder
 
 
 @pytest.fixture
@@ -132,17 +132,6 @@ def test_half_precision_frozen_weights_cast_frozen_linears_only(tiny_peft) -> No
     with pytest.raises(RuntimeError), half_precision_frozen_weights(tiny_peft, "bf16"):
         raise RuntimeError("a failing round")
     assert all(p.dtype == torch.float32 for p in tiny_peft.parameters())
-
-
-class GradientRecorder(ClientHook):
-    """Keeps a copy of the first step's gradients (before clipping and AdamW)."""
-
-    def __init__(self) -> None:
-        self.first: dict[str, torch.Tensor] = {}
-
-    def adjust_gradients(self, params) -> None:
-        if not self.first:
-            self.first = {name: p.grad.clone() for name, p in params.items()}
 
 
 def test_token_cap_per_forward_keeps_the_gradient(tiny_peft, examples) -> None:

@@ -145,7 +145,9 @@ def _accumulate(
 ) -> Tensor:
     """Forward and backward over one optimizer batch; loss is the mean over its pairs.
     Returns the batch's loss as back-propagated (unscaled, detached)."""
-    micro_batches = split_micro_batches(batch, lengths, cfg.micro_batch_size)
+    micro_batches = split_micro_batches(
+        batch, lengths, cfg.micro_batch_size, cfg.max_tokens_per_forward, rows_per_item=2
+    )
     device = next(iter(params.values())).device
     batch_loss = torch.zeros((), device=device)
     for micro in micro_batches:
