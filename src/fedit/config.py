@@ -18,7 +18,7 @@ EMBEDDED_MODEL = "embedded"  # the SmolLM2-135M-Instruct GGUF shipped by `llm-sm
 OBJECTIVES = ("sft", "dpo", "sft_then_dpo")
 PREFERENCE_FORMATS = ("auto", "plain", "hh", "ultrafeedback")  # see fedit.data.preferences
 DPO_LOSS_TYPES = ("sigmoid", "ipo")  # see fedit.client.dpo
-DPO_REFERENCES = ("base", "round_start")
+DPO_REFERENCES = ("base", "round_start", "sft")
 
 
 class ConfigError(ValueError):
@@ -209,13 +209,23 @@ class TrainConfig:
 
 @dataclass
 class DPOConfig:
-    """Direct preference optimisation (train.objective = dpo | sft_then_dpo), fedit.client.dpo."""
+    """Direct preference optimisation (train.objective = dpo | sft_then_dpo), fedit.client.dpo.
+
+    The reference π_ref (``reference``; none needs a second model in memory):
+    "base" is W0, the base model before federation (adapter disabled and, with exact LoRA
+    aggregation, without the residuals folded in later): the same π_ref as the held-out
+    preference scores. "sft" is the DPO paper's π_SFT: the global model at the end of the
+    SFT rounds (the round ``sft_rounds`` checkpoint, residual included), fixed for every DPO
+    round; with train.objective = "dpo" it is the starting model, i.e. W0. "round_start" is
+    the global model as the client received it this round, so it moves every round. "base"
+    and "sft" are computed once per run for every client's pairs (memory: 2 floats a pair).
+    """
 
     beta: float = 0.1  # strength of the pull towards the reference (larger: stay closer)
     label_smoothing: float = 0.0  # conservative DPO: assumed share of flipped labels (sigmoid)
     loss_type: str = "sigmoid"  # sigmoid (DPO) | ipo (both on summed response log-probs)
-    # base: the base model with the adapter disabled (no second model in memory);
-    # round_start: the global adapter as the client received it this round
+    # base: W0, the model before federation; sft: the global model after the SFT rounds
+    # (the DPO paper's reference); round_start: the global adapter as the client received it
     reference: str = "base"
     max_prompt_len: int = 128  # prompt tokens kept (the end); data.max_seq_len is the total
     sft_rounds: int = 0  # sft_then_dpo: the first sft_rounds rounds train SFT on data.path

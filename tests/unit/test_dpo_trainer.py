@@ -155,3 +155,19 @@ def test_token_cap_per_forward_keeps_the_dpo_gradient(tiny_peft, pairs) -> None:
     assert tokens[1] < tokens[0]  # the cap split the batch (and cut its padding)
     for name, grad in recorders[0].first.items():
         assert torch.allclose(grad, recorders[1].first[name], rtol=1e-4, atol=1e-7), name
+
+
+def test_a_given_reference_is_used_and_sft_needs_one(tiny_peft, pairs) -> None:
+    rows, pad_id = pairs
+    kwargs = dict(client_id=0, learning_rate=1e-2, seed=5, pad_id=pad_id)
+    with pytest.raises(ValueError, match="'sft' needs the SFT-end model's log-probs"):
+        train_client_dpo(tiny_peft, rows, CFG, DPOConfig(reference="sft"), **kwargs)
+    with pytest.raises(ValueError, match="does not match"):
+        train_client_dpo(tiny_peft, rows, CFG, DPOConfig(), reference=torch.zeros(2, 2), **kwargs)
+    # the base reference handed in gives the same round as the one computed inside
+    start = get_adapter_state(tiny_peft)
+    inside = train_client_dpo(tiny_peft, rows, CFG, DPOConfig(reference="base"), **kwargs)
+    set_adapter_state(tiny_peft, start)
+    base = reference_logps(tiny_peft, rows, range(len(rows)), CFG, DPOConfig(), pad_id)
+    given = train_client_dpo(tiny_peft, rows, CFG, DPOConfig(), reference=base, **kwargs)
+    assert all(torch.allclose(inside.state[k], given.state[k], atol=1e-6) for k in start)

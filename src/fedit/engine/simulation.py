@@ -18,7 +18,7 @@ The objective is chosen per round (``train.objective``): SFT rounds run
 ``fedit.client.dpo_trainer.train_client_dpo`` on their preference pairs, and
 ``sft_then_dpo`` switches after ``dpo.sft_rounds``. Strategies see adapters only, so every
 one of them serves both. Held-out preference accuracy and margin (reward
-β·(log π − log π_ref), π_ref the base model) are reported beside the held-out loss.
+β·(log π − log π_ref), π_ref the base model W0) are reported beside the held-out loss.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from rich.console import Console
 from tqdm.auto import tqdm
 
 from fedit.client.dpo import preference_scores
-from fedit.client.dpo_trainer import pair_logps, train_client_dpo
+from fedit.client.dpo_trainer import pair_logps, reference_logps, train_client_dpo
 from fedit.client.precision import half_precision_frozen_weights
 from fedit.client.trainer import NonFiniteTrainingError, round_learning_rate, train_client
 from fedit.config import ConfigError, RunConfig, TrainConfig
@@ -80,6 +80,7 @@ class Simulation:
         self.show_progress = show_progress
         self.heldout_reference: torch.Tensor | None = None  # base log-probs of held-out pairs
         self.base_originals: dict[str, torch.Tensor] = {}  # W0 of weights with a residual
+        self.client_references: list[torch.Tensor] | None = None  # fixed DPO π_ref, per client
 
     def run(self, resume: bool = False) -> Path:
         """Train all rounds (continuing after the last checkpoint with `resume`)."""
@@ -107,6 +108,7 @@ class Simulation:
         strategy.set_storage_dir(self.output_dir / "client_state")
         # Before _restore folds any exact-aggregation residual into the base: π_ref = W0.
         self.heldout_reference = self._base_logps(model, data.heldout_pairs)
+        self.client_references = self._run_references(model, data, train_cfgs)
         start, global_state, residual = self._restore(model, strategy, done)
         self._trim_metrics(start)
         if start == 0 and cfg.eval.at_start:
@@ -188,9 +190,8 @@ class Simulation:
         if fed.mode != "federated":
             chosen = [0]
         objective = round_objective(cfg, r)
-        if r > 0 and objective != round_objective(cfg, r - 1):
-            strategy.reset()  # DPO starts from fresh server state (see Strategy.reset)
         train_cfg = train_cfgs[objective]
+        self._prepare_round(r, strategy, model, data, train_cfg, global_state, residual)
         lr = round_learning_rate(train_cfg, r, fed.rounds)
         updates, rejected = [], []
         with half_precision_frozen_weights(
@@ -257,13 +258,68 @@ class Simulation:
         Rejection (left out of the aggregate) if its loss or gradients went non-finite."""
         try:
             if objective == "dpo":
-                pairs = data.pair_clients[k]
+                pairs, references = data.pair_clients[k], self.client_references
+                reference = None if references is None else references[k]
                 return train_client_dpo(
-                    model, pairs, train_cfg, self.cfg.dpo, client_id=k, **kwargs
+                    model,
+                    pairs,
+                    train_cfg,
+                    self.cfg.dpo,
+                    client_id=k,
+                    reference=reference,
+                    **kwargs,
                 )
             return train_client(model, data.clients[k], train_cfg, client_id=k, **kwargs)
         except NonFiniteTrainingError as err:
             return Rejection(k, err.reason)
+
+    def _prepare_round(self, r, strategy, model, data, train_cfg, global_state, residual) -> None:
+        """What round r needs before its clients train: fresh server state where the
+        objective changes (sft_then_dpo's first DPO round, see Strategy.reset; also when a
+        run resumes there), and the "sft" DPO reference once the SFT rounds are done."""
+        objective = round_objective(self.cfg, r)
+        if r > 0 and objective != round_objective(self.cfg, r - 1):
+            strategy.reset()
+        sft_reference = self.cfg.dpo.reference == "sft"
+        if objective == "dpo" and sft_reference and self.client_references is None:
+            self.client_references = self._sft_references(
+                model, data, r, train_cfg, global_state, residual
+            )
+
+    def _run_references(self, model, data: FederationData, train_cfgs) -> list | None:
+        """DPO π_ref log-probs of every client's pairs that are fixed from the start: "base"
+        (W0: computed before any exact-aggregation residual is folded in, as the held-out
+        reference is) and "sft" in a pure DPO run (its starting model, B = 0, also W0)."""
+        dpo = self.cfg.dpo
+        fixed = dpo.reference == "base" or (dpo.reference == "sft" and dpo.sft_rounds == 0)
+        if self.cfg.train.objective == "sft" or not fixed:
+            return None
+        return self._client_logps(model, data, train_cfgs["dpo"])
+
+    def _sft_references(self, model, data, r, train_cfg, global_state, residual) -> list:
+        """The "sft" π_ref: each client's log-probs under the global model after the SFT
+        rounds. In round sft_rounds the model holds it; a run resumed later loads that
+        round's checkpoint (adapter and residual) for the pass, then restores the present."""
+        sft_end = self.cfg.dpo.sft_rounds
+        if r == sft_end:
+            set_adapter_state(model, global_state)
+            return self._client_logps(model, data, train_cfg)
+        checkpoint = load_checkpoint(model, round_dir(self.output_dir, sft_end), sft_end)
+        set_base_residual(model, self.base_originals, checkpoint.base_residual)
+        try:
+            return self._client_logps(model, data, train_cfg)
+        finally:
+            set_base_residual(model, self.base_originals, residual)
+            set_adapter_state(model, global_state)
+
+    def _client_logps(self, model, data: FederationData, train_cfg) -> list[torch.Tensor]:
+        """(N_k, 2) reference log-probs of each client's pairs under `model` as it is (or
+        with its adapter disabled for "base"), at the training precision."""
+        dpo, pad_id = self.cfg.dpo, self.pad_id
+        return [
+            reference_logps(model, pairs, range(len(pairs)), train_cfg, dpo, pad_id)
+            for pairs in data.pair_clients
+        ]
 
     def _evaluate(self, model, data: FederationData) -> dict[str, Any]:
         """Held-out loss and preference scores per category, and how long they took (kept
