@@ -37,7 +37,7 @@ from fedit.data.readers import read_records
 from fedit.data.tokenize import tokenize_records
 from fedit.eval.loss import heldout_loss
 from fedit.models.loading import load_model, load_tokenizer
-from fedit.seeding import derive_seed
+from fedit.seeding import Stream, derive_seed
 from fedit.server.selection import select_clients
 
 W1_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "w1"
@@ -119,7 +119,12 @@ def run(args: argparse.Namespace) -> dict:
             load_adapter(model, global_state)
             steps = args.steps or math.ceil(len(clients[k]) / BATCH)
             train_client(
-                model, clients[k], steps, derive_seed(SEED, r, k), tokenizer.pad_token_id, stats
+                model,
+                clients[k],
+                steps,
+                derive_seed(SEED, Stream.CLIENT_DATA, r, k),
+                tokenizer.pad_token_id,
+                stats,
             )
             states.append(adapter_state(model))
             weights.append(len(clients[k]))

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
 from fedit.client.hooks import ClientHook
-from fedit.config import RunConfig, load_config
+from fedit.config import RunConfig, TrainConfig, load_config
 from fedit.models.tiny import make_tiny_model
+from fedit.types import ClientUpdate
 
 # Tiny models gain nothing from a second thread, and one thread keeps the suite from
 # oversubscribing the cores when anything else runs beside it.
@@ -80,3 +82,64 @@ class CountingHook(ClientHook):
     def finish(self, params, num_steps, learning_rate):
         self.calls["finish"] += 1
         return {"seen": {"steps": torch.tensor(float(num_steps))}}
+
+
+class InfGradient(torch.autograd.Function):
+    """A zero loss term whose gradient is inf: a finite loss with non-finite gradients."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.shape = x.shape
+        return x.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return torch.full(ctx.shape, float("inf"))
+
+
+# A hook that spoils one optimizer step (give the trainer one micro-batch per step): its
+# loss is NaN ("nan_loss"), or its loss is finite and a gradient inf ("inf_gradient").
+class BadStep(ClientHook):
+    def __init__(self, kind: str, step: int = 2) -> None:
+        self.kind, self.step, self.calls = kind, step, 0
+
+    def loss_term(self, params):
+        self.calls += 1
+        if self.calls != self.step:
+            return None
+        if self.kind == "nan_loss":
+            return torch.tensor(float("nan"))
+        return InfGradient.apply(next(iter(params.values())))
+
+
+# Keeps a copy of the first step's gradients (before clipping and AdamW).
+class GradientRecorder(ClientHook):
+    def __init__(self) -> None:
+        self.first: dict[str, torch.Tensor] = {}
+
+    def adjust_gradients(self, params) -> None:
+        if not self.first:
+            self.first = {name: p.grad.clone() for name, p in params.items()}
+
+
+def check_token_cap_keeps_the_gradient(
+    train: Callable[[TrainConfig, ClientHook], ClientUpdate], cap: int
+) -> None:
+    """One step of `train(cfg, hook)` without and with train.max_tokens_per_forward = cap
+    (fp32: bf16 rounding would depend on the padded width): the cap must split the batch,
+    and the first gradients must agree."""
+    recorders, tokens = [], []
+    for max_tokens in (None, cap):
+        cfg = TrainConfig(
+            micro_batch_size=8,
+            grad_accum_steps=1,
+            max_steps=1,
+            max_tokens_per_forward=max_tokens,
+            mixed_precision="off",
+        )
+        recorder = GradientRecorder()
+        tokens.append(train(cfg, recorder).metrics["computed_tokens"])
+        recorders.append(recorder)
+    assert tokens[1] < tokens[0]  # the cap split the batch (and cut its padding)
+    for name, grad in recorders[0].first.items():
+        assert torch.allclose(grad, recorders[1].first[name], rtol=1e-4, atol=1e-7), name

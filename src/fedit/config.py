@@ -18,7 +18,7 @@ EMBEDDED_MODEL = "embedded"  # the SmolLM2-135M-Instruct GGUF shipped by `llm-sm
 OBJECTIVES = ("sft", "dpo", "sft_then_dpo")
 PREFERENCE_FORMATS = ("auto", "plain", "hh", "ultrafeedback")  # see fedit.data.preferences
 DPO_LOSS_TYPES = ("sigmoid", "ipo")  # see fedit.client.dpo
-DPO_REFERENCES = ("base", "round_start")
+DPO_REFERENCES = ("base", "round_start", "sft")
 
 
 class ConfigError(ValueError):
@@ -158,8 +158,10 @@ class TrainConfig:
 
     micro_batch_size: int = 4
     grad_accum_steps: int = 2  # optimizer batch = micro_batch_size * grad_accum_steps
-    # SFT: split micro-batches further so no forward exceeds this many padded tokens (bounds
-    # peak activation memory on long records; same gradient). None: micro_batch_size only.
+    # split micro-batches further so no training forward exceeds this many padded tokens
+    # (bounds peak activation memory on long records; a DPO pair counts both its sequences,
+    # which stay in one forward). Same gradient only with lora.dropout = 0: dropout masks are
+    # drawn per forward. None: micro_batch_size only.
     max_tokens_per_forward: int | None = None
     local_epochs: float = 1.0
     max_steps: int | None = None  # optimizer steps per client per round; overrides local_epochs
@@ -221,13 +223,23 @@ class TrainConfig:
 
 @dataclass
 class DPOConfig:
-    """Direct preference optimisation (train.objective = dpo | sft_then_dpo), fedit.client.dpo."""
+    """Direct preference optimisation (train.objective = dpo | sft_then_dpo), fedit.client.dpo.
+
+    The reference π_ref (``reference``; none needs a second model in memory):
+    "base" is W0, the base model before federation (adapter disabled and, with exact LoRA
+    aggregation, without the residuals folded in later): the same π_ref as the held-out
+    preference scores. "sft" is the DPO paper's π_SFT: the global model at the end of the
+    SFT rounds (the round ``sft_rounds`` checkpoint, residual included), fixed for every DPO
+    round; with train.objective = "dpo" it is the starting model, i.e. W0. "round_start" is
+    the global model as the client received it this round, so it moves every round. "base"
+    and "sft" are computed once per run for every client's pairs (memory: 2 floats a pair).
+    """
 
     beta: float = 0.1  # strength of the pull towards the reference (larger: stay closer)
     label_smoothing: float = 0.0  # conservative DPO: assumed share of flipped labels (sigmoid)
     loss_type: str = "sigmoid"  # sigmoid (DPO) | ipo (both on summed response log-probs)
-    # base: the base model with the adapter disabled (no second model in memory);
-    # round_start: the global adapter as the client received it this round
+    # base: W0, the model before federation; sft: the global model after the SFT rounds
+    # (the DPO paper's reference); round_start: the global adapter as the client received it
     reference: str = "base"
     max_prompt_len: int = 128  # prompt tokens kept (the end); data.max_seq_len is the total
     sft_rounds: int = 0  # sft_then_dpo: the first sft_rounds rounds train SFT on data.path
@@ -379,7 +391,26 @@ class RunConfig:
             f"must be <= partition.num_clients ({self.partition.num_clients})",
         )
         self._validate_objective()
+        self._validate_exact_aggregation()
         return self
+
+    def _validate_exact_aggregation(self) -> None:
+        """Exact LoRA aggregation folds small residuals into the base weights: they must be
+        stored in full precision (see fedit.server.lora_aggregation)."""
+        if self.strategy.lora_aggregation != "exact":
+            return
+        _require(
+            self.model.load_in_bits is None,
+            "model.load_in_bits",
+            "cannot be used with strategy.lora_aggregation = 'exact' (quantised base weights "
+            "cannot hold the residual); unset it or use lora_aggregation = 'separate'",
+        )
+        _require(
+            self.model.dtype not in ("bfloat16", "float16"),
+            "model.dtype",
+            f"{self.model.dtype} would round away the residual that strategy.lora_aggregation "
+            "= 'exact' folds into the base weights; set model.dtype = \"float32\"",
+        )
 
     def _validate_objective(self) -> None:
         """Which data each objective needs, and the DPO limits that depend on other sections."""

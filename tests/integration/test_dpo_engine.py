@@ -8,10 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoTokenizer
 
-from fedit.config import RunConfig, load_config
+from fedit.client import dpo_trainer
+from fedit.client.dpo_trainer import pair_logps
+from fedit.config import ModelConfig, RunConfig, load_config
 from fedit.engine.simulation import Simulation
+from fedit.models.adapters import load_saved_adapter
+from fedit.models.loading import load_model
 from fedit.server.strategies import STRATEGIES
+from fedit.server.strategies.fedavgm import FedAvgM
 from tests.conftest import tiny_run_overrides
 
 
@@ -141,3 +147,123 @@ def test_dpo_resume_gives_identical_final_adapter(tiny_model_dir: Path, tmp_path
     Simulation(resumed, show_progress=False).run(resume=True)
     final, expected = adapter(tmp_path / "b", 2), adapter(tmp_path / "a", 2)
     assert all(torch.equal(final[k], expected[k]) for k in expected)
+
+
+def sft_then_dpo(model_dir: Path, output_dir: Path, **extra: object) -> RunConfig:
+    """Two SFT rounds then one DPO round over 3 clients, all sampled each round."""
+    values = {
+        "data.path": "synthetic",
+        "data.max_seq_len": 384,
+        "train.objective": "sft_then_dpo",
+        "dpo.sft_rounds": 2,
+        "eval.at_start": False,
+        "train.max_steps": 2,
+        **extra,
+    }
+    return dpo_config(model_dir, output_dir, **values)
+
+
+def test_server_state_starts_fresh_when_dpo_takes_over(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    # Prepare: record the server state each aggregate starts from
+    seen: list[dict[str, torch.Tensor]] = []
+    original = FedAvgM.aggregate
+
+    def aggregate(self, global_state, updates, round_index):
+        seen.append(self.state_dict())
+        return original(self, global_state, updates, round_index)
+
+    monkeypatch.setattr(FedAvgM, "aggregate", aggregate)
+
+    # Execute
+    run(sft_then_dpo(tiny_model_dir, tmp_path / "run", **{"strategy.name": "fedavgm"}))
+
+    # Assert: round 2 (SFT) steps with round 1's momentum; round 3, the first DPO round,
+    # starts from none: SFT momentum does not push the DPO rounds
+    assert len(seen) == 3
+    assert seen[0] == {} and seen[1] != {}
+    assert seen[2] == {}
+
+
+def test_resume_across_the_switch_is_bit_exact(tiny_model_dir: Path, tmp_path: Path) -> None:
+    # SCAFFOLD's state is reset at the switch; the "sft" reference (with the exact-mode
+    # residual) is the round-2 model, reloaded from its checkpoint by a later resume
+    extra = {
+        "strategy.name": "scaffold",
+        "strategy.lora_aggregation": "exact",
+        "dpo.reference": "sft",
+        "federation.rounds": 4,
+    }
+    run(sft_then_dpo(tiny_model_dir, tmp_path / "a", **extra))
+    resumed = sft_then_dpo(tiny_model_dir, tmp_path / "b", **extra)
+    run(resumed)
+    expected_state = load_file(str(tmp_path / "a" / "round_0004" / "server_state.safetensors"))
+    # crash during round 4 (resume after the switch), then during round 4 with round 3 lost
+    # as well (resume from the last SFT round, right at the switch)
+    for lost in (["round_0004"], ["round_0004", "round_0003"]):
+        for name in lost:
+            shutil.rmtree(tmp_path / "b" / name)
+        Simulation(resumed, show_progress=False).run(resume=True)
+        final, expected = adapter(tmp_path / "b", 4), adapter(tmp_path / "a", 4)
+        assert all(torch.equal(final[k], expected[k]) for k in expected), lost
+        state = load_file(str(tmp_path / "b" / "round_0004" / "server_state.safetensors"))
+        assert state.keys() == expected_state.keys()
+        assert all(torch.equal(state[k], expected_state[k]) for k in state), lost
+
+
+def record_references(monkeypatch) -> dict[int, list[tuple[object, torch.Tensor]]]:
+    """Per client's pairs (by identity): the reference log-probs of each DPO step, in order."""
+    seen: dict[int, list[tuple[object, torch.Tensor]]] = {}
+    original = dpo_trainer._accumulate
+
+    def accumulate(model, pairs, batch, lengths, reference, *args):
+        seen.setdefault(id(pairs), []).append((pairs, reference.clone()))
+        return original(model, pairs, batch, lengths, reference, *args)
+
+    monkeypatch.setattr(dpo_trainer, "_accumulate", accumulate)
+    return seen
+
+
+def logps_under(model_dir: Path, pairs, adapter_dir: Path | None) -> torch.Tensor:
+    """(N, 2) log-probs of `pairs` under a fresh base model (W0), with a saved adapter."""
+    model = load_model(ModelConfig(name_or_path=str(model_dir)))
+    if adapter_dir is not None:
+        model = load_saved_adapter(model, adapter_dir)
+    pad_id = AutoTokenizer.from_pretrained(model_dir).pad_token_id
+    return pair_logps(model, pairs, pad_id=pad_id, batch_size=2)
+
+
+FIXED = {"lora.dropout": 0.0, "train.mixed_precision": "off", "train.max_steps": 2}
+
+
+def test_sft_reference_is_the_sft_end_model_for_every_dpo_round(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    seen = record_references(monkeypatch)
+    extra = {"dpo.sft_rounds": 1, "federation.rounds": 3, "dpo.reference": "sft", **FIXED}
+    run(sft_then_dpo(tiny_model_dir, tmp_path / "run", **extra))
+
+    assert len(seen) == 3  # clients
+    for steps in seen.values():
+        pairs = steps[0][0]
+        round_2, round_3 = steps[0][1], steps[2][1]  # 2 steps per DPO round
+        assert torch.equal(round_2, round_3)  # fixed across DPO rounds
+        expected = logps_under(tiny_model_dir, pairs, tmp_path / "run" / "round_0001")
+        assert torch.allclose(round_2, expected, atol=1e-5)
+
+
+def test_base_reference_is_w0_in_exact_lora_aggregation(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    seen = record_references(monkeypatch)
+    extra = {"strategy.lora_aggregation": "exact", "federation.rounds": 2, **FIXED}
+    run(dpo_config(tiny_model_dir, tmp_path / "run", **extra))
+
+    residual = load_file(str(tmp_path / "run" / "round_0001" / "base_residual.safetensors"))
+    assert any(t.abs().max() > 0 for t in residual.values())  # round 2 has W0 + R as base
+    for steps in seen.values():
+        pairs, round_2 = steps[-1]
+        used = torch.isfinite(round_2[:, 0])
+        expected = logps_under(tiny_model_dir, pairs, None)  # W0, as held-out scores use
+        assert torch.allclose(round_2[used], expected[used], atol=1e-5)

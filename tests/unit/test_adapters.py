@@ -9,8 +9,10 @@ from fedit.models.adapters import (
     adapter_parameters,
     attach_lora,
     get_adapter_state,
+    require_full_precision_base,
     save_adapter,
     set_adapter_state,
+    set_base_residual,
 )
 from fedit.models.loading import load_model, resolve_device, resolve_dtype
 
@@ -78,3 +80,37 @@ def test_cpu_defaults_to_fp32() -> None:
     device = resolve_device("cpu")
     assert resolve_dtype("auto", device) == torch.float32
     assert resolve_dtype("bfloat16", device) == torch.bfloat16
+
+
+def test_exact_aggregation_refuses_a_half_precision_base(tiny_model_dir: Path) -> None:
+    # Prepare: the tiny model stored in bf16, as model.dtype = "auto" gives on most GPUs
+    cfg = ModelConfig(name_or_path=str(tiny_model_dir), dtype="bfloat16")
+    model = attach_lora(load_model(cfg), LoraConfig(r=4, alpha=8, dropout=0.0), seed=0)
+    name = "base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"
+    w0 = dict(model.named_parameters())[name].detach().clone()
+    residual = torch.full(w0.shape, 1e-4)
+
+    # W0 + R stored in bf16 (what set_base_residual used to write) loses much of R
+    stored = (w0 + residual.to(torch.bfloat16)).float() - w0.float()
+    assert (stored - residual).abs().mean() / 1e-4 > 0.2
+
+    # Execute / Assert: refused, at load time and when setting the residual
+    with pytest.raises(ConfigError, match=r'torch.bfloat16.*set model.dtype = "float32"'):
+        require_full_precision_base(model)
+    with pytest.raises(ConfigError, match=r'set model.dtype = "float32"'):
+        set_base_residual(model, {}, {name: residual})
+    assert torch.equal(dict(model.named_parameters())[name], w0)  # nothing written
+
+
+def test_exact_aggregation_sets_fp32_base_weights_exactly(tiny_model_dir: Path) -> None:
+    model = attach_lora(
+        load_model(ModelConfig(name_or_path=str(tiny_model_dir))), LoraConfig(r=4), seed=0
+    )
+    require_full_precision_base(model)
+    name = "base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"
+    originals: dict[str, torch.Tensor] = {}
+    w0 = dict(model.named_parameters())[name].detach().clone()
+    residual = torch.full(w0.shape, 1e-4)
+    set_base_residual(model, originals, {name: residual})
+    assert torch.equal(dict(model.named_parameters())[name], w0 + residual)
+    assert torch.equal(originals[name], w0)

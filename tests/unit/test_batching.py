@@ -56,3 +56,10 @@ def test_token_cap_splits_long_micro_batches_only() -> None:
         [4, 2], [0, 7], [3, 6], [1, 5]
     ]  # fmt: skip
     assert split_micro_batches([0], [500], 4, max_tokens=100) == [[0]]  # one row always runs
+
+
+def test_token_cap_counts_every_row_of_an_item() -> None:
+    # a DPO pair is 2 rows of its length: 100 x 2 x 3 pairs = 600 > 500, 2 pairs fit
+    lengths = [100, 90, 80, 30]
+    capped = split_micro_batches([0, 1, 2, 3], lengths, 8, max_tokens=500, rows_per_item=2)
+    assert capped == [[0, 1], [2, 3]]

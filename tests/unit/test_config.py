@@ -59,3 +59,18 @@ def test_save_round_trip(tmp_path: Path) -> None:
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.toml")), ids=lambda p: p.name)
 def test_every_shipped_config_validates(path: Path) -> None:
     load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.load_in_bits=4", "model.load_in_bits: .*strategy.lora_aggregation = 'exact'"),
+        ("model.dtype=bfloat16", "model.dtype: .*strategy.lora_aggregation = 'exact'.*float32"),
+        ("model.dtype=float16", "model.dtype: .*strategy.lora_aggregation = 'exact'.*float32"),
+    ],
+)
+def test_exact_lora_aggregation_needs_a_full_precision_base(override: str, message: str) -> None:
+    exact = ["data.path=synthetic", "strategy.lora_aggregation=exact"]
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [*exact, override])
+    load_config(None, ["data.path=synthetic", override])  # fine with separate averaging

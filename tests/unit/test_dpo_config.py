@@ -33,7 +33,7 @@ def test_sft_then_dpo_defaults() -> None:
         (["dpo.label_smoothing=0.5"], "dpo.label_smoothing"),
         (["dpo.loss_type=hinge"], "dpo.loss_type"),
         (["dpo.loss_type=ipo", "dpo.label_smoothing=0.1"], "dpo.label_smoothing"),
-        (["dpo.reference=sft"], "dpo.reference"),
+        (["dpo.reference=policy"], "dpo.reference"),
         (["dpo.max_prompt_len=0"], "dpo.max_prompt_len"),
         (["dpo.max_prompt_len=300", "data.max_seq_len=256"], "dpo.max_prompt_len"),
         (["dpo.sft_rounds=-1"], "dpo.sft_rounds"),

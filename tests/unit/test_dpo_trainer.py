@@ -14,11 +14,13 @@ from fedit.client.dpo_trainer import (
     reference_logps,
     train_client_dpo,
 )
+from fedit.client.hooks import ClientHook
+from fedit.client.trainer import NonFiniteTrainingError
 from fedit.config import DPOConfig, LoraConfig, ModelConfig, TrainConfig
 from fedit.data.preferences import synthetic_pairs, tokenize_pairs
 from fedit.models.adapters import attach_lora, get_adapter_state, set_adapter_state
 from fedit.models.loading import load_model
-from tests.conftest import CountingHook
+from tests.conftest import BadStep, CountingHook, check_token_cap_keeps_the_gradient
 
 CFG = TrainConfig(micro_batch_size=2, grad_accum_steps=2, max_steps=4, mixed_precision="off")
 
@@ -115,3 +117,38 @@ def test_same_seed_same_update(tiny_peft, pairs) -> None:
     again = train_client_dpo(tiny_peft, rows, CFG, DPOConfig(reference="round_start"), **kwargs)
     assert all(torch.equal(first.state[k], again.state[k]) for k in first.state)
     assert any(not torch.equal(first.state[k], start[k]) for k in start)
+
+
+def test_a_non_finite_dpo_loss_stops_the_client(tiny_peft, pairs) -> None:
+    rows, pad_id = pairs
+    cfg = TrainConfig(micro_batch_size=2, grad_accum_steps=1, max_steps=3, mixed_precision="off")
+    kwargs = dict(client_id=4, learning_rate=1e-2, seed=1, pad_id=pad_id)
+    with pytest.raises(NonFiniteTrainingError, match="client 4: non-finite loss at local step 2"):
+        train_client_dpo(tiny_peft, rows, cfg, DPOConfig(), hook=BadStep("nan_loss"), **kwargs)
+
+
+def test_token_cap_per_forward_keeps_the_dpo_gradient(tiny_peft, pairs) -> None:
+    rows, pad_id = pairs
+    perturb(tiny_peft)  # non-zero B: every LoRA factor gets a gradient
+
+    def train(cfg: TrainConfig, hook: ClientHook):
+        kwargs = dict(client_id=0, learning_rate=1e-9, seed=1, pad_id=pad_id, hook=hook)
+        return train_client_dpo(tiny_peft, rows, cfg, DPOConfig(), **kwargs)
+
+    check_token_cap_keeps_the_gradient(train, cap=200)
+
+
+def test_a_given_reference_is_used_and_sft_needs_one(tiny_peft, pairs) -> None:
+    rows, pad_id = pairs
+    kwargs = dict(client_id=0, learning_rate=1e-2, seed=5, pad_id=pad_id)
+    with pytest.raises(ValueError, match="'sft' needs the SFT-end model's log-probs"):
+        train_client_dpo(tiny_peft, rows, CFG, DPOConfig(reference="sft"), **kwargs)
+    with pytest.raises(ValueError, match="does not match"):
+        train_client_dpo(tiny_peft, rows, CFG, DPOConfig(), reference=torch.zeros(2, 2), **kwargs)
+    # the base reference handed in gives the same round as the one computed inside
+    start = get_adapter_state(tiny_peft)
+    inside = train_client_dpo(tiny_peft, rows, CFG, DPOConfig(reference="base"), **kwargs)
+    set_adapter_state(tiny_peft, start)
+    base = reference_logps(tiny_peft, rows, range(len(rows)), CFG, DPOConfig(), pad_id)
+    given = train_client_dpo(tiny_peft, rows, CFG, DPOConfig(), reference=base, **kwargs)
+    assert all(torch.allclose(inside.state[k], given.state[k], atol=1e-6) for k in start)

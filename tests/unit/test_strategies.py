@@ -223,7 +223,10 @@ def test_adaptive_second_moment_uses_delta_squared_not_momentum_squared(
 
 def scaffold_with(c: list[float], c_0: list[float], num_clients: int = 4) -> Strategy:
     strategy = build("scaffold", num_clients=num_clients)
-    strategy.load_state_dict({"c.w": torch.tensor(c), "c_k.0.w": torch.tensor(c_0)})
+    weights = torch.zeros(num_clients, dtype=torch.float64)
+    weights[0] = 1.0  # client 0 seen, with one example
+    state = {"c.w": torch.tensor(c), "c_k.0.w": torch.tensor(c_0), "client_weights": weights}
+    strategy.load_state_dict(state)
     return strategy
 
 
@@ -284,8 +287,8 @@ def scaffold_updates(
 
 
 def test_scaffold_two_rounds_server_state() -> None:
-    # Prepare: N = 4 clients, η_g = 0.5
-    strategy = build("scaffold", num_clients=4, server_lr=0.5)
+    # Prepare: N = 4 clients, η_g = 0.5, the paper's uniform weights
+    strategy = build("scaffold", num_clients=4, server_lr=0.5, weighting="uniform")
     x0 = w([0.0, 0.0])
 
     # Execute, round 1: clients 0 (n=1) and 2 (n=3)
@@ -300,8 +303,8 @@ def test_scaffold_two_rounds_server_state() -> None:
     x2 = strategy.aggregate(x1, round_2, round_index=1)
     state_2 = strategy.state_dict()
 
-    # Assert, round 1: Δ = 0.25*[1, 0] + 0.75*[0, 2] = [0.25, 1.5]; x1 = 0.5*Δ
-    assert torch.equal(x1["w"], torch.tensor([0.125, 0.75]))
+    # Assert, round 1: Δ = 0.5*[1, 0] + 0.5*[0, 2] = [0.5, 1]; x1 = 0.5*Δ
+    assert torch.equal(x1["w"], torch.tensor([0.25, 0.5]))
     # c = 0 + (1/N)*([4, 0] + [0, 8]) = [1, 2]; c_0 = [4, 0], c_2 = [0, 8], client 1 unseen
     assert torch.equal(state_1["c.w"], torch.tensor([1.0, 2.0]))
     assert torch.equal(state_1["c_k.0.w"], torch.tensor([4.0, 0.0]))
@@ -311,9 +314,39 @@ def test_scaffold_two_rounds_server_state() -> None:
     assert torch.equal(correction_of(hook_0), torch.tensor([-3.0, 2.0]))
     assert torch.equal(correction_of(hook_1), torch.tensor([1.0, 2.0]))
     # round 2: x2 = x1 + 0.5*[2, 2]; c = [1, 2] + [-4, 4]/4 = [0, 3]; c_0 = [4, 0] + [-4, 4]
-    assert torch.equal(x2["w"], torch.tensor([1.125, 1.75]))
+    assert torch.equal(x2["w"], torch.tensor([1.25, 1.5]))
     assert torch.equal(state_2["c.w"], torch.tensor([0.0, 3.0]))
     assert torch.equal(state_2["c_k.0.w"], torch.tensor([0.0, 4.0]))
+
+
+def test_scaffold_example_weighted_c_under_partial_participation() -> None:
+    # Prepare: N = 4 clients, weighting by examples (the default)
+    strategy = build("scaffold", num_clients=4)
+    x0 = w([0.0, 0.0])
+
+    # Execute, round 1: clients 0 (n=1) and 2 (n=3); round 2: client 0 alone, now n=5
+    round_1 = scaffold_updates(
+        x0, [[1.0, 0.0], [0.0, 2.0]], [1, 3], [0, 2], [[4.0, 0.0], [0.0, 8.0]]
+    )
+    x1 = strategy.aggregate(x0, round_1, round_index=0)
+    state_1 = strategy.state_dict()
+    strategy.aggregate(x1, scaffold_updates(x1, [[2.0, 2.0]], [5], [0], [[-4.0, 4.0]]), 1)
+    state_2 = strategy.state_dict()
+
+    # Assert, round 1: w̄ = (1 + 3)/2, so D = 4*2 = 8 (clients 1 and 3 count as holding 2);
+    # c = (1*[4, 0] + 3*[0, 8]) / 8
+    assert torch.equal(state_1["c.w"], torch.tensor([0.5, 3.0]))
+    assert state_1["client_weights"].tolist() == [1.0, 0.0, 3.0, 0.0]
+    # round 2: c_0 = [0, 4], w_0 = 5, D = 4*(5 + 3)/2 = 16; directly, c = (5*[0, 4] +
+    # 3*[0, 8]) / 16 = [0, 2.75]; incrementally, [0.5, 3]*8/16 + (5*[-4, 4] + 4*[4, 0])/16
+    assert torch.equal(state_2["c_k.0.w"], torch.tensor([0.0, 4.0]))
+    assert torch.equal(state_2["c.w"], torch.tensor([0.0, 2.75]))
+    assert state_2["client_weights"].tolist() == [5.0, 0.0, 3.0, 0.0]
+
+
+def test_scaffold_refuses_a_state_without_client_weights() -> None:
+    with pytest.raises(ValueError, match="client_weights"):
+        build("scaffold").load_state_dict({"c.w": torch.zeros(2)})
 
 
 def correction_of(hook: ClientHook) -> torch.Tensor:
@@ -344,7 +377,7 @@ def test_scaffold_spills_client_variates_to_disk(tmp_path: Path) -> None:
     resumed.load_state_dict(strategy.state_dict())
 
     # Assert: c = [65, 130]/65 = [1, 2]; c_7 = [65, 130] on disk, not in the state dict
-    assert sorted(strategy.state_dict()) == ["c.w"]
+    assert sorted(strategy.state_dict()) == ["c.w", "client_weights"]
     assert torch.equal(load_file(tmp_path / "c_7.safetensors")["w"], torch.tensor([65.0, 130.0]))
     # c − c_7 = [1 - 65, 2 - 130]
     assert torch.equal(correction_of(resumed.client_hook(7, x)), torch.tensor([-64.0, -128.0]))
@@ -419,3 +452,58 @@ def test_aggregate_does_not_modify_inputs(name: str) -> None:
 def test_stateless_strategy_refuses_foreign_state() -> None:
     with pytest.raises(ValueError, match="keeps no server state"):
         build("fedavg").load_state_dict({"v.w": torch.zeros(1)})
+
+
+# --- SCAFFOLD's fixed point follows the weighting ----------------------------------------
+
+
+def scaffold_on_quadratics(weighting: str, rounds: int = 60) -> float:
+    """Two clients f_k(x) = ½(x − a_k)², a = (0, 10), n = (1, 9), both in every round: 5
+    local steps of plain SGD (η_l = 0.1) through ScaffoldHook, then Scaffold.aggregate."""
+    targets, sizes, lr, steps = (0.0, 10.0), (1, 9), 0.1, 5
+    strategy = build("scaffold", num_clients=2, weighting=weighting)
+    x = w([0.0])
+    for r in range(rounds):
+        updates = []
+        for k, (target, n) in enumerate(zip(targets, sizes, strict=True)):
+            hook = strategy.client_hook(k, x)
+            theta = torch.nn.Parameter(x["w"].clone())
+            hook.start({"w": theta})
+            for _ in range(steps):
+                theta.grad = theta.detach() - target  # ∇f_k
+                hook.adjust_gradients({"w": theta})
+                with torch.no_grad():
+                    theta -= lr * theta.grad
+            extras = hook.finish({"w": theta}, steps, lr)
+            updates.append(ClientUpdate(k, {"w": theta.detach().clone()}, n, steps, lr, extras))
+        x = strategy.aggregate(x, updates, r)
+    return x["w"].item()
+
+
+def test_scaffold_converges_to_the_optimum_of_its_weighting() -> None:
+    # Σ_k p_k ∇f_k(x) = 0: x = 0.1*0 + 0.9*10 = 9 by examples, (0 + 10)/2 = 5 uniform
+    assert scaffold_on_quadratics("examples") == pytest.approx(9.0, abs=1e-4)
+    assert scaffold_on_quadratics("uniform") == pytest.approx(5.0, abs=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_reset_makes_the_strategy_as_new(name: str, tmp_path: Path) -> None:
+    # Prepare: two rounds of server state (SCAFFOLD's c_k spilled to disk: 65 clients)
+    options = {"server_lr": 0.1, "prox_mu": 0.1}
+    used, fresh = build(name, 65, **options), build(name, 65, **options)
+    used.set_storage_dir(tmp_path / "used")
+    fresh.set_storage_dir(tmp_path / "fresh")
+    x = start_state()
+    for r in range(2):
+        x = used.aggregate(x, random_round(x, r), r)
+
+    # Execute
+    used.reset()
+
+    # Assert: the same state and the same next step as a strategy that never ran
+    assert used.state_dict().keys() == fresh.state_dict().keys()
+    assert all(torch.equal(t, fresh.state_dict()[k]) for k, t in used.state_dict().items())
+    assert not list((tmp_path / "used").glob("*"))
+    expected = fresh.aggregate(x, random_round(x, 2), 2)
+    got = used.aggregate(x, random_round(x, 2), 2)
+    assert all(torch.equal(expected[key], got[key]) for key in expected)

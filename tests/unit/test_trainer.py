@@ -4,17 +4,25 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from fedit.client import trainer as trainer_module
 from fedit.client.batching import collate
 from fedit.client.hooks import ClientHook
 from fedit.client.loss import row_loss_sums
 from fedit.client.precision import half_precision_frozen_weights
-from fedit.client.trainer import round_learning_rate, steps_per_round, train_client
+from fedit.client.trainer import (
+    NonFiniteTrainingError,
+    round_learning_rate,
+    steps_per_round,
+    train_client,
+)
 from fedit.config import LoraConfig, ModelConfig, TrainConfig
 from fedit.data.synthetic import generate_records
 from fedit.data.tokenize import tokenize_records
 from fedit.models.adapters import attach_lora, get_adapter_state, set_adapter_state
 from fedit.models.loading import load_model
-from tests.conftest import CountingHook
+from fedit.server.aggregation import zeros_like
+from fedit.server.strategies.scaffold import ScaffoldHook
+from tests.conftest import BadStep, CountingHook, check_token_cap_keeps_the_gradient
 
 
 @pytest.fixture
@@ -126,41 +134,63 @@ def test_half_precision_frozen_weights_cast_frozen_linears_only(tiny_peft) -> No
     assert all(p.dtype == torch.float32 for p in tiny_peft.parameters())
 
 
-class GradientRecorder(ClientHook):
-    """Keeps a copy of the first step's gradients (before clipping and AdamW)."""
-
-    def __init__(self) -> None:
-        self.first: dict[str, torch.Tensor] = {}
-
-    def adjust_gradients(self, params) -> None:
-        if not self.first:
-            self.first = {name: p.grad.clone() for name, p in params.items()}
-
-
 def test_token_cap_per_forward_keeps_the_gradient(tiny_peft, examples) -> None:
     rows, pad_id = examples
-    recorders, tokens = [], []
-    for cap in (None, 64):
-        cfg = TrainConfig(
-            micro_batch_size=8,
-            grad_accum_steps=1,
-            max_steps=1,
-            max_tokens_per_forward=cap,
-            mixed_precision="off",  # bf16 rounding would depend on the padded width
+
+    def train(cfg: TrainConfig, hook: ClientHook):
+        kwargs = dict(client_id=0, learning_rate=1e-9, seed=1, pad_id=pad_id, hook=hook)
+        return train_client(tiny_peft, rows, cfg, **kwargs)
+
+    check_token_cap_keeps_the_gradient(train, cap=64)
+
+
+# --- non-finite steps: skipped under fp16 loss scaling, an error without it ---------------
+
+
+class ScaffoldWithBadSecondStep(ScaffoldHook, BadStep):
+    def __init__(self, zeros) -> None:
+        ScaffoldHook.__init__(self, zeros, zeros)
+        BadStep.__init__(self, "inf_gradient")
+
+
+def test_a_step_skipped_by_loss_scaling_is_counted_and_kept_out_of_scaffold(
+    tiny_peft, examples, monkeypatch
+) -> None:
+    # Prepare: a real GradScaler (enabled on the CPU), as fp16 on a GPU would use
+    rows, pad_id = examples
+    monkeypatch.setattr(
+        trainer_module, "grad_scaler", lambda mode, model: torch.amp.GradScaler("cpu")
+    )
+    cfg = TrainConfig(micro_batch_size=2, grad_accum_steps=1, max_steps=4, mixed_precision="off")
+    hook = ScaffoldWithBadSecondStep(zeros_like(get_adapter_state(tiny_peft)))
+
+    # Execute
+    update = train_client(
+        tiny_peft, rows, cfg, client_id=0, learning_rate=1e-3, seed=1, pad_id=pad_id, hook=hook
+    )
+
+    # Assert: one of 4 steps skipped; c_k⁺ is the mean raw gradient of the other 3
+    assert update.metrics["skipped_steps"] == 1
+    assert hook._steps == 3
+    control_delta = update.extras["control_delta"]
+    assert all(torch.isfinite(t).all() for t in control_delta.values())
+    assert all(torch.isfinite(t).all() for t in update.state.values())
+
+
+@pytest.mark.parametrize(
+    ("hook", "what"),
+    [(BadStep("nan_loss"), "loss"), (BadStep("inf_gradient"), "gradients")],
+    ids=["nan-loss", "inf-gradient"],
+)
+def test_a_non_finite_step_without_loss_scaling_stops_the_client(
+    tiny_peft, examples, hook: ClientHook, what: str
+) -> None:
+    rows, pad_id = examples
+    cfg = TrainConfig(micro_batch_size=2, grad_accum_steps=1, max_steps=4, mixed_precision="off")
+    with pytest.raises(
+        NonFiniteTrainingError, match=rf"client 7: non-finite {what} at local step 2"
+    ) as err:
+        train_client(
+            tiny_peft, rows, cfg, client_id=7, learning_rate=1e-3, seed=1, pad_id=pad_id, hook=hook
         )
-        recorder = GradientRecorder()
-        update = train_client(
-            tiny_peft,
-            rows,
-            cfg,
-            client_id=0,
-            learning_rate=1e-9,
-            seed=1,
-            pad_id=pad_id,
-            hook=recorder,
-        )
-        recorders.append(recorder)
-        tokens.append(update.metrics["computed_tokens"])
-    assert tokens[1] < tokens[0]  # the cap split the batch (and cut its padding)
-    for name, grad in recorders[0].first.items():
-        assert torch.allclose(grad, recorders[1].first[name], rtol=1e-4, atol=1e-7), name
+    assert (err.value.client_id, err.value.step) == (7, 2)

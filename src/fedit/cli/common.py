@@ -13,6 +13,7 @@ from rich.console import Console
 from fedit.config import ConfigError, RunConfig, load_config
 from fedit.data.partition import PartitionError
 from fedit.data.records import DataFormatError
+from fedit.server.validation import AllUpdatesRejectedError
 
 console = Console(stderr=True)
 USER_ERRORS = (
@@ -22,6 +23,7 @@ USER_ERRORS = (
     FileNotFoundError,
     FileExistsError,
     KeyError,
+    AllUpdatesRejectedError,
 )
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -52,14 +52,20 @@ def plan_batches(
 
 
 def split_micro_batches(
-    batch: list[int], lengths: Sequence[int], micro: int, max_tokens: int | None = None
+    batch: list[int],
+    lengths: Sequence[int],
+    micro: int,
+    max_tokens: int | None = None,
+    rows_per_item: int = 1,
 ) -> list[list[int]]:
     """Split a batch into micro-batches of similar length (sorted, then chunked).
 
-    A micro-batch holds at most ``micro`` rows and, with ``max_tokens``, at most that many
-    padded tokens (rows x its longest row; a single longer row still gets its own). Peak
-    activation memory follows the largest forward, so the cap bounds it on long records
-    while short batches still run in one forward; the summed gradient is the same.
+    A micro-batch holds at most ``micro`` items and, with ``max_tokens``, at most that many
+    padded tokens (items x ``rows_per_item`` x its longest item; a single longer item still
+    gets its own). A DPO pair is one item of 2 rows, chosen and rejected, which always share
+    a forward. Peak activation memory follows the largest forward, so the cap bounds it on
+    long records while short batches still run in one forward; the summed gradient is the
+    same (up to LoRA dropout, whose masks are drawn per forward).
     """
     chunks: list[list[int]] = []
     for index in sorted(batch, key=lambda j: -lengths[j]):
@@ -68,7 +74,10 @@ def split_micro_batches(
         fits = (
             chunk is not None
             and len(chunk) < micro
-            and (max_tokens is None or (len(chunk) + 1) * lengths[chunk[0]] <= max_tokens)
+            and (
+                max_tokens is None
+                or (len(chunk) + 1) * rows_per_item * lengths[chunk[0]] <= max_tokens
+            )
         )
         if fits:
             chunk.append(index)

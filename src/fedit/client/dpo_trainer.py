@@ -9,9 +9,11 @@ Batch sizes count pairs, so a micro-batch of 4 runs 8 sequences.
 
 The reference needs no second model: ``dpo.reference = "base"`` is the same model with its
 adapter disabled, ``"round_start"`` the adapter as the client received it (the global
-adapter). Either is fixed for the whole round, so one extra no-grad forward per pair per
-round replaces the second model copy, and its forward at every step, that a TRL
-DPOTrainer keeps.
+adapter), ``"sft"`` the global model at the end of the SFT rounds. Each is fixed for the
+whole round, so one extra no-grad forward per pair replaces the second model copy, and its
+forward at every step, that a TRL DPOTrainer keeps. "round_start" is computed here each
+round; "base" and "sft" are fixed for the whole run, so the engine computes them once
+(see ``fedit.engine.simulation``) and passes them in as ``reference``.
 """
 
 from __future__ import annotations
@@ -104,10 +106,11 @@ def reference_logps(
     """The reference model's (N, 2) log-probs of the pairs at `indices`, without a second model.
 
     "base": inside ``model.disable_adapter()`` the LoRA layers pass the base weights through
-    (with exact LoRA aggregation these include the residual folded in so far);
-    "round_start": the adapter as loaded, i.e. the global adapter of this round.
-    Computed under the training precision so that, with "round_start", the first step's
-    policy and reference agree up to dropout.
+    (W0 as long as no exact-aggregation residual has been folded in, which is when the
+    engine computes it); "round_start" and "sft": the adapter as loaded (the round's global
+    adapter; for "sft" the caller loads the SFT-end model first). Computed under the
+    training precision so that, with "round_start", the first step's policy and reference
+    agree up to dropout.
     """
     adapter_off = model.disable_adapter() if dpo.reference == "base" else contextlib.nullcontext()
     with adapter_off:
@@ -142,10 +145,14 @@ def _accumulate(
     params: dict[str, torch.nn.Parameter],
     scaler: torch.amp.GradScaler,
     stats: DPOStats,
-) -> None:
-    """Forward and backward over one optimizer batch; loss is the mean over its pairs."""
-    micro_batches = split_micro_batches(batch, lengths, cfg.micro_batch_size)
+) -> Tensor:
+    """Forward and backward over one optimizer batch; loss is the mean over its pairs.
+    Returns the batch's loss as back-propagated (unscaled, detached)."""
+    micro_batches = split_micro_batches(
+        batch, lengths, cfg.micro_batch_size, cfg.max_tokens_per_forward, rows_per_item=2
+    )
     device = next(iter(params.values())).device
+    batch_loss = torch.zeros((), device=device)
     for micro in micro_batches:
         inputs = _pair_batch(pairs, micro, pad_id, device)
         with autocast(model, cfg.mixed_precision):
@@ -166,6 +173,7 @@ def _accumulate(
         if extra is not None:
             loss = loss + extra / len(micro_batches)
         scaler.scale(loss).backward()
+        batch_loss += loss.detach()
         stats.loss_sum += float(out.loss.detach()) * n
         stats.correct += float(out.accuracy) * n
         stats.margin_sum += float(out.margin) * n
@@ -173,6 +181,7 @@ def _accumulate(
         stats.label_tokens += int(counts.sum())
         stats.real_tokens += int(inputs["attention_mask"].sum())
         stats.computed_tokens += inputs["input_ids"].numel()
+    return batch_loss
 
 
 def train_client_dpo(
@@ -186,14 +195,19 @@ def train_client_dpo(
     seed: int,
     pad_id: int,
     hook: ClientHook | None = None,
+    reference: Tensor | None = None,
     show_progress: bool = False,
 ) -> ClientUpdate:
     """Train the adapter currently in `model` on one client's preference pairs for one round.
 
+    ``reference``: the (len(pairs), 2) reference log-probs, when the caller holds them (a
+    reference fixed for the run); None computes ``dpo.reference`` here ("sft" cannot be:
+    only the engine knows the SFT-end model).
+
     Metrics: "train_loss" is the mean DPO loss over the pairs stepped on, "dpo_accuracy" the
     share of them whose chosen reward was higher, "dpo_margin" the mean reward margin (both
     measured at the step that used the pair); "label_tokens" counts response tokens of both
-    sides; "reference_seconds" is the reference pass.
+    sides; "reference_seconds" is the reference pass (0 when ``reference`` is given).
     """
     hook = hook or ClientHook()
     params = adapter_parameters(model)
@@ -201,19 +215,24 @@ def train_client_dpo(
     lengths = pair_lengths(pairs)
     batches = plan_batches(lengths, cfg.batch_size, num_steps, seed, cfg.group_by_length)
     started = time.perf_counter()
-    # Only the pairs this round's plan steps on (all of them once local_epochs >= 1).
-    used = sorted({i for batch in batches for i in batch})
-    reference = reference_logps(model, pairs, used, cfg, dpo, pad_id)
+    if reference is None:
+        if dpo.reference == "sft":
+            raise ValueError("dpo.reference = 'sft' needs the SFT-end model's log-probs")
+        # Only the pairs this round's plan steps on (all of them once local_epochs >= 1).
+        used = sorted({i for batch in batches for i in batch})
+        reference = reference_logps(model, pairs, used, cfg, dpo, pad_id)
+    elif reference.shape != (len(pairs), 2):
+        raise ValueError(f"reference {tuple(reference.shape)} does not match {len(pairs)} pairs")
     reference_seconds = time.perf_counter() - started
     torch.manual_seed(seed)  # LoRA dropout draws from the global generator
     stats = DPOStats()
 
-    def accumulate(batch: list[int], scaler: torch.amp.GradScaler) -> None:
-        _accumulate(
+    def accumulate(batch: list[int], scaler: torch.amp.GradScaler) -> Tensor:
+        return _accumulate(
             model, pairs, batch, lengths, reference, cfg, dpo, pad_id, hook, params, scaler, stats
         )
 
-    stats.step_seconds = run_optimizer_steps(
+    run_optimizer_steps(
         model,
         batches,
         cfg,
@@ -221,6 +240,8 @@ def train_client_dpo(
         learning_rate=learning_rate,
         hook=hook,
         accumulate=accumulate,
+        client_id=client_id,
+        stats=stats,
         desc=f"client {client_id} (dpo)",
         show_progress=show_progress,
     )
@@ -241,6 +262,7 @@ def train_client_dpo(
             "real_tokens": stats.real_tokens,
             "computed_tokens": stats.computed_tokens,
             "steps": num_steps,
+            "skipped_steps": stats.skipped_steps,
             "step_seconds": stats.step_seconds,
             "reference_seconds": reference_seconds,
             "seconds": time.perf_counter() - started,

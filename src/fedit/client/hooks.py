@@ -17,8 +17,9 @@ class ClientHook:
 
     Call order in one round: ``start`` once; per optimizer step ``loss_term`` (added to the
     training loss before backward, per micro-batch, already divided by the accumulation),
-    then ``adjust_gradients`` (after backward and before clipping and the optimizer step);
-    ``finish`` once, whose result goes into ``ClientUpdate.extras``.
+    then ``adjust_gradients`` (after backward and before clipping and the optimizer step;
+    not called for a step that fp16 loss scaling skips); ``finish`` once, whose result goes
+    into ``ClientUpdate.extras``.
     """
 
     def start(self, params: dict[str, torch.nn.Parameter]) -> None:

@@ -42,6 +42,19 @@ def round_learning_rate(cfg: TrainConfig, round_index: int, num_rounds: int) -> 
     return cfg.min_lr + 0.5 * (cfg.learning_rate - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 
+class NonFiniteTrainingError(ValueError):
+    """A client's loss or gradients went non-finite in a step no loss scaler skips (fp32 or
+    bf16): its round is stopped, and the engine leaves it out of the aggregate."""
+
+    def __init__(self, client_id: int, step: int, what: str) -> None:
+        self.client_id, self.step, self.what = client_id, step, what
+        super().__init__(f"client {client_id}: {self.reason}")
+
+    @property
+    def reason(self) -> str:
+        return f"non-finite {self.what} at local step {self.step}"
+
+
 @dataclass
 class StepStats:
     loss_sum: float = 0.0
@@ -49,6 +62,7 @@ class StepStats:
     real_tokens: int = 0
     computed_tokens: int = 0  # including padding
     step_seconds: float = 0.0
+    skipped_steps: int = 0  # steps fp16 loss scaling skipped (non-finite gradients)
 
 
 def _accumulate(
@@ -62,13 +76,15 @@ def _accumulate(
     params: dict[str, torch.nn.Parameter],
     scaler: torch.amp.GradScaler,
     stats: StepStats,
-) -> None:
-    """Forward and backward over one optimizer batch; loss is the token-weighted mean."""
+) -> torch.Tensor:
+    """Forward and backward over one optimizer batch; loss is the token-weighted mean.
+    Returns the batch's loss as back-propagated (unscaled, detached)."""
     micro_batches = split_micro_batches(
         batch, lengths, cfg.micro_batch_size, cfg.max_tokens_per_forward
     )
     device = next(iter(params.values())).device
     total_labels = sum(sum(lab != -100 for lab in examples[i].labels[1:]) for i in batch)
+    batch_loss = torch.zeros((), device=device)
     for micro in micro_batches:
         rows = [(examples[i].input_ids, examples[i].labels) for i in micro]
         inputs = collate(rows, pad_id, device)
@@ -79,13 +95,23 @@ def _accumulate(
         if extra is not None:
             loss = loss + extra / len(micro_batches)
         scaler.scale(loss).backward()
+        batch_loss += loss.detach()
         stats.loss_sum += float(sums.detach().sum())
         stats.real_tokens += int(inputs["attention_mask"].sum())
         stats.computed_tokens += inputs["input_ids"].numel()
     stats.label_tokens += total_labels
+    return batch_loss
 
 
-Accumulate = Callable[[list[int], torch.amp.GradScaler], None]
+Accumulate = Callable[[list[int], torch.amp.GradScaler], torch.Tensor]
+
+
+def _all_finite(loss: torch.Tensor, params: dict[str, torch.nn.Parameter]) -> tuple[bool, bool]:
+    """(loss finite, every gradient finite), with one device sync."""
+    checks = [torch.isfinite(loss).all()]
+    checks += [torch.isfinite(p.grad).all() for p in params.values() if p.grad is not None]
+    finite = torch.stack(checks).tolist()
+    return finite[0], all(finite[1:])
 
 
 def run_optimizer_steps(
@@ -97,32 +123,48 @@ def run_optimizer_steps(
     learning_rate: float,
     hook: ClientHook,
     accumulate: Accumulate,
+    client_id: int,
+    stats: StepStats,
     desc: str,
     show_progress: bool = False,
-) -> float:
-    """One optimizer step per planned batch; returns the seconds spent in steps.
+) -> None:
+    """One optimizer step per planned batch; adds the seconds spent in steps and the steps
+    skipped to ``stats``.
 
     ``accumulate(batch, scaler)`` runs forward and backward over the batch's micro-batches
-    (the objective's part: SFT here, DPO in fedit.client.dpo_trainer); around it every
-    objective shares AdamW, loss scaling, the hooks' gradient adjustment and clipping.
+    and returns the batch loss (the objective's part: SFT here, DPO in
+    fedit.client.dpo_trainer); around it every objective shares AdamW, loss scaling, the
+    hooks' gradient adjustment and clipping. Non-finite values: with fp16 loss scaling a
+    step whose gradients overflow is skipped, as GradScaler does, and the hooks do not see
+    it (one inf would make SCAFFOLD's c_k infinite); it is counted in
+    ``stats.skipped_steps``. Without a scaler (fp32, bf16) nothing would recover, so a
+    non-finite loss or gradient raises NonFiniteTrainingError.
     """
     optimizer = torch.optim.AdamW(params.values(), lr=learning_rate, weight_decay=cfg.weight_decay)
     scaler = grad_scaler(cfg.mixed_precision, model)
     model.train()
     hook.start(params)
-    step_seconds = 0.0
-    for batch in tqdm(batches, desc=desc, leave=False, disable=not show_progress):
+    for step, batch in enumerate(
+        tqdm(batches, desc=desc, leave=False, disable=not show_progress), start=1
+    ):
         step_started = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        accumulate(batch, scaler)
+        loss = accumulate(batch, scaler)
         scaler.unscale_(optimizer)  # hooks and clipping see true gradients
-        hook.adjust_gradients(params)
-        if cfg.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params.values(), cfg.max_grad_norm)
+        finite_loss, finite_grads = _all_finite(loss, params)
+        if not finite_grads and scaler.is_enabled():
+            stats.skipped_steps += 1  # scaler.step skips it and lowers the scale
+        elif not (finite_loss and finite_grads):
+            raise NonFiniteTrainingError(
+                client_id, step, "loss" if not finite_loss else "gradients"
+            )
+        else:
+            hook.adjust_gradients(params)
+            if cfg.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params.values(), cfg.max_grad_norm)
         scaler.step(optimizer)
         scaler.update()
-        step_seconds += time.perf_counter() - step_started
-    return step_seconds
+        stats.step_seconds += time.perf_counter() - step_started
 
 
 def train_client(
@@ -147,10 +189,12 @@ def train_client(
     stats = StepStats()
     started = time.perf_counter()
 
-    def accumulate(batch: list[int], scaler: torch.amp.GradScaler) -> None:
-        _accumulate(model, examples, batch, lengths, cfg, pad_id, hook, params, scaler, stats)
+    def accumulate(batch: list[int], scaler: torch.amp.GradScaler) -> torch.Tensor:
+        return _accumulate(
+            model, examples, batch, lengths, cfg, pad_id, hook, params, scaler, stats
+        )
 
-    stats.step_seconds = run_optimizer_steps(
+    run_optimizer_steps(
         model,
         batches,
         cfg,
@@ -158,6 +202,8 @@ def train_client(
         learning_rate=learning_rate,
         hook=hook,
         accumulate=accumulate,
+        client_id=client_id,
+        stats=stats,
         desc=f"client {client_id}",
         show_progress=show_progress,
     )
@@ -175,6 +221,7 @@ def train_client(
             "real_tokens": stats.real_tokens,
             "computed_tokens": stats.computed_tokens,
             "steps": num_steps,
+            "skipped_steps": stats.skipped_steps,
             "step_seconds": stats.step_seconds,
             "seconds": time.perf_counter() - started,
         },

@@ -18,7 +18,7 @@ The objective is chosen per round (``train.objective``): SFT rounds run
 ``fedit.client.dpo_trainer.train_client_dpo`` on their preference pairs, and
 ``sft_then_dpo`` switches after ``dpo.sft_rounds``. Strategies see adapters only, so every
 one of them serves both. Held-out preference accuracy and margin (reward
-β·(log π − log π_ref), π_ref the base model) are reported beside the held-out loss.
+β·(log π − log π_ref), π_ref the base model W0) are reported beside the held-out loss.
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ from rich.console import Console
 from tqdm.auto import tqdm
 
 from fedit.client.dpo import preference_scores
-from fedit.client.dpo_trainer import pair_logps, train_client_dpo
+from fedit.client.dpo_trainer import pair_logps, reference_logps, train_client_dpo
 from fedit.client.precision import half_precision_frozen_weights
-from fedit.client.trainer import round_learning_rate, train_client
+from fedit.client.trainer import NonFiniteTrainingError, round_learning_rate, train_client
 from fedit.config import ConfigError, RunConfig, TrainConfig
 from fedit.data.preferences import TokenizedPair
 from fedit.engine.checkpoint import (
@@ -57,13 +57,15 @@ from fedit.models.adapters import (
     attach_lora,
     get_adapter_state,
     lora_scaling,
+    require_full_precision_base,
     set_adapter_state,
     set_base_residual,
 )
 from fedit.models.loading import load_model, load_tokenizer
-from fedit.seeding import derive_seed
+from fedit.seeding import Stream, derive_seed
 from fedit.server.selection import select_clients
 from fedit.server.strategies import build_strategy
+from fedit.server.validation import AllUpdatesRejectedError, Rejection, reject_non_finite
 from fedit.types import ClientUpdate
 
 console = Console(stderr=True)
@@ -78,6 +80,7 @@ class Simulation:
         self.show_progress = show_progress
         self.heldout_reference: torch.Tensor | None = None  # base log-probs of held-out pairs
         self.base_originals: dict[str, torch.Tensor] = {}  # W0 of weights with a residual
+        self.client_references: list[torch.Tensor] | None = None  # fixed DPO π_ref, per client
 
     def run(self, resume: bool = False) -> Path:
         """Train all rounds (continuing after the last checkpoint with `resume`)."""
@@ -98,11 +101,14 @@ class Simulation:
         self._describe(data)
         train_cfgs = self._train_configs(data)
         model = attach_lora(load_model(cfg.model), cfg.lora, cfg.seed)
+        if cfg.strategy.lora_aggregation == "exact":  # "auto" may have resolved to half
+            require_full_precision_base(model)
         strategy = build_strategy(cfg.strategy, data.num_clients)
         strategy.lora_scaling = lora_scaling(cfg.lora)
         strategy.set_storage_dir(self.output_dir / "client_state")
         # Before _restore folds any exact-aggregation residual into the base: π_ref = W0.
         self.heldout_reference = self._base_logps(model, data.heldout_pairs)
+        self.client_references = self._run_references(model, data, train_cfgs)
         start, global_state, residual = self._restore(model, strategy, done)
         self._trim_metrics(start)
         if start == 0 and cfg.eval.at_start:
@@ -185,8 +191,9 @@ class Simulation:
             chosen = [0]
         objective = round_objective(cfg, r)
         train_cfg = train_cfgs[objective]
+        self._prepare_round(r, strategy, model, data, train_cfg, global_state, residual)
         lr = round_learning_rate(train_cfg, r, fed.rounds)
-        updates = []
+        updates, rejected = [], []
         with half_precision_frozen_weights(
             model, train_cfg.mixed_precision, train_cfg.half_precision_frozen_weights
         ):  # one cast per round, shared by its clients
@@ -199,12 +206,19 @@ class Simulation:
                     k,
                     train_cfg,
                     learning_rate=lr,
-                    seed=derive_seed(cfg.seed, r, k),
+                    seed=derive_seed(cfg.seed, Stream.CLIENT_DATA, r, k),
                     pad_id=self.pad_id,
                     hook=strategy.client_hook(k, global_state),
                     show_progress=self.show_progress,
                 )
-                updates.append(update)
+                if isinstance(update, Rejection):
+                    rejected.append(update)
+                else:
+                    updates.append(update)
+        updates, refused = reject_non_finite(updates)  # before any server state is touched
+        rejected += refused
+        if not updates:
+            raise AllUpdatesRejectedError(r + 1, rejected)
         global_state = strategy.aggregate(global_state, updates, r)
         new_residual = strategy.take_base_residual()
         if new_residual:
@@ -220,6 +234,8 @@ class Simulation:
             ],
             "strategy": strategy.metrics(),
         }
+        if rejected:
+            record["rejected"] = [rejection.as_record() for rejection in rejected]
         last = r + 1 == fed.rounds
         if last or (r + 1) % cfg.eval.every_rounds == 0:
             record.update(self._evaluate(model, data))
@@ -237,12 +253,73 @@ class Simulation:
 
     def _train_client(
         self, objective: str, model, data: FederationData, k: int, train_cfg, **kwargs: Any
-    ) -> ClientUpdate:
-        """Client k's local round on the round's objective: its records or its pairs."""
-        if objective == "dpo":
-            pairs = data.pair_clients[k]
-            return train_client_dpo(model, pairs, train_cfg, self.cfg.dpo, client_id=k, **kwargs)
-        return train_client(model, data.clients[k], train_cfg, client_id=k, **kwargs)
+    ) -> ClientUpdate | Rejection:
+        """Client k's local round on the round's objective: its records or its pairs; a
+        Rejection (left out of the aggregate) if its loss or gradients went non-finite."""
+        try:
+            if objective == "dpo":
+                pairs, references = data.pair_clients[k], self.client_references
+                reference = None if references is None else references[k]
+                return train_client_dpo(
+                    model,
+                    pairs,
+                    train_cfg,
+                    self.cfg.dpo,
+                    client_id=k,
+                    reference=reference,
+                    **kwargs,
+                )
+            return train_client(model, data.clients[k], train_cfg, client_id=k, **kwargs)
+        except NonFiniteTrainingError as err:
+            return Rejection(k, err.reason)
+
+    def _prepare_round(self, r, strategy, model, data, train_cfg, global_state, residual) -> None:
+        """What round r needs before its clients train: fresh server state where the
+        objective changes (sft_then_dpo's first DPO round, see Strategy.reset; also when a
+        run resumes there), and the "sft" DPO reference once the SFT rounds are done."""
+        objective = round_objective(self.cfg, r)
+        if r > 0 and objective != round_objective(self.cfg, r - 1):
+            strategy.reset()
+        sft_reference = self.cfg.dpo.reference == "sft"
+        if objective == "dpo" and sft_reference and self.client_references is None:
+            self.client_references = self._sft_references(
+                model, data, r, train_cfg, global_state, residual
+            )
+
+    def _run_references(self, model, data: FederationData, train_cfgs) -> list | None:
+        """DPO π_ref log-probs of every client's pairs that are fixed from the start: "base"
+        (W0: computed before any exact-aggregation residual is folded in, as the held-out
+        reference is) and "sft" in a pure DPO run (its starting model, B = 0, also W0)."""
+        dpo = self.cfg.dpo
+        fixed = dpo.reference == "base" or (dpo.reference == "sft" and dpo.sft_rounds == 0)
+        if self.cfg.train.objective == "sft" or not fixed:
+            return None
+        return self._client_logps(model, data, train_cfgs["dpo"])
+
+    def _sft_references(self, model, data, r, train_cfg, global_state, residual) -> list:
+        """The "sft" π_ref: each client's log-probs under the global model after the SFT
+        rounds. In round sft_rounds the model holds it; a run resumed later loads that
+        round's checkpoint (adapter and residual) for the pass, then restores the present."""
+        sft_end = self.cfg.dpo.sft_rounds
+        if r == sft_end:
+            set_adapter_state(model, global_state)
+            return self._client_logps(model, data, train_cfg)
+        checkpoint = load_checkpoint(model, round_dir(self.output_dir, sft_end), sft_end)
+        set_base_residual(model, self.base_originals, checkpoint.base_residual)
+        try:
+            return self._client_logps(model, data, train_cfg)
+        finally:
+            set_base_residual(model, self.base_originals, residual)
+            set_adapter_state(model, global_state)
+
+    def _client_logps(self, model, data: FederationData, train_cfg) -> list[torch.Tensor]:
+        """(N_k, 2) reference log-probs of each client's pairs under `model` as it is (or
+        with its adapter disabled for "base"), at the training precision."""
+        dpo, pad_id = self.cfg.dpo, self.pad_id
+        return [
+            reference_logps(model, pairs, range(len(pairs)), train_cfg, dpo, pad_id)
+            for pairs in data.pair_clients
+        ]
 
     def _evaluate(self, model, data: FederationData) -> dict[str, Any]:
         """Held-out loss and preference scores per category, and how long they took (kept

@@ -94,6 +94,26 @@ def add_to_base_weights(model: torch.nn.Module, residual: dict[str, torch.Tensor
         params[name].add_(delta.to(params[name].device, params[name].dtype))
 
 
+EXACT_DTYPES = (torch.float32, torch.float64)  # base weights that hold W0 + R exactly
+
+
+def _check_exact_dtype(name: str, weight: torch.Tensor) -> None:
+    if weight.dtype not in EXACT_DTYPES:
+        raise ConfigError(
+            f"strategy.lora_aggregation = 'exact' folds the aggregation residual into the base "
+            f"weights, but {name} is {weight.dtype} (model.dtype, or 'auto' on a GPU), which "
+            "would round the residual away (1e-4 on a weight of 0.03 loses about half in "
+            'bfloat16): set model.dtype = "float32" for exact aggregation'
+        )
+
+
+def require_full_precision_base(model: torch.nn.Module) -> None:
+    """Refuse a model whose LoRA-wrapped base weights are not fp32/fp64 (exact mode only)."""
+    for name, param in model.named_parameters():
+        if name.endswith(".base_layer.weight"):
+            _check_exact_dtype(name, param)
+
+
 @torch.no_grad()
 def set_base_residual(
     model: torch.nn.Module, originals: dict[str, torch.Tensor], residual: dict[str, torch.Tensor]
@@ -103,8 +123,11 @@ def set_base_residual(
     Setting from the original W0 each round, rather than adding each round's residual in
     turn, gives bit-identical weights in an uninterrupted run, a resumed one (which only
     has the saved R) and an exported model (W0 + R). `originals` caches W0 on first use.
+    Half-precision or quantised weights are refused (ConfigError): they cannot hold W0 + R.
     """
     params = dict(model.named_parameters())
+    for name in residual:
+        _check_exact_dtype(name, params[name])
     for name, total in residual.items():
         base = originals.setdefault(name, params[name].detach().clone())
         params[name].copy_(base + total.to(base.device, base.dtype))

@@ -12,6 +12,15 @@ Keys follow PEFT's parameter names: "<prefix>.lora_A.<adapter>.weight" pairs wit
 "<prefix>.lora_B.<adapter>.weight", and the frozen weight is "<prefix>.base_layer.weight".
 Only nn.Linear-style layers (W0 is out×in) are covered; LoRA on embeddings
 ("lora_embedding_A") is left to ordinary averaging. Products are taken in float32.
+
+Precision. The residual is small beside W0 (1e-4 against weights of 0.03 is typical) and
+stored in the base weights' own dtype, where bfloat16 would round about half of it away
+and 4/8-bit quantisation all of it. "exact" therefore needs a float32 base: the config
+refuses ``model.load_in_bits`` and ``model.dtype = "bfloat16" | "float16"`` with it, and the
+engine refuses a base that ``model.dtype = "auto"`` loaded in half precision on a GPU
+(``fedit.models.adapters.require_full_precision_base``); set ``model.dtype = "float32"``.
+The stored model is then W0 + R + s·B̄Ā to fp32 precision; with mixed precision the forward
+still computes in bf16, as it does for every other weight.
 """
 
 from __future__ import annotations

@@ -6,9 +6,7 @@ import math
 
 import numpy as np
 
-from fedit.seeding import derive_seed
-
-SELECTION_STREAM = 1  # keeps selection draws apart from the clients' data-order seeds
+from fedit.seeding import Stream, derive_seed
 
 
 def clients_per_round(num_clients: int, count: int | None, fraction: float | None) -> int:
@@ -27,5 +25,5 @@ def select_clients(
     k = clients_per_round(num_clients, count, fraction)
     if k == num_clients:
         return list(range(num_clients))
-    rng = np.random.default_rng(derive_seed(seed, SELECTION_STREAM, round_index))
+    rng = np.random.default_rng(derive_seed(seed, Stream.SELECTION, round_index))
     return sorted(int(i) for i in rng.choice(num_clients, size=k, replace=False))

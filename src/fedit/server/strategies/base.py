@@ -33,6 +33,12 @@ class Strategy(ABC):
     residual, so the base absorbs what averaging the factors loses and the optimiser then
     moves the factors: a consistent choice, not a result from the paper.
 
+    Phases: ``reset`` forgets all server state. The engine calls it where the objective
+    changes (``train.objective = "sft_then_dpo"``, at the first DPO round), so the DPO
+    rounds start as a pure DPO run would: momenta, adaptive moments and control variates
+    estimated on SFT gradients do not steer them. Checkpoints after the switch hold the
+    DPO-phase state; a resume from the last SFT round resets again at the switch.
+
     Attributes:
         lora_scaling: s = lora.alpha / lora.r, set by the engine right after building the
             strategy (``strategy.lora_scaling = alpha / r``). Only "exact" mode uses it.
@@ -81,6 +87,11 @@ class Strategy(ABC):
             raise ValueError(
                 f"{type(self).__name__} keeps no server state, got {sorted(state)[:3]}"
             )
+
+    def reset(self) -> None:
+        """Forget all server state, as at the start of a run (the residual not yet taken,
+        which belongs to rounds already aggregated, is kept)."""
+        self.load_state_dict({})
 
     def take_base_residual(self) -> dict[str, Tensor]:
         """Return and clear the residual to add to the frozen base weights, keyed by the
