@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from fedit.client.hooks import ClientHook
 from fedit.config import ConfigError, StrategyConfig
+from fedit.engine.checkpoint import ClientStateStore
 from fedit.server.strategies import STRATEGIES, Strategy, build_strategy, register
 from fedit.server.strategies.fedprox import FedProxHook
 from fedit.types import AdapterState, ClientUpdate
@@ -331,31 +332,38 @@ def test_scaffold_rejects_updates_without_control_delta() -> None:
         build("scaffold").aggregate(x, updates_for(x, [[1.0, 1.0]]), round_index=0)
 
 
-def test_scaffold_spills_client_variates_to_disk(tmp_path: Path) -> None:
-    # Prepare: 65 clients (> 64), c_k kept as files
+def test_scaffold_spills_client_variates_to_the_store(tmp_path: Path) -> None:
+    # Prepare: 65 clients (> 64), c_k kept in the engine's store
     strategy = build("scaffold", num_clients=65)
-    strategy.set_storage_dir(tmp_path)
+    store = ClientStateStore([])
+    strategy.set_client_store(store)
     x = w([0.0, 0.0])
 
-    # Execute
+    # Execute: one round, committed as a checkpoint would commit it; then a resumed strategy
     strategy.aggregate(x, scaffold_updates(x, [[1.0, 1.0]], [1], [7], [[65.0, 130.0]]), 0)
+    pending = store.pending()
+    round_dir = tmp_path / "round_0001"
+    (round_dir / "client_state").mkdir(parents=True)
+    save_file(pending[7], round_dir / "client_state" / "7.safetensors")
+    store.commit(round_dir)
     resumed = build("scaffold", num_clients=65)
-    resumed.set_storage_dir(tmp_path)
+    resumed.set_client_store(ClientStateStore([round_dir]))
     resumed.load_state_dict(strategy.state_dict())
 
-    # Assert: c = [65, 130]/65 = [1, 2]; c_7 = [65, 130] on disk, not in the state dict
+    # Assert: c = [65, 130]/65 = [1, 2]; c_7 = [65, 130] in the store, not in the state dict
     assert sorted(strategy.state_dict()) == ["c.w"]
-    assert torch.equal(load_file(tmp_path / "c_7.safetensors")["w"], torch.tensor([65.0, 130.0]))
+    assert list(pending) == [7] and torch.equal(pending[7]["w"], torch.tensor([65.0, 130.0]))
     # c − c_7 = [1 - 65, 2 - 130]
     assert torch.equal(correction_of(resumed.client_hook(7, x)), torch.tensor([-64.0, -128.0]))
 
 
-def test_scaffold_keeps_few_clients_in_memory(tmp_path: Path) -> None:
+def test_scaffold_keeps_few_clients_in_memory() -> None:
     strategy = build("scaffold", num_clients=64)
-    strategy.set_storage_dir(tmp_path)
+    store = ClientStateStore([])
+    strategy.set_client_store(store)
     x = w([0.0, 0.0])
     strategy.aggregate(x, scaffold_updates(x, [[1.0, 1.0]], [1], [3], [[1.0, 1.0]]), 0)
-    assert list(tmp_path.iterdir()) == []
+    assert store.pending() == {}
     assert "c_k.3.w" in strategy.state_dict()
 
 
