@@ -240,8 +240,10 @@ def test_sigkilled_cli_run_resumes_exactly(
     args += [a for o in overrides for a in ("--set", o)]
     env = {**os.environ, "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{REPO}", "OMP_NUM_THREADS": "1"}
     child = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 600  # a guard against a hung child, not a timing check
     try:
         while not (out / "round_0001").exists() and child.poll() is None:
+            assert time.monotonic() < deadline, "fedit train never finished round 1"
             time.sleep(0.01)
         assert child.poll() is None, child.stderr.read().decode()
     finally:

@@ -51,6 +51,7 @@ SAVED = ["data.path=synthetic", "seed=42", "train.learning_rate=0.005", "federat
         (["lora.alpha=8"], ["lora.alpha (16 -> 8)"]),
         (["lora.dropout=0.0"], ["lora.dropout (0.05 -> 0.0)"]),
         (["lora.target_modules=q_proj"], ["lora.target_modules (['all-linear'] -> ['q_proj'])"]),
+        (["lora.last_layers=2"], ["lora.last_layers (None -> 2)"]),
         (["data.path=other.jsonl"], ["data.path ('synthetic' -> 'other.jsonl')"]),
         (["data.max_seq_len=128"], ["data.max_seq_len (256 -> 128)"]),
         (["partition.method=iid"], ["partition.method ('category_shards' -> 'iid')"]),
