@@ -105,8 +105,8 @@ def prepare_run_dir(output_dir: Path, cfg: RunConfig, done: list[int]) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     stale = list(output_dir.glob(".tmp-*"))
     if not done:
-        stale += [output_dir / METRICS, metrics_record(output_dir, 0)]
-        stale.append(output_dir / LEGACY_CLIENT_STATE)
+        stale += [output_dir / name for name in (METRICS, LEGACY_CLIENT_STATE)]
+        stale.append(metrics_record(output_dir, 0))
     for path in stale:
         _remove(path)
     config = output_dir / CONFIG
