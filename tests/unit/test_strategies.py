@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from fedit.client.hooks import ClientHook
 from fedit.config import ConfigError, StrategyConfig
+from fedit.engine.checkpoint import ClientStateStore
 from fedit.server.strategies import STRATEGIES, Strategy, build_strategy, register
 from fedit.server.strategies.fedprox import FedProxHook
 from fedit.types import AdapterState, ClientUpdate
@@ -364,31 +365,36 @@ def test_scaffold_rejects_updates_without_control_delta() -> None:
         build("scaffold").aggregate(x, updates_for(x, [[1.0, 1.0]]), round_index=0)
 
 
-def test_scaffold_spills_client_variates_to_disk(tmp_path: Path) -> None:
-    # Prepare: 65 clients (> 64), c_k kept as files
+def test_scaffold_spills_client_variates_to_the_store(tmp_path: Path) -> None:
+    # Prepare: 65 clients (> 64), c_k kept in the engine's store
     strategy = build("scaffold", num_clients=65)
-    strategy.set_storage_dir(tmp_path)
+    store = ClientStateStore([])
+    strategy.set_client_store(store)
     x = w([0.0, 0.0])
 
-    # Execute
+    # Execute: one round, committed as a checkpoint would commit it; then a resumed strategy
     strategy.aggregate(x, scaffold_updates(x, [[1.0, 1.0]], [1], [7], [[65.0, 130.0]]), 0)
+    pending = store.pending()
+    round_dir = commit_client_state(store, tmp_path / "round_0001")
+    store.commit(round_dir)
     resumed = build("scaffold", num_clients=65)
-    resumed.set_storage_dir(tmp_path)
+    resumed.set_client_store(ClientStateStore([round_dir]))
     resumed.load_state_dict(strategy.state_dict())
 
-    # Assert: c = [65, 130]/65 = [1, 2]; c_7 = [65, 130] on disk, not in the state dict
+    # Assert: c = [65, 130]/65 = [1, 2]; c_7 = [65, 130] in the store, not in the state dict
     assert sorted(strategy.state_dict()) == ["c.w", "client_weights"]
-    assert torch.equal(load_file(tmp_path / "c_7.safetensors")["w"], torch.tensor([65.0, 130.0]))
+    assert list(pending) == [7] and torch.equal(pending[7]["w"], torch.tensor([65.0, 130.0]))
     # c − c_7 = [1 - 65, 2 - 130]
     assert torch.equal(correction_of(resumed.client_hook(7, x)), torch.tensor([-64.0, -128.0]))
 
 
-def test_scaffold_keeps_few_clients_in_memory(tmp_path: Path) -> None:
+def test_scaffold_keeps_few_clients_in_memory() -> None:
     strategy = build("scaffold", num_clients=64)
-    strategy.set_storage_dir(tmp_path)
+    store = ClientStateStore([])
+    strategy.set_client_store(store)
     x = w([0.0, 0.0])
     strategy.aggregate(x, scaffold_updates(x, [[1.0, 1.0]], [1], [3], [[1.0, 1.0]]), 0)
-    assert list(tmp_path.iterdir()) == []
+    assert store.pending() == {}
     assert "c_k.3.w" in strategy.state_dict()
 
 
@@ -486,16 +492,26 @@ def test_scaffold_converges_to_the_optimum_of_its_weighting() -> None:
     assert scaffold_on_quadratics("uniform") == pytest.approx(5.0, abs=1e-4)
 
 
+def commit_client_state(store: ClientStateStore, directory: Path) -> Path:
+    """What save_checkpoint does with the store's pending state: one file per client."""
+    (directory / "client_state").mkdir(parents=True)
+    for client_id, state in store.pending().items():
+        save_file(state, directory / "client_state" / f"{client_id}.safetensors")
+    return directory
+
+
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
 def test_reset_makes_the_strategy_as_new(name: str, tmp_path: Path) -> None:
     # Prepare: two rounds of server state (SCAFFOLD's c_k spilled to disk: 65 clients)
     options = {"server_lr": 0.1, "prox_mu": 0.1}
     used, fresh = build(name, 65, **options), build(name, 65, **options)
-    used.set_storage_dir(tmp_path / "used")
-    fresh.set_storage_dir(tmp_path / "fresh")
+    used_store = ClientStateStore([])
+    used.set_client_store(used_store)
+    fresh.set_client_store(ClientStateStore([]))
     x = start_state()
     for r in range(2):
         x = used.aggregate(x, random_round(x, r), r)
+        used_store.commit(commit_client_state(used_store, tmp_path / f"round_{r + 1}"))
 
     # Execute
     used.reset()
@@ -503,7 +519,7 @@ def test_reset_makes_the_strategy_as_new(name: str, tmp_path: Path) -> None:
     # Assert: the same state and the same next step as a strategy that never ran
     assert used.state_dict().keys() == fresh.state_dict().keys()
     assert all(torch.equal(t, fresh.state_dict()[k]) for k, t in used.state_dict().items())
-    assert not list((tmp_path / "used").glob("*"))
+    assert all(used_store.get(k) is None for k in range(65))
     expected = fresh.aggregate(x, random_round(x, 2), 2)
     got = used.aggregate(x, random_round(x, 2), 2)
     assert all(torch.equal(expected[key], got[key]) for key in expected)

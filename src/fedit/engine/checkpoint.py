@@ -1,19 +1,25 @@
-"""Per-round checkpoints: the global adapter (PEFT layout), server state, run state, config.
+"""Per-round checkpoints: the global adapter (PEFT layout), server state, run state, config,
+the round's metrics line and the per-client state the round changed.
 
 Layout of a run directory::
 
     config.toml              resolved run config
-    metrics.jsonl            one line per completed round
+    metrics.jsonl            one line per completed round (rebuilt from the records below)
+    metrics_round0.json      round 0's line: the starting model (eval.at_start)
     round_0001/              one directory per completed round
       adapter_config.json    \\ standard PEFT layout:
       adapter_model.safetensors / PeftModel.from_pretrained(base, dir) loads it
       server_state.safetensors  strategy state (momentum, moments, control variates)
       base_residual.safetensors exact LoRA aggregation: what was folded into base weights
+      client_state/<id>.safetensors  per-client server state this round changed (SCAFFOLD's
+                             c_k with more than 64 clients): a client's newest file is its state
+      metrics.json           the round's line of metrics.jsonl
       state.json             round counter, seed, strategy name
       config.toml            the config that produced it
 
-A round directory is written under a temporary name and renamed when complete, so a
-crash mid-write never leaves a checkpoint that looks complete, nor damages an older one.
+A round directory is written under a temporary name and renamed when complete: the rename
+commits the round, its metrics line and its clients' state at once, so a crash mid-write
+never leaves a checkpoint that looks complete, nor damages an older one.
 """
 
 from __future__ import annotations
@@ -22,12 +28,13 @@ import json
 import os
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from peft import PeftModel, set_peft_model_state_dict
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from fedit.config import RunConfig
@@ -35,10 +42,19 @@ from fedit.models.adapters import get_adapter_state, save_adapter
 from fedit.types import AdapterState
 
 ROUND_PATTERN = re.compile(r"^round_(\d{4,})$")
+CLIENT_STATE = "client_state"
+METRICS_RECORD = "metrics.json"
 
 
 def round_dir(output_dir: Path, round_number: int) -> Path:
     return output_dir / f"round_{round_number:04d}"
+
+
+def metrics_record(output_dir: Path, round_number: int) -> Path:
+    """The file holding round `round_number`'s metrics line (0: the starting model)."""
+    if round_number == 0:
+        return output_dir / "metrics_round0.json"
+    return round_dir(output_dir, round_number) / METRICS_RECORD
 
 
 def completed_rounds(output_dir: Path) -> list[int]:
@@ -55,6 +71,8 @@ class Checkpoint:
     server_state: dict[str, torch.Tensor]
     base_residual: dict[str, torch.Tensor]
     run_state: dict[str, Any]
+    metrics: str = ""  # the round's metrics.jsonl line
+    client_state: dict[int, AdapterState] = field(default_factory=dict)  # changed this round
 
 
 def save_checkpoint(
@@ -63,21 +81,93 @@ def save_checkpoint(
     checkpoint: Checkpoint,
     cfg: RunConfig,
 ) -> Path:
-    """Write one completed round atomically and return its directory."""
+    """Write one completed round atomically and return its directory.
+
+    A failed write (disk full, ...) removes the staging directory and raises an OSError
+    naming the round; the rounds before it stay as they were, so --resume continues.
+    """
     final = round_dir(output_dir, checkpoint.round_number)
     staging = output_dir / f".tmp-{final.name}"
     shutil.rmtree(staging, ignore_errors=True)
+    try:
+        _write_round(staging, model, checkpoint, cfg)
+        os.replace(staging, final)
+    except (OSError, SafetensorError) as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        consequence = "the rounds before it are saved and --resume continues after them"
+        raise write_error(final, err, consequence) from err
+    return final
+
+
+def write_error(path: Path, err: Exception, consequence: str) -> OSError:
+    """An OSError naming `path` for a failed write, and what it means for the run. Keeps
+    the errno when known (safetensors reports I/O errors as SafetensorError, without one)."""
+    reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+    message = f"{path}: not written ({reason}); {consequence}"
+    code = err.errno if isinstance(err, OSError) else None
+    return OSError(code, message) if code else OSError(message)
+
+
+def _write_round(staging: Path, model: PeftModel, checkpoint: Checkpoint, cfg: RunConfig) -> None:
     staging.mkdir(parents=True)
     save_adapter(model, checkpoint.global_state, staging)
     save_file(_contiguous(checkpoint.server_state), str(staging / "server_state.safetensors"))
     if checkpoint.base_residual:
         save_file(_contiguous(checkpoint.base_residual), str(staging / "base_residual.safetensors"))
+    if checkpoint.client_state:
+        (staging / CLIENT_STATE).mkdir()
+    for client_id, state in sorted(checkpoint.client_state.items()):
+        save_file(_contiguous(state), str(staging / CLIENT_STATE / f"{client_id}.safetensors"))
+    (staging / METRICS_RECORD).write_text(checkpoint.metrics + "\n")
     (staging / "state.json").write_text(json.dumps(checkpoint.run_state, indent=2))
     cfg.save(staging / "config.toml")
-    if final.exists():  # a re-run of this round after a crash between rename and metrics
-        shutil.rmtree(final)
-    os.replace(staging, final)
-    return final
+
+
+class ClientStateStore:
+    """Per-client server state kept on disk and committed with the round checkpoints.
+
+    A client's state changes only in the rounds it takes part in, so each checkpoint holds
+    the state of that round's clients only (``client_state/<id>.safetensors``: checkpoints
+    do not grow with the number of clients), and a client's state after round r is its
+    newest file in rounds <= r. New state waits in memory (``put``) until the round's
+    checkpoint writes it (``pending``) and is committed (``commit``): a crash before the
+    commit leaves every committed version as it was, so a resumed round starts from them.
+    """
+
+    def __init__(self, checkpoints: list[Path]) -> None:
+        """`checkpoints`: the committed round directories to resume from, oldest first."""
+        self._files: dict[int, Path] = {}
+        self._pending: dict[int, AdapterState] = {}
+        for directory in checkpoints:
+            self._add(directory)
+
+    def get(self, client_id: int) -> AdapterState | None:
+        if client_id in self._pending:
+            return self._pending[client_id]
+        file = self._files.get(client_id)
+        return load_file(str(file)) if file else None
+
+    def put(self, client_id: int, state: AdapterState) -> None:
+        self._pending[client_id] = state
+
+    def pending(self) -> dict[int, AdapterState]:
+        """State put since the last commit: for the round's checkpoint to write."""
+        return dict(self._pending)
+
+    def clear(self) -> None:
+        """Forget every client's state, committed or not (Strategy.reset: at sft_then_dpo's
+        switch the SFT rounds' state is not the DPO rounds')."""
+        self._files.clear()
+        self._pending.clear()
+
+    def commit(self, directory: Path) -> None:
+        """The checkpoint at `directory`, holding ``pending()``, is committed."""
+        self._add(directory)
+        self._pending.clear()
+
+    def _add(self, directory: Path) -> None:
+        for file in (directory / CLIENT_STATE).glob("*.safetensors"):
+            self._files[int(file.stem)] = file
 
 
 def load_global_adapter(model: PeftModel, directory: Path) -> AdapterState:

@@ -1,7 +1,8 @@
 """The FedIT paper's comparison: Base, Local models, FedIT and Centralised, matched budgets.
 
 Each contender is the same run config with another `federation.mode`; all are trained by
-the simulation engine (resuming, so a re-run only scores) and scored on the same held-out
+the simulation engine (resuming, so a re-run only scores; a changed config is refused,
+see fedit.engine.run_dir) and scored on the same held-out
 records: held-out loss per category always, plus a generation score per category — exact
 match for the built-in synthetic skills, ROUGE-L otherwise. Writes into `out_dir`:
 `scores.md` (tables), `scores.json`, `metrics.jsonl` (one line per contender) and PNG charts.

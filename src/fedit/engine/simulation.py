@@ -2,7 +2,11 @@
 
 A round reads top to bottom: select clients → for each, load the global adapter into the
 shared model and run the local trainer on its pre-tokenised records → the strategy
-aggregates the updates → evaluate → checkpoint → one metrics line. Client training
+aggregates the updates → evaluate → commit the round (checkpoint, metrics line and
+per-client state in one atomic rename; fedit.engine.checkpoint) → append its metrics line
+to metrics.jsonl. Nothing is written to output_dir before the config, the data and the
+model are ready, and --resume continues a run only with a config that cannot change the
+rounds already trained (fedit.engine.run_dir). Client training
 (fedit.client) and server strategies (fedit.server) know nothing of this engine, so a
 networked engine reuses them unchanged.
 
@@ -41,8 +45,10 @@ from fedit.config import ConfigError, RunConfig, TrainConfig
 from fedit.data.preferences import TokenizedPair
 from fedit.engine.checkpoint import (
     Checkpoint,
+    ClientStateStore,
     completed_rounds,
     load_checkpoint,
+    metrics_record,
     round_dir,
     save_checkpoint,
 )
@@ -51,6 +57,14 @@ from fedit.engine.federation_data import (
     centralized_steps,
     prepare_data,
     round_objective,
+)
+from fedit.engine.run_dir import (
+    METRICS,
+    append_metrics,
+    check_resume,
+    prepare_run_dir,
+    rebuild_metrics,
+    write_atomic,
 )
 from fedit.eval.loss import heldout_loss
 from fedit.models.adapters import (
@@ -83,18 +97,27 @@ class Simulation:
         self.client_references: list[torch.Tensor] | None = None  # fixed DPO π_ref, per client
 
     def run(self, resume: bool = False) -> Path:
-        """Train all rounds (continuing after the last checkpoint with `resume`)."""
-        cfg = self.cfg
-        done = completed_rounds(self.output_dir)
+        """Train all rounds (continuing after the last checkpoint with `resume`).
+
+        Nothing is written to output_dir before the config, the data and the model with its
+        adapter are ready: a command that fails on bad input leaves the directory as it was.
+        """
+        cfg, out = self.cfg, self.output_dir
+        done = completed_rounds(out)
         if done and not resume:
             raise ConfigError(
-                f"{self.output_dir} already holds rounds up to {done[-1]}: "
+                f"{out} already holds rounds up to {done[-1]}: "
                 "pass --resume to continue it, or choose another output_dir"
             )
+        if resume:
+            check_resume(out, cfg, done)
+        final = round_dir(out, cfg.federation.rounds)
+        if done and done[-1] == cfg.federation.rounds:
+            rebuild_metrics(out, done)  # a line a crash in the last round cut short
+            console.print(f"{out} already completed {done[-1]} rounds: global adapter in {final}")
+            return final
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save(self.output_dir / "config.toml")
         tokenizer = load_tokenizer(cfg.model)
         self.pad_id = tokenizer.pad_token_id
         data = prepare_data(cfg, tokenizer)
@@ -105,14 +128,19 @@ class Simulation:
             require_full_precision_base(model)
         strategy = build_strategy(cfg.strategy, data.num_clients)
         strategy.lora_scaling = lora_scaling(cfg.lora)
-        strategy.set_storage_dir(self.output_dir / "client_state")
+        # Client state of the resumed phase only: sft_then_dpo resets it at the switch.
+        phase = [
+            n for n in done if round_objective(cfg, n - 1) == round_objective(cfg, done[-1] - 1)
+        ]
+        self.client_state = ClientStateStore([round_dir(out, n) for n in phase])
+        strategy.set_client_store(self.client_state)
         # Before _restore folds any exact-aggregation residual into the base: π_ref = W0.
         self.heldout_reference = self._base_logps(model, data.heldout_pairs)
         self.client_references = self._run_references(model, data, train_cfgs)
         start, global_state, residual = self._restore(model, strategy, done)
-        self._trim_metrics(start)
+        prepare_run_dir(out, cfg, done)  # the run's first write
         if start == 0 and cfg.eval.at_start:
-            self._write_metrics({"round": 0, **self._evaluate(model, data)})
+            self._commit_start(model, data)
         rounds = range(start, cfg.federation.rounds)
         for r in tqdm(
             rounds,
@@ -124,11 +152,7 @@ class Simulation:
             global_state, residual = self._round(
                 r, model, strategy, data, train_cfgs, global_state, residual
             )
-        final = round_dir(self.output_dir, cfg.federation.rounds)
-        console.print(
-            f"[bold green]done[/]: global adapter in {final}, metrics in "
-            f"{self.output_dir / 'metrics.jsonl'}"
-        )
+        console.print(f"[bold green]done[/]: global adapter in {final}, metrics in {out / METRICS}")
         return final
 
     def _describe(self, data: FederationData) -> None:
@@ -168,22 +192,21 @@ class Simulation:
         if not done:
             return 0, get_adapter_state(model), {}
         last = done[-1]
-        checkpoint = load_checkpoint(model, round_dir(self.output_dir, last), last)
+        directory = round_dir(self.output_dir, last)
+        checkpoint = load_checkpoint(model, directory, last)
+        saved_by = checkpoint.run_state.get("strategy")
+        if saved_by != self.cfg.strategy.name:  # FedAvgM's "v." state loads into FedAdam's
+            raise ConfigError(
+                f"{directory / 'state.json'}: the checkpoint was written by strategy "
+                f"{saved_by!r}, the config asks for {self.cfg.strategy.name!r}"
+            )
         strategy.load_state_dict(checkpoint.server_state)
         set_base_residual(model, self.base_originals, checkpoint.base_residual)
         console.print(f"resuming after round {last}")
         return last, checkpoint.global_state, checkpoint.base_residual
 
-    def _trim_metrics(self, start: int) -> None:
-        """Drop metric lines of rounds after the last checkpoint (a crash between them)."""
-        path = self.output_dir / "metrics.jsonl"
-        if not path.exists():
-            return
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-        kept = [ln for ln in lines if json.loads(ln)["round"] <= start]
-        path.write_text("".join(ln + "\n" for ln in kept))
-
     def _round(self, r, model, strategy, data, train_cfgs, global_state, residual):
+        """Round r + 1: select → train the clients → aggregate → evaluate → commit."""
         cfg, fed = self.cfg, self.cfg.federation
         started = time.perf_counter()
         chosen = select_clients(data.num_clients, fed.clients_per_round, fed.fraction, cfg.seed, r)
@@ -193,6 +216,39 @@ class Simulation:
         train_cfg = train_cfgs[objective]
         self._prepare_round(r, strategy, model, data, train_cfg, global_state, residual)
         lr = round_learning_rate(train_cfg, r, fed.rounds)
+        updates, rejected = self._train_clients(
+            r, chosen, objective, model, strategy, data, train_cfg, lr, global_state
+        )
+        updates, refused = reject_non_finite(updates)  # before any server state is touched
+        rejected += refused
+        if not updates:
+            raise AllUpdatesRejectedError(r + 1, rejected)
+        global_state = strategy.aggregate(global_state, updates, r)
+        residual = self._fold_residual(model, strategy, residual)
+        set_adapter_state(model, global_state)
+        record: dict[str, Any] = {
+            "round": r + 1,
+            "objective": objective,
+            "learning_rate": lr,
+            "clients": [
+                {"id": u.client_id, "num_examples": u.num_examples, **u.metrics} for u in updates
+            ],
+            "strategy": strategy.metrics(),
+        }
+        if rejected:
+            record["rejected"] = [rejection.as_record() for rejection in rejected]
+        if r + 1 == fed.rounds or (r + 1) % cfg.eval.every_rounds == 0:
+            record.update(self._evaluate(model, data))
+        record["seconds"] = time.perf_counter() - started
+        self._commit(model, strategy, record, global_state, residual)
+        return global_state, residual
+
+    def _train_clients(
+        self, r, chosen, objective, model, strategy, data, train_cfg, lr, global_state
+    ) -> tuple[list[ClientUpdate], list[Rejection]]:
+        """Each chosen client's local round, from the global adapter; a client whose
+        training went non-finite is a Rejection, left out of the aggregate."""
+        cfg = self.cfg
         updates, rejected = [], []
         with half_precision_frozen_weights(
             model, train_cfg.mixed_precision, train_cfg.half_precision_frozen_weights
@@ -215,41 +271,37 @@ class Simulation:
                     rejected.append(update)
                 else:
                     updates.append(update)
-        updates, refused = reject_non_finite(updates)  # before any server state is touched
-        rejected += refused
-        if not updates:
-            raise AllUpdatesRejectedError(r + 1, rejected)
-        global_state = strategy.aggregate(global_state, updates, r)
+        return updates, rejected
+
+    def _fold_residual(self, model, strategy, residual):
+        """Add the aggregation's exact-LoRA residual (if any) into the frozen base weights."""
         new_residual = strategy.take_base_residual()
         if new_residual:
             residual = {k: residual.get(k, 0) + v for k, v in new_residual.items()}
             set_base_residual(model, self.base_originals, residual)
-        set_adapter_state(model, global_state)
-        record: dict[str, Any] = {
-            "round": r + 1,
-            "objective": objective,
-            "learning_rate": lr,
-            "clients": [
-                {"id": u.client_id, "num_examples": u.num_examples, **u.metrics} for u in updates
-            ],
-            "strategy": strategy.metrics(),
-        }
-        if rejected:
-            record["rejected"] = [rejection.as_record() for rejection in rejected]
-        last = r + 1 == fed.rounds
-        if last or (r + 1) % cfg.eval.every_rounds == 0:
-            record.update(self._evaluate(model, data))
-        record["seconds"] = time.perf_counter() - started
+        return residual
+
+    def _commit(self, model, strategy, record, global_state, residual) -> None:
+        """Save the round atomically (its checkpoint holds its metrics line and its clients'
+        new state), then append the line to metrics.jsonl."""
+        cfg, round_number = self.cfg, record["round"]
         checkpoint = Checkpoint(
-            round_number=r + 1,
+            round_number=round_number,
             global_state=global_state,
             server_state=strategy.state_dict(),
             base_residual=residual,
-            run_state={"round": r + 1, "seed": cfg.seed, "strategy": cfg.strategy.name},
+            run_state={"round": round_number, "seed": cfg.seed, "strategy": cfg.strategy.name},
+            metrics=json.dumps(record),
+            client_state=self.client_state.pending(),
         )
-        save_checkpoint(self.output_dir, model, checkpoint, cfg)
+        self.client_state.commit(save_checkpoint(self.output_dir, model, checkpoint, cfg))
         self._write_metrics(record)
-        return global_state, residual
+
+    def _commit_start(self, model, data: FederationData) -> None:
+        """Round 0's line, the starting model: its own record file, then metrics.jsonl."""
+        record = {"round": 0, **self._evaluate(model, data)}
+        write_atomic(metrics_record(self.output_dir, 0), json.dumps(record))
+        self._write_metrics(record)
 
     def _train_client(
         self, objective: str, model, data: FederationData, k: int, train_cfg, **kwargs: Any
@@ -351,9 +403,8 @@ class Simulation:
             return self._logps(model, pairs)
 
     def _write_metrics(self, record: dict[str, Any]) -> None:
-        """Append one line to metrics.jsonl (after the round's checkpoint) and report it."""
-        with (self.output_dir / "metrics.jsonl").open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        """Append a committed round's line to metrics.jsonl and report it."""
+        append_metrics(self.output_dir, json.dumps(record))
         text = f"round {record['round']}:"
         if record.get("clients"):
             losses = [c["train_loss"] for c in record["clients"]]

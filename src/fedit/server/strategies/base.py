@@ -8,7 +8,7 @@ global adapter, what (if anything) clients must do differently, and which server
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from pathlib import Path
+from typing import Protocol
 
 from torch import Tensor
 
@@ -17,6 +17,18 @@ from fedit.config import StrategyConfig
 from fedit.server.aggregation import client_weights, state_norm, subtract
 from fedit.server.lora_aggregation import fedex_residual, separate_error
 from fedit.types import AdapterState, ClientUpdate
+
+
+class ClientStore(Protocol):
+    """Where a strategy keeps per-client state too large for memory (SCAFFOLD's c_k with
+    many clients). The engine's store (fedit.engine.checkpoint.ClientStateStore) commits
+    what was put with the round's checkpoint, so a crash never mixes rounds."""
+
+    def get(self, client_id: int) -> AdapterState | None: ...
+
+    def put(self, client_id: int, state: AdapterState) -> None: ...
+
+    def clear(self) -> None: ...
 
 
 class Strategy(ABC):
@@ -54,9 +66,9 @@ class Strategy(ABC):
         self._metrics: dict[str, float] = {}
         self._base_residual: dict[str, Tensor] = {}
 
-    def set_storage_dir(self, path: str | Path) -> None:
-        """A directory for per-client server state too large to keep in memory (SCAFFOLD's
-        c_k with many clients). Strategies without such state ignore it."""
+    def set_client_store(self, store: ClientStore) -> None:
+        """A store for per-client server state too large to keep in memory (SCAFFOLD's c_k
+        with many clients). Strategies without such state ignore it."""
         return None
 
     def client_hook(self, client_id: int, global_state: AdapterState) -> ClientHook:

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from fedit.client.hooks import ClientHook
 from fedit.config import StrategyConfig
 from fedit.server.aggregation import add_prefix, add_scaled, mean_delta, take_prefix, zeros_like
-from fedit.server.strategies.base import Strategy
+from fedit.server.strategies.base import ClientStore, Strategy
 from fedit.types import AdapterState, ClientUpdate
 
-SPILL_THRESHOLD = 64  # more clients than this: c_k go to disk once set_storage_dir is called
+SPILL_THRESHOLD = 64  # more clients than this: c_k go to disk once set_client_store is called
 
 
 class ScaffoldHook(ClientHook):
@@ -100,10 +97,10 @@ class Scaffold(Strategy):
 
     Storage: c_k live in memory and are saved in ``state_dict`` ("c.<param>",
     "c_k.<id>.<param>", and the (N,) weights w_k as "client_weights", 0 for clients not
-    seen). With more than ``SPILL_THRESHOLD`` clients, ``set_storage_dir`` moves the c_k to
-    "<dir>/c_<id>.safetensors" files, one per client; ``state_dict`` then holds c and the
-    weights only, and a resumed run must be given the same directory (which holds the c_k
-    of the latest round aggregated, even if resuming from an older checkpoint).
+    seen). With more than ``SPILL_THRESHOLD`` clients, ``set_client_store`` moves the c_k to
+    a store (fedit.engine.checkpoint.ClientStateStore): ``state_dict`` then holds c and the
+    weights only, and the store commits each round's new c_k with that round's checkpoint,
+    so c and every c_k always come from the same round.
     """
 
     def __init__(self, config: StrategyConfig, num_clients: int) -> None:
@@ -111,35 +108,31 @@ class Scaffold(Strategy):
         self._c: AdapterState = {}
         self._c_k: dict[int, AdapterState] = {}
         self._weights = torch.zeros(num_clients, dtype=torch.float64)  # w_k; 0: not seen
-        self._storage_dir: Path | None = None
+        self._store: ClientStore | None = None
 
-    def set_storage_dir(self, path: str | Path) -> None:
-        """Spill the c_k to ``path`` when there are more than SPILL_THRESHOLD clients."""
+    def set_client_store(self, store: ClientStore) -> None:
+        """Keep the c_k in ``store`` when there are more than SPILL_THRESHOLD clients."""
         if self.num_clients <= SPILL_THRESHOLD:
             return
-        self._storage_dir = Path(path)
-        self._storage_dir.mkdir(parents=True, exist_ok=True)
+        self._store = store
         in_memory, self._c_k = self._c_k, {}
         for client_id, c_k in in_memory.items():
             self._put(client_id, c_k)
 
     def _get(self, client_id: int, like: AdapterState) -> AdapterState:
-        if self._storage_dir is None:
-            return self._c_k.get(client_id) or zeros_like(like)
-        file = _c_k_file(self._storage_dir, client_id)
-        return load_file(file) if file.exists() else zeros_like(like)
+        store = self._c_k if self._store is None else self._store
+        return store.get(client_id) or zeros_like(like)
 
     def _put(self, client_id: int, c_k: AdapterState) -> None:
-        if self._storage_dir is None:
+        if self._store is None:
             self._c_k[client_id] = c_k
         else:
-            save_file(c_k, _c_k_file(self._storage_dir, client_id))
+            self._store.put(client_id, c_k)
 
     def reset(self) -> None:
         super().reset()
-        if self._storage_dir is not None:
-            for file in self._storage_dir.glob("c_*.safetensors"):  # see _c_k_file
-                file.unlink()
+        if self._store is not None:
+            self._store.clear()
 
     def client_hook(self, client_id: int, global_state: AdapterState) -> ClientHook:
         return ScaffoldHook(self._c or zeros_like(global_state), self._get(client_id, global_state))
@@ -205,10 +198,6 @@ def _total_weight(weights: Tensor) -> float:
     """D = N·w̄: the seen clients' mean weight stands in for each unseen client (0: none)."""
     seen = weights[weights > 0]
     return len(weights) * float(seen.mean()) if len(seen) else 0.0
-
-
-def _c_k_file(directory: Path, client_id: int) -> Path:
-    return directory / f"c_{client_id}.safetensors"
 
 
 def _control_delta(update: ClientUpdate, like: AdapterState) -> AdapterState:

@@ -1,0 +1,175 @@
+"""The run directory around its checkpoints: what --resume accepts, and what is rebuilt or
+cleaned before a run writes anything.
+
+The checkpoints (fedit.engine.checkpoint) are the source of truth: each round directory
+holds everything the round produced, its metrics line included, and metrics.jsonl is a
+view rebuilt from them, so a crash at any point leaves one line per committed round.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from fedit.config import ConfigError, RunConfig, load_config, to_toml
+from fedit.engine.checkpoint import metrics_record, round_dir, write_error
+
+METRICS = "metrics.jsonl"
+CONFIG = "config.toml"
+LEGACY_CLIENT_STATE = "client_state"  # c_k of older fedit, written before the round committed
+
+# Keys a resumed run may change: they cannot alter the maths of the rounds already trained
+# (federation.rounds with the exceptions of resume_conflicts). "eval.*": the whole section,
+# which only decides what is evaluated and reported.
+RESUMABLE_KEYS = frozenset({"output_dir", "federation.rounds", "train.threads", "eval.*"})
+
+
+def resume_conflicts(saved: RunConfig, requested: RunConfig) -> list[str]:
+    """The keys in which `requested` differs from the `saved` run in a way that would make
+    the resumed run not a continuation of it, as "key (old -> new)", sorted.
+
+    Any key outside RESUMABLE_KEYS conflicts. federation.rounds conflicts too where the
+    rounds already trained depend on the total: a cosine learning rate decays over all
+    rounds, and the centralized baseline's step budget is a mean over all rounds.
+    """
+    old, new = _flat(saved.to_dict()), _flat(requested.to_dict())
+    conflicts = [
+        f"{key} ({old.get(key)!r} -> {new.get(key)!r})"
+        for key in sorted(old.keys() | new.keys())
+        if old.get(key) != new.get(key) and not _resumable(key)
+    ]
+    reasons = []
+    if requested.train.lr_schedule == "cosine":
+        reasons.append("train.lr_schedule = 'cosine' decays over all rounds")
+    if requested.federation.mode == "centralized":
+        reasons.append("the centralized step budget is a mean over all rounds")
+    if saved.federation.rounds != requested.federation.rounds and reasons:
+        change = f"{saved.federation.rounds} -> {requested.federation.rounds}"
+        conflicts.append(f"federation.rounds ({change}: {'; '.join(reasons)})")
+    return sorted(conflicts)
+
+
+def _resumable(key: str) -> bool:
+    return key in RESUMABLE_KEYS or f"{key.split('.')[0]}.*" in RESUMABLE_KEYS
+
+
+def _flat(config: dict[str, Any]) -> dict[str, Any]:
+    """{"section.key": value} of a RunConfig.to_dict()."""
+    flat: dict[str, Any] = {}
+    for name, value in config.items():
+        if isinstance(value, dict):
+            flat |= {f"{name}.{key}": v for key, v in value.items()}
+        else:
+            flat[name] = value
+    return flat
+
+
+def check_resume(output_dir: Path, cfg: RunConfig, done: list[int]) -> None:
+    """Refuse a --resume that would not continue the saved run exactly (a ConfigError naming
+    what differs). The saved config is the last round's, or the run's own before round 1."""
+    if done and done[-1] > cfg.federation.rounds:
+        raise ConfigError(
+            f"{output_dir} already completed {done[-1]} rounds; federation.rounds = "
+            f"{cfg.federation.rounds} is fewer"
+        )
+    if done and (output_dir / LEGACY_CLIENT_STATE).is_dir():
+        raise ConfigError(
+            f"{output_dir / LEGACY_CLIENT_STATE}: client state in the layout of an older "
+            "fedit, which cannot be resumed exactly; start the run again in a new output_dir"
+        )
+    candidates = [round_dir(output_dir, done[-1]) / CONFIG] if done else []
+    saved = next((p for p in [*candidates, output_dir / CONFIG] if p.is_file()), None)
+    if saved is None:  # nothing was saved: the run starts afresh
+        return
+    conflicts = resume_conflicts(load_config(saved), cfg)
+    if conflicts:
+        raise ConfigError(
+            f"cannot resume {output_dir}: these keys differ from the saved run ({saved}): "
+            f"{', '.join(conflicts)}. Only {', '.join(sorted(RESUMABLE_KEYS))} may change on "
+            "--resume; use another output_dir for a new run"
+        )
+
+
+def prepare_run_dir(output_dir: Path, cfg: RunConfig, done: list[int]) -> None:
+    """Make `output_dir` ready for the next round: the first write of a run, made only once
+    its config, data and model are known to be good.
+
+    Leftovers of an interrupted write are removed; a fresh start (no committed round)
+    also removes an earlier attempt's metrics and client state, so none of it leaks in.
+    config.toml is (re)written only when it differs from the run's config (a resume may
+    have changed RESUMABLE_KEYS), and metrics.jsonl is rebuilt from the committed rounds.
+    """
+    output_dir.mkdir(parents=True, exist_ok=True)
+    stale = list(output_dir.glob(".tmp-*"))
+    if not done:
+        stale += [output_dir / name for name in (METRICS, LEGACY_CLIENT_STATE)]
+        stale.append(metrics_record(output_dir, 0))
+    for path in stale:
+        _remove(path)
+    config = output_dir / CONFIG
+    text = to_toml(cfg.to_dict())
+    if not config.is_file() or config.read_text() != text:
+        write_atomic(config, text)
+    rebuild_metrics(output_dir, done)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def rebuild_metrics(output_dir: Path, done: list[int]) -> None:
+    """Write metrics.jsonl as the committed records say (round 0's and each round's line, in
+    order), if it differs: this restores a line lost or cut short by a crash and drops lines
+    of rounds never committed. Rounds saved by an older fedit, which kept no record, keep
+    their line from metrics.jsonl."""
+    path = output_dir / METRICS
+    old = path.read_text() if path.is_file() else ""
+    legacy = _lines_by_round(old)
+    lines = []
+    for r in [0, *done]:
+        record = metrics_record(output_dir, r)
+        if record.is_file():
+            lines.append(record.read_text().strip())
+        elif r in legacy:
+            lines.append(legacy[r])
+    text = "".join(line + "\n" for line in lines)
+    if text != old:
+        write_atomic(path, text)
+
+
+def _lines_by_round(text: str) -> dict[int, str]:
+    """{round: line} of a metrics.jsonl; unreadable lines (a cut-short last one) are skipped."""
+    lines = {}
+    for line in text.splitlines():
+        try:
+            lines[int(json.loads(line)["round"])] = line
+        except (ValueError, KeyError, TypeError):  # JSONDecodeError is a ValueError
+            continue
+    return lines
+
+
+def append_metrics(output_dir: Path, line: str) -> None:
+    """Append a committed round's line to metrics.jsonl (rebuilt on resume if cut short)."""
+    path = output_dir / METRICS
+    try:
+        with path.open("a") as f:
+            f.write(line + "\n")
+    except OSError as err:
+        raise write_error(path, err, "the round is saved; --resume rebuilds the file") from err
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` in one step: a crash leaves the old file or the new one."""
+    temporary = path.with_name(f".tmp-{path.name}")
+    try:
+        temporary.write_text(text)
+        os.replace(temporary, path)
+    except OSError as err:
+        temporary.unlink(missing_ok=True)
+        raise write_error(path, err, "the file is as it was before") from err
