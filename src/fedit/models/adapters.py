@@ -24,6 +24,8 @@ def attach_lora(model: PreTrainedModel, cfg: LoraConfig, seed: int) -> PeftModel
     targets: str | list[str] = (
         "all-linear" if cfg.target_modules == ["all-linear"] else list(cfg.target_modules)
     )
+    if isinstance(targets, list):
+        _check_targets(model, targets)
     layers = None
     if cfg.last_layers is not None:
         num_layers = model.config.num_hidden_layers
@@ -56,6 +58,20 @@ def decoder_linear_names(model: torch.nn.Module) -> list[str]:
             if isinstance(module, torch.nn.Linear) and re.search(r"\.\d+\.", name)
         }
     )
+
+
+def _check_targets(model: torch.nn.Module, targets: list[str]) -> None:
+    """Every lora.target_modules entry must name a module, as PEFT matches a list: the full
+    name or its last dotted parts. PEFT itself only refuses when none matches at all."""
+    names = [name for name, _ in model.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
+    if missing:
+        verb = "matches" if len(missing) == 1 else "match"
+        raise ConfigError(
+            f"lora.target_modules: {', '.join(map(repr, missing))} {verb} no module of the "
+            f"model (its decoder Linear layers: {', '.join(decoder_linear_names(model))}; "
+            "or use ['all-linear'])"
+        )
 
 
 def adapter_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
