@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from tqdm.auto import tqdm
 
 from fedit.client.dpo import preference_scores
@@ -120,8 +121,8 @@ class Simulation:
             )
         final = round_dir(self.output_dir, cfg.federation.rounds)
         console.print(
-            f"[bold green]done[/]: global adapter in {final}, metrics in "
-            f"{self.output_dir / 'metrics.jsonl'}"
+            f"[bold green]done[/]: global adapter in {escape(str(final))}, metrics in "
+            f"{escape(str(self.output_dir / 'metrics.jsonl'))}"
         )
         return final
 
@@ -139,6 +140,8 @@ class Simulation:
                 f"{len(data.heldout_pairs)} held out; {data.pair_report.summary()}"
             )
         console.print(text)
+        for warning in data.heldout_warnings:  # e.g. max_seq_len dropped every held-out record
+            console.print(f"[bold yellow]warning[/]: {escape(warning)}")
 
     def _train_configs(self, data: FederationData) -> dict[str, TrainConfig]:
         """The train config of each objective; centralized runs match the federated budget."""
