@@ -31,7 +31,7 @@ from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from fedit.config import RunConfig
-from fedit.models.adapters import get_adapter_state, save_adapter
+from fedit.models.adapters import get_adapter_state, save_adapter, write_exact_loading_note
 from fedit.types import AdapterState
 
 ROUND_PATTERN = re.compile(r"^round_(\d{4,})$")
@@ -72,6 +72,7 @@ def save_checkpoint(
     save_file(_contiguous(checkpoint.server_state), str(staging / "server_state.safetensors"))
     if checkpoint.base_residual:
         save_file(_contiguous(checkpoint.base_residual), str(staging / "base_residual.safetensors"))
+        write_exact_loading_note(staging)  # plain PEFT would ignore the residual
     (staging / "state.json").write_text(json.dumps(checkpoint.run_state, indent=2))
     cfg.save(staging / "config.toml")
     if final.exists():  # a re-run of this round after a crash between rename and metrics

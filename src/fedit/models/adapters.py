@@ -137,9 +137,37 @@ def save_adapter(model: PeftModel, state: AdapterState, directory: str | Path) -
     model.save_pretrained(str(directory))
 
 
+EXACT_LOADING_NOTE = """\
+This round was trained with strategy.lora_aggregation = "exact": part of the global update
+was folded into the frozen base weights and is saved in base_residual.safetensors.
+Plain PeftModel.from_pretrained(base, this_directory) ignores that file and gives a
+different model. Load this directory with fedit:
+
+    from fedit.models.adapters import load_saved_adapter
+    model = load_saved_adapter(base_model, "this_directory")
+
+or write a standalone merged model (W0 + residual + s*BA) that plain transformers loads:
+
+    fedit export --adapter this_directory --out merged-model
+    AutoModelForCausalLM.from_pretrained("merged-model")
+"""
+
+
+def write_exact_loading_note(directory: str | Path) -> None:
+    """LOADING.txt in an exact-aggregation round directory: how to load it correctly.
+
+    The checkpoint writer calls this beside base_residual.safetensors, since the directory
+    otherwise looks like a plain PEFT adapter.
+    """
+    (Path(directory) / "LOADING.txt").write_text(EXACT_LOADING_NOTE)
+
+
 def load_saved_adapter(model: PreTrainedModel, directory: str | Path) -> PeftModel:
     """Base model + a saved global adapter, with any exact-aggregation residual that the
-    run folded into the base weights (base_residual.safetensors beside the adapter)."""
+    run folded into the base weights (base_residual.safetensors beside the adapter).
+
+    This, or `fedit export`, is how exact-aggregation rounds must be loaded: plain
+    PeftModel.from_pretrained ignores the residual."""
     from safetensors.torch import load_file
 
     peft_model = PeftModel.from_pretrained(model, str(directory))
