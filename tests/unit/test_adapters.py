@@ -114,3 +114,15 @@ def test_exact_aggregation_sets_fp32_base_weights_exactly(tiny_model_dir: Path) 
     set_base_residual(model, originals, {name: residual})
     assert torch.equal(dict(model.named_parameters())[name], w0 + residual)
     assert torch.equal(originals[name], w0)
+
+
+def test_a_target_module_matching_nothing_is_refused(tiny_model_dir: Path) -> None:
+    """PEFT only refuses when no entry matches; one typo among several would silently give
+    a smaller adapter than asked for."""
+    model = load_model(ModelConfig(name_or_path=str(tiny_model_dir)))
+    cfg = LoraConfig(r=2, alpha=4, target_modules=["q_proj", "self_attn.v_proj", "v_prj"])
+    with pytest.raises(ConfigError, match=r"lora.target_modules: 'v_prj' matches no module.*"):
+        attach_lora(model, cfg, seed=0)
+    linear = "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"
+    with pytest.raises(ConfigError, match=rf"its decoder Linear layers: {linear};"):
+        attach_lora(model, cfg, seed=0)

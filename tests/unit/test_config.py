@@ -1,4 +1,6 @@
+from dataclasses import fields, is_dataclass
 from pathlib import Path
+from typing import get_args, get_type_hints
 
 import pytest
 
@@ -74,3 +76,59 @@ def test_exact_lora_aggregation_needs_a_full_precision_base(override: str, messa
     with pytest.raises(ConfigError, match=message):
         load_config(None, [*exact, override])
     load_config(None, ["data.path=synthetic", override])  # fine with separate averaging
+
+
+def float_keys() -> list[str]:
+    """section.key of every float field of the run config (optional ones included)."""
+    cfg = RunConfig()
+    keys = []
+    for section in fields(cfg):
+        value = getattr(cfg, section.name)
+        if is_dataclass(value):
+            hints = get_type_hints(type(value))
+            keys += [
+                f"{section.name}.{f.name}" for f in fields(value) if float in _types(hints[f.name])
+            ]
+    return keys
+
+
+def _types(hint: object) -> tuple:
+    return get_args(hint) or (hint,)
+
+
+@pytest.mark.parametrize("value", ["inf", "nan"])
+@pytest.mark.parametrize("key", float_keys())
+def test_every_float_must_be_finite(key: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=rf"{key}: must be a finite number, got {value}"):
+        load_config(None, ["data.path=x", f"{key}={value}"])
+
+
+def test_empty_value_unsets_an_optional_key() -> None:
+    cfg = load_config(None, ["data.path=x", "train.max_steps=3", "train.max_steps="])
+    assert cfg.train.max_steps is None
+    assert load_config(None, ["data.path=x", "train.max_grad_norm= "]).train.max_grad_norm is None
+
+
+def test_config_file_not_utf8_names_line_and_column(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_bytes(b'seed = 1\r\n[data]\r\npath = "d\xc3.jsonl"\r\n')
+    with pytest.raises(ConfigError, match=r"c\.toml:3: not valid UTF-8 \(byte 0xc3 at column 10\)"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:3", "mps"])
+def test_device_syntax_accepted(device: str) -> None:
+    assert load_config(None, ["data.path=x", f"model.device={device}"]).model.device == device
+
+
+@pytest.mark.parametrize("device", ["banana", "cuda:", "cuda:x", "gpu", "CPU"])
+def test_device_syntax_refused(device: str) -> None:
+    with pytest.raises(ConfigError, match=r"model.device: unknown device"):
+        load_config(None, ["data.path=x", f"model.device={device}"])
+
+
+def test_strategy_names_are_the_registry() -> None:
+    from fedit.config import STRATEGY_NAMES  # config.py names them without importing torch
+    from fedit.server.strategies import STRATEGIES
+
+    assert set(STRATEGY_NAMES) == set(STRATEGIES)

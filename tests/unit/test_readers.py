@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -129,3 +130,31 @@ def test_bad_field_mapping(tmp_path: Path, fields: str) -> None:
     path = write_jsonl(tmp_path / "d.jsonl", [DOLLY_ROW])
     with pytest.raises(ConfigError, match="data.fields"):
         read_records(path, fields=fields)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        (
+            "d.jsonl",
+            b'{"a": 1}\n\n{"inst\xffruction": "x"}\n',
+            "d.jsonl:3: (byte 0xff at column 7)",
+        ),
+        # the column counts characters: é (2 bytes) before the bad byte is one
+        ("d.json", b'[\r\n {"instruction": "\xc3\xa9\xe9"}]', "d.json:2: (byte 0xe9 at column 20)"),
+        ("d.csv", b"instruction,response\nAsk,\x80\n", "d.csv:2: (byte 0x80 at column 5)"),
+    ],
+)
+def test_not_utf8_names_line_column_and_byte(
+    tmp_path: Path, name: str, content: bytes, message: str
+) -> None:
+    (tmp_path / name).write_bytes(content)
+    where, detail = message.split(" ", 1)
+    with pytest.raises(DataFormatError, match=re.escape(f"{where} not valid UTF-8 {detail}")):
+        read_records(str(tmp_path / name))
+
+
+def test_crlf_jsonl_still_reads(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(json.dumps(DOLLY_ROW).encode() + b"\r\n" + json.dumps(DOLLY_ROW).encode())
+    assert len(read_records(str(path))) == 2

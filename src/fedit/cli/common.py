@@ -1,11 +1,20 @@
-"""Options and error handling shared by the subcommands."""
+"""Options and error handling shared by the subcommands.
+
+Only light modules are imported here and at the top of the command modules (torch,
+transformers, PEFT and fedit.engine are imported inside the command functions), so that
+`fedit --help` and `fedit <command> --help` answer at once.
+"""
 
 from __future__ import annotations
 
+import errno
 import functools
+import os
+import re
+import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
@@ -13,6 +22,7 @@ from rich.console import Console
 from fedit.config import ConfigError, RunConfig, load_config
 from fedit.data.partition import PartitionError
 from fedit.data.records import DataFormatError
+from fedit.models.inference import check_adapter_dir
 from fedit.server.validation import AllUpdatesRejectedError
 
 console = Console(stderr=True)
@@ -20,11 +30,14 @@ USER_ERRORS = (
     ConfigError,
     DataFormatError,
     PartitionError,
-    FileNotFoundError,
-    FileExistsError,
+    OSError,  # also FileNotFoundError / FileExistsError raised with a message of our own
     KeyError,
     AllUpdatesRejectedError,
 )
+# errno values that only a write can meet: no room left, a read-only file system
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+# safetensors reports a failed write as SafetensorError, its OS error only in the text
+SAFETENSORS_IO = re.compile(r'I/O error: .*\(os error (\d+)\)(?: at path "(.*)")?')
 F = TypeVar("F", bound=Callable[..., Any])
 
 ConfigOption = Annotated[
@@ -32,7 +45,11 @@ ConfigOption = Annotated[
 ]
 OverrideOption = Annotated[
     list[str] | None,
-    typer.Option("--set", help="Override a config value: section.key=value (repeatable)"),
+    typer.Option(
+        "--set",
+        metavar="KEY=VALUE",
+        help="Override a config value: section.key=value (repeatable; key= unsets)",
+    ),
 ]
 AdapterOption = Annotated[
     Path | None,
@@ -40,27 +57,77 @@ AdapterOption = Annotated[
 ]
 
 
+def quiet_libraries() -> None:
+    """fedit draws its own progress bars; transformers' per-load bars and deprecation
+    notices from inside PEFT/transformers would only bury them. Called when a command
+    runs, not at import, so that --help does not load transformers."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+
+
+def error_message(err: Exception) -> str:
+    """One line for a user error; an OS error names its file, e.g. 'cannot write
+    runs/x/round_0003/adapter_model.safetensors: No space left on device'."""
+    if isinstance(err, OSError) and err.errno is not None:
+        where = err.filename if err.filename is not None else "a file"
+        reason = err.strerror or os.strerror(err.errno)
+        return (
+            f"cannot write {where}: {reason}" if err.errno in WRITE_ERRNOS else f"{where}: {reason}"
+        )
+    return str(err)
+
+
+def as_os_error(err: Exception) -> OSError | None:
+    """The OSError inside a safetensors write error, else None."""
+    found = SAFETENSORS_IO.search(str(err)) if type(err).__name__ == "SafetensorError" else None
+    if found is None:
+        return None
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code), found.group(2))
+
+
 def friendly_errors(command: F) -> F:
-    """Bad input ends with one clear line naming the file, line or field; no traceback."""
+    """Run a subcommand with the libraries quietened; bad input (and a failed write) ends
+    with one clear line naming the file, line or field, and exit code 2; no traceback."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        quiet_libraries()
         try:
             return command(*args, **kwargs)
         except USER_ERRORS as err:
-            # Plain text, unwrapped: paths and "[split]" must not be reflowed or read as markup.
-            console.print(
-                f"error: {err}", style="bold red", markup=False, highlight=False, soft_wrap=True
-            )
-            raise typer.Exit(code=2) from None
+            _fail(error_message(err))
+        except Exception as err:
+            os_error = as_os_error(err)
+            if os_error is None:
+                raise
+            _fail(error_message(os_error))
 
     return wrapper  # type: ignore[return-value]
+
+
+def _fail(message: str) -> NoReturn:
+    """Print `error: message` and exit with code 2."""
+    # Plain text, unwrapped: paths and "[split]" must not be reflowed or read as markup.
+    console.print(
+        f"error: {message}", style="bold red", markup=False, highlight=False, soft_wrap=True
+    )
+    raise typer.Exit(code=2) from None
 
 
 def resolve_config(
     config: Path | None, overrides: list[str] | None, adapter: Path | None = None
 ) -> RunConfig:
-    """The run config: --config, else the one saved beside --adapter, else defaults."""
+    """The run config: --config, else the one saved beside --adapter, else defaults.
+
+    A given --adapter is checked first: a mistyped one is the error to report, not the
+    config that was looked for beside it.
+    """
+    if adapter is not None:
+        check_adapter_dir(adapter)
     if config is None and adapter is not None:
         saved = adapter / "config.toml"
         if saved.is_file():

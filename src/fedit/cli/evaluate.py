@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from fedit.cli.common import (
     AdapterOption,
@@ -17,11 +18,7 @@ from fedit.cli.common import (
     friendly_errors,
     resolve_config,
 )
-from fedit.data.prepare import load_heldout
-from fedit.data.readers import read_records
-from fedit.data.tokenize import tokenize_records
-from fedit.eval.loss import heldout_loss
-from fedit.models.inference import load_for_inference
+from fedit.config import ConfigError
 
 
 @friendly_errors
@@ -36,25 +33,39 @@ def evaluate(
     out: Annotated[Path | None, typer.Option("--out", help="Write the scores as JSON")] = None,
 ) -> None:
     """Held-out loss / perplexity per category (base model when no --adapter)."""
+    from fedit.data.prepare import load_heldout
+    from fedit.data.readers import read_records
+    from fedit.data.tokenize import tokenize_records
+    from fedit.engine.federation_data import dropped_reason
+    from fedit.eval.loss import heldout_loss
+    from fedit.models.inference import load_for_inference
+
     cfg = resolve_config(config, set_, adapter)
     records = read_records(str(data), cfg.data.fields) if data else load_heldout(cfg)
+    if not records:
+        raise ConfigError(
+            "no records to score: the config holds none out (data.heldout_per_category = 0, "
+            "no data.heldout_path); pass --data FILE"
+        )
     tokenizer, model = load_for_inference(cfg, adapter)
-    examples, _ = tokenize_records(
+    examples, report = tokenize_records(
         records,
         tokenizer,
         cfg.data.template,
         cfg.data.max_seq_len,
         system_prompt=cfg.data.system_prompt,
     )
+    if not examples:
+        raise ConfigError(f"no records to score: {dropped_reason(cfg, report, 'records')}")
     scores = heldout_loss(model, examples, tokenizer.pad_token_id, cfg.eval.batch_size)
-    table = Table(title=f"held-out loss: {adapter or 'base model'}")
+    table = Table(title=Text(f"held-out loss: {adapter or 'base model'}"))
     for column in ("category", "loss", "perplexity", "tokens"):
         table.add_column(column)
     for category, row in scores.items():
         table.add_row(
-            category, f"{row['loss']:.4f}", f"{row['perplexity']:.2f}", str(row["tokens"])
+            Text(category), f"{row['loss']:.4f}", f"{row['perplexity']:.2f}", str(row["tokens"])
         )
     console.print(table)
     if out:
         out.write_text(json.dumps(scores, indent=2))
-        console.print(f"scores written to {out}")
+        console.print(f"scores written to {out}", markup=False)

@@ -1,4 +1,8 @@
-"""`fedit export`: merge a global adapter into the base weights (W0 + s·BA) and save."""
+"""`fedit export`: merge a global adapter into the base weights (W0 + s·BA) and save.
+
+With exact LoRA aggregation the round's base_residual.safetensors is folded in too
+(W0 + R + s·BA), so the written model is the trained one and plain transformers loads it.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +19,6 @@ from fedit.cli.common import (
     friendly_errors,
     resolve_config,
 )
-from fedit.models.inference import load_for_inference
 
 
 @friendly_errors
@@ -28,11 +31,15 @@ def export(
     """Write a standalone Hugging Face model with the adapter merged in."""
     if adapter is None:
         raise FileNotFoundError("--adapter is required: the round directory to merge")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out}: is a file, not a directory; choose a new directory")
     if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} is not empty; choose a new directory")
+        raise FileExistsError(f"--out {out}: is not empty; choose a new directory")
     cfg = resolve_config(config, set_, adapter)
+    from fedit.models.inference import load_for_inference  # torch & co. only now
+
     tokenizer, model = load_for_inference(cfg, adapter)
     merged = model.merge_and_unload()
     merged.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
-    console.print(f"merged model written to {out}")
+    console.print(f"merged model written to {out}", markup=False)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.text import Text
 
 from fedit.cli.common import (
     AdapterOption,
@@ -17,17 +18,18 @@ from fedit.cli.common import (
     resolve_config,
 )
 from fedit.data.readers import read_records
-from fedit.data.records import Record
-from fedit.data.tokenize import tokenize_prompt
-from fedit.eval.generate import generate_answers
-from fedit.models.inference import load_for_inference
+from fedit.data.records import DataFormatError, Record
+from fedit.textfile import NotUTF8Error, read_utf8
 
 
 def _prompt_records(prompt: list[str] | None, prompts: Path | None, fields: str) -> list[Record]:
     records = [Record(instruction=p, response="-") for p in prompt or []]
     if prompts is not None:
         if prompts.suffix == ".txt":
-            lines = prompts.read_text().splitlines()
+            try:
+                lines = read_utf8(prompts).splitlines()
+            except NotUTF8Error as err:
+                raise DataFormatError(str(err)) from None
             records += [Record(instruction=ln, response="-") for ln in lines if ln.strip()]
         else:
             records += read_records(str(prompts), fields)
@@ -48,6 +50,10 @@ def generate(
     out: Annotated[Path | None, typer.Option("--out", help="Write answers as JSONL")] = None,
 ) -> None:
     """Answer instructions with the configured prompt template (greedy decoding)."""
+    from fedit.data.tokenize import tokenize_prompt
+    from fedit.eval.generate import generate_answers
+    from fedit.models.inference import load_for_inference
+
     cfg = resolve_config(config, set_, adapter)
     records = _prompt_records(prompt, prompts, cfg.data.fields)
     tokenizer, model = load_for_inference(cfg, adapter)
@@ -61,8 +67,10 @@ def generate(
         {"instruction": r.instruction, "context": r.context, "answer": a}
         for r, a in zip(records, answers, strict=True)
     ]
-    for line in lines:
-        console.print(f"[bold]> {line['instruction']}[/]\n{line['answer']}\n")
+    for line in lines:  # Text: user and model text are never read as rich markup
+        console.print(
+            Text(f"> {line['instruction']}", style="bold"), Text(f"{line['answer']}\n"), sep="\n"
+        )
     if out:
         out.write_text("".join(json.dumps(line) + "\n" for line in lines))
-        console.print(f"answers written to {out}")
+        console.print(f"answers written to {out}", markup=False)

@@ -1,19 +1,14 @@
-"""The `fedit` command: one subcommand per module of fedit.cli."""
+"""The `fedit` command: one subcommand per module of fedit.cli.
+
+Importing this module loads no torch, transformers or PEFT (the commands import them when
+they run), so `fedit --help` and `fedit <command> --help` answer at once.
+"""
 
 from __future__ import annotations
 
-import warnings
-
 import typer
-from transformers.utils import logging as hf_logging
 
 from fedit.cli import compare, evaluate, export, generate, partition, tiny, train
-
-# fedit draws its own progress bars; transformers' per-load bars and deprecation notices
-# from inside PEFT/transformers would only bury them.
-hf_logging.set_verbosity_error()
-hf_logging.disable_progress_bar()
-warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
 
 app = typer.Typer(
     name="fedit",
@@ -21,6 +16,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain click help: typer's rich help panel prints a type beside every option, flags
+    # included ("--resume <bool>"), though a flag takes no value.
+    rich_markup_mode=None,
 )
 app.command("train")(train.train)
 app.command("partition")(partition.partition)

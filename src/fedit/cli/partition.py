@@ -16,6 +16,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from fedit.cli.common import ConfigOption, OverrideOption, friendly_errors, resolve_config
 from fedit.data.partition import category_table, format_table, save_heatmap
@@ -24,7 +25,9 @@ from fedit.data.readers import write_records_jsonl
 
 
 def _rich_table(categories: list[str], counts: list[list[int]]) -> Table:
-    table = Table("client", "total", *categories, title="Records per client and category")
+    table = Table("client", "total", title="Records per client and category")
+    for category in categories:
+        table.add_column(Text(category))  # Text: a category name is not markup
     for client, row in enumerate(counts):
         table.add_row(str(client), str(sum(row)), *map(str, row))
     return table
@@ -55,6 +58,6 @@ def partition(
         f"({cfg.partition.method}), {len(heldout)} held out"
     )
     outputs = ["heldout.jsonl", "partition_table.txt", "partition_heatmap.png", "config.toml"]
-    console.print(f"wrote {out / 'client_'}{{0..{len(parts) - 1}}}.jsonl")
+    console.print(f"wrote {out / 'client_'}{{0..{len(parts) - 1}}}.jsonl", markup=False)
     for name in outputs:
-        console.print(f"wrote {out / name}")
+        console.print(f"wrote {out / name}", markup=False)

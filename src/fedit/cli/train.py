@@ -7,7 +7,6 @@ from typing import Annotated
 import typer
 
 from fedit.cli.common import ConfigOption, OverrideOption, friendly_errors, resolve_config
-from fedit.engine.simulation import Simulation
 
 
 @friendly_errors
@@ -21,4 +20,6 @@ def train(
 ) -> None:
     """Train: federated.mode = federated | local | centralized (see configs/)."""
     cfg = resolve_config(config, set_)
+    from fedit.engine.simulation import Simulation  # torch & co. only once a run starts
+
     Simulation(cfg, show_progress=not quiet).run(resume=resume)

@@ -9,6 +9,7 @@ in Dolly's fields, which ``read_records`` reads again unchanged.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -17,6 +18,7 @@ from typing import Any
 
 from fedit.config import ConfigError
 from fedit.data.records import DataFormatError, Record
+from fedit.textfile import NotUTF8Error, read_utf8
 
 # Record field -> source key, for the two layouts we know by name.
 FIELD_MAPS: dict[str, dict[str, str]] = {
@@ -106,19 +108,26 @@ def to_record(row: Any, mapping: dict[str, str], where: str) -> Record:
     return Record(**values)
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return read_utf8(path)
+    except NotUTF8Error as err:
+        raise DataFormatError(str(err)) from None
+
+
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield f"{path}:{number}", json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataFormatError(f"{path}:{number}: not valid JSON: {err.msg}") from None
+    # newline=None: the universal-newline line splitting of a text-mode file
+    for number, line in enumerate(io.StringIO(_read_text(path), newline=None), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield f"{path}:{number}", json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataFormatError(f"{path}:{number}: not valid JSON: {err.msg}") from None
 
 
 def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     if not text.strip():
         return
     try:
@@ -132,13 +141,13 @@ def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _csv_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        start = 2  # the header is line 1
-        for row in reader:
-            yield f"{path}:{start}", row
-            # A quoted field may span lines; the next row starts after this one ends.
-            start = reader.line_num + 1
+    # newline="": csv does its own newline handling (quoted fields may hold line breaks)
+    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+    start = 2  # the header is line 1
+    for row in reader:
+        yield f"{path}:{start}", row
+        # A quoted field may span lines; the next row starts after this one ends.
+        start = reader.line_num + 1
 
 
 def _hf_rows(name: str, split: str) -> Iterator[tuple[str, Any]]:

@@ -37,6 +37,13 @@ class TruncationReport:
     truncated: int
     dropped: int
 
+    def __add__(self, other: TruncationReport) -> TruncationReport:
+        return TruncationReport(
+            self.total + other.total,
+            self.truncated + other.truncated,
+            self.dropped + other.dropped,
+        )
+
     def summary(self) -> str:
         return (
             f"{self.total} records: {self.truncated} truncated to max_seq_len, "

@@ -38,7 +38,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from fedit.config import RunConfig
-from fedit.models.adapters import get_adapter_state, save_adapter
+from fedit.models.adapters import get_adapter_state, save_adapter, write_exact_loading_note
 from fedit.types import AdapterState
 
 ROUND_PATTERN = re.compile(r"^round_(\d{4,})$")
@@ -114,6 +114,7 @@ def _write_round(staging: Path, model: PeftModel, checkpoint: Checkpoint, cfg: R
     save_file(_contiguous(checkpoint.server_state), str(staging / "server_state.safetensors"))
     if checkpoint.base_residual:
         save_file(_contiguous(checkpoint.base_residual), str(staging / "base_residual.safetensors"))
+        write_exact_loading_note(staging)  # plain PEFT would ignore the residual
     if checkpoint.client_state:
         (staging / CLIENT_STATE).mkdir()
     for client_id, state in sorted(checkpoint.client_state.items()):

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from peft import PeftModel
+from rich.markup import escape
 
 from fedit.client.dpo import preference_scores
 from fedit.client.dpo_trainer import pair_logps
@@ -23,7 +24,7 @@ from fedit.config import ConfigError, RunConfig
 from fedit.data.prepare import load_heldout, prepare_preferences
 from fedit.data.records import Record
 from fedit.data.tokenize import tokenize_prompts, tokenize_records
-from fedit.engine.federation_data import tokenize_pairs_for
+from fedit.engine.federation_data import dropped_reason, tokenize_pairs_for
 from fedit.engine.simulation import Simulation, console
 from fedit.eval.exact_match import format_score_table, score_by_category
 from fedit.eval.generate import generate_answers
@@ -74,13 +75,15 @@ def score_model(
     """
     tokenizer, model = load_for_inference(cfg, adapter)
     if losses is None:
-        examples, _ = tokenize_records(
+        examples, report = tokenize_records(
             heldout,
             tokenizer,
             cfg.data.template,
             cfg.data.max_seq_len,
             system_prompt=cfg.data.system_prompt,
         )
+        if not examples:
+            raise ConfigError(f"held-out set: {dropped_reason(cfg, report, 'records')}")
         losses = heldout_loss(model, examples, tokenizer.pad_token_id, cfg.eval.batch_size)
     loss = {c: v["loss"] for c, v in losses.items() if c != "overall"}
     loss["mean"] = losses["overall"]["loss"]
@@ -161,7 +164,7 @@ def compare_configs(
     metrics_file.write_text("")  # contenders' own runs keep their metrics; this is the summary
     results: dict[str, dict] = {}
     for name, run_cfg in named.items():
-        console.rule(f"[bold]{name}")
+        console.rule(f"[bold]{escape(name)}")
         if run_cfg is None:
             results[name] = score_model(cfg, None, heldout)
         else:

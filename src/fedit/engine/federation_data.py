@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from fedit.client.trainer import steps_per_round
-from fedit.config import ConfigError, RunConfig
+from fedit.config import MAX_STEPS_PER_ROUND, ConfigError, RunConfig
 from fedit.data.preferences import (
     PairTruncationReport,
     PreferencePair,
@@ -38,6 +38,8 @@ class FederationData:
     heldout_pairs: list[TokenizedPair] = field(default_factory=list)
     pair_report: PairTruncationReport | None = None
     federated_pair_sizes: list[int] = field(default_factory=list)
+    # what max_seq_len left of the held-out set: a warning when it emptied a non-empty one
+    heldout_warnings: list[str] = field(default_factory=list)
 
     @property
     def num_clients(self) -> int:
@@ -74,19 +76,23 @@ def _prepare_records(cfg: RunConfig, tokenizer) -> FederationData:
         examples, report = _tokenize(cfg, tokenizer, records)
         clients.append(examples)
         reports.append(report)
-    heldout_examples, _ = _tokenize(cfg, tokenizer, prepared.heldout)
+    heldout_examples, heldout_report = _tokenize(cfg, tokenizer, prepared.heldout)
     local = cfg.federation.mode == "local"
     sizes = [] if local else [len(c) for c in clients]
+    total = sum(reports, TruncationReport(0, 0, 0))
     if not local:
         clients = _mode_clients(cfg, clients)
+        reports = [total] if cfg.federation.mode == "centralized" else reports
     if cfg.train.objective != "dpo":  # with dpo, records only give the held-out loss
-        _check_not_empty(clients, "trainable records")
-    total = TruncationReport(
-        total=sum(r.total for r in reports),
-        truncated=sum(r.truncated for r in reports),
-        dropped=sum(r.dropped for r in reports),
-    )
-    return FederationData(clients, heldout_examples, total, sizes)
+        _check_not_empty(cfg, clients, reports, "records")
+        _check_steps(cfg, sizes or [len(c) for c in clients])
+    data = FederationData(clients, heldout_examples, total, sizes)
+    if prepared.heldout and not heldout_examples:
+        data.heldout_warnings.append(
+            f"held-out set: {dropped_reason(cfg, heldout_report, 'records')}; "
+            "no held-out loss will be reported"
+        )
+    return data
 
 
 def _records_to_tokenize(cfg: RunConfig, train: list, parts: list[list[int]]) -> list[list]:
@@ -110,27 +116,81 @@ def _mode_clients(cfg: RunConfig, clients: list[list]) -> list[list]:
     return clients
 
 
-def _check_not_empty(clients: list[list], what: str) -> None:
+def dropped_reason(
+    cfg: RunConfig, report: TruncationReport | PairTruncationReport, what: str
+) -> str:
+    """Why no example is left of `report.total` items: data.max_seq_len dropped them all
+    (a prompt that fills it leaves no response token to learn from), or there were none."""
+    if not report.total:
+        return f"no {what}"
+    return (
+        f"all {report.total} {what} dropped: prompt fills data.max_seq_len = "
+        f"{cfg.data.max_seq_len} before any response token; raise data.max_seq_len"
+    )
+
+
+def _client_name(cfg: RunConfig, index: int) -> str:
+    fed = cfg.federation
+    if fed.mode == "centralized":
+        return "the pooled (centralized) client"
+    if fed.mode == "local" and fed.local_categories:
+        return f"local categories {'+'.join(fed.local_categories)}"
+    return f"client {fed.local_client if fed.mode == 'local' else index}"
+
+
+def _check_not_empty(
+    cfg: RunConfig,
+    clients: list[list],
+    reports: Sequence[TruncationReport | PairTruncationReport],
+    what: str,
+) -> None:
+    """Every trained client needs an example: say which has none, and why."""
     empty = [i for i, c in enumerate(clients) if not c]
-    if empty:
-        raise ConfigError(f"clients {empty[:5]} hold no {what}; change the partition")
+    if not empty:
+        return
+    first = empty[0]
+    message = f"{_client_name(cfg, first)}: {dropped_reason(cfg, reports[first], what)}"
+    if not reports[first].total:
+        message += " (the partition gave it none; change the partition)"
+    if len(empty) > 1:
+        message += f" ({len(empty) - 1} more client(s) hold no trainable {what})"
+    raise ConfigError(message)
+
+
+def _check_steps(cfg: RunConfig, sizes: list[int]) -> None:
+    """Refuse a round no client could finish: steps_per_round grows with local_epochs."""
+    steps = max((steps_per_round(n, cfg.train) for n in sizes), default=0)
+    if steps > MAX_STEPS_PER_ROUND:
+        raise ConfigError(
+            f"train.local_epochs: {cfg.train.local_epochs:g} epochs of {max(sizes)} records "
+            f"at batch size {cfg.train.batch_size} is {steps} optimizer steps per round, "
+            f"more than {MAX_STEPS_PER_ROUND}; lower it or set train.max_steps"
+        )
 
 
 def _prepare_pairs(cfg: RunConfig, tokenizer, data: FederationData) -> None:
     """Preference pairs → held-out split → partition → tokenised, into `data`."""
     prepared = prepare_preferences(cfg)
-    clients, report = [], PairTruncationReport()
+    clients, reports = [], []
     for items in _records_to_tokenize(cfg, prepared.train, prepared.parts):
         pairs, part_report = tokenize_pairs_for(cfg, tokenizer, items)
         clients.append(pairs)
-        report += part_report
-    data.heldout_pairs, _ = tokenize_pairs_for(cfg, tokenizer, prepared.heldout)
+        reports.append(part_report)
+    data.heldout_pairs, heldout_report = tokenize_pairs_for(cfg, tokenizer, prepared.heldout)
     local = cfg.federation.mode == "local"
     data.federated_pair_sizes = [] if local else [len(c) for c in clients]
     data.pair_clients = clients if local else _mode_clients(cfg, clients)
-    data.pair_report = report
+    data.pair_report = sum(reports, PairTruncationReport())
+    if cfg.federation.mode == "centralized":
+        reports = [data.pair_report]
     if cfg.train.objective != "sft":  # with sft, pairs only give held-out preference scores
-        _check_not_empty(data.pair_clients, "preference pairs")
+        _check_not_empty(cfg, data.pair_clients, reports, "preference pairs")
+        _check_steps(cfg, data.federated_pair_sizes or [len(c) for c in data.pair_clients])
+    if prepared.heldout and not data.heldout_pairs:
+        data.heldout_warnings.append(
+            f"held-out pairs: {dropped_reason(cfg, heldout_report, 'preference pairs')}; "
+            "no held-out preference scores will be reported"
+        )
 
 
 def tokenize_pairs_for(

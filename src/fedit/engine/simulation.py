@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from tqdm.auto import tqdm
 
 from fedit.client.dpo import preference_scores
@@ -152,7 +153,10 @@ class Simulation:
             global_state, residual = self._round(
                 r, model, strategy, data, train_cfgs, global_state, residual
             )
-        console.print(f"[bold green]done[/]: global adapter in {final}, metrics in {out / METRICS}")
+        console.print(
+            f"[bold green]done[/]: global adapter in {escape(str(final))}, metrics in "
+            f"{escape(str(out / METRICS))}"
+        )
         return final
 
     def _describe(self, data: FederationData) -> None:
@@ -169,6 +173,8 @@ class Simulation:
                 f"{len(data.heldout_pairs)} held out; {data.pair_report.summary()}"
             )
         console.print(text)
+        for warning in data.heldout_warnings:  # e.g. max_seq_len dropped every held-out record
+            console.print(f"[bold yellow]warning[/]: {escape(warning)}")
 
     def _train_configs(self, data: FederationData) -> dict[str, TrainConfig]:
         """The train config of each objective; centralized runs match the federated budget."""

@@ -21,7 +21,13 @@ def heldout_loss(
     pad_id: int,
     batch_size: int = 8,
 ) -> dict[str, dict[str, float]]:
-    """{'overall': {...}, category: {'loss', 'perplexity', 'tokens'}}: token-weighted means."""
+    """{'overall': {...}, category: {'loss', 'perplexity', 'tokens'}}: token-weighted means.
+
+    There must be examples: an empty set has no loss (callers say why it is empty, e.g.
+    fedit.engine.federation_data.dropped_reason), and {} would only fail later, unexplained.
+    """
+    if not examples:
+        raise ValueError("heldout_loss: no examples to score")
     model.eval()
     device = next(model.parameters()).device
     loss_sums: dict[str, float] = defaultdict(float)

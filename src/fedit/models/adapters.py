@@ -24,6 +24,8 @@ def attach_lora(model: PreTrainedModel, cfg: LoraConfig, seed: int) -> PeftModel
     targets: str | list[str] = (
         "all-linear" if cfg.target_modules == ["all-linear"] else list(cfg.target_modules)
     )
+    if isinstance(targets, list):
+        _check_targets(model, targets)
     layers = None
     if cfg.last_layers is not None:
         num_layers = model.config.num_hidden_layers
@@ -56,6 +58,20 @@ def decoder_linear_names(model: torch.nn.Module) -> list[str]:
             if isinstance(module, torch.nn.Linear) and re.search(r"\.\d+\.", name)
         }
     )
+
+
+def _check_targets(model: torch.nn.Module, targets: list[str]) -> None:
+    """Every lora.target_modules entry must name a module, as PEFT matches a list: the full
+    name or its last dotted parts. PEFT itself only refuses when none matches at all."""
+    names = [name for name, _ in model.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
+    if missing:
+        verb = "matches" if len(missing) == 1 else "match"
+        raise ConfigError(
+            f"lora.target_modules: {', '.join(map(repr, missing))} {verb} no module of the "
+            f"model (its decoder Linear layers: {', '.join(decoder_linear_names(model))}; "
+            "or use ['all-linear'])"
+        )
 
 
 def adapter_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -144,9 +160,37 @@ def save_adapter(model: PeftModel, state: AdapterState, directory: str | Path) -
     model.save_pretrained(str(directory))
 
 
+EXACT_LOADING_NOTE = """\
+This round was trained with strategy.lora_aggregation = "exact": part of the global update
+was folded into the frozen base weights and is saved in base_residual.safetensors.
+Plain PeftModel.from_pretrained(base, this_directory) ignores that file and gives a
+different model. Load this directory with fedit:
+
+    from fedit.models.adapters import load_saved_adapter
+    model = load_saved_adapter(base_model, "this_directory")
+
+or write a standalone merged model (W0 + residual + s*BA) that plain transformers loads:
+
+    fedit export --adapter this_directory --out merged-model
+    AutoModelForCausalLM.from_pretrained("merged-model")
+"""
+
+
+def write_exact_loading_note(directory: str | Path) -> None:
+    """LOADING.txt in an exact-aggregation round directory: how to load it correctly.
+
+    The checkpoint writer calls this beside base_residual.safetensors, since the directory
+    otherwise looks like a plain PEFT adapter.
+    """
+    (Path(directory) / "LOADING.txt").write_text(EXACT_LOADING_NOTE)
+
+
 def load_saved_adapter(model: PreTrainedModel, directory: str | Path) -> PeftModel:
     """Base model + a saved global adapter, with any exact-aggregation residual that the
-    run folded into the base weights (base_residual.safetensors beside the adapter)."""
+    run folded into the base weights (base_residual.safetensors beside the adapter).
+
+    This, or `fedit export`, is how exact-aggregation rounds must be loaded: plain
+    PeftModel.from_pretrained ignores the residual."""
     from safetensors.torch import load_file
 
     peft_model = PeftModel.from_pretrained(model, str(directory))

