@@ -23,9 +23,6 @@ OBJECTIVES = ("sft", "dpo", "sft_then_dpo")
 PREFERENCE_FORMATS = ("auto", "plain", "hh", "ultrafeedback")  # see fedit.data.preferences
 DPO_LOSS_TYPES = ("sigmoid", "ipo")  # see fedit.client.dpo
 DPO_REFERENCES = ("base", "round_start", "sft")
-# The names fedit.server.strategies registers (a unit test keeps the two equal): known here
-# so a misspelt strategy.name fails at validation, before torch, data or a model is loaded.
-STRATEGY_NAMES = ("fedavg", "fedprox", "scaffold", "fedavgm", "fedadagrad", "fedyogi", "fedadam")
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 MAX_LOCAL_EPOCHS = 1000
 # Optimizer steps one client may take in one round: far beyond any real run, it turns a
@@ -346,10 +343,15 @@ class StrategyConfig:
     tau: float = 1e-3
 
     def validate(self) -> None:
+        # The registry is the one list of names (a strategy registered at run time counts);
+        # imported here, not at the top, because it imports torch and the strategies import
+        # this module.
+        from fedit.server.strategies import STRATEGIES
+
         _require(
-            self.name in STRATEGY_NAMES,
+            self.name in STRATEGIES,
             "strategy.name",
-            f"unknown strategy {self.name!r} (known: {', '.join(sorted(STRATEGY_NAMES))})",
+            f"unknown strategy {self.name!r} (known: {', '.join(sorted(STRATEGIES))})",
         )
         _require(
             self.weighting in {"examples", "uniform"},

@@ -156,7 +156,7 @@ class Case:
     patch: Callable[[pytest.MonkeyPatch, Path], None] | None = None
 
 
-CHECKPOINT = "{tmp}/run/.tmp-round_0001/server_state.safetensors"
+CHECKPOINT = "{tmp}/run/round_0001"
 CASES = {
     # A: tracebacks before
     "data-not-utf8": Case(

@@ -114,7 +114,7 @@ def test_failed_fresh_run_leaves_no_output_dir(tiny_model_dir: Path, tmp_path: P
     assert not (tmp_path / "run").exists()
     missing_model = {"model.name_or_path": str(tmp_path / "no-model")}
     cfg = load_config(None, tiny_run_overrides(tiny_model_dir, tmp_path / "run", **missing_model))
-    with pytest.raises(OSError):
+    with pytest.raises(ConfigError, match="model.name_or_path"):
         Simulation(cfg, show_progress=False).run()
     assert not (tmp_path / "run").exists()
 

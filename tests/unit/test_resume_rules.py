@@ -169,8 +169,8 @@ def test_write_atomic_on_a_full_disk_keeps_the_old_file(
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(run_dir.os, "replace", full)
-    with pytest.raises(OSError, match="config.toml: not written") as raised:
+    with pytest.raises(OSError, match="the file is as it was before") as raised:
         write_atomic(path, "new")
-    assert raised.value.errno == errno.ENOSPC
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(path)
     assert [p.name for p in tmp_path.iterdir()] == ["config.toml"]
     assert path.read_text() == "old"

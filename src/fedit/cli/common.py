@@ -7,10 +7,7 @@ transformers, PEFT and fedit.engine are imported inside the command functions), 
 
 from __future__ import annotations
 
-import errno
 import functools
-import os
-import re
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -22,8 +19,8 @@ from rich.console import Console
 from fedit.config import ConfigError, RunConfig, load_config
 from fedit.data.partition import PartitionError
 from fedit.data.records import DataFormatError
+from fedit.errors import RunStopped, as_os_error, describe
 from fedit.models.inference import check_adapter_dir
-from fedit.server.validation import AllUpdatesRejectedError
 
 console = Console(stderr=True)
 USER_ERRORS = (
@@ -32,12 +29,8 @@ USER_ERRORS = (
     PartitionError,
     OSError,  # also FileNotFoundError / FileExistsError raised with a message of our own
     KeyError,
-    AllUpdatesRejectedError,
+    RunStopped,
 )
-# errno values that only a write can meet: no room left, a read-only file system
-WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
-# safetensors reports a failed write as SafetensorError, its OS error only in the text
-SAFETENSORS_IO = re.compile(r'I/O error: .*\(os error (\d+)\)(?: at path "(.*)")?')
 F = TypeVar("F", bound=Callable[..., Any])
 
 ConfigOption = Annotated[
@@ -69,24 +62,8 @@ def quiet_libraries() -> None:
 
 
 def error_message(err: Exception) -> str:
-    """One line for a user error; an OS error names its file, e.g. 'cannot write
-    runs/x/round_0003/adapter_model.safetensors: No space left on device'."""
-    if isinstance(err, OSError) and err.errno is not None:
-        where = err.filename if err.filename is not None else "a file"
-        reason = err.strerror or os.strerror(err.errno)
-        return (
-            f"cannot write {where}: {reason}" if err.errno in WRITE_ERRNOS else f"{where}: {reason}"
-        )
-    return str(err)
-
-
-def as_os_error(err: Exception) -> OSError | None:
-    """The OSError inside a safetensors write error, else None."""
-    found = SAFETENSORS_IO.search(str(err)) if type(err).__name__ == "SafetensorError" else None
-    if found is None:
-        return None
-    code = int(found.group(1))
-    return OSError(code, os.strerror(code), found.group(2))
+    """One line for a user error; an OS error names its file (fedit.errors.describe)."""
+    return describe(err) if isinstance(err, OSError) else str(err)
 
 
 def friendly_errors(command: F) -> F:

@@ -38,6 +38,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from fedit.config import RunConfig
+from fedit.errors import write_error
 from fedit.models.adapters import get_adapter_state, save_adapter, write_exact_loading_note
 from fedit.types import AdapterState
 
@@ -97,15 +98,6 @@ def save_checkpoint(
         consequence = "the rounds before it are saved and --resume continues after them"
         raise write_error(final, err, consequence) from err
     return final
-
-
-def write_error(path: Path, err: Exception, consequence: str) -> OSError:
-    """An OSError naming `path` for a failed write, and what it means for the run. Keeps
-    the errno when known (safetensors reports I/O errors as SafetensorError, without one)."""
-    reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
-    message = f"{path}: not written ({reason}); {consequence}"
-    code = err.errno if isinstance(err, OSError) else None
-    return OSError(code, message) if code else OSError(message)
 
 
 def _write_round(staging: Path, model: PeftModel, checkpoint: Checkpoint, cfg: RunConfig) -> None:

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from fedit.config import ConfigError, RunConfig, load_config, to_toml
-from fedit.engine.checkpoint import metrics_record, round_dir, write_error
+from fedit.engine.checkpoint import metrics_record, round_dir
+from fedit.errors import write_error
 
 METRICS = "metrics.jsonl"
 CONFIG = "config.toml"

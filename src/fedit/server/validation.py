@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from fedit.errors import RunStopped
 from fedit.types import ClientUpdate
 
 
@@ -29,7 +30,7 @@ class Rejection:
         return {"client": self.client_id, "reason": self.reason}
 
 
-class AllUpdatesRejectedError(ValueError):
+class AllUpdatesRejectedError(RunStopped):
     """Every client of a round was rejected: there is nothing to aggregate."""
 
     def __init__(self, round_number: int, rejections: Sequence[Rejection]) -> None:
