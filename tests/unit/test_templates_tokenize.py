@@ -115,3 +115,16 @@ def test_batch_prompts_match_single(tokenizer: PreTrainedTokenizerFast) -> None:
 def test_no_records(tokenizer: PreTrainedTokenizerFast) -> None:
     examples, report = tokenize_records([], tokenizer, "alpaca", max_seq_len=64)
     assert examples == [] and report.total == 0
+
+
+def test_heldout_scores_response_tokens_even_when_training_on_prompts(
+    tokenizer: PreTrainedTokenizerFast,
+) -> None:
+    from fedit.engine.federation_data import tokenize_heldout
+
+    cfg = load_config(None, ["data.path=x.jsonl", "data.train_on_prompt=true"])
+    record = Record("Name a color.", "Red.")
+    (example,), _ = tokenize_heldout(cfg, tokenizer, [record])
+    prompt = tokenize_prompt(record, tokenizer, "alpaca")
+    assert example.labels[: len(prompt)] == [IGNORE_INDEX] * len(prompt)
+    assert example.labels[len(prompt) :] == example.input_ids[len(prompt) :]

@@ -35,8 +35,7 @@ def evaluate(
     """Held-out loss / perplexity per category (base model when no --adapter)."""
     from fedit.data.prepare import load_heldout
     from fedit.data.readers import read_records
-    from fedit.data.tokenize import tokenize_records
-    from fedit.engine.federation_data import dropped_reason
+    from fedit.engine.federation_data import scoring_examples
     from fedit.eval.loss import heldout_loss
     from fedit.models.inference import load_for_inference
 
@@ -48,15 +47,7 @@ def evaluate(
             "no data.heldout_path); pass --data FILE"
         )
     tokenizer, model = load_for_inference(cfg, adapter)
-    examples, report = tokenize_records(
-        records,
-        tokenizer,
-        cfg.data.template,
-        cfg.data.max_seq_len,
-        system_prompt=cfg.data.system_prompt,
-    )
-    if not examples:
-        raise ConfigError(f"no records to score: {dropped_reason(cfg, report, 'records')}")
+    examples = scoring_examples(cfg, tokenizer, records, "no records to score")
     scores = heldout_loss(model, examples, tokenizer.pad_token_id, cfg.eval.batch_size)
     table = Table(title=Text(f"held-out loss: {adapter or 'base model'}"))
     for column in ("category", "loss", "perplexity", "tokens"):

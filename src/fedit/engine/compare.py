@@ -23,8 +23,8 @@ from fedit.client.dpo_trainer import pair_logps
 from fedit.config import ConfigError, RunConfig
 from fedit.data.prepare import load_heldout, prepare_preferences
 from fedit.data.records import Record
-from fedit.data.tokenize import tokenize_prompts, tokenize_records
-from fedit.engine.federation_data import dropped_reason, tokenize_pairs_for
+from fedit.data.tokenize import tokenize_prompts
+from fedit.engine.federation_data import scoring_examples, tokenize_pairs_for
 from fedit.engine.simulation import Simulation, console
 from fedit.eval.exact_match import format_score_table, score_by_category
 from fedit.eval.generate import generate_answers
@@ -75,15 +75,7 @@ def score_model(
     """
     tokenizer, model = load_for_inference(cfg, adapter)
     if losses is None:
-        examples, report = tokenize_records(
-            heldout,
-            tokenizer,
-            cfg.data.template,
-            cfg.data.max_seq_len,
-            system_prompt=cfg.data.system_prompt,
-        )
-        if not examples:
-            raise ConfigError(f"held-out set: {dropped_reason(cfg, report, 'records')}")
+        examples = scoring_examples(cfg, tokenizer, heldout, "held-out set")
         losses = heldout_loss(model, examples, tokenizer.pad_token_id, cfg.eval.batch_size)
     loss = {c: v["loss"] for c, v in losses.items() if c != "overall"}
     loss["mean"] = losses["overall"]["loss"]
@@ -112,10 +104,9 @@ def score_model(
 
 def final_heldout_loss(run_cfg: RunConfig) -> dict[str, dict] | None:
     """The held-out loss a finished run measured after its last round (metrics.jsonl), or
-    None if it has none there or counted prompt tokens (data.train_on_prompt), unlike
-    ``score_model``."""
+    None if it has none there."""
     metrics = Path(run_cfg.output_dir) / "metrics.jsonl"
-    if run_cfg.data.train_on_prompt or not metrics.is_file():
+    if not metrics.is_file():
         return None
     lines = [line for line in metrics.read_text().splitlines() if line.strip()]
     last = json.loads(lines[-1]) if lines else {}

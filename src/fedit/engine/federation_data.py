@@ -76,7 +76,7 @@ def _prepare_records(cfg: RunConfig, tokenizer) -> FederationData:
         examples, report = _tokenize(cfg, tokenizer, records)
         clients.append(examples)
         reports.append(report)
-    heldout_examples, heldout_report = _tokenize(cfg, tokenizer, prepared.heldout)
+    heldout_examples, heldout_report = tokenize_heldout(cfg, tokenizer, prepared.heldout)
     local = cfg.federation.mode == "local"
     sizes = [] if local else [len(c) for c in clients]
     total = sum(reports, TruncationReport(0, 0, 0))
@@ -208,7 +208,7 @@ def tokenize_pairs_for(
 
 
 def _tokenize(
-    cfg: RunConfig, tokenizer, records
+    cfg: RunConfig, tokenizer, records, train_on_prompt: bool | None = None
 ) -> tuple[list[TokenizedExample], TruncationReport]:
     data = cfg.data
     return tokenize_records(
@@ -216,9 +216,27 @@ def _tokenize(
         tokenizer,
         data.template,
         data.max_seq_len,
-        data.train_on_prompt,
+        data.train_on_prompt if train_on_prompt is None else train_on_prompt,
         system_prompt=data.system_prompt,
     )
+
+
+def tokenize_heldout(
+    cfg: RunConfig, tokenizer, records
+) -> tuple[list[TokenizedExample], TruncationReport]:
+    """Records as every held-out loss scores them (the run's rounds, `fedit compare`,
+    `fedit eval`): the run's template and max_seq_len, loss on response tokens only, whatever
+    data.train_on_prompt says for training."""
+    return _tokenize(cfg, tokenizer, records, train_on_prompt=False)
+
+
+def scoring_examples(cfg: RunConfig, tokenizer, records, what: str) -> list[TokenizedExample]:
+    """``tokenize_heldout``, refused with the reason when no record is left to score
+    (`what` names the set in the message)."""
+    examples, report = tokenize_heldout(cfg, tokenizer, records)
+    if not examples:
+        raise ConfigError(f"{what}: {dropped_reason(cfg, report, 'records')}")
+    return examples
 
 
 def centralized_steps(
