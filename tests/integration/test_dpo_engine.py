@@ -11,10 +11,13 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from fedit.client import dpo_trainer
+from fedit.client.dpo import preference_scores
 from fedit.client.dpo_trainer import pair_logps
 from fedit.config import ModelConfig, RunConfig, load_config
+from fedit.engine import compare
 from fedit.engine.simulation import Simulation
 from fedit.models.adapters import load_saved_adapter
+from fedit.models.inference import load_for_inference
 from fedit.models.loading import load_model
 from fedit.server.strategies import STRATEGIES
 from fedit.server.strategies.fedavgm import FedAvgM
@@ -267,3 +270,25 @@ def test_base_reference_is_w0_in_exact_lora_aggregation(
         used = torch.isfinite(round_2[:, 0])
         expected = logps_under(tiny_model_dir, pairs, None)  # W0, as held-out scores use
         assert torch.allclose(round_2[used], expected[used], atol=1e-5)
+
+
+def test_compare_scores_preferences_against_w0_in_exact_lora_aggregation(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    extra = {"strategy.lora_aggregation": "exact", "federation.rounds": 2, **FIXED}
+    cfg = dpo_config(tiny_model_dir, tmp_path / "run", **extra)
+    run(cfg)
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def capture(policy, reference, categories, beta):
+        seen.append((policy, reference))
+        return preference_scores(policy, reference, categories, beta)
+
+    monkeypatch.setattr(compare, "preference_scores", capture)
+    final = tmp_path / "run" / "round_0002"
+    for adapter_dir in (final, None):
+        tokenizer, model = load_for_inference(cfg, adapter_dir)
+        compare.preference_accuracy(cfg, model, tokenizer, adapter_dir)
+    (policy, reference), (w0, _) = seen
+    assert not torch.allclose(policy, w0, atol=1e-3)  # the run moved the model
+    assert torch.allclose(reference, w0, atol=1e-5)  # π_base is W0, not W0 + R

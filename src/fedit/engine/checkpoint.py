@@ -39,7 +39,12 @@ from safetensors.torch import load_file, save_file
 
 from fedit.config import RunConfig
 from fedit.errors import write_error
-from fedit.models.adapters import get_adapter_state, save_adapter, write_exact_loading_note
+from fedit.models.adapters import (
+    BASE_RESIDUAL,
+    get_adapter_state,
+    save_adapter,
+    write_exact_loading_note,
+)
 from fedit.types import AdapterState
 
 ROUND_PATTERN = re.compile(r"^round_(\d{4,})$")
@@ -105,7 +110,7 @@ def _write_round(staging: Path, model: PeftModel, checkpoint: Checkpoint, cfg: R
     save_adapter(model, checkpoint.global_state, staging)
     save_file(_contiguous(checkpoint.server_state), str(staging / "server_state.safetensors"))
     if checkpoint.base_residual:
-        save_file(_contiguous(checkpoint.base_residual), str(staging / "base_residual.safetensors"))
+        save_file(_contiguous(checkpoint.base_residual), str(staging / BASE_RESIDUAL))
         write_exact_loading_note(staging)  # plain PEFT would ignore the residual
     if checkpoint.client_state:
         (staging / CLIENT_STATE).mkdir()
@@ -173,7 +178,7 @@ def load_global_adapter(model: PeftModel, directory: Path) -> AdapterState:
 
 
 def load_checkpoint(model: PeftModel, directory: Path, round_number: int) -> Checkpoint:
-    residual_file = directory / "base_residual.safetensors"
+    residual_file = directory / BASE_RESIDUAL
     return Checkpoint(
         round_number=round_number,
         global_state=load_global_adapter(model, directory),

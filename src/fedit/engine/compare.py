@@ -31,7 +31,9 @@ from fedit.eval.generate import generate_answers
 from fedit.eval.loss import heldout_loss
 from fedit.eval.report import save_bar_chart
 from fedit.eval.rouge import rouge_l_by_category
+from fedit.models.adapters import BASE_RESIDUAL
 from fedit.models.inference import load_for_inference
+from fedit.models.loading import load_model
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,7 @@ def score_model(
     loss["mean"] = losses["overall"]["loss"]
     scores: dict[str, dict] = {"loss": loss}
     if cfg.data.preference_path:  # before merging: the reference is the adapter switched off
-        scores["preference_accuracy"] = preference_accuracy(cfg, model, tokenizer)
+        scores["preference_accuracy"] = preference_accuracy(cfg, model, tokenizer, adapter)
     if isinstance(model, PeftModel):
         # Greedy decoding needs no adapter switching: one matmul per layer instead of three.
         model = model.merge_and_unload()
@@ -115,15 +117,22 @@ def final_heldout_loss(run_cfg: RunConfig) -> dict[str, dict] | None:
     return last.get("heldout")
 
 
-def preference_accuracy(cfg: RunConfig, model, tokenizer) -> dict[str, float]:
+def preference_accuracy(cfg: RunConfig, model, tokenizer, adapter: Path | None) -> dict[str, float]:
     """Held-out preference accuracy per category: the share of pairs whose implicit reward
-    β·(log π − log π_base) is higher for the chosen answer ('mean' is over all pairs)."""
+    β·(log π − log π_base) is higher for the chosen answer ('mean' is over all pairs).
+
+    π_base is W0, the model before federation, as in the run's own held-out scores: the
+    adapter switched off, or, when exact LoRA aggregation folded a residual into `model`'s
+    base weights, a plain load of the base model.
+    """
     pairs, _ = tokenize_pairs_for(cfg, tokenizer, prepare_preferences(cfg).heldout)
     logps = functools.partial(
         pair_logps, pairs=pairs, pad_id=tokenizer.pad_token_id, batch_size=cfg.eval.batch_size
     )
     policy = logps(model)
-    if isinstance(model, PeftModel):
+    if adapter is not None and (adapter / BASE_RESIDUAL).is_file():
+        reference = logps(load_model(cfg.model))
+    elif isinstance(model, PeftModel):
         with model.disable_adapter():
             reference = logps(model)
     else:  # the base model is its own reference: every reward is 0

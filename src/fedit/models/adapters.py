@@ -18,6 +18,9 @@ from transformers import PreTrainedModel
 from fedit.config import ConfigError, LoraConfig
 from fedit.types import AdapterState
 
+# exact LoRA aggregation: what a run folded into the frozen base weights, beside the adapter
+BASE_RESIDUAL = "base_residual.safetensors"
+
 
 def attach_lora(model: PreTrainedModel, cfg: LoraConfig, seed: int) -> PeftModel:
     """Wrap the base model with freshly initialised LoRA adapters (B = 0, A seeded)."""
@@ -194,7 +197,7 @@ def load_saved_adapter(model: PreTrainedModel, directory: str | Path) -> PeftMod
     from safetensors.torch import load_file
 
     peft_model = PeftModel.from_pretrained(model, str(directory))
-    residual_file = Path(directory) / "base_residual.safetensors"
+    residual_file = Path(directory) / BASE_RESIDUAL
     if residual_file.exists():
         add_to_base_weights(peft_model, load_file(str(residual_file)))
     return peft_model
