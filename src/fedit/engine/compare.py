@@ -24,6 +24,7 @@ from fedit.config import ConfigError, RunConfig
 from fedit.data.prepare import load_heldout, prepare_preferences
 from fedit.data.records import Record
 from fedit.data.tokenize import tokenize_prompts
+from fedit.engine.checkpoint import metrics_record
 from fedit.engine.federation_data import scoring_examples, tokenize_pairs_for
 from fedit.engine.simulation import Simulation, console
 from fedit.eval.exact_match import format_score_table, score_by_category
@@ -105,16 +106,10 @@ def score_model(
 
 
 def final_heldout_loss(run_cfg: RunConfig) -> dict[str, dict] | None:
-    """The held-out loss a finished run measured after its last round (metrics.jsonl), or
-    None if it has none there."""
-    metrics = Path(run_cfg.output_dir) / "metrics.jsonl"
-    if not metrics.is_file():
-        return None
-    lines = [line for line in metrics.read_text().splitlines() if line.strip()]
-    last = json.loads(lines[-1]) if lines else {}
-    if last.get("round") != run_cfg.federation.rounds:
-        return None
-    return last.get("heldout")
+    """The held-out loss a finished run measured after its last round (that round's
+    committed metrics record), or None if it has none there."""
+    record = metrics_record(Path(run_cfg.output_dir), run_cfg.federation.rounds)
+    return json.loads(record.read_text()).get("heldout") if record.is_file() else None
 
 
 def preference_accuracy(cfg: RunConfig, model, tokenizer, adapter: Path | None) -> dict[str, float]:
