@@ -21,3 +21,27 @@ class ClientUpdate:
     learning_rate: float  # eta_l used this round (SCAFFOLD option II needs it)
     extras: dict[str, AdapterState] = field(default_factory=dict)  # e.g. SCAFFOLD delta c_k
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class ClientInstructions:
+    """What the server asks of one client for a round besides training from the global
+    adapter: plain data, so it crosses the wire as records (fedit.client.hooks.make_hook
+    turns it into the client's hook)."""
+
+    hook: str = "none"  # the client-side algorithm: "none" | "fedprox" | "scaffold"
+    scalars: dict[str, float] = field(default_factory=dict)  # e.g. {"prox_mu": 0.01}
+    tensors: dict[str, AdapterState] = field(default_factory=dict)  # e.g. {"c": .., "c_k": ..}
+
+
+@dataclass
+class ClientTask:
+    """One client's part of a round, as the engine hands it over (in process or as a
+    message): everything the client needs besides the global adapter and its own data."""
+
+    round_number: int  # 1-based
+    client_id: int
+    objective: str  # "sft" | "dpo"
+    learning_rate: float  # eta_l of this round, from the server's schedule
+    seed: int  # derive_seed(run seed, Stream.CLIENT_DATA, round index, client id)
+    instructions: ClientInstructions = field(default_factory=ClientInstructions)
