@@ -20,6 +20,7 @@ import torch
 from safetensors import SafetensorError
 from typer.testing import CliRunner
 
+import fedit.client.session
 import fedit.engine.checkpoint
 import fedit.engine.simulation
 from fedit.cli.main import app
@@ -290,7 +291,8 @@ def test_bad_input_gets_one_clear_line(
         def reached(*args: object, _name: str = name, **kwargs: object) -> None:
             raise AssertionError(f"{_name} ran: the input should have been refused before")
 
-        monkeypatch.setattr(fedit.engine.simulation, name, reached)
+        module = fedit.client.session if name == "train_client" else fedit.engine.simulation
+        monkeypatch.setattr(module, name, reached)
     args = case.args(tiny_model_dir, tmp_path)
     if case.patch is not None:
         case.patch(monkeypatch, tmp_path)

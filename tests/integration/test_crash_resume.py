@@ -19,8 +19,10 @@ from pathlib import Path
 
 import pytest
 
+from fedit.client import session
 from fedit.config import RunConfig, load_config
-from fedit.engine import checkpoint, simulation
+from fedit.engine import checkpoint, rounds
+from fedit.engine.rounds import RoundLoop
 from fedit.engine.simulation import Simulation
 from tests.conftest import REPO, tiny_run_overrides
 
@@ -104,19 +106,19 @@ def assert_same_run(resumed: Path, straight: Path) -> None:
 def current_round(monkeypatch: pytest.MonkeyPatch) -> Callable[[], int]:
     """The round (1-based) the engine is in, as last passed to select_clients."""
     state = {"round": 0}
-    select = simulation.select_clients
+    select = rounds.select_clients
 
     def tracked(num_clients, clients_per_round, fraction, seed, round_index):
         state["round"] = round_index + 1
         return select(num_clients, clients_per_round, fraction, seed, round_index)
 
-    monkeypatch.setattr(simulation, "select_clients", tracked)
+    monkeypatch.setattr(rounds, "select_clients", tracked)
     return lambda: state["round"]
 
 
 def kill_in_training(monkeypatch, at_round: int, client_number: int) -> None:
     """During the `client_number`-th (1-based) client's local training of round `at_round`."""
-    now, train, calls = current_round(monkeypatch), simulation.train_client, []
+    now, train, calls = current_round(monkeypatch), session.train_client, []
 
     def dying(*args, **kwargs):
         if now() == at_round:
@@ -125,12 +127,12 @@ def kill_in_training(monkeypatch, at_round: int, client_number: int) -> None:
                 raise Kill
         return train(*args, **kwargs)
 
-    monkeypatch.setattr(simulation, "train_client", dying)
+    monkeypatch.setattr(session, "train_client", dying)
 
 
 def kill_after_aggregation(monkeypatch, at_round: int) -> None:
     """Right after strategy.aggregate of round `at_round` returned (server state updated)."""
-    build = simulation.build_strategy
+    build = rounds.build_strategy
 
     def building(config, num_clients):
         strategy = build(config, num_clients)
@@ -145,7 +147,7 @@ def kill_after_aggregation(monkeypatch, at_round: int) -> None:
         strategy.aggregate = dying
         return strategy
 
-    monkeypatch.setattr(simulation, "build_strategy", building)
+    monkeypatch.setattr(rounds, "build_strategy", building)
 
 
 def kill_mid_checkpoint(monkeypatch, at_round: int) -> None:
@@ -163,19 +165,19 @@ def kill_mid_checkpoint(monkeypatch, at_round: int) -> None:
 
 def kill_before_metrics(monkeypatch, at_round: int) -> None:
     """After round `at_round`'s checkpoint is committed, before its metrics line is written."""
-    write = Simulation._write_metrics
+    write = RoundLoop._write_metrics
 
     def dying(self, record):
         if record["round"] == at_round:
             raise Kill
         return write(self, record)
 
-    monkeypatch.setattr(Simulation, "_write_metrics", dying)
+    monkeypatch.setattr(RoundLoop, "_write_metrics", dying)
 
 
 def kill_mid_metrics_line(monkeypatch, at_round: int) -> None:
     """Half-way through appending round `at_round`'s metrics line (a truncated last line)."""
-    write = Simulation._write_metrics
+    write = RoundLoop._write_metrics
 
     def dying(self, record):
         if record["round"] == at_round:
@@ -184,7 +186,7 @@ def kill_mid_metrics_line(monkeypatch, at_round: int) -> None:
             raise Kill
         return write(self, record)
 
-    monkeypatch.setattr(Simulation, "_write_metrics", dying)
+    monkeypatch.setattr(RoundLoop, "_write_metrics", dying)
 
 
 KILL_POINTS = {
@@ -229,9 +231,9 @@ def test_sigkilled_cli_run_resumes_exactly(
     overrides.append("train.threads=1")  # as this process runs (tests/conftest.py)
     slowed = (
         "import sys, time\n"
-        "from fedit.engine import simulation\n"
-        "train = simulation.train_client\n"
-        "simulation.train_client = lambda *a, **k: (time.sleep(0.3), train(*a, **k))[1]\n"
+        "from fedit.client import session\n"
+        "train = session.train_client\n"
+        "session.train_client = lambda *a, **k: (time.sleep(0.3), train(*a, **k))[1]\n"
         "from fedit.cli.main import app\n"
         "sys.argv[0] = 'fedit'\n"
         "app()\n"

@@ -8,8 +8,8 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from fedit.cli.main import app
+from fedit.client import session
 from fedit.config import load_config
-from fedit.engine import simulation
 from fedit.engine.simulation import Simulation
 from fedit.server.aggregation import client_weights, weighted_mean
 from tests.conftest import BadStep, tiny_run_overrides
@@ -25,7 +25,7 @@ SMALL = {
 def spoil_clients(monkeypatch, bad: set[int]) -> list:
     """Clients in `bad` get a NaN loss at their first step; returns the updates trained."""
     trained = []
-    original = simulation.train_client
+    original = session.train_client
 
     def train_client(model, examples, cfg, *, client_id, **kwargs):
         if client_id in bad:
@@ -34,7 +34,7 @@ def spoil_clients(monkeypatch, bad: set[int]) -> list:
         trained.append(update)
         return update
 
-    monkeypatch.setattr(simulation, "train_client", train_client)
+    monkeypatch.setattr(session, "train_client", train_client)
     return trained
 
 

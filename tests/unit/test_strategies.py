@@ -8,16 +8,20 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fedit.client.hooks import ClientHook
+from fedit.client.hooks import ClientHook, FedProxHook, make_hook
 from fedit.config import ConfigError, StrategyConfig
 from fedit.engine.checkpoint import ClientStateStore
 from fedit.server.strategies import STRATEGIES, Strategy, build_strategy, register
-from fedit.server.strategies.fedprox import FedProxHook
 from fedit.types import AdapterState, ClientUpdate
 
 
 def build(name: str, num_clients: int = 4, **options: object) -> Strategy:
     return build_strategy(StrategyConfig(name=name, **options), num_clients)
+
+
+def hook_of(strategy: Strategy, client_id: int, x: AdapterState) -> ClientHook:
+    """The hook a client builds from the strategy's instructions, as both engines do."""
+    return make_hook(strategy.client_instructions(client_id, x))
 
 
 Values = list[float] | list[list[float]]  # what torch.tensor takes here
@@ -88,7 +92,7 @@ def test_fedprox_with_mu_zero_is_fedavg() -> None:
     x = w([1.0, -1.0])
     deltas = [[0.5, 2.0], [-1.0, 4.0]]
     prox = build("fedprox", prox_mu=0.0)
-    assert type(prox.client_hook(0, x)) is ClientHook  # the hook adds nothing
+    assert type(hook_of(prox, 0, x)) is ClientHook  # the hook adds nothing
     assert torch.equal(
         step(prox, x, deltas, [2, 3])["w"], step(build("fedavg"), x, deltas, [2, 3])["w"]
     )
@@ -97,7 +101,7 @@ def test_fedprox_with_mu_zero_is_fedavg() -> None:
 def test_fedprox_term_value_and_gradient() -> None:
     # Prepare: x = [0, 1] at start, then local training moved θ to [1, 3]
     theta = torch.nn.Parameter(torch.tensor([0.0, 1.0]))
-    hook = build("fedprox", prox_mu=0.5).client_hook(0, w([0.0, 1.0]))
+    hook = hook_of(build("fedprox", prox_mu=0.5), 0, w([0.0, 1.0]))
     assert isinstance(hook, FedProxHook)
     hook.start({"w": theta})
     with torch.no_grad():
@@ -233,7 +237,7 @@ def scaffold_with(c: list[float], c_0: list[float], num_clients: int = 4) -> Str
 
 def test_scaffold_hook_corrects_gradients() -> None:
     # Prepare: c = [1, 2], c_0 = [0.5, -1]
-    hook = scaffold_with([1.0, 2.0], [0.5, -1.0]).client_hook(0, w([0.0, 0.0]))
+    hook = hook_of(scaffold_with([1.0, 2.0], [0.5, -1.0]), 0, w([0.0, 0.0]))
     used = torch.nn.Parameter(torch.zeros(2))
     hook.start({"w": used})
     used.grad = torch.tensor([3.0, 3.0])
@@ -246,7 +250,7 @@ def test_scaffold_hook_corrects_gradients() -> None:
 
 
 def test_scaffold_corrects_a_missing_gradient_too() -> None:
-    hook = scaffold_with([1.0, 2.0], [0.5, -1.0]).client_hook(0, w([0.0, 0.0]))
+    hook = hook_of(scaffold_with([1.0, 2.0], [0.5, -1.0]), 0, w([0.0, 0.0]))
     unused = torch.nn.Parameter(torch.zeros(2))
     hook.start({"w": unused})
     hook.adjust_gradients({"w": unused})
@@ -255,7 +259,7 @@ def test_scaffold_corrects_a_missing_gradient_too() -> None:
 
 def test_scaffold_control_delta_equals_option_ii_under_sgd() -> None:
     # Prepare: c = [1, 2], c_0 = [0.5, -1], x = [0, 0], plain SGD with η_l = 0.1, K = 2
-    hook = scaffold_with([1.0, 2.0], [0.5, -1.0]).client_hook(0, w([0.0, 0.0]))
+    hook = hook_of(scaffold_with([1.0, 2.0], [0.5, -1.0]), 0, w([0.0, 0.0]))
     theta = torch.nn.Parameter(torch.zeros(2))
     optimizer = torch.optim.SGD([theta], lr=0.1)
     hook.start({"w": theta})
@@ -298,7 +302,7 @@ def test_scaffold_two_rounds_server_state() -> None:
     )
     x1 = strategy.aggregate(x0, round_1, round_index=0)
     state_1 = strategy.state_dict()
-    hook_0, hook_1 = strategy.client_hook(0, x1), strategy.client_hook(1, x1)
+    hook_0, hook_1 = hook_of(strategy, 0, x1), hook_of(strategy, 1, x1)
     # round 2: client 0 alone, Δ = [2, 2], control delta [-4, 4]
     round_2 = scaffold_updates(x1, [[2.0, 2.0]], [1], [0], [[-4.0, 4.0]])
     x2 = strategy.aggregate(x1, round_2, round_index=1)
@@ -385,7 +389,7 @@ def test_scaffold_spills_client_variates_to_the_store(tmp_path: Path) -> None:
     assert sorted(strategy.state_dict()) == ["c.w", "client_weights"]
     assert list(pending) == [7] and torch.equal(pending[7]["w"], torch.tensor([65.0, 130.0]))
     # c − c_7 = [1 - 65, 2 - 130]
-    assert torch.equal(correction_of(resumed.client_hook(7, x)), torch.tensor([-64.0, -128.0]))
+    assert torch.equal(correction_of(hook_of(resumed, 7, x)), torch.tensor([-64.0, -128.0]))
 
 
 def test_scaffold_keeps_few_clients_in_memory() -> None:
@@ -472,7 +476,7 @@ def scaffold_on_quadratics(weighting: str, rounds: int = 60) -> float:
     for r in range(rounds):
         updates = []
         for k, (target, n) in enumerate(zip(targets, sizes, strict=True)):
-            hook = strategy.client_hook(k, x)
+            hook = hook_of(strategy, k, x)
             theta = torch.nn.Parameter(x["w"].clone())
             hook.start({"w": theta})
             for _ in range(steps):

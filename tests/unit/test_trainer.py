@@ -6,7 +6,7 @@ from transformers import AutoTokenizer
 
 from fedit.client import trainer as trainer_module
 from fedit.client.batching import collate
-from fedit.client.hooks import ClientHook
+from fedit.client.hooks import ClientHook, ScaffoldHook
 from fedit.client.loss import row_loss_sums
 from fedit.client.precision import half_precision_frozen_weights
 from fedit.client.trainer import (
@@ -21,7 +21,6 @@ from fedit.data.tokenize import tokenize_records
 from fedit.models.adapters import attach_lora, get_adapter_state, set_adapter_state
 from fedit.models.loading import load_model
 from fedit.server.aggregation import zeros_like
-from fedit.server.strategies.scaffold import ScaffoldHook
 from tests.conftest import BadStep, CountingHook, check_token_cap_keeps_the_gradient
 
 

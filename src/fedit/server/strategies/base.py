@@ -12,11 +12,10 @@ from typing import Protocol
 
 from torch import Tensor
 
-from fedit.client.hooks import ClientHook
 from fedit.config import StrategyConfig
 from fedit.server.aggregation import client_weights, state_norm, subtract
 from fedit.server.lora_aggregation import fedex_residual, separate_error
-from fedit.types import AdapterState, ClientUpdate
+from fedit.types import AdapterState, ClientInstructions, ClientUpdate
 
 
 class ClientStore(Protocol):
@@ -71,9 +70,10 @@ class Strategy(ABC):
         with many clients). Strategies without such state ignore it."""
         return None
 
-    def client_hook(self, client_id: int, global_state: AdapterState) -> ClientHook:
-        """The client-side obligation for this round; FedAvg-style methods have none."""
-        return ClientHook()
+    def client_instructions(self, client_id: int, global_state: AdapterState) -> ClientInstructions:
+        """What the client must do this round besides training from x, as plain data
+        (``fedit.client.hooks.make_hook`` builds its hook); FedAvg-style methods: nothing."""
+        return ClientInstructions()
 
     @abstractmethod
     def aggregate(

@@ -5,56 +5,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fedit.client.hooks import ClientHook
 from fedit.config import StrategyConfig
 from fedit.server.aggregation import add_prefix, add_scaled, mean_delta, take_prefix, zeros_like
 from fedit.server.strategies.base import ClientStore, Strategy
-from fedit.types import AdapterState, ClientUpdate
+from fedit.types import AdapterState, ClientInstructions, ClientUpdate
 
 SPILL_THRESHOLD = 64  # more clients than this: c_k go to disk once set_client_store is called
-
-
-class ScaffoldHook(ClientHook):
-    """Client side of SCAFFOLD for one round, given the server's c and this client's c_k."""
-
-    def __init__(self, c: AdapterState, c_k: AdapterState) -> None:
-        self._c, self._c_k = c, c_k
-        self._correction: AdapterState = {}
-        self._grad_sum: AdapterState = {}
-        self._steps = 0
-
-    def start(self, params: dict[str, torch.nn.Parameter]) -> None:
-        self._correction = {
-            name: (self._c[name] - self._c_k[name]).to(p.device, p.dtype)
-            for name, p in params.items()
-        }
-        self._grad_sum = {
-            name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()
-        }
-        self._steps = 0
-
-    def adjust_gradients(self, params: dict[str, torch.nn.Parameter]) -> None:
-        """g ← g − c_k + c, remembering the raw g for c_k⁺."""
-        self._steps += 1
-        for name, p in params.items():
-            if p.grad is None:  # no gradient this step: the correction still applies
-                p.grad = self._correction[name].clone()
-                continue
-            self._grad_sum[name] += p.grad.float()
-            p.grad.add_(self._correction[name])
-
-    def finish(
-        self, params: dict[str, torch.nn.Parameter], num_steps: int, learning_rate: float
-    ) -> dict[str, AdapterState]:
-        """{"control_delta": c_k⁺ − c_k}, c_k⁺ = mean raw gradient (c_k kept after 0 steps)."""
-        if self._steps == 0:
-            return {"control_delta": zeros_like(self._c_k)}
-        return {
-            "control_delta": {
-                name: total.cpu() / self._steps - self._c_k[name]
-                for name, total in self._grad_sum.items()
-            }
-        }
 
 
 class Scaffold(Strategy):
@@ -63,9 +19,9 @@ class Scaffold(Strategy):
 
     State: a server control variate c and one c_k per client, all zero at the start (a
     client's c_k is zero until it first participates), and each client's last known weight.
-    Client (``ScaffoldHook``): every local step uses g − c_k + c in place of its gradient g
-    (``adjust_gradients``, before clipping and the optimizer step); at the end it sends
-    c_k⁺ − c_k in ``extras["control_delta"]``.
+    Client (``fedit.client.hooks.ScaffoldHook``): every local step uses g − c_k + c in place
+    of its gradient g (``adjust_gradients``, before clipping and the optimizer step); at the
+    end it sends c_k⁺ − c_k in ``extras["control_delta"]``.
     Server: x ← x + η_g·Δ (η_g = ``server_lr``; Δ weighted per ``weighting``, the paper's
     uniform mean is ``"uniform"``), c_k ← c_k⁺ for each sampled client, and c is the
     weighted mean of all N = ``num_clients`` clients' c_k, weighted as Δ is:
@@ -134,8 +90,13 @@ class Scaffold(Strategy):
         if self._store is not None:
             self._store.clear()
 
-    def client_hook(self, client_id: int, global_state: AdapterState) -> ClientHook:
-        return ScaffoldHook(self._c or zeros_like(global_state), self._get(client_id, global_state))
+    def client_instructions(self, client_id: int, global_state: AdapterState) -> ClientInstructions:
+        """c and this client's c_k (a deployment leaves c_k out when the owner holds it)."""
+        tensors = {
+            "c": self._c or zeros_like(global_state),
+            "c_k": self._get(client_id, global_state),
+        }
+        return ClientInstructions("scaffold", tensors=tensors)
 
     def aggregate(
         self, global_state: AdapterState, updates: list[ClientUpdate], round_index: int
@@ -205,6 +166,6 @@ def _control_delta(update: ClientUpdate, like: AdapterState) -> AdapterState:
     if control_delta is None or control_delta.keys() != like.keys():
         raise ValueError(
             f"client {update.client_id} sent no complete extras['control_delta']: SCAFFOLD "
-            "clients must train with the hook from Scaffold.client_hook"
+            "clients must train with the hook of Scaffold.client_instructions"
         )
     return {key: t.float() for key, t in control_delta.items()}

@@ -1,0 +1,78 @@
+"""One data owner's side of a federation, the same in every engine.
+
+A ``LocalClient`` holds what never leaves its owner: the tokenised records and preference
+pairs, and the fixed DPO reference log-probs once computed. Given the global adapter and a
+``ClientTask`` it trains one local round and returns the update to send. The simulation
+keeps one per client beside a shared model; a deployment keeps one per data-owner process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from fedit.client.dpo_trainer import reference_logps, train_client_dpo
+from fedit.client.hooks import make_hook
+from fedit.client.trainer import NonFiniteTrainingError, train_client
+from fedit.config import DPOConfig, TrainConfig
+from fedit.data.preferences import TokenizedPair
+from fedit.data.tokenize import TokenizedExample
+from fedit.models.adapters import set_adapter_state
+from fedit.server.validation import Rejection
+from fedit.types import AdapterState, ClientTask, ClientUpdate
+
+
+class LocalClient:
+    """A client's data and its local round: ``train`` = load x, build the hook the
+    strategy asked for, run the SFT or DPO trainer on its own records or pairs."""
+
+    def __init__(
+        self,
+        client_id: int,
+        examples: Sequence[TokenizedExample],
+        pairs: Sequence[TokenizedPair],
+        pad_id: int,
+        dpo: DPOConfig,
+    ) -> None:
+        self.client_id = client_id
+        self.examples, self.pairs = examples, pairs
+        self.pad_id, self.dpo = pad_id, dpo
+        self.reference: Tensor | None = None  # fixed π_ref log-probs, "base" or "sft"
+
+    def compute_reference(self, model: torch.nn.Module, train_cfg: TrainConfig) -> None:
+        """Fix the (N, 2) DPO reference log-probs of this client's pairs from `model` as it is
+        now (its adapter disabled for dpo.reference = "base"), at the training precision."""
+        indices = range(len(self.pairs))
+        self.reference = reference_logps(
+            model, self.pairs, indices, train_cfg, self.dpo, self.pad_id
+        )
+
+    def train(
+        self,
+        model: torch.nn.Module,
+        global_state: AdapterState,
+        task: ClientTask,
+        train_cfg: TrainConfig,
+        show_progress: bool = False,
+    ) -> ClientUpdate | Rejection:
+        """One local round from the global adapter; a Rejection (left out of the aggregate)
+        if the loss or the gradients went non-finite."""
+        set_adapter_state(model, global_state)
+        common = {
+            "client_id": self.client_id,
+            "learning_rate": task.learning_rate,
+            "seed": task.seed,
+            "pad_id": self.pad_id,
+            "hook": make_hook(task.instructions),
+            "show_progress": show_progress,
+        }
+        try:
+            if task.objective == "dpo":
+                return train_client_dpo(
+                    model, self.pairs, train_cfg, self.dpo, reference=self.reference, **common
+                )
+            return train_client(model, self.examples, train_cfg, **common)
+        except NonFiniteTrainingError as err:
+            return Rejection(self.client_id, err.reason)

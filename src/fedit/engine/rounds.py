@@ -1,0 +1,365 @@
+"""The round loop every engine shares: what a round does, written once.
+
+A round reads top to bottom: select clients → ask the strategy what each must do → hand
+the clients their tasks (``ClientRunner``: in this process for the simulation, over
+Flower for a deployment) → drop non-finite updates → the strategy aggregates → fold an
+exact-aggregation residual into the base → evaluate on the held-out set → commit the round
+(checkpoint, metrics line and per-client server state in one atomic rename;
+fedit.engine.checkpoint) → append its metrics line to metrics.jsonl. ``--resume`` restores
+the last committed round's adapter, server state and residual. Nothing here knows how
+clients are reached, so both engines train, aggregate and save bit for bit the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from rich.console import Console
+from rich.markup import escape
+from tqdm.auto import tqdm
+
+from fedit.client.dpo import preference_scores
+from fedit.client.dpo_trainer import pair_logps
+from fedit.client.trainer import round_learning_rate
+from fedit.config import ConfigError, RunConfig, TrainConfig
+from fedit.data.preferences import TokenizedPair
+from fedit.data.tokenize import TokenizedExample
+from fedit.engine.checkpoint import (
+    Checkpoint,
+    ClientStateStore,
+    completed_rounds,
+    load_checkpoint,
+    metrics_record,
+    round_dir,
+    save_checkpoint,
+)
+from fedit.engine.federation_data import round_objective
+from fedit.engine.run_dir import (
+    METRICS,
+    append_metrics,
+    check_resume,
+    prepare_run_dir,
+    rebuild_metrics,
+    write_atomic,
+)
+from fedit.errors import RunStopped
+from fedit.eval.loss import heldout_loss
+from fedit.models.adapters import (
+    get_adapter_state,
+    lora_scaling,
+    set_adapter_state,
+    set_base_residual,
+)
+from fedit.seeding import Stream, derive_seed
+from fedit.server.selection import select_clients
+from fedit.server.strategies import build_strategy
+from fedit.server.validation import AllUpdatesRejectedError, Rejection, reject_non_finite
+from fedit.types import AdapterState, ClientTask, ClientUpdate
+
+console = Console(stderr=True)
+
+
+@dataclass
+class RoundPlan:
+    """What one round asks of the clients."""
+
+    round_index: int  # r, 0-based: this is round r + 1
+    objective: str  # "sft" | "dpo"
+    train_cfg: TrainConfig
+    learning_rate: float
+    tasks: list[ClientTask]  # one per selected client, in client-id order
+    # The exact-aggregation residual the coordinator's model holds (empty in "separate"
+    # mode); only clients that share that model (the simulation) need it.
+    base_residual: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class RoundReplies:
+    """What came back from a round's clients."""
+
+    updates: list[ClientUpdate]
+    rejected: list[Rejection] = field(default_factory=list)  # e.g. training went non-finite
+    dropped: list[Rejection] = field(default_factory=list)  # no reply: offline, timeout, error
+    # bytes each client received and sent this round: {client id: {"bytes_down", "bytes_up"}}
+    traffic: dict[int, dict[str, int]] = field(default_factory=dict)
+
+
+class ClientRunner(Protocol):
+    """How an engine reaches its clients: the only part of a round that differs."""
+
+    def run_round(self, plan: RoundPlan, global_state: AdapterState) -> RoundReplies: ...
+
+
+class TooFewRepliesError(RunStopped):
+    """Fewer valid updates than deploy.min_replies: the round is not committed."""
+
+    def __init__(self, round_number: int, got: int, needed: int, missing: list[Rejection]):
+        listed = "; ".join(f"client {r.client_id}: {r.reason}" for r in missing)
+        super().__init__(
+            f"round {round_number}: {got} valid update(s), {needed} needed ({listed}); the "
+            "rounds before it are saved: fix the clients and continue with --resume"
+        )
+
+
+def completed_run(cfg: RunConfig, resume: bool) -> list[int]:
+    """The rounds already committed in cfg.output_dir, after checking that this start may
+    use them: a run with rounds needs --resume, and --resume needs a compatible config."""
+    out = Path(cfg.output_dir)
+    done = completed_rounds(out)
+    if done and not resume:
+        raise ConfigError(
+            f"{out} already holds rounds up to {done[-1]}: "
+            "pass --resume to continue it, or choose another output_dir"
+        )
+    if resume:
+        check_resume(out, cfg, done)
+    return done
+
+
+def finished(cfg: RunConfig, done: list[int]) -> bool:
+    """Whether every round is committed (then the last metrics line is made whole)."""
+    out = Path(cfg.output_dir)
+    if not done or done[-1] != cfg.federation.rounds:
+        return False
+    rebuild_metrics(out, done)  # a line a crash in the last round cut short
+    final = round_dir(out, cfg.federation.rounds)
+    console.print(f"{out} already completed {done[-1]} rounds: global adapter in {final}")
+    return True
+
+
+class RoundLoop:
+    """Runs the rounds of one configured federation (or baseline) against a ClientRunner.
+
+    ``model`` is the coordinator's model (in the simulation, also the clients'): it holds
+    the global adapter for evaluation and checkpoints. ``heldout`` and ``heldout_pairs``
+    are the coordinator's held-out set, tokenised.
+    """
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        model: torch.nn.Module,
+        runner: ClientRunner,
+        *,
+        num_clients: int,
+        train_cfgs: dict[str, TrainConfig],
+        heldout: Sequence[TokenizedExample],
+        heldout_pairs: Sequence[TokenizedPair],
+        pad_id: int,
+        base_originals: dict[str, torch.Tensor],
+        min_replies: int = 1,
+        show_progress: bool = True,
+    ) -> None:
+        self.cfg, self.model, self.runner = cfg, model, runner
+        self.output_dir = Path(cfg.output_dir)
+        self.num_clients, self.train_cfgs = num_clients, train_cfgs
+        self.heldout, self.heldout_pairs, self.pad_id = heldout, heldout_pairs, pad_id
+        self.base_originals = base_originals  # W0 of weights with a residual, shared
+        self.min_replies, self.show_progress = min_replies, show_progress
+        self.strategy = build_strategy(cfg.strategy, num_clients)
+        self.strategy.lora_scaling = lora_scaling(cfg.lora)
+        # Before _restore folds any exact-aggregation residual into the base: π_ref = W0.
+        self.heldout_reference = self._base_logps(heldout_pairs)
+        self.client_state = ClientStateStore([])
+
+    def run(self, done: list[int]) -> Path:
+        """Train the rounds after `done` (completed_run's answer) and return the final
+        round's directory."""
+        cfg, out = self.cfg, self.output_dir
+        # Client state of the resumed phase only: sft_then_dpo resets it at the switch.
+        phase = [
+            n for n in done if round_objective(cfg, n - 1) == round_objective(cfg, done[-1] - 1)
+        ]
+        self.client_state = ClientStateStore([round_dir(out, n) for n in phase])
+        self.strategy.set_client_store(self.client_state)
+        start, global_state, residual = self._restore(done)
+        prepare_run_dir(out, cfg, done)  # the run's first write
+        if start == 0 and cfg.eval.at_start:
+            self._commit_start()
+        rounds = range(start, cfg.federation.rounds)
+        for r in tqdm(
+            rounds,
+            desc="rounds",
+            initial=start,
+            total=cfg.federation.rounds,
+            disable=not self.show_progress,
+        ):
+            global_state, residual = self._round(r, global_state, residual)
+        final = round_dir(out, cfg.federation.rounds)
+        console.print(
+            f"[bold green]done[/]: global adapter in {escape(str(final))}, metrics in "
+            f"{escape(str(out / METRICS))}"
+        )
+        return final
+
+    def _restore(self, done: list[int]):
+        if not done:
+            return 0, get_adapter_state(self.model), {}
+        last = done[-1]
+        directory = round_dir(self.output_dir, last)
+        checkpoint = load_checkpoint(self.model, directory, last)
+        saved_by = checkpoint.run_state.get("strategy")
+        if saved_by != self.cfg.strategy.name:  # FedAvgM's "v." state loads into FedAdam's
+            raise ConfigError(
+                f"{directory / 'state.json'}: the checkpoint was written by strategy "
+                f"{saved_by!r}, the config asks for {self.cfg.strategy.name!r}"
+            )
+        self.strategy.load_state_dict(checkpoint.server_state)
+        set_base_residual(self.model, self.base_originals, checkpoint.base_residual)
+        console.print(f"resuming after round {last}")
+        return last, checkpoint.global_state, checkpoint.base_residual
+
+    def plan(self, r: int, global_state: AdapterState, residual) -> RoundPlan:
+        """Round r + 1's selection, learning rate, seeds and strategy instructions."""
+        cfg, fed = self.cfg, self.cfg.federation
+        chosen = select_clients(self.num_clients, fed.clients_per_round, fed.fraction, cfg.seed, r)
+        if fed.mode != "federated":
+            chosen = [0]
+        objective = round_objective(cfg, r)
+        train_cfg = self.train_cfgs[objective]
+        lr = round_learning_rate(train_cfg, r, fed.rounds)
+        tasks = [
+            ClientTask(
+                round_number=r + 1,
+                client_id=k,
+                objective=objective,
+                learning_rate=lr,
+                seed=derive_seed(cfg.seed, Stream.CLIENT_DATA, r, k),
+                instructions=self.strategy.client_instructions(k, global_state),
+            )
+            for k in chosen
+        ]
+        return RoundPlan(r, objective, train_cfg, lr, tasks, residual)
+
+    def _round(self, r: int, global_state: AdapterState, residual):
+        """Round r + 1: plan → the clients train → aggregate → evaluate → commit."""
+        started = time.perf_counter()
+        objective = round_objective(self.cfg, r)
+        if r > 0 and objective != round_objective(self.cfg, r - 1):
+            self.strategy.reset()  # sft_then_dpo: see Strategy.reset
+        plan = self.plan(r, global_state, residual)
+        replies = self.runner.run_round(plan, global_state)
+        updates, refused = reject_non_finite(replies.updates)  # before any server state
+        rejected = replies.rejected + refused
+        self._require_replies(r, updates, rejected, replies.dropped)
+        updates.sort(key=lambda u: u.client_id)  # replies may arrive in any order
+        global_state = self.strategy.aggregate(global_state, updates, r)
+        residual = self._fold_residual(residual)
+        set_adapter_state(self.model, global_state)
+        record: dict[str, Any] = {
+            "round": r + 1,
+            "objective": objective,
+            "learning_rate": plan.learning_rate,
+            "clients": [
+                {
+                    "id": u.client_id,
+                    "num_examples": u.num_examples,
+                    **u.metrics,
+                    **replies.traffic.get(u.client_id, {}),
+                }
+                for u in updates
+            ],
+            "strategy": self.strategy.metrics(),
+        }
+        if rejected:
+            record["rejected"] = [rejection.as_record() for rejection in rejected]
+        if replies.dropped:
+            record["dropped"] = [rejection.as_record() for rejection in replies.dropped]
+        if r + 1 == self.cfg.federation.rounds or (r + 1) % self.cfg.eval.every_rounds == 0:
+            record.update(self._evaluate())
+        record["seconds"] = time.perf_counter() - started
+        self._commit(record, global_state, residual)
+        return global_state, residual
+
+    def _require_replies(self, r, updates, rejected, dropped) -> None:
+        """Stop before any server state changes when too few clients sent a valid update."""
+        if not updates and not dropped:
+            raise AllUpdatesRejectedError(r + 1, rejected)
+        if len(updates) < max(1, self.min_replies):
+            raise TooFewRepliesError(r + 1, len(updates), self.min_replies, rejected + dropped)
+
+    def _fold_residual(self, residual):
+        """Add the aggregation's exact-LoRA residual (if any) into the frozen base weights."""
+        new_residual = self.strategy.take_base_residual()
+        if new_residual:
+            residual = {k: residual.get(k, 0) + v for k, v in new_residual.items()}
+            set_base_residual(self.model, self.base_originals, residual)
+        return residual
+
+    def _commit(self, record, global_state, residual) -> None:
+        """Save the round atomically (its checkpoint holds its metrics line and its clients'
+        new state), then append the line to metrics.jsonl."""
+        cfg, round_number = self.cfg, record["round"]
+        checkpoint = Checkpoint(
+            round_number=round_number,
+            global_state=global_state,
+            server_state=self.strategy.state_dict(),
+            base_residual=residual,
+            run_state={"round": round_number, "seed": cfg.seed, "strategy": cfg.strategy.name},
+            metrics=json.dumps(record),
+            client_state=self.client_state.pending(),
+        )
+        saved = save_checkpoint(self.output_dir, self.model, checkpoint, cfg)
+        self.client_state.commit(saved)
+        self._write_metrics(record)
+
+    def _commit_start(self) -> None:
+        """Round 0's line, the starting model: its own record file, then metrics.jsonl."""
+        record = {"round": 0, **self._evaluate()}
+        write_atomic(metrics_record(self.output_dir, 0), json.dumps(record))
+        self._write_metrics(record)
+
+    def _evaluate(self) -> dict[str, Any]:
+        """Held-out loss and preference scores per category, and how long they took (kept
+        apart from training)."""
+        if not self.heldout and not self.heldout_pairs:
+            return {}
+        started = time.perf_counter()
+        record: dict[str, Any] = {}
+        batch_size = self.cfg.eval.batch_size
+        if self.heldout:
+            record["heldout"] = heldout_loss(self.model, self.heldout, self.pad_id, batch_size)
+        if self.heldout_pairs:
+            policy = self._logps(self.heldout_pairs)
+            categories = [p.category for p in self.heldout_pairs]
+            record["heldout_dpo"] = preference_scores(
+                policy, self.heldout_reference, categories, self.cfg.dpo.beta
+            )
+        record["eval_seconds"] = time.perf_counter() - started
+        return record
+
+    def _logps(self, pairs: Sequence[TokenizedPair]) -> torch.Tensor:
+        """(N, 2) log-probs of held-out pairs in full precision, as heldout_loss computes."""
+        return pair_logps(self.model, pairs, self.pad_id, batch_size=self.cfg.eval.batch_size)
+
+    def _base_logps(self, pairs: Sequence[TokenizedPair]) -> torch.Tensor | None:
+        if not pairs:
+            return None
+        with self.model.disable_adapter():
+            return self._logps(pairs)
+
+    def _write_metrics(self, record: dict[str, Any]) -> None:
+        """Append a committed round's line to metrics.jsonl and report it."""
+        append_metrics(self.output_dir, json.dumps(record))
+        text = f"round {record['round']}:"
+        if record.get("clients"):
+            losses = [c["train_loss"] for c in record["clients"]]
+            name = "dpo loss" if record.get("objective") == "dpo" else "train loss"
+            text += f" {name} {sum(losses) / len(losses):.4f}"
+        if "heldout" in record:
+            text += f" held-out loss {record['heldout']['overall']['loss']:.4f}"
+        if "heldout_dpo" in record:
+            overall = record["heldout_dpo"]["overall"]
+            text += (
+                f" held-out preference accuracy {overall['accuracy']:.3f}"
+                f" margin {overall['margin']:.4f}"
+            )
+        if record.get("dropped"):
+            text += f" dropped {[d['client'] for d in record['dropped']]}"
+        console.print(text + (f" ({record['seconds']:.1f}s)" if "seconds" in record else ""))
