@@ -14,10 +14,10 @@ import ipaddress
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import pytest
 
@@ -35,6 +35,8 @@ from fedit.deploy.processes import Child, SuperLink, SuperNode
 if TYPE_CHECKING:
     from fedit.deploy.flower_io import ServerRun
 
+C = TypeVar("C", bound=Child)
+T = TypeVar("T")
 EXECUTOR = Path(__file__).with_name("node_executor.py")
 FEDIT_SRC = str(Path(fedit.__file__).resolve().parents[1])  # this checkout's fedit
 
@@ -145,7 +147,7 @@ class Children:
         self.started: list[Child] = []
         self.timings: dict[str, float] = {}
 
-    def add(self, child: Child) -> Child:
+    def add(self, child: C) -> C:
         self.started.append(child)
         return child
 
@@ -305,7 +307,7 @@ def federation(
         fed.run.finish(True, "")
 
 
-def timed(children: Children, what: str, call):  # type: ignore[no-untyped-def]
+def timed(children: Children, what: str, call: Callable[[], T]) -> T:
     started = time.monotonic()
     result = call()
     children.timings[what] = time.monotonic() - started

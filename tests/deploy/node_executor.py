@@ -21,7 +21,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.supercore.runtime import RuntimeHttpClient
 
 from fedit.deploy import flower_io
 
@@ -49,7 +50,7 @@ def main(runtime_address: str, delta: float, report_file: Path, secret: bytes | 
 
     send = flower_io.send_reply
 
-    def recording_send(client, reply, context):  # type: ignore[no-untyped-def]
+    def recording_send(client: RuntimeHttpClient, reply: Message, context: Context) -> None:
         report(
             "sent",
             error=reply.has_error(),

@@ -25,6 +25,7 @@ pytest.importorskip("flwr")
 from cryptography.hazmat.primitives import serialization
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common.constant import ErrorCode
+from flwr.supercore.task_identity import TaskIdentity
 
 from fedit.deploy import flower_io, processes
 from fedit.deploy.flower_io import exchange, online_nodes
@@ -32,11 +33,12 @@ from fedit.deploy.front import FleetFront
 from fedit.deploy.processes import (
     ActivationRefused,
     FederationError,
+    SuperLink,
     SuperNode,
     SuperNodeKeeper,
     TlsError,
 )
-from tests.deploy.conftest import Federation, Owner, timed
+from tests.deploy.conftest import Children, Federation, Owner, timed
 
 pytestmark = pytest.mark.deploy
 
@@ -98,7 +100,7 @@ def test_online_nodes_carry_the_registered_keys(federation: Federation) -> None:
     for owner in federation.owners:
         registered = serialization.load_ssh_public_key(owner.public_key.read_bytes())
         seen = serialization.load_pem_public_key(found[owner.node_id])
-        assert seen.public_numbers() == registered.public_numbers()  # type: ignore[union-attr]
+        assert seen.public_numbers() == registered.public_numbers()
 
 
 def test_a_failing_handler_gets_a_short_error_reply_and_the_executor_goes_on(
@@ -153,11 +155,11 @@ def test_an_unregistered_node_is_refused_and_gets_nothing(
     assert "gave up after 5 s" in str(refused.value)
     assert len(nodes) >= 2 and len(said) == len(nodes) - 1 and "retrying in" in said[0]
     assert all(n.exit_code() is not None for n in nodes)
-    stranger = serialization.load_ssh_public_key(pub.read_bytes()).public_numbers()  # type: ignore[union-attr]
+    stranger = serialization.load_ssh_public_key(pub.read_bytes()).public_numbers()
     keys = [
         serialization.load_pem_public_key(n.public_key).public_numbers()
         for n in online_nodes(federation.run.grid)
-    ]  # type: ignore[union-attr]
+    ]
     assert stranger not in keys
     assert "Receiving" not in (tmp_path / "supernode.log").read_text()
 
@@ -180,7 +182,7 @@ def test_a_wrong_root_certificate_is_a_tls_error_at_once(
             processes.free_port(),
             False,
         )
-        return federation.children.add(node)  # type: ignore[return-value]
+        return federation.children.add(node)
 
     with pytest.raises(TlsError, match="failed certificate verification against .*other-ca.pem"):
         SuperNodeKeeper(make, activation_wait=60, say=said.append).start()
@@ -193,7 +195,7 @@ def test_node_auth_without_tls_is_refused(federation: Federation, tmp_path: Path
         SuperNode(tmp_path, federation.link.address, None, key, processes.free_port(), True)
     )
     with pytest.raises(FederationError, match="node authentication needs TLS"):
-        node.start()  # type: ignore[attr-defined]
+        node.start()
 
 
 def test_a_node_killed_mid_round_leaves_the_others_replies(federation: Federation) -> None:
@@ -210,7 +212,7 @@ def test_a_node_killed_mid_round_leaves_the_others_replies(federation: Federatio
     worker.start()
     victim.executor.wait_event("handling", timeout=30)
     for child in (victim.executor.child, victim.node):
-        os.killpg(child.pid, signal.SIGKILL)  # type: ignore[arg-type]
+        os.killpg(child.pid, signal.SIGKILL)
     worker.join(30)
     assert not worker.is_alive()
     assert sorted(result) == sorted(o.node_id for o in federation.owners)
@@ -273,7 +275,11 @@ def test_the_fleet_front_answers_502_when_the_superlink_is_down(federation: Fede
         httpx.Client(verify=ssl.create_default_context(cafile=pki.ca)) as client,
     ):
         answer = client.post(f"https://127.0.0.1:{front.port}/v1/fleet/pull-messages", content=b"")
+        too_large = client.post(
+            f"https://127.0.0.1:{front.port}/v1/fleet/push-object", content=bytes(33 * 2**20)
+        )
     assert answer.status_code == 502
+    assert too_large.status_code == 413  # refused before anything is forwarded
 
 
 def test_the_keeper_restarts_a_supernode_that_dies(federation: Federation, tmp_path: Path) -> None:
@@ -287,12 +293,12 @@ def test_the_keeper_restarts_a_supernode_that_dies(federation: Federation, tmp_p
 
     def make() -> SuperNode:
         node = SuperNode(tmp_path, federation.link.address, federation.pki.ca, key, port, False)
-        return federation.children.add(node)  # type: ignore[return-value]
+        return federation.children.add(node)
 
     with SuperNodeKeeper(make, activation_wait=60, say=said.append) as keeper:
         first = keeper.node
         assert first is not None and first.node_id is not None
-        os.killpg(first.pid, signal.SIGTERM)  # type: ignore[arg-type]
+        os.killpg(first.pid, signal.SIGTERM)
         deadline = within(60)
         while keeper.node is first or keeper.node.node_id is None:
             assert time.monotonic() < deadline and keeper.failed is None, said
@@ -308,3 +314,29 @@ def test_a_wrong_superexec_secret_is_refused_at_once(federation: Federation) -> 
         flower_io.acquire_server_run(
             link.address, b"not the secret", pki.ca.read_bytes(), timeout=30
         )
+
+
+def test_a_plain_http_federation_works_end_to_end(
+    federation: Federation, children: Children, tmp_path: Path
+) -> None:
+    """--insecure on both ends (root certificates None everywhere): the same calls over
+    plain HTTP. The shared run's TaskIdentity is put back afterwards: it is per process."""
+    saved = (TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id)
+    secret = processes.ensure_secret(tmp_path / "superexec.secret")
+    link = children.add(SuperLink(tmp_path / "link", processes.free_port(), None, False, secret))
+    link.start()
+    home = tmp_path / "flwr-cli"
+    processes.write_connection(home, "plain", link.address, None, True)
+    node = SuperNode(tmp_path / "node", link.address, None, None, processes.free_port(), True)
+    children.add(node).start()
+    executor = children.executor(tmp_path / "node", node.runtime_address, 0.5)
+    processes.submit_run(home, processes.APP_DIR, "plain", {"config-sha256": "plain"})
+    run = flower_io.acquire_server_run(link.address, secret.read_bytes(), None)
+    try:
+        owner = Owner("plain", node, executor, tmp_path / "none.pub")
+        reply = exchange(run.grid, [train_message(owner, X, 1)], within(60))
+        assert_answered(reply[node.node_id], owner, X, 1)
+        assert run.run_config == {"config-sha256": "plain"}
+    finally:
+        run.finish(True, "")
+        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = saved

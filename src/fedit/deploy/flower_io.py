@@ -40,6 +40,7 @@ from flwr.supercore.interceptors import (
     RuntimeVersionHttpInterceptor,
     SuperExecAuthHttpInterceptor,
 )
+from flwr.supercore.protobuf.client import ProtobufClientInterceptor
 from flwr.supercore.retry import RetryInvoker, exponential
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supercore.task_identity import TaskIdentity
@@ -86,7 +87,9 @@ def _runtime_client(
     "SuperExec", AcquireTask signed with the secret) and F/supernode/runtime/
     run_clientapp.py (a task's token) build it. `root_certificates` None: plain HTTP
     (the SuperNode's Runtime API, or an --insecure SuperLink, both on loopback)."""
-    interceptors: list[object] = [RuntimeVersionHttpInterceptor(component_name=component)]
+    interceptors: list[ProtobufClientInterceptor] = [
+        RuntimeVersionHttpInterceptor(component_name=component)
+    ]
     if token is not None:
         interceptors.append(RuntimeTokenHttpInterceptor(token))
     if superexec_secret is not None:
@@ -99,7 +102,7 @@ def _runtime_client(
         server_address=address,
         insecure=root_certificates is None,
         root_certificates=root_certificates,
-        interceptors=interceptors,  # type: ignore[arg-type]
+        interceptors=interceptors,
         retry_invoker=retry,
     )
 

@@ -129,9 +129,9 @@ class FleetFront:
             lifespan="on",
             ws="none",  # plain HTTP POSTs only
         )
-        self._server = uvicorn.Server(config)
+        server = self._server = uvicorn.Server(config)
         self._thread = threading.Thread(
-            target=lambda: asyncio.run(self._server.serve(sockets=[sock])),  # type: ignore[union-attr]
+            target=lambda: asyncio.run(server.serve(sockets=[sock])),
             name="fleet-front",
             daemon=True,
         )
