@@ -1,0 +1,539 @@
+"""Flower's processes as children of a fedit process, and the flwr CLI calls fedit makes.
+
+Every child runs in its own process group with its output in a log file; readiness is a
+line in that log, waited for with a deadline; stopping is SIGTERM to the group, then
+SIGKILL after `STOP_GRACE` seconds. Each class is a context manager, so a child never
+outlives the `with` block that started it. Every flwr process and CLI call gets an
+`FLWR_HOME` of fedit's choosing (`~/.flwr` is never touched), telemetry off and no update
+check (fedit runs offline). Nothing here imports flwr: the commands are executables of
+the flwr package, found beside this interpreter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
+
+from fedit.errors import RunStopped
+
+STOP_GRACE = 10.0  # seconds between SIGTERM and SIGKILL of a child's process group
+APP_DIR = Path(__file__).resolve().parent / "app"  # the FAB `flwr run` sends (§2.1)
+CLI_TIMEOUT = 120.0
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# flwr_exit (F/supercore/exit/exit.py) prints "Exit Code: N", the reason, then a link
+EXIT_REASON = re.compile(r"Exit Code: (\d+)\n(.*?)(?:\n\s*\n|\nFor more information|\Z)", re.S)
+NOT_ACTIVATED = "not registered, or the coordinator still sees this key online (wait ~60 s)"
+
+
+class FederationError(RunStopped):
+    """A Flower process or CLI call failed; the message says why and what to change."""
+
+
+class TlsError(FederationError):
+    """The peer's certificate did not verify: a wrong CA, or a certificate that does not
+    name the address. Retrying cannot help."""
+
+
+class ActivationRefused(FederationError):
+    """The SuperLink refused to activate a SuperNode's key. Flower answers an unregistered
+    key and a key it still counts online (up to ~60 s after a restart) the same way
+    (exit 305, "[code: 2004] Failed to activate SuperNode"), so neither can be told apart."""
+
+
+def flower_command(name: str) -> str:
+    """The path of a flwr executable (`flower-superlink`, `flower-supernode`, `flwr`):
+    beside this interpreter (a venv's bin/) first, then on PATH."""
+    beside = Path(sys.executable).parent / name
+    found = str(beside) if beside.exists() else shutil.which(name)
+    if found is None:
+        raise FederationError(f"{name} not found: install flwr 1.42 (pip install 'flwr==1.42.*')")
+    return found
+
+
+def child_env(flwr_home: Path) -> dict[str, str]:
+    """The environment of a flwr process: this one's, with its own FLWR_HOME, telemetry off
+    and no update check (both would reach out to the internet)."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    return {
+        **os.environ,
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+    }
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now (bind port 0 and read it back)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def ensure_secret(path: Path) -> Path:
+    """The SuperExec secret file (raw bytes, F/supercore/auth/superexec_secret.py): made
+    once with 32 random bytes, mode 0600, and kept, so a restarted SuperLink and executor
+    agree on it."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(secrets.token_bytes(32))
+    return path
+
+
+def flwr_exit_code(log_text: str) -> tuple[int | None, str]:
+    """The code and reason of flwr's last "Exit Code: N" report in a log, or (None, '').
+    The report is the only place the code appears: flwr_exit ends every failing process
+    with status 1, whatever the code (F/supercore/exit/exit.py)."""
+    found = list(EXIT_REASON.finditer(ANSI.sub("", log_text)))
+    if not found:
+        return None, ""
+    return int(found[-1].group(1)), found[-1].group(2).strip()
+
+
+class Child:
+    """One child process in its own process group, its stdout and stderr appended to
+    `log_path`. `spawn` returns at once; `wait_for` polls the log for a line."""
+
+    def __init__(self, name: str, argv: list[str], log_path: Path, env: dict[str, str]) -> None:
+        self.name, self.argv, self.log_path, self.env = name, argv, log_path, env
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+        self._offset = 0
+        self._stopped = False
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def spawn(self) -> None:
+        """Start the child and return at once."""
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = self.log_path.open("ab")
+        self._offset = self._log.tell()  # a restart appends; readiness reads only its part
+        self.proc = subprocess.Popen(
+            self.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            start_new_session=True,  # its own process group: stop() reaches its children too
+        )
+
+    def log_text(self) -> str:
+        """What this start of the child wrote so far (colour codes removed)."""
+        with self.log_path.open("rb") as log:
+            log.seek(self._offset)
+            return ANSI.sub("", log.read().decode("utf-8", "replace"))
+
+    def exit_code(self) -> int | None:
+        return self.proc.poll() if self.proc is not None else None
+
+    def start_and_wait(self, pattern: str, timeout: float) -> re.Match[str]:
+        """Spawn, then `wait_for(pattern)`; a child that does not get ready is stopped."""
+        self.spawn()
+        try:
+            return self.wait_for(pattern, timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match[str]:
+        """The first match of `pattern` in the log; FederationError if the child exits or
+        `timeout` seconds pass first."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = re.search(pattern, self.log_text())
+            if found:
+                return found
+            status = self.exit_code()
+            if status is not None:
+                code, reason = flwr_exit_code(self.log_text())
+                raise self.failure(status if code is None else code, reason)
+            if time.monotonic() >= deadline:
+                raise self.not_ready(timeout)
+            time.sleep(0.1)
+
+    def failure(self, code: int, reason: str) -> FederationError:
+        """The error for an exit before readiness, from flwr's exit code and reason (or
+        the process status); subclasses map the codes they know."""
+        return FederationError(
+            f"{self.name} exited with code {code}: {reason or f'see {self.log_path}'}"
+        )
+
+    def not_ready(self, timeout: float) -> FederationError:
+        return FederationError(f"{self.name} not ready after {timeout:.0f} s; see {self.log_path}")
+
+    def stop(self) -> int | None:
+        """SIGTERM to the process group, SIGKILL after STOP_GRACE s; the exit code."""
+        if self.proc is None or self._stopped:
+            return self.exit_code()
+        self._stopped = True
+        try:
+            self._signal_group(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(STOP_GRACE)
+            self._signal_group(signal.SIGKILL)  # also any grandchild the leader left behind
+            return self.proc.wait()
+        finally:
+            if self._log is not None:
+                self._log.close()
+
+    def _signal_group(self, sig: signal.Signals) -> None:
+        assert self.proc is not None
+        with contextlib.suppress(ProcessLookupError):  # the whole group is gone already
+            os.killpg(self.proc.pid, sig)
+
+    def __enter__(self) -> Child:
+        self.spawn()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class SuperLink(Child):
+    """`flower-superlink` on 127.0.0.1:`port` (never another interface: its one port also
+    serves the unauthenticated Control API and the Runtime API, design §1.6), with its
+    database in `directory`, `--isolation process` (fedit's coordinator takes the ServerApp
+    task itself) and no runtime dependency installation."""
+
+    def __init__(
+        self,
+        directory: Path,
+        port: int,
+        certs: tuple[Path, Path, Path] | None,
+        node_auth: bool,
+        superexec_secret_file: Path | None,
+    ) -> None:
+        argv = [flower_command("flower-superlink"), "--host", "127.0.0.1", "--port", str(port)]
+        argv += ["--database", str(directory / "superlink.db"), "--isolation", "process"]
+        argv += ["--disable-runtime-dependency-installation"]
+        if certs is None:
+            argv += ["--insecure"]
+        else:
+            ca, cert, key = certs
+            argv += ["--ssl-ca-certfile", str(ca), "--ssl-certfile", str(cert)]
+            argv += ["--ssl-keyfile", str(key)]
+        if node_auth:
+            argv += ["--enable-supernode-auth"]
+        if superexec_secret_file is not None:
+            argv += ["--superexec-auth-secret-file", str(superexec_secret_file)]
+        super().__init__(
+            "flower-superlink", argv, directory / "superlink.log", child_env(directory / "flwr")
+        )
+        self.port = port
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> None:
+        self.start_and_wait(r"Uvicorn running on", timeout)
+
+    def failure(self, code: int, reason: str) -> FederationError:
+        if "address already in use" in self.log_text():
+            return FederationError(f"flower-superlink: port {self.port} is already in use")
+        return super().failure(code, reason)
+
+    def __enter__(self) -> SuperLink:
+        self.start()
+        return self
+
+
+class SuperNode(Child):
+    """`flower-supernode` connecting to `superlink` ("HOST:PORT"), `--isolation process`
+    (fedit's resident executor takes its tasks), its Runtime API on 127.0.0.1:`port`.
+    Ready once the SuperLink activated it ("SuperNode ID: N" in its log)."""
+
+    def __init__(
+        self,
+        directory: Path,
+        superlink: str,
+        root_cert: Path | None,
+        private_key: Path | None,
+        port: int,
+        insecure: bool,
+        *,
+        superexec_secret_file: Path | None = None,
+    ) -> None:
+        argv = [flower_command("flower-supernode"), "--superlink", superlink]
+        argv += ["--isolation", "process", "--host", "127.0.0.1", "--port", str(port)]
+        if insecure:
+            argv += ["--insecure"]
+        if root_cert is not None:
+            argv += ["--root-certificates", str(root_cert)]
+        if private_key is not None:
+            argv += ["--auth-supernode-private-key", str(private_key)]
+        if superexec_secret_file is not None:
+            argv += ["--superexec-auth-secret-file", str(superexec_secret_file)]
+        super().__init__(
+            "flower-supernode", argv, directory / "supernode.log", child_env(directory / "flwr")
+        )
+        self.superlink, self.root_cert, self.private_key = superlink, root_cert, private_key
+        self.port = port
+        self.node_id: int | None = None
+
+    @property
+    def runtime_address(self) -> str:
+        """Where the resident executor finds this SuperNode's tasks."""
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> int:
+        """Start and wait until activated; the node id the SuperLink gave it."""
+        self.node_id = int(self.start_and_wait(r"SuperNode ID: (\d+)", timeout).group(1))
+        return self.node_id
+
+    def failure(self, code: int, reason: str) -> FederationError:
+        return supernode_failure(code, reason, self)
+
+    def not_ready(self, timeout: float) -> FederationError:
+        if "Connection attempt failed" in self.log_text():
+            return FederationError(
+                f"cannot reach the coordinator at {self.superlink} "
+                f"(no answer after {timeout:.0f} s; flower-supernode keeps retrying)"
+            )
+        return super().not_ready(timeout)
+
+    def __enter__(self) -> SuperNode:
+        self.start()
+        return self
+
+
+def supernode_failure(code: int, reason: str, node: SuperNode) -> FederationError:
+    """A clear error for flower-supernode's exit codes (F/supercore/exit/exit_code.py)
+    and the reason it printed with them."""
+    lines = reason.splitlines()
+    # flwr's reason: a preamble line, the cause, then the code's generic help
+    cause = lines[1] if len(lines) > 2 else (lines[0] if lines else f"see {node.log_path}")
+    if code == 305 and re.search(r"CERTIFICATE_VERIFY|SSL|TLS|certificate", reason):
+        return TlsError(
+            f"TLS: the coordinator at {node.superlink} failed certificate verification "
+            f"against {node.root_cert} ({cause}); check that the root certificate is "
+            "the coordinator's ca.pem and that its server certificate names this address"
+        )
+    if code == 305 and ("code: 2004" in reason or "activate" in reason):
+        return ActivationRefused(
+            f"the coordinator at {node.superlink} refused to activate this node: " + NOT_ACTIVATED
+        )
+    if code == 305:
+        return FederationError(f"cannot connect to the coordinator at {node.superlink}: {cause}")
+    if code == 303:
+        return FederationError("node authentication needs TLS: drop --insecure, or the node key")
+    if code == 302:
+        return FederationError(
+            f"{node.private_key}: not an EC private key in OpenSSH format ({cause})"
+        )
+    if code == 600:
+        return FederationError(f"{node.superlink}: not a HOST:PORT address")
+    return FederationError(f"flower-supernode exited with code {code}: {cause}")
+
+
+class SuperNodeKeeper:
+    """An owner's SuperNode child, kept running by the policy of design §2.7.
+
+    `start` blocks until the first activation. An activation refusal is retried with
+    backoff (2 s doubling to 15 s) for `activation_wait` seconds, each wait announced
+    through `say`, then raised naming both causes; a TLS failure is raised at once. After
+    that a watcher thread restarts a child that dies, with the same policy; if it gives
+    up, `failed` holds the error and `stopped` is set (pass `stopped` as the executor's
+    `stop`, then read `failed`).
+    """
+
+    def __init__(
+        self,
+        make: Callable[[], SuperNode],
+        activation_wait: float = 120.0,
+        say: Callable[[str], None] = print,
+        ready_timeout: float = 60.0,
+    ) -> None:
+        self.make, self.activation_wait, self.say = make, activation_wait, say
+        self.ready_timeout = ready_timeout
+        self.node: SuperNode | None = None
+        self.failed: FederationError | None = None
+        self.stopped = threading.Event()
+        self._watcher = threading.Thread(target=self._watch, name="supernode-keeper", daemon=True)
+
+    def start(self) -> int:
+        node_id = self._activate()
+        self._watcher.start()
+        return node_id
+
+    def _activate(self) -> int:
+        deadline = time.monotonic() + self.activation_wait
+        delay = 2.0
+        while True:
+            self.node = self.make()
+            try:
+                return self.node.start(self.ready_timeout)
+            except ActivationRefused as err:
+                self.node.stop()
+                if self.stopped.is_set() or time.monotonic() + delay > deadline:
+                    raise ActivationRefused(
+                        f"{err} (gave up after {self.activation_wait:.0f} s)"
+                    ) from None
+                self.say(f"SuperNode not activated ({NOT_ACTIVATED}); retrying in {delay:.0f} s")
+            except FederationError:
+                self.node.stop()
+                raise
+            if self.stopped.wait(delay):
+                raise ActivationRefused("stopped while waiting for activation")
+            delay = min(2 * delay, 15.0)
+
+    def _watch(self) -> None:
+        while not self.stopped.wait(1.0):
+            assert self.node is not None
+            code = self.node.exit_code()
+            if code is None:
+                continue
+            self.node.stop()
+            self.say(f"flower-supernode exited (code {code}); restarting it")
+            try:
+                self._activate()
+            except FederationError as err:
+                self.failed = err
+                self.stopped.set()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        if self._watcher.is_alive():
+            self._watcher.join()
+        if self.node is not None:
+            self.node.stop()
+
+    def __enter__(self) -> SuperNodeKeeper:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# ---- the flwr CLI, each call with its own FLWR_HOME ----
+
+
+def write_connection(
+    flwr_home: Path, name: str, address: str, root_cert: Path | None, insecure: bool
+) -> Path:
+    """Write `$FLWR_HOME/config.toml` with the one connection `name` (the default), as
+    F/cli/flower_config.py reads it: `[superlink.NAME] address`, `root-certificates`
+    (absolute), `insecure`. The file is fedit's alone, so it is rewritten whole."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+        raise ValueError(f"connection name {name!r}: letters, digits, '-' and '_' only")
+    lines = ["[superlink]", f"default = {json.dumps(name)}", "", f"[superlink.{name}]"]
+    lines.append(f"address = {json.dumps(address)}")
+    if root_cert is not None:
+        lines.append(f"root-certificates = {json.dumps(str(root_cert.resolve()))}")
+    lines.append(f"insecure = {'true' if insecure else 'false'}")
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    path = flwr_home / "config.toml"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _flwr_json(flwr_home: Path, args: list[str]) -> dict[str, object]:
+    """Run `flwr ARGS --format json`; its JSON answer (success or error)."""
+    try:
+        done = subprocess.run(
+            [flower_command("flwr"), *args, "--format", "json"],
+            capture_output=True,
+            text=True,
+            env=child_env(flwr_home),
+            stdin=subprocess.DEVNULL,
+            timeout=CLI_TIMEOUT,
+        )
+    except subprocess.TimeoutExpired:
+        raise FederationError(f"flwr {args[0]} gave no answer in {CLI_TIMEOUT:.0f} s") from None
+    start = done.stdout.find("{")  # flwr prints the JSON indented, sometimes after text
+    try:
+        answer = json.JSONDecoder().raw_decode(done.stdout, start)[0] if start >= 0 else None
+    except json.JSONDecodeError:
+        answer = None
+    if isinstance(answer, dict):
+        return answer
+    detail = (done.stderr or done.stdout).strip().splitlines()
+    raise FederationError(
+        f"flwr {' '.join(args[:2])} failed (exit {done.returncode}): "
+        + (detail[-1] if detail else "no output")
+    )
+
+
+def _cli_error(answer: dict[str, object]) -> str:
+    return str(answer.get("error-message") or answer.get("error") or answer)
+
+
+def register_node(flwr_home: Path, connection: str, public_key_file: Path, name: str) -> int | None:
+    """Register a SuperNode's public key (`flwr supernode register`); its node id, or None
+    when the key was registered before (nothing to do: node ids are looked up from the
+    keys each round, design §2.5)."""
+    answer = _flwr_json(
+        flwr_home, ["supernode", "register", str(public_key_file), connection, "--name", name]
+    )
+    if answer.get("success"):
+        return int(str(answer["node-id"]))
+    if "already in use" in _cli_error(answer):
+        return None
+    raise FederationError(f"{public_key_file}: registration failed: {_cli_error(answer)}")
+
+
+def app_config_keys(app_dir: Path) -> set[str]:
+    """The run config keys a Flower App declares (`[tool.flwr.app.config]`)."""
+    with (app_dir / "pyproject.toml").open("rb") as file:
+        app = tomllib.load(file)
+    return set(app.get("tool", {}).get("flwr", {}).get("app", {}).get("config", {}))
+
+
+def run_config_args(run_config: dict[str, str | int | float | bool]) -> list[str]:
+    """`--run-config` arguments for `flwr run`: one `key=value` each, the value in the
+    TOML form F/common/config.py parse_config_args reads (a string in quotes it does not
+    contain)."""
+    args = []
+    for key, value in run_config.items():
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", key):
+            raise ValueError(f"run config key {key!r}: letters, digits, '.', '-' and '_' only")
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, int | float):
+            text = repr(value)
+        elif "\n" in value or ('"' in value and "'" in value):
+            raise ValueError(f"run config {key}: a value holding newlines or both quotes")
+        else:
+            text = f"'{value}'" if '"' in value else f'"{value}"'
+        args += ["--run-config", f"{key}={text}"]
+    return args
+
+
+def submit_run(
+    flwr_home: Path,
+    app_dir: Path,
+    connection: str,
+    run_config: dict[str, str | int | float | bool],
+) -> int:
+    """Create a run (`flwr run APP_DIR CONNECTION`); its run id. The SuperLink runs with
+    --isolation process, so nothing is executed: fedit's executor takes the run's task.
+    Every key of `run_config` must be declared in the app's `[tool.flwr.app.config]`
+    (Flower refuses others)."""
+    declared = app_config_keys(app_dir)
+    if unknown := sorted(set(run_config) - declared):
+        raise ValueError(
+            f"run config keys {unknown} are not declared in {app_dir / 'pyproject.toml'} "
+            f"[tool.flwr.app.config] (declared: {sorted(declared)})"
+        )
+    answer = _flwr_json(flwr_home, ["run", str(app_dir), connection, *run_config_args(run_config)])
+    if not answer.get("success"):
+        raise FederationError(f"flwr run {app_dir} failed: {_cli_error(answer)}")
+    return int(str(answer["run-id"]))
