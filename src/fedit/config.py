@@ -570,6 +570,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(str(err)) from None
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"{path}: not valid TOML: {err}") from err
+    return _config_from(data, source, overrides)
+
+
+def config_from_toml(text: str, source: str, overrides: list[str] | None = None) -> RunConfig:
+    """``load_config`` for TOML text that did not come from a file (a deployment's task
+    carries the run config); `source` names it in errors."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{source}: not valid TOML: {err}") from err
+    return _config_from(data, source, overrides)
+
+
+def _config_from(data: dict[str, Any], source: str, overrides: list[str] | None) -> RunConfig:
     for text in overrides or []:
         keys, value = parse_override(text)
         node = data

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from fedit.cli import compare, evaluate, export, generate, partition, tiny, train
+from fedit.cli import compare, deploy, evaluate, export, generate, partition, tiny, train
 
 app = typer.Typer(
     name="fedit",
@@ -27,6 +27,8 @@ app.command("eval")(evaluate.evaluate)
 app.command("generate")(generate.generate)
 app.command("export")(export.export)
 app.command("tiny-model")(tiny.tiny_model)
+app.command("coordinate")(deploy.coordinate)
+app.command("join")(deploy.join)
 
 if __name__ == "__main__":
     app()

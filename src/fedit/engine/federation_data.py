@@ -254,3 +254,21 @@ def centralized_steps(
         chosen = select_clients(len(client_sizes), fed.clients_per_round, fed.fraction, cfg.seed, r)
         total += sum(steps_per_round(client_sizes[k], cfg.train) for k in chosen)
     return max(1, round(total / len(rounds)))
+
+
+def tokenize_owner_data(
+    cfg: RunConfig, tokenizer, records: Sequence[Record], pairs: Sequence[PreferencePair]
+) -> tuple[list[TokenizedExample], list[TokenizedPair]]:
+    """One data owner's records and pairs, tokenised as the simulation tokenises a client's
+    (a deployment's owner holds just its own), refused with the reason when the round's
+    objective would find nothing to train on."""
+    examples, report = _tokenize(cfg, tokenizer, records)
+    tokenized_pairs, pair_report = tokenize_pairs_for(cfg, tokenizer, pairs)
+    objective = cfg.train.objective
+    if objective != "dpo":
+        _check_not_empty(cfg, [examples], [report], "records")
+        _check_steps(cfg, [len(examples)])
+    if objective != "sft":
+        _check_not_empty(cfg, [tokenized_pairs], [pair_report], "preference pairs")
+        _check_steps(cfg, [len(tokenized_pairs)])
+    return examples, tokenized_pairs

@@ -227,3 +227,17 @@ def load_model(cfg: ModelConfig) -> PreTrainedModel:
     for param in model.parameters():
         param.requires_grad_(False)
     return model
+
+
+def base_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 over the frozen (base) parameters' names, dtypes, shapes and bytes, in name
+    order: two processes that loaded the same base the same way agree, a different model,
+    dtype or quantisation does not. A deployment's owners refuse a round whose
+    coordinator holds another base (their adapters would not mean the same thing)."""
+    digest = hashlib.sha256()
+    frozen = sorted((n, p) for n, p in model.named_parameters() if not p.requires_grad)
+    for name, param in frozen:
+        data = param.detach().cpu().contiguous()
+        digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}|".encode())
+        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

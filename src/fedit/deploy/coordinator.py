@@ -1,0 +1,297 @@
+"""The coordinator's side of a deployment (`fedit coordinate`).
+
+One long-lived process: it starts Flower's SuperLink as a child on 127.0.0.1 (TLS, node
+authentication, ``--isolation process``), puts the fleet-only front on
+``deploy.fleet_address`` (the only address bound beyond loopback; fedit.deploy.front),
+registers the roster's public keys, creates the Flower run, takes its ServerApp task
+itself (fedit.deploy.flower_io) and drives it with fedit's own round loop
+(fedit.engine.rounds.RoundLoop) through ``FlowerRunner``. It writes the same run directory
+a simulation writes, and ``--resume`` continues it after a crash.
+
+Client ids are positions in ``deploy.clients`` (a roster of public keys): each round, the
+online nodes are mapped to ids by the key they authenticate with, never by a name or a node
+id they could choose. Whatever comes back is decoded and checked (fedit.deploy.wire,
+fedit.server.validation.check_update) before the strategy sees it; a client that does not
+answer in ``deploy.round_timeout`` is listed as dropped and the round goes on with the
+others if at least ``deploy.min_replies`` valid updates came.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives.serialization import (
+    load_pem_public_key,
+    load_ssh_public_key,
+)
+from flwr.app import Message, RecordDict
+from rich.console import Console
+from rich.markup import escape
+
+from fedit.client.trainer import steps_per_round
+from fedit.config import ConfigError, RunConfig, to_toml
+from fedit.data.readers import read_records
+from fedit.deploy import wire
+from fedit.deploy.flower_io import ServerRun, acquire_server_run, exchange, online_nodes
+from fedit.deploy.front import FleetFront
+from fedit.deploy.processes import (
+    SuperLink,
+    ensure_secret,
+    free_port,
+    register_node,
+    submit_run,
+    write_connection,
+)
+from fedit.engine.checkpoint import round_dir
+from fedit.engine.federation_data import tokenize_heldout
+from fedit.engine.rounds import RoundLoop, RoundPlan, RoundReplies, completed_run, finished
+from fedit.models.adapters import attach_lora, get_adapter_state
+from fedit.models.loading import base_fingerprint, load_model, load_tokenizer
+from fedit.server.validation import Rejection, check_update
+from fedit.types import AdapterState, ClientTask
+
+console = Console(stderr=True)
+APP_DIR = Path(__file__).parent / "app"
+CONNECTION = "coordinator"
+# Per-client tensors the owner keeps itself (SCAFFOLD's c_k): sent by digest, and in full
+# only when the owner answers that it lacks them.
+HELD_BY_OWNER = ("c_k",)
+
+
+def check_deployable(cfg: RunConfig) -> None:
+    """What a deployment needs of a config beyond what every run needs."""
+    deploy = cfg.deploy
+    if not deploy.clients:
+        raise ConfigError("deploy.clients: list the data owners' public keys (one file each)")
+    if len(deploy.clients) != cfg.partition.num_clients:
+        raise ConfigError(
+            f"deploy.clients: {len(deploy.clients)} keys, but partition.num_clients is "
+            f"{cfg.partition.num_clients}; they are the same federation"
+        )
+    if cfg.federation.mode != "federated":
+        raise ConfigError(
+            f"federation.mode: {cfg.federation.mode!r} is a baseline, run it as a simulation"
+        )
+    if cfg.strategy.lora_aggregation == "exact":
+        raise ConfigError(
+            "strategy.lora_aggregation: 'exact' folds a dense residual into every owner's "
+            "base weights each round (model-sized traffic); deployments use 'separate'"
+        )
+    for path in deploy.clients:
+        roster_key(Path(path))
+
+
+def roster_key(path: Path):
+    """A data owner's public key (OpenSSH format, as `fedit certs node-key` writes it)."""
+    try:
+        return load_ssh_public_key(path.read_bytes())
+    except FileNotFoundError:
+        raise ConfigError(f"deploy.clients: {path}: no such file") from None
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"deploy.clients: {path}: not an OpenSSH public key ({err})") from None
+
+
+def owners_config(cfg: RunConfig) -> str:
+    """The run config sent to every owner: the coordinator's paths and deployment blanked
+    (each owner puts its own files in), everything that shapes training kept."""
+    data = cfg.to_dict()
+    data["output_dir"] = ""
+    for key in ("path", "preference_path", "heldout_path"):
+        data["data"][key] = ""
+    data.pop("deploy", None)
+    return to_toml(data)
+
+
+@dataclass
+class _Sent:
+    client_id: int
+    task: ClientTask
+    content: RecordDict
+
+
+class FlowerRunner:
+    """The deployment's ClientRunner: a round's tasks go to the owners' nodes as Flower
+    messages; their replies come back decoded and checked."""
+
+    def __init__(self, cfg: RunConfig, run: ServerRun, header: wire.RunHeader, shapes) -> None:
+        self.cfg, self.run, self.header, self.shapes = cfg, run, header, shapes
+        self.roster = [roster_key(Path(p)).public_numbers() for p in cfg.deploy.clients]
+        self.extras = {"control_delta"} if cfg.strategy.name == "scaffold" else set()
+
+    def run_round(self, plan: RoundPlan, global_state: AdapterState) -> RoundReplies:
+        deadline = time.monotonic() + self.cfg.deploy.round_timeout
+        nodes = self._nodes_by_client()
+        replies = RoundReplies(updates=[])
+        sent = {}
+        for task in plan.tasks:
+            if task.client_id not in nodes:
+                replies.dropped.append(Rejection(task.client_id, "offline"))
+            else:
+                content = self._content(task, global_state, hold=True)
+                sent[task.client_id] = _Sent(task.client_id, task, content)
+        answers = self._exchange(plan, sent, nodes, deadline, replies)
+        # Owners that lack their held state get it in full, within the same deadline.
+        again = {k: s for k, s in sent.items() if answers.get(k) == "needs_c_k"}
+        for s in again.values():
+            s.content = self._content(s.task, global_state, hold=False)
+        if again:
+            answers |= self._exchange(plan, again, nodes, deadline, replies)
+        for k in sent:
+            if answers.get(k) == "needs_c_k":
+                replies.dropped.append(Rejection(k, "owner lacks its c_k even after re-sending"))
+        return replies
+
+    def _content(self, task: ClientTask, global_state: AdapterState, hold: bool) -> RecordDict:
+        """The task's message content; with `hold`, per-client state the owner keeps is
+        named by digest instead of sent."""
+        tensors = task.instructions.tensors
+        held = {g: wire.state_digest(tensors[g]) for g in HELD_BY_OWNER if hold and g in tensors}
+        return wire.encode_task(task, global_state, self.header, held=held)
+
+    def _exchange(self, plan, sent: dict, nodes, deadline, replies: RoundReplies) -> dict:
+        """Send, wait, decode; the outcome per client ("ok", "needs_c_k" or a drop)."""
+        messages = []
+        for k, s in sent.items():
+            messages.append(
+                Message(
+                    s.content,
+                    dst_node_id=nodes[k],
+                    message_type="train",
+                    group_id=str(plan.round_index + 1),
+                    ttl=self.cfg.deploy.round_timeout + 60,
+                )
+            )
+        by_node = exchange(self.run.grid, messages, deadline)
+        outcomes = {}
+        for k, s in sent.items():
+            traffic = replies.traffic.setdefault(k, {"bytes_down": 0, "bytes_up": 0})
+            traffic["bytes_down"] += wire.content_bytes(s.content)
+            reply = by_node.get(nodes[k])
+            if reply is None:
+                replies.dropped.append(Rejection(k, "timeout"))
+                continue
+            if reply.has_error():
+                error = reply.error
+                replies.dropped.append(Rejection(k, f"error {error.code}: {error.reason[:200]}"))
+                continue
+            traffic["bytes_up"] += wire.content_bytes(reply.content)
+            outcomes[k] = self._accept(plan, s.task, reply.content, replies)
+        return outcomes
+
+    def _accept(self, plan: RoundPlan, task: ClientTask, content, replies) -> str:
+        k = task.client_id
+        try:
+            answer = wire.decode_reply(content, k, self.shapes, self.extras, task.learning_rate)
+        except wire.WireError as err:
+            replies.rejected.append(Rejection(k, f"malformed reply: {err}"))
+            return "rejected"
+        if isinstance(answer, wire.ReplyStatus):
+            if answer.outcome != "needs_c_k":
+                replies.rejected.append(Rejection(k, f"{answer.outcome}: {answer.reason}"))
+            return answer.outcome
+        expected = steps_per_round(answer.num_examples, plan.train_cfg)
+        rejection = check_update(answer, expected_steps=expected)
+        if rejection is not None:
+            replies.rejected.append(rejection)
+            return "rejected"
+        replies.updates.append(answer)
+        return "ok"
+
+    def _nodes_by_client(self) -> dict[int, int]:
+        """client id → node id of the online nodes, by the public key they authenticate
+        with (a node whose key is not on the roster is ignored)."""
+        mapping = {}
+        for node in online_nodes(self.run.grid):
+            try:
+                numbers = load_pem_public_key(node.public_key).public_numbers()
+            except (ValueError, TypeError):
+                continue
+            if numbers in self.roster:
+                mapping[self.roster.index(numbers)] = node.node_id
+        return mapping
+
+
+def coordinate(cfg: RunConfig, resume: bool = False, show_progress: bool = True) -> Path:
+    """Run the configured federation across machines; the final round's directory."""
+    check_deployable(cfg)
+    done = completed_run(cfg, resume)
+    out = Path(cfg.output_dir)
+    if finished(cfg, done):
+        return round_dir(out, cfg.federation.rounds)
+    if cfg.train.threads:
+        import torch
+
+        torch.set_num_threads(cfg.train.threads)
+    tokenizer = load_tokenizer(cfg.model)
+    heldout = []
+    if cfg.data.heldout_path:
+        heldout, _ = tokenize_heldout(
+            cfg, tokenizer, read_records(cfg.data.heldout_path, cfg.data.fields)
+        )
+    model = attach_lora(load_model(cfg.model), cfg.lora, cfg.seed)
+    header = wire.RunHeader.of(owners_config(cfg), base_fingerprint(model))
+    shapes = wire.shapes_of(get_adapter_state(model))
+    certs = _certs(cfg)
+    federation = out / "federation"
+    federation.mkdir(parents=True, exist_ok=True)
+    secret_file = ensure_secret(federation / "superexec.secret")
+    flwr_home = federation / "flwr"
+    link = SuperLink(federation, free_port(), certs, not cfg.deploy.insecure, secret_file)
+    host, port = cfg.deploy.fleet_address.rsplit(":", 1)
+    with link:
+        ca = None if certs is None else certs[0]
+        scheme = "http" if certs is None else "https"
+        front = FleetFront(
+            host, int(port), f"{scheme}://{link.address}", ca, *(certs or (None, None, None))[1:]
+        )
+        with front:
+            write_connection(flwr_home, CONNECTION, link.address, ca, cfg.deploy.insecure)
+            for k, key in enumerate(cfg.deploy.clients):
+                register_node(flwr_home, CONNECTION, Path(key), f"client-{k}")
+            submit_run(flwr_home, APP_DIR, CONNECTION, {"config-sha256": header.config_sha256})
+            run = acquire_server_run(
+                link.address, secret_file.read_bytes(), None if ca is None else ca.read_bytes()
+            )
+            console.print(
+                f"coordinator: fleet front on {escape(cfg.deploy.fleet_address)}, run {run.run_id}"
+            )
+            loop = RoundLoop(
+                cfg,
+                model,
+                FlowerRunner(cfg, run, header, shapes),
+                num_clients=len(cfg.deploy.clients),
+                train_cfgs={"sft": cfg.train, "dpo": cfg.train},
+                heldout=heldout,
+                heldout_pairs=[],
+                pad_id=tokenizer.pad_token_id,
+                base_originals={},
+                min_replies=cfg.deploy.min_replies,
+                show_progress=show_progress,
+            )
+            try:
+                final = loop.run(done)
+            except BaseException as err:
+                run.finish(False, type(err).__name__)
+                raise
+            run.finish(True, "")
+    return final
+
+
+def _certs(cfg: RunConfig):
+    """(ca.pem, server.pem, server.key) from deploy.certs_dir, or None with --insecure."""
+    if cfg.deploy.insecure:
+        console.print(
+            "[bold red]warning[/]: deploy.insecure: adapters cross the network in plaintext "
+            "and nodes are not authenticated (any node that reaches the port can join)"
+        )
+        return None
+    directory = Path(cfg.deploy.certs_dir)
+    paths = tuple(directory / name for name in ("ca.pem", "server.pem", "server.key"))
+    for path in paths:
+        if not path.is_file():
+            raise ConfigError(
+                f"deploy.certs_dir: {path} is missing (make it with `fedit certs ca`)"
+            )
+    return paths

@@ -1,0 +1,207 @@
+"""A data owner's side of a deployment (`fedit join`): its records, its model, its rounds.
+
+The owner process reads and validates its own records at start, then serves the rounds its
+SuperNode receives (fedit.deploy.flower_io.serve_client_tasks) from this one process, so
+the base model is loaded once per run and stays resident. Each round's message is checked
+like any peer's input (fedit.deploy.wire): a task for another base model, a config that does
+not validate or tensors of the wrong shape are refused with a reason and never trained on.
+Training is fedit.client.session.LocalClient's, the very code the simulation runs, and the
+reply holds the adapter, the record count and scalar metrics only.
+
+SCAFFOLD's c_k lives on the owner (``OwnerState``): the coordinator names the version it
+holds by its sha256 and sends the tensors only when the owner lacks them (a new disk), so
+the per-client state stays on the owner's machine across rounds and restarts.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from flwr.app import Message, RecordDict
+from safetensors.torch import load_file, save_file
+
+from fedit.client.session import LocalClient
+from fedit.config import ConfigError, RunConfig, config_from_toml
+from fedit.data.preferences import PreferencePair, read_preferences
+from fedit.data.readers import read_records
+from fedit.data.records import Record
+from fedit.deploy import wire
+from fedit.engine.federation_data import tokenize_owner_data
+from fedit.models.adapters import attach_lora, get_adapter_state
+from fedit.models.loading import base_fingerprint, load_model, load_tokenizer
+from fedit.server.aggregation import add_scaled, zeros_like
+from fedit.server.validation import Rejection
+from fedit.types import AdapterState
+
+log = logging.getLogger("fedit.join")
+KEPT_VERSIONS = 2  # c_k files per client: the newest, and the one before (a lost reply)
+
+
+@dataclass(frozen=True)
+class OwnerInputs:
+    """What a data owner brings: its own files, and nothing from anyone else."""
+
+    data: Path | None  # instruction records (SFT rounds)
+    preference_data: Path | None  # preference pairs (DPO rounds)
+    model: str | None  # the base model here, when the run's model path is not valid here
+    state_dir: Path  # per-client state (SCAFFOLD c_k), kept across restarts
+    fields: str = "dolly"  # how this owner's records file names its fields (data.fields)
+    preference_format: str = "auto"  # its pairs' format (data.preference_format)
+    threads: int | None = None
+
+
+class OwnerState:
+    """This owner's per-client state, one content-addressed safetensors file per version
+    under `directory` (the coordinator names the version it expects by its sha256)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def get(self, digest: str, like: AdapterState) -> AdapterState | None:
+        """The state whose digest is `digest` (zeros, the state of a client not yet seen,
+        need no file), or None when this owner does not hold it."""
+        zeros = zeros_like(like)
+        if digest == wire.state_digest(zeros):
+            return zeros
+        path = self.directory / f"{digest}.safetensors"
+        if not path.is_file():
+            return None
+        state = load_file(path)
+        return state if wire.state_digest(state) == digest else None  # a damaged file
+
+    def put(self, state: AdapterState) -> str:
+        """Save a new version; keep the KEPT_VERSIONS newest. Its digest."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        digest = wire.state_digest(state)
+        staging = self.directory / f".tmp-{digest}.safetensors"
+        save_file(state, staging)
+        staging.replace(self.directory / f"{digest}.safetensors")
+        versions = sorted(self.directory.glob("*.safetensors"), key=lambda p: p.stat().st_mtime_ns)
+        for old in versions[:-KEPT_VERSIONS]:
+            old.unlink(missing_ok=True)
+        return digest
+
+
+class RunSession:
+    """What the owner holds for one run: the run's config (with this owner's files), the
+    base model with its adapter, the tokenised records, the LocalClient."""
+
+    def __init__(self, inputs: OwnerInputs, header: wire.RunHeader, records, pairs) -> None:
+        self.cfg = owner_config(header.config_toml, inputs)
+        if inputs.threads:
+            torch.set_num_threads(inputs.threads)
+        tokenizer = load_tokenizer(self.cfg.model)
+        examples, tokenized_pairs = tokenize_owner_data(self.cfg, tokenizer, records, pairs)
+        self.model = attach_lora(load_model(self.cfg.model), self.cfg.lora, self.cfg.seed)
+        self.fingerprint = base_fingerprint(self.model)
+        self.shapes = wire.shapes_of(get_adapter_state(self.model))
+        self.header = header
+        self.examples, self.pairs = examples, tokenized_pairs
+        self.state_root = inputs.state_dir / header.config_sha256[:12]
+        self.client: LocalClient | None = None  # built once the first task names our id
+        self.pad_id = tokenizer.pad_token_id
+
+    def client_for(self, client_id: int) -> LocalClient:
+        if self.client is None:
+            self.client = LocalClient(
+                client_id, self.examples, self.pairs, self.pad_id, self.cfg.dpo
+            )
+        if self.client.client_id != client_id:
+            raise wire.WireError(
+                f"round.client_id: {client_id}, but this owner is client {self.client.client_id}"
+            )
+        return self.client
+
+
+def owner_config(config_toml: str, inputs: OwnerInputs) -> RunConfig:
+    """The run's config with this owner's own files (and how they are laid out) in place of
+    the coordinator's blanks."""
+    overrides = [
+        f'data.path="{_toml_path(inputs.data)}"',
+        f'data.preference_path="{_toml_path(inputs.preference_data)}"',
+        f'data.fields="{_toml_path(inputs.fields)}"',
+        f'data.preference_format="{_toml_path(inputs.preference_format)}"',
+    ]
+    if inputs.model:
+        overrides.append(f'model.name_or_path="{_toml_path(inputs.model)}"')
+    return config_from_toml(config_toml, "the coordinator's run config", overrides)
+
+
+def _toml_path(path: Path | str | None) -> str:
+    return "" if path is None else str(path).replace("\\", "\\\\").replace('"', '\\"')
+
+
+class DataOwner:
+    """Serves a data owner's rounds; ``handle`` is the executor's message handler."""
+
+    def __init__(self, inputs: OwnerInputs) -> None:
+        if inputs.data is None and inputs.preference_data is None:
+            raise ConfigError("a data owner needs --data (records) or --preference-data")
+        self.inputs = inputs
+        # Read and validated now, so a bad file is reported before joining anything.
+        self.records: list[Record] = (
+            read_records(str(inputs.data), inputs.fields) if inputs.data else []
+        )
+        self.pairs: list[PreferencePair] = (
+            read_preferences(str(inputs.preference_data), inputs.preference_format)
+            if inputs.preference_data
+            else []
+        )
+        self.session: RunSession | None = None
+        self.model_loads = 0
+        self.rounds_trained = 0
+
+    def handle(self, message: Message) -> RecordDict:
+        """One round: check the task, train, reply (a refusal is a status reply)."""
+        try:
+            session = self._session(wire.decode_header(message.content))
+            task, global_state, held = wire.decode_task(message.content, session.shapes)
+            client = session.client_for(task.client_id)
+            state = OwnerState(session.state_root / f"client_{task.client_id}")
+            missing = self._restore_held(task, held, state, global_state)
+            if missing:
+                return wire.encode_status("needs_c_k", f"this owner does not hold {missing}")
+        except (wire.WireError, ConfigError) as err:
+            log.warning("refused a task: %s", err)
+            return wire.encode_status("refused", str(err))
+        log.info("training round %d as client %d", task.round_number, task.client_id)
+        update = client.train(session.model, global_state, task, session.cfg.train)
+        if isinstance(update, Rejection):
+            return wire.encode_status("non_finite", update.reason)
+        if "c_k" in task.instructions.tensors:  # SCAFFOLD: c_k⁺ = c_k + Δc_k, kept here
+            delta = update.extras["control_delta"]
+            state.put(add_scaled(task.instructions.tensors["c_k"], delta, 1.0))
+        self.rounds_trained += 1
+        return wire.encode_reply(update)
+
+    def _session(self, header: wire.RunHeader) -> RunSession:
+        """The run's session, built (and the model loaded) on the run's first task."""
+        session = self.session
+        if session is None or session.header.config_sha256 != header.config_sha256:
+            self.session = session = None  # release the old run's model first
+            session = RunSession(self.inputs, header, self.records, self.pairs)
+            self.model_loads += 1
+            log.info("base model loads: %d", self.model_loads)
+            self.session = session
+        if header.base_fingerprint != session.fingerprint:
+            raise wire.WireError(
+                "run.base_fingerprint: the coordinator's base model differs from this "
+                "owner's (another model, dtype or quantisation)"
+            )
+        return session
+
+    @staticmethod
+    def _restore_held(task, held: dict[str, str], state: OwnerState, like) -> list[str]:
+        """Put the per-client tensors the coordinator left out (it named them by digest)
+        back into the task from this owner's own state; the names it does not hold."""
+        missing = []
+        for group, digest in held.items():
+            tensors = state.get(digest, like)
+            if tensors is None:
+                missing.append(group)
+            else:
+                task.instructions.tensors[group] = tensors
+        return missing
