@@ -391,6 +391,51 @@ class EvalConfig:
         _require(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
 
 
+# HOST:PORT with HOST a name, an IPv4 address or a bracketed IPv6 address ("[::]:9443")
+ADDRESS_PATTERN = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):(?P<port>\d{1,5})")
+
+
+@dataclass
+class DeployConfig:
+    """The deployment across machines on Flower (`fedit coordinate`, docs/design/deployment.md
+    §2.9). Unused by simulations: an empty ``clients`` list means no deployment.
+
+    ``clients`` is the roster, the data owners' public-key files: client id k is the index in
+    this list (the SuperLink's node ids are looked up by key, never trusted for identity), so
+    it may not change under --resume.
+    """
+
+    fleet_address: str = "0.0.0.0:9443"  # the fleet front: the only address bound beyond loopback
+    certs_dir: str = "pki"  # ca.pem, server.pem, server.key (from `fedit certs ca`)
+    clients: list[str] = field(default_factory=list)  # public-key files; client id = index
+    round_timeout: float = 1800.0  # seconds a round waits for replies
+    min_replies: int = 1  # fewer valid updates: the round stops, --resume retries it
+    insecure: bool = False  # plaintext, no node authentication: for tests on one machine
+
+    def validate(self) -> None:
+        found = ADDRESS_PATTERN.fullmatch(self.fleet_address)
+        _require(
+            found is not None and 1 <= int(found.group("port")) <= 65535,
+            "deploy.fleet_address",
+            f"expected HOST:PORT with PORT in [1, 65535], got {self.fleet_address!r}",
+        )
+        _require(bool(self.certs_dir), "deploy.certs_dir", "must not be empty")
+        _require(all(self.clients), "deploy.clients", "must not hold an empty path")
+        repeated = sorted({c for c in self.clients if self.clients.count(c) > 1})
+        _require(
+            not repeated,
+            "deploy.clients",
+            f"lists {', '.join(repeated)} more than once (one key, one client id)",
+        )
+        _require(self.round_timeout > 0, "deploy.round_timeout", "must be positive")
+        _require(self.min_replies >= 1, "deploy.min_replies", "must be >= 1")
+        _require(
+            not self.clients or self.min_replies <= len(self.clients),
+            "deploy.min_replies",
+            f"must be <= the number of deploy.clients ({len(self.clients)})",
+        )
+
+
 @dataclass
 class RunConfig:
     """Everything one run needs. Sections map one-to-one to TOML tables."""
@@ -406,6 +451,7 @@ class RunConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    deploy: DeployConfig = field(default_factory=DeployConfig)
 
     def validate(self) -> RunConfig:
         for section in fields(self):

@@ -137,3 +137,69 @@ def test_strategy_names_come_from_the_registry() -> None:
         assert load_config(None, ["data.path=x", "strategy.name=my_avg"]).strategy.name == "my_avg"
     finally:
         del STRATEGIES["my_avg"]
+
+
+DEPLOY = [
+    "data.path=x",
+    'deploy.clients=["pki/a.pub", "pki/b.pub", "pki/c.pub"]',
+    "deploy.min_replies=2",
+    "deploy.round_timeout=20",
+    'deploy.fleet_address="[::]:9443"',
+    "deploy.insecure=true",
+]
+
+
+def test_deploy_defaults_leave_a_run_a_simulation() -> None:
+    deploy = load_config(None, ["data.path=x"]).deploy
+    assert deploy.clients == [] and deploy.insecure is False
+    assert (deploy.fleet_address, deploy.certs_dir) == ("0.0.0.0:9443", "pki")
+    assert (deploy.round_timeout, deploy.min_replies) == (1800.0, 1)
+
+
+def test_deploy_section_round_trips_through_save(tmp_path: Path) -> None:
+    cfg = load_config(None, DEPLOY)
+    assert cfg.deploy.clients == ["pki/a.pub", "pki/b.pub", "pki/c.pub"]
+    assert cfg.deploy.round_timeout == 20.0 and isinstance(cfg.deploy.round_timeout, float)
+    cfg.save(tmp_path / "c.toml")
+    assert "[deploy]" in (tmp_path / "c.toml").read_text()
+    assert load_config(tmp_path / "c.toml") == cfg
+    plain = load_config(None, ["data.path=x"])  # an empty roster survives too
+    plain.save(tmp_path / "plain.toml")
+    assert load_config(tmp_path / "plain.toml") == plain
+
+
+@pytest.mark.parametrize(
+    "address", ["0.0.0.0:9443", "coord.example.org:443", "127.0.0.1:1", "[::1]:65535"]
+)
+def test_deploy_fleet_address_accepted(address: str) -> None:
+    assert load_config(None, ["data.path=x", f'deploy.fleet_address="{address}"'])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ('deploy.fleet_address="9443"', r"deploy.fleet_address: expected HOST:PORT"),
+        ('deploy.fleet_address="host:"', r"deploy.fleet_address: expected HOST:PORT"),
+        ('deploy.fleet_address=":9443"', r"deploy.fleet_address: expected HOST:PORT"),
+        ('deploy.fleet_address="host:0"', r"deploy.fleet_address: .*PORT in \[1, 65535\]"),
+        ('deploy.fleet_address="host:70000"', r"deploy.fleet_address: .*got 'host:70000'"),
+        ('deploy.fleet_address="::1:9443"', r"deploy.fleet_address: expected HOST:PORT"),
+        ('deploy.fleet_address="a b:1"', r"deploy.fleet_address: expected HOST:PORT"),
+        ("deploy.fleet_address=9443", r"deploy.fleet_address: expected a string"),
+        ('deploy.certs_dir=""', r"deploy.certs_dir: must not be empty"),
+        ('deploy.clients=["a.pub", ""]', r"deploy.clients: must not hold an empty path"),
+        ('deploy.clients=["a.pub", "b.pub", "a.pub"]', r"deploy.clients: lists a.pub more"),
+        ("deploy.clients=[1, 2]", r"deploy.clients: expected a list of strings"),
+        ("deploy.round_timeout=0", r"deploy.round_timeout: must be positive"),
+        ("deploy.round_timeout=-5.0", r"deploy.round_timeout: must be positive"),
+        ("deploy.min_replies=0", r"deploy.min_replies: must be >= 1"),
+        ("deploy.min_replies=1.5", r"deploy.min_replies: expected an integer"),
+        ('deploy.clients=["a.pub"]', r"deploy.min_replies: must be <= .*deploy.clients \(1\)"),
+        ('deploy.insecure="yes"', r"deploy.insecure: expected true/false"),
+        ("deploy.nodes=3", r"deploy.nodes: unknown key"),
+    ],
+)
+def test_deploy_bad_values_name_the_field(override: str, message: str) -> None:
+    base = ["data.path=x", "deploy.min_replies=2"] if "clients" in override else ["data.path=x"]
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [*base, override])

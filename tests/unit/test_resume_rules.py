@@ -16,7 +16,13 @@ from fedit.engine import run_dir
 from fedit.engine.checkpoint import ClientStateStore
 from fedit.engine.run_dir import rebuild_metrics, resume_conflicts, write_atomic
 
-SAVED = ["data.path=synthetic", "seed=42", "train.learning_rate=0.005", "federation.rounds=3"]
+SAVED = [
+    "data.path=synthetic",
+    "seed=42",
+    "train.learning_rate=0.005",
+    "federation.rounds=3",
+    'deploy.clients=["a.pub", "b.pub", "c.pub"]',
+]
 
 
 @pytest.mark.parametrize(
@@ -59,6 +65,20 @@ SAVED = ["data.path=synthetic", "seed=42", "train.learning_rate=0.005", "federat
         (["train.mixed_precision=off"], ["train.mixed_precision ('auto' -> 'off')"]),
         (["train.max_steps=3"], ["train.max_steps (None -> 3)"]),
         (["dpo.beta=0.2"], ["dpo.beta (0.1 -> 0.2)"]),
+        (
+            [
+                'deploy.fleet_address="127.0.0.1:9000"',
+                "deploy.certs_dir=other",
+                "deploy.round_timeout=60",
+                "deploy.min_replies=3",
+                "deploy.insecure=true",
+            ],
+            [],
+        ),
+        (  # the roster maps client ids to owners' keys: reordering it swaps their data
+            ['deploy.clients=["b.pub", "a.pub", "c.pub"]'],
+            ["deploy.clients (['a.pub', 'b.pub', 'c.pub'] -> ['b.pub', 'a.pub', 'c.pub'])"],
+        ),
         (
             ["train.lr_schedule=cosine", "federation.rounds=6"],
             [

@@ -24,8 +24,21 @@ LEGACY_CLIENT_STATE = "client_state"  # c_k of older fedit, written before the r
 
 # Keys a resumed run may change: they cannot alter the maths of the rounds already trained
 # (federation.rounds with the exceptions of resume_conflicts). "eval.*": the whole section,
-# which only decides what is evaluated and reported.
-RESUMABLE_KEYS = frozenset({"output_dir", "federation.rounds", "train.threads", "eval.*"})
+# which only decides what is evaluated and reported. The deploy.* keys say how the rounds'
+# messages travel; deploy.clients is not among them: it maps client ids to data owners' keys.
+RESUMABLE_KEYS = frozenset(
+    {
+        "output_dir",
+        "federation.rounds",
+        "train.threads",
+        "eval.*",
+        "deploy.fleet_address",
+        "deploy.certs_dir",
+        "deploy.round_timeout",
+        "deploy.min_replies",
+        "deploy.insecure",
+    }
+)
 
 
 def resume_conflicts(saved: RunConfig, requested: RunConfig) -> list[str]:
