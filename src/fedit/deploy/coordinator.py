@@ -37,6 +37,7 @@ from fedit.deploy import wire
 from fedit.deploy.flower_io import ServerRun, acquire_server_run, exchange, online_nodes
 from fedit.deploy.front import FleetFront
 from fedit.deploy.processes import (
+    APP_DIR,
     SuperLink,
     ensure_secret,
     free_port,
@@ -53,7 +54,6 @@ from fedit.server.validation import Rejection, check_update
 from fedit.types import AdapterState, ClientTask
 
 console = Console(stderr=True)
-APP_DIR = Path(__file__).parent / "app"
 CONNECTION = "coordinator"
 # Per-client tensors the owner keeps itself (SCAFFOLD's c_k): sent by digest, and in full
 # only when the owner answers that it lacks them.

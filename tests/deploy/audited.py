@@ -1,0 +1,56 @@
+"""`fedit` with every reply a data owner sends recorded, for the message audit.
+
+    python audited.py AUDIT_FILE fedit-args...
+
+Wraps fedit.deploy.flower_io.send_reply (every Message an owner sends goes through it) so
+that each reply is described in AUDIT_FILE, one JSON line each: its record names and, per
+record, the arrays' dtypes and shapes, the metric keys and values, the config items. The
+test then checks that nothing but adapter tensors, counts and scalar metrics left.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+
+from fedit.deploy import flower_io
+
+
+def describe(reply) -> dict:
+    if reply.has_error():
+        return {"error": {"code": reply.error.code, "reason": reply.error.reason}}
+    records = {}
+    for name, record in reply.content.items():
+        if isinstance(record, ArrayRecord):
+            arrays = {k: [a.dtype, list(a.shape), a.stype] for k, a in record.items()}
+            records[name] = {"type": "arrays", "arrays": arrays}
+        elif isinstance(record, MetricRecord):
+            records[name] = {"type": "metrics", "items": dict(record)}
+        elif isinstance(record, ConfigRecord):
+            records[name] = {"type": "config", "items": {k: v for k, v in record.items()}}
+        else:
+            records[name] = {"type": type(record).__name__}
+    return {"records": records}
+
+
+def main() -> None:
+    audit = Path(sys.argv[1])
+    send = flower_io.send_reply
+
+    def recording(client, reply, context) -> None:
+        with audit.open("a") as out:
+            out.write(json.dumps(describe(reply), default=str) + "\n")
+        send(client, reply, context)
+
+    flower_io.send_reply = recording
+    from fedit.cli.main import app
+
+    sys.argv = ["fedit", *sys.argv[2:]]
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""fedit across processes: `fedit coordinate` and three `fedit join` on 127.0.0.1, TLS and
+node authentication on, the tiny model; against the same config run as a simulation.
+
+One federation per strategy (FedAvg, SCAFFOLD: the one whose client state lives on the
+owners) checks, after it completes:
+- parity: the global adapter after every round equals the simulation's, bit for bit;
+- the message audit: every reply an owner sent holds only the adapter (float32, the
+  adapter's own names and shapes), SCAFFOLD's control delta, the two counts, scalar
+  metrics and a status, and no string from the owner's records;
+- residency: each owner loaded the base model once for the whole run;
+- the run directory holds what a simulation's holds, plus traffic per client and round.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedit.config import load_config
+from fedit.data.readers import read_records, write_records_jsonl
+from fedit.data.synthetic import generate_records
+from fedit.deploy.processes import Child, free_port
+from fedit.engine.simulation import Simulation
+from tests.conftest import tiny_run_overrides
+from tests.deploy.conftest import FEDIT_SRC, Children, Pki
+
+AUDITED = Path(__file__).with_name("audited.py")
+ROUNDS = 2
+REPLY_RECORDS = {"update", "counts", "metrics", "status"}
+
+
+def owner_files(directory: Path) -> tuple[list[Path], Path]:
+    """Three owners' record files (skills split between them: non-IID) and a held-out file."""
+    records = generate_records(per_skill=6, seed=3)
+    skills = sorted({r.category for r in records})
+    heldout = [r for r in records if r.instruction.endswith("0")][:6] or records[:6]
+    train = [r for r in records if r not in heldout]
+    files = []
+    for k in range(3):
+        mine = {s for i, s in enumerate(skills) if i % 3 == k}
+        path = directory / f"owner_{k}.jsonl"
+        write_records_jsonl([r for r in train if r.category in mine], path)
+        files.append(path)
+    heldout_path = directory / "heldout.jsonl"
+    write_records_jsonl(heldout, heldout_path)
+    return files, heldout_path
+
+
+def run_overrides(model_dir: Path, out: Path, data_dir: Path, heldout: Path, strategy: str):
+    return tiny_run_overrides(
+        model_dir,
+        out,
+        **{
+            "data.path": str(data_dir / "owner_*.jsonl"),
+            "data.heldout_path": str(heldout),
+            "partition.method": "files",
+            "partition.num_clients": 3,
+            "federation.rounds": ROUNDS,
+            "federation.clients_per_round": 3,
+            "strategy.name": strategy,
+            "train.threads": 1,
+        },
+    )
+
+
+def fedit_child(children: Children, name: str, log: Path, *args: str) -> Child:
+    env = {**os.environ, "PYTHONPATH": f"{FEDIT_SRC}{os.pathsep}{FEDIT_SRC}/..",
+           "OMP_NUM_THREADS": "1"}
+    child = Child(name, [sys.executable, *args], log, env)
+    children.add(child).spawn()
+    return child
+
+
+@pytest.fixture(scope="module")
+def children():
+    kids = Children()
+    try:
+        yield kids
+    finally:
+        kids.close()
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "scaffold"])
+def test_a_deployment_trains_what_the_simulation_trains(
+    strategy: str, pki: Pki, children: Children, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    files, heldout = owner_files(tmp_path)
+    simulated = tmp_path / "simulated"
+    Simulation(
+        load_config(None, run_overrides(tiny_model_dir, simulated, tmp_path, heldout, strategy)),
+        show_progress=False,
+    ).run()
+
+    keys = [pki.node(f"{strategy}-owner{k}") for k in range(3)]
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    for source, name in ((pki.ca, "ca.pem"), (pki.cert, "server.pem"), (pki.key, "server.key")):
+        (certs / name).write_bytes(source.read_bytes())
+    front = f"127.0.0.1:{free_port()}"
+    deployed = tmp_path / "deployed"
+    overrides = run_overrides(tiny_model_dir, deployed, tmp_path, heldout, strategy) + [
+        f"deploy.clients={json.dumps([str(pub) for _, pub in keys])}",
+        f'deploy.certs_dir="{certs}"',
+        f'deploy.fleet_address="{front}"',
+        "deploy.round_timeout=120",
+        "deploy.min_replies=3",
+    ]
+    sets = [a for o in overrides for a in ("--set", o)]
+    coordinator = fedit_child(
+        children, "coordinator", tmp_path / "coordinator.log",
+        "-m", "fedit.cli.main", "coordinate", "--quiet", *sets,
+    )
+    owners = []
+    for k, (key, _) in enumerate(keys):
+        audit = tmp_path / f"audit_{k}.jsonl"
+        log = tmp_path / f"owner_{k}.log"
+        owners.append((audit, log))
+        fedit_child(
+            children, f"owner {k}", log,
+            str(AUDITED), str(audit), "join", "--server", front, "--data", str(files[k]),
+            "--root-cert", str(pki.ca), "--key", str(key),
+            "--state-dir", str(tmp_path / f"state_{k}"), "--threads", "1",
+        )
+    deadline = time.monotonic() + 600  # a guard against a hang, not a timing check
+    while coordinator.exit_code() is None:
+        assert time.monotonic() < deadline, coordinator.log_text()[-3000:]
+        time.sleep(0.5)
+    assert coordinator.exit_code() == 0, coordinator.log_text()[-3000:]
+
+    for n in range(1, ROUNDS + 1):
+        sim = load_file(simulated / f"round_{n:04d}" / "adapter_model.safetensors")
+        dep = load_file(deployed / f"round_{n:04d}" / "adapter_model.safetensors")
+        assert sim.keys() == dep.keys()
+        for name in sim:
+            assert torch.equal(sim[name], dep[name]), (n, name)
+
+    lines = [json.loads(x) for x in (deployed / "metrics.jsonl").read_text().splitlines()]
+    trained = [line for line in lines if line["round"] >= 1]
+    assert [line["round"] for line in trained] == list(range(1, ROUNDS + 1))
+    for line in trained:
+        assert [c["id"] for c in line["clients"]] == [0, 1, 2]
+        assert all(c["bytes_down"] > 0 and c["bytes_up"] > 0 for c in line["clients"])
+        assert "heldout" in line or line["round"] < ROUNDS
+
+    shapes = {k: list(v.shape) for k, v in load_file(
+        deployed / "round_0001" / "adapter_model.safetensors").items()}
+    for k, (audit, log) in enumerate(owners):
+        texts = {r.response for r in read_records(str(files[k]))}
+        texts |= {r.instruction for r in read_records(str(files[k]))}
+        replies = [json.loads(x) for x in audit.read_text().splitlines()]
+        assert len(replies) >= ROUNDS
+        for reply in replies:
+            check_reply(reply, strategy, len(shapes), texts)
+        assert "base model loads: 1" in log.read_text()
+        assert "base model loads: 2" not in log.read_text()
+
+
+def check_reply(reply: dict, strategy: str, num_tensors: int, texts: set[str]) -> None:
+    """Only adapter tensors, counts, scalar metrics and a fixed status leave an owner."""
+    records = reply["records"]
+    extras = {"control_delta"} if strategy == "scaffold" else set()
+    assert set(records) in (REPLY_RECORDS | extras, {"status"}), set(records)
+    for name, record in records.items():
+        if record["type"] == "arrays":
+            assert name in {"update", *extras}
+            assert len(record["arrays"]) == num_tensors
+            for dtype, _shape, stype in record["arrays"].values():
+                assert (dtype, stype) == ("float32", "numpy.ndarray")
+        elif record["type"] == "metrics":
+            assert all(isinstance(v, int | float) for v in record["items"].values())
+        else:
+            assert record["type"] == "config" and name == "status"
+            for value in record["items"].values():
+                assert not any(t and t in str(value) for t in texts)
