@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from fedit.cli import compare, evaluate, export, generate, partition, tiny, train
+from fedit.cli import certs, compare, evaluate, export, generate, partition, tiny, train
 
 app = typer.Typer(
     name="fedit",
@@ -27,6 +27,7 @@ app.command("eval")(evaluate.evaluate)
 app.command("generate")(generate.generate)
 app.command("export")(export.export)
 app.command("tiny-model")(tiny.tiny_model)
+app.add_typer(certs.app, name="certs")
 
 if __name__ == "__main__":
     app()
