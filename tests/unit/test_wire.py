@@ -80,9 +80,10 @@ def over_the_wire(content: RecordDict) -> tuple[dict[str, bytes], str, RecordDic
 def test_a_task_round_trips_bitwise_through_flowers_serialisation() -> None:
     task, state, header = scaffold_task(), adapter(), run_header()
     _, _, received = over_the_wire(wire.encode_task(task, state, header))
-    got_task, got_state, got_header = wire.decode_task(received, SHAPES)
+    assert wire.decode_header(received) == header
+    got_task, got_state, held = wire.decode_task(received, SHAPES)
     assert bitwise_equal(got_state, state)
-    assert got_header == header
+    assert held == {}
     assert got_task.instructions.tensors.keys() == {"c", "c_k"}
     for group in ("c", "c_k"):
         assert bitwise_equal(got_task.instructions.tensors[group], task.instructions.tensors[group])
@@ -256,6 +257,59 @@ def test_decode_task_names_the_field_that_is_wrong(change, reason: str) -> None:
     with pytest.raises(WireError) as err:
         wire.decode_task(task_with(change), SHAPES)
     assert str(err.value).startswith(reason)
+
+
+def test_a_held_group_goes_by_digest_and_comes_back_named() -> None:
+    """SCAFFOLD's c_k stays on the owner: the task names the version by digest instead."""
+    task = scaffold_task()
+    digest = wire.state_digest(task.instructions.tensors["c_k"])
+    content = wire.encode_task(task, adapter(), run_header(), held={"c_k": digest})
+    assert "c_k" not in content and content["round"]["held.c_k"] == digest
+    _, _, received = over_the_wire(content)
+    got, _, held = wire.decode_task(received, SHAPES)
+    assert held == {"c_k": digest}
+    assert got.instructions.tensors.keys() == {"c"}
+    full = wire.encode_task(task, adapter(), run_header())  # a re-send: c_k in full
+    assert wire.content_bytes(full) > wire.content_bytes(content)
+
+
+def test_state_digest_names_the_tensors_exactly() -> None:
+    state = adapter()
+    digest = wire.state_digest(state)
+    assert wire.state_digest(dict(reversed(state.items()))) == digest  # order-free
+    assert wire.state_digest({k: v.clone() for k, v in state.items()}) == digest
+    nudged = {k: v.clone() for k, v in state.items()}
+    nudged["q.lora_B"][0, 0] = torch.nextafter(nudged["q.lora_B"][0, 0], torch.tensor(9.0))
+    renamed = {"x" + k: v for k, v in state.items()}
+    reshaped = {k: v.reshape(-1) for k, v in state.items()}
+    doubled = {k: v.double() for k, v in state.items()}
+    others = [wire.state_digest(s) for s in (nudged, renamed, reshaped, doubled)]
+    assert len({digest, *others}) == 5
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        (set_round("held.c", "ab" * 32), "round.held.c: 'c' is both sent and held"),
+        (set_round("held.c_k", "not hex"), "round.held.c_k: not a sha256 hex digest"),
+        (set_round("held.c_k", 3), "round.held.c_k: a int, expected str"),
+        (set_round("held.Bad", "ab" * 32), "round: unexpected 'held.Bad'"),
+        (set_round("held.round", "ab" * 32), "round: unexpected 'held.round'"),
+    ],
+)
+def test_held_digests_are_checked(change, reason: str) -> None:
+    with pytest.raises(WireError) as err:
+        wire.decode_task(task_with(change), SHAPES)
+    assert str(err.value).startswith(reason)
+
+
+def test_decode_header_is_checked_before_the_tensors_are() -> None:
+    content = task_with(drop("global"))  # the owner reads the header before its shapes
+    assert wire.decode_header(content) == run_header()
+    with pytest.raises(WireError, match="task: no 'run' record"):
+        wire.decode_header(task_with(drop("run")))
+    with pytest.raises(WireError, match="run.config_sha256: not the sha256"):
+        wire.decode_header(task_with(lambda c: c["run"].__setitem__("config_sha256", "0" * 64)))
 
 
 def test_decode_task_refuses_what_is_not_a_record_dict() -> None:

@@ -41,6 +41,8 @@ REPLY_RECORDS = frozenset({UPDATE, COUNTS, METRICS, STATUS})
 # Names of the extra tensor groups (instructions' "c", "c_k"; reply extras)
 GROUP_NAME = re.compile(r"[a-z][a-z0-9_]{0,39}")
 SCALAR_PREFIX = "scalar."  # instructions' scalars in the "round" record: "scalar.prox_mu"
+HELD_PREFIX = "held."  # groups the owner holds, by digest, in "round": "held.c_k"
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 ROUND_FIELDS = ("round", "client_id", "objective", "learning_rate", "seed", "hook")
 RUN_FIELDS = ("config_toml", "config_sha256", "base_fingerprint")
 COUNT_FIELDS = ("num_examples", "num_steps")
@@ -155,13 +157,24 @@ def _decode_array(array: Array, shape: tuple[int, ...], where: str) -> Tensor:
     return tensor
 
 
-def encode_task(task: ClientTask, global_state: AdapterState, run: RunHeader) -> RecordDict:
+def encode_task(
+    task: ClientTask,
+    global_state: AdapterState,
+    run: RunHeader,
+    held: Mapping[str, str] | None = None,
+) -> RecordDict:
     """A client's round: "global" (x), one ArrayRecord per instructions tensor group
-    ("c", "c_k"), "round" (the task's fields, the hook and its scalars), "run" (RunHeader)."""
+    ("c", "c_k"), "round" (the task's fields, the hook and its scalars), "run" (RunHeader).
+
+    `held` names tensor groups the owner keeps itself (SCAFFOLD's c_k, design §2.6) by
+    their state_digest: those go as "held.<group>" = digest in "round", not as tensors."""
+    held = dict(held or {})
     content = RecordDict({GLOBAL: encode_state(global_state)})
     for group, tensors in task.instructions.tensors.items():
-        content[_group_name(group, TASK_RECORDS)] = encode_state(tensors)
+        if group not in held:
+            content[_group_name(group, TASK_RECORDS)] = encode_state(tensors)
     scalars = {f"{SCALAR_PREFIX}{k}": float(v) for k, v in task.instructions.scalars.items()}
+    digests = {f"{HELD_PREFIX}{_group_name(g, TASK_RECORDS)}": d for g, d in held.items()}
     content[ROUND] = ConfigRecord(
         {
             "round": task.round_number,
@@ -171,17 +184,38 @@ def encode_task(task: ClientTask, global_state: AdapterState, run: RunHeader) ->
             "seed": task.seed,
             "hook": task.instructions.hook,
             **scalars,
+            **digests,
         }
     )
     content[RUN] = ConfigRecord({key: getattr(run, key) for key in RUN_FIELDS})
     return content
 
 
+def decode_header(content: object) -> RunHeader:
+    """The run header of a coordinator's message, checked: read first, since which model
+    and adapter shapes the rest is checked against depend on the run."""
+    records = _records(content, "task")
+    if RUN not in records:
+        raise WireError("task: no 'run' record")
+    record = _typed(records, RUN, ConfigRecord)
+    _exact(record.keys(), RUN_FIELDS, RUN)
+    get = _reader(record, RUN)
+    header = RunHeader(*(get(key, str) for key in RUN_FIELDS))
+    if header.config_sha256 != _sha256(header.config_toml):
+        raise WireError("run.config_sha256: not the sha256 of run.config_toml")
+    if not SHA256_HEX.fullmatch(header.base_fingerprint):
+        raise WireError("run.base_fingerprint: not a sha256 hex digest")
+    return header
+
+
 def decode_task(
     content: object, expected_shapes: Mapping[str, tuple[int, ...]]
-) -> tuple[ClientTask, AdapterState, RunHeader]:
-    """(task, global adapter, run header) of a coordinator's message, every field checked
-    for type and range and every tensor against `expected_shapes` (the owner's adapter)."""
+) -> tuple[ClientTask, AdapterState, dict[str, str]]:
+    """(task, global adapter, held) of a coordinator's message: every field checked for
+    type and range, every tensor against `expected_shapes` (the owner's adapter), the run
+    header as decode_header checks it. `held`: {group: state_digest} of the tensor groups
+    the coordinator left for the owner to fill in from its own state."""
+    decode_header(content)
     records = _records(content, "task")
     missing = TASK_RECORDS - records.keys()
     if missing:
@@ -190,14 +224,16 @@ def decode_task(
     unexpected = [g for g in groups if not GROUP_NAME.fullmatch(g)]
     if unexpected:
         raise WireError(f"task: unexpected record {_listed(unexpected)}")
-    header = _run_header(_typed(records, RUN, ConfigRecord))
     round_record = _typed(records, ROUND, ConfigRecord)
-    scalar_keys = {k for k in round_record if k.startswith(SCALAR_PREFIX)}
-    _exact(round_record.keys() - scalar_keys, ROUND_FIELDS, ROUND)
     get = _reader(round_record, ROUND)
-    scalars = {
-        k.removeprefix(SCALAR_PREFIX): _finite(get(k, float), f"{ROUND}.{k}") for k in scalar_keys
-    }
+    extra = {k for k in round_record if k.startswith((SCALAR_PREFIX, HELD_PREFIX))}
+    _exact(round_record.keys() - extra, ROUND_FIELDS, ROUND)
+    scalars, held = {}, {}
+    for key in sorted(extra):
+        if key.startswith(SCALAR_PREFIX):
+            scalars[key.removeprefix(SCALAR_PREFIX)] = _finite(get(key, float), f"round.{key}")
+        else:
+            held[_held_group(key, groups)] = _digest(get(key, str), f"round.{key}")
     task = ClientTask(
         round_number=_at_least(get("round", int), 1, "round.round"),
         client_id=_at_least(get("client_id", int), 0, "round.client_id"),
@@ -210,18 +246,33 @@ def decode_task(
             tensors={g: decode_state(records[g], expected_shapes, g) for g in groups},
         ),
     )
-    return task, decode_state(records[GLOBAL], expected_shapes, GLOBAL), header
+    return task, decode_state(records[GLOBAL], expected_shapes, GLOBAL), held
 
 
-def _run_header(record: ConfigRecord) -> RunHeader:
-    _exact(record.keys(), RUN_FIELDS, RUN)
-    get = _reader(record, RUN)
-    header = RunHeader(*(get(key, str) for key in RUN_FIELDS))
-    if header.config_sha256 != _sha256(header.config_toml):
-        raise WireError("run.config_sha256: not the sha256 of run.config_toml")
-    if not re.fullmatch(r"[0-9a-f]{64}", header.base_fingerprint):
-        raise WireError("run.base_fingerprint: not a sha256 hex digest")
-    return header
+def state_digest(state: Mapping[str, Tensor]) -> str:
+    """sha256 over the sorted (name, dtype, shape, bytes) of the tensors: how one side names
+    a state the other holds (SCAFFOLD's c_k), so it need not be sent."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _held_group(key: str, sent: Iterable[str]) -> str:
+    group = key.removeprefix(HELD_PREFIX)
+    if not GROUP_NAME.fullmatch(group) or group in TASK_RECORDS:
+        raise WireError(f"round: unexpected {_listed([key])}")
+    if group in sent:
+        raise WireError(f"round.{key}: {group!r} is both sent and held")
+    return group
+
+
+def _digest(value: str, where: str) -> str:
+    if not SHA256_HEX.fullmatch(value):
+        raise WireError(f"{where}: not a sha256 hex digest")
+    return value
 
 
 def encode_reply(update: ClientUpdate) -> RecordDict:
