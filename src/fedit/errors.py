@@ -1,7 +1,9 @@
 """Errors a user can act on, in shapes the CLI prints as one line (no heavy imports here).
 
 ``RunStopped``: a run stopped for a reason of its own (e.g. every client of a round was
-rejected). Failed reads and writes become one OSError shape, whichever library raised them:
+rejected). ``DeployError``: a deployment's input (a key or certificate file, a server name,
+an address) is wrong. Failed reads and writes become one OSError shape, whichever library
+raised them:
 safetensors reports a failed write as ``SafetensorError`` with the OS error only in its text;
 turning it (and any OSError) into ``OSError(errno, reason, path)`` lets the engine say what a
 failed write means for the run and the CLI print it as one line.
@@ -16,6 +18,11 @@ import re
 
 class RunStopped(ValueError):
     """A run cannot go on; the message says why and what to change."""
+
+
+class DeployError(ValueError):
+    """A key, certificate, name or address given for a deployment is wrong; the message
+    names the file or value."""
 
 
 # errno values that only a write can meet: no room left, a read-only file system

@@ -1,4 +1,5 @@
-"""`fedit --help` must not pay for torch: the CLI imports heavy modules only inside commands."""
+"""`fedit --help` must not pay for torch or Flower: the CLI imports heavy modules only inside
+commands."""
 
 from __future__ import annotations
 
@@ -13,12 +14,23 @@ from typer.testing import CliRunner
 import fedit
 from fedit.cli.main import app
 
-HEAVY = ("torch", "transformers", "peft", "fedit.engine")
-COMMANDS = ["train", "partition", "compare", "eval", "generate", "export", "tiny-model"]
+HEAVY = ("torch", "transformers", "peft", "fedit.engine", "flwr", "cryptography", "fedit.deploy")
+COMMANDS = [
+    "train",
+    "partition",
+    "compare",
+    "eval",
+    "generate",
+    "export",
+    "tiny-model",
+    "certs",
+    "certs ca",
+    "certs node-key",
+]
 
 
-@pytest.mark.parametrize("command", [[], *([c] for c in COMMANDS)], ids=["fedit", *COMMANDS])
-def test_help_imports_no_torch_transformers_or_peft(command: list[str]) -> None:
+@pytest.mark.parametrize("command", [[], *(c.split() for c in COMMANDS)], ids=["fedit", *COMMANDS])
+def test_help_imports_no_torch_transformers_peft_or_flower(command: list[str]) -> None:
     src = str(Path(fedit.__file__).resolve().parents[1])  # this checkout's fedit
     run = subprocess.run(
         # -X importtime lists every module the run imports, one per stderr line

@@ -19,7 +19,7 @@ from rich.console import Console
 from fedit.config import ConfigError, RunConfig, load_config
 from fedit.data.partition import PartitionError
 from fedit.data.records import DataFormatError
-from fedit.errors import RunStopped, as_os_error, describe
+from fedit.errors import DeployError, RunStopped, as_os_error, describe
 from fedit.models.inference import check_adapter_dir
 
 console = Console(stderr=True)
@@ -30,6 +30,7 @@ USER_ERRORS = (
     OSError,  # also FileNotFoundError / FileExistsError raised with a message of our own
     KeyError,
     RunStopped,
+    DeployError,
 )
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -66,13 +67,15 @@ def error_message(err: Exception) -> str:
     return describe(err) if isinstance(err, OSError) else str(err)
 
 
-def friendly_errors(command: F) -> F:
+def friendly_errors(command: F, *, quiet: bool = True) -> F:
     """Run a subcommand with the libraries quietened; bad input (and a failed write) ends
-    with one clear line naming the file, line or field, and exit code 2; no traceback."""
+    with one clear line naming the file, line or field, and exit code 2; no traceback.
+    quiet=False for commands that load no model (quietening imports transformers)."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        quiet_libraries()
+        if quiet:
+            quiet_libraries()
         try:
             return command(*args, **kwargs)
         except USER_ERRORS as err:

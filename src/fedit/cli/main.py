@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from fedit.cli import compare, deploy, evaluate, export, generate, partition, tiny, train
+from fedit.cli import certs, compare, deploy, evaluate, export, generate, partition, tiny, train
 
 app = typer.Typer(
     name="fedit",
@@ -27,6 +27,7 @@ app.command("eval")(evaluate.evaluate)
 app.command("generate")(generate.generate)
 app.command("export")(export.export)
 app.command("tiny-model")(tiny.tiny_model)
+app.add_typer(certs.app, name="certs")
 app.command("coordinate")(deploy.coordinate)
 app.command("join")(deploy.join)
 
