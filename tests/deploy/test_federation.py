@@ -71,8 +71,11 @@ def run_overrides(model_dir: Path, out: Path, data_dir: Path, heldout: Path, str
 
 
 def fedit_child(children: Children, name: str, log: Path, *args: str) -> Child:
-    env = {**os.environ, "PYTHONPATH": f"{FEDIT_SRC}{os.pathsep}{FEDIT_SRC}/..",
-           "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{FEDIT_SRC}{os.pathsep}{FEDIT_SRC}/..",
+        "OMP_NUM_THREADS": "1",
+    }
     child = Child(name, [sys.executable, *args], log, env)
     children.add(child).spawn()
     return child
@@ -105,7 +108,8 @@ def test_a_deployment_trains_what_the_simulation_trains(
         (certs / name).write_bytes(source.read_bytes())
     front = f"127.0.0.1:{free_port()}"
     deployed = tmp_path / "deployed"
-    overrides = run_overrides(tiny_model_dir, deployed, tmp_path, heldout, strategy) + [
+    overrides = [
+        *run_overrides(tiny_model_dir, deployed, tmp_path, heldout, strategy),
         f"deploy.clients={json.dumps([str(pub) for _, pub in keys])}",
         f'deploy.certs_dir="{certs}"',
         f'deploy.fleet_address="{front}"',
@@ -114,19 +118,40 @@ def test_a_deployment_trains_what_the_simulation_trains(
     ]
     sets = [a for o in overrides for a in ("--set", o)]
     coordinator = fedit_child(
-        children, "coordinator", tmp_path / "coordinator.log",
-        "-m", "fedit.cli.main", "coordinate", "--quiet", *sets,
+        children,
+        "coordinator",
+        tmp_path / "coordinator.log",
+        "-m",
+        "fedit.cli.main",
+        "coordinate",
+        "--quiet",
+        *sets,
     )
+    coordinator.wait_for(r"fleet front on", 300)  # owners may start first; here they wait
     owners = []
     for k, (key, _) in enumerate(keys):
         audit = tmp_path / f"audit_{k}.jsonl"
         log = tmp_path / f"owner_{k}.log"
         owners.append((audit, log))
         fedit_child(
-            children, f"owner {k}", log,
-            str(AUDITED), str(audit), "join", "--server", front, "--data", str(files[k]),
-            "--root-cert", str(pki.ca), "--key", str(key),
-            "--state-dir", str(tmp_path / f"state_{k}"), "--threads", "1",
+            children,
+            f"owner {k}",
+            log,
+            str(AUDITED),
+            str(audit),
+            "join",
+            "--server",
+            front,
+            "--data",
+            str(files[k]),
+            "--root-cert",
+            str(pki.ca),
+            "--key",
+            str(key),
+            "--state-dir",
+            str(tmp_path / f"state_{k}"),
+            "--threads",
+            "1",
         )
     deadline = time.monotonic() + 600  # a guard against a hang, not a timing check
     while coordinator.exit_code() is None:
@@ -149,8 +174,10 @@ def test_a_deployment_trains_what_the_simulation_trains(
         assert all(c["bytes_down"] > 0 and c["bytes_up"] > 0 for c in line["clients"])
         assert "heldout" in line or line["round"] < ROUNDS
 
-    shapes = {k: list(v.shape) for k, v in load_file(
-        deployed / "round_0001" / "adapter_model.safetensors").items()}
+    shapes = {
+        k: list(v.shape)
+        for k, v in load_file(deployed / "round_0001" / "adapter_model.safetensors").items()
+    }
     for k, (audit, log) in enumerate(owners):
         texts = {r.response for r in read_records(str(files[k]))}
         texts |= {r.instruction for r in read_records(str(files[k]))}

@@ -32,9 +32,9 @@ def _stop_on_sigterm() -> None:
 
 
 def _log_to_stderr() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    for noisy in ("httpx", "httpcore", "flwr"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    """fedit's own lines (rounds served, model loads) at INFO; libraries' warnings only."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("fedit").setLevel(logging.INFO)
 
 
 @friendly_errors
@@ -83,6 +83,9 @@ def join(
     activation_wait: Annotated[
         float, typer.Option("--activation-wait", help="Seconds to retry a refused activation")
     ] = 120.0,
+    connect_wait: Annotated[
+        float, typer.Option("--connect-wait", help="Seconds to wait for the coordinator")
+    ] = 600.0,
     insecure: Annotated[
         bool, typer.Option("--insecure", help="No TLS and no node key (development only)")
     ] = False,
@@ -102,4 +105,4 @@ def join(
     _stop_on_sigterm()
     _log_to_stderr()
     inputs = OwnerInputs(data, preference_data, model, state_dir, fields, threads=threads)
-    join_federation(inputs, server, root_cert, key, insecure, activation_wait)
+    join_federation(inputs, server, root_cert, key, insecure, activation_wait, connect_wait)

@@ -22,10 +22,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.hazmat.primitives.serialization import (
-    load_pem_public_key,
-    load_ssh_public_key,
-)
 from flwr.app import Message, RecordDict
 from rich.console import Console
 from rich.markup import escape
@@ -36,6 +32,7 @@ from fedit.data.readers import read_records
 from fedit.deploy import wire
 from fedit.deploy.flower_io import ServerRun, acquire_server_run, exchange, online_nodes
 from fedit.deploy.front import FleetFront
+from fedit.deploy.pki import load_public_key, load_public_key_file
 from fedit.deploy.processes import (
     APP_DIR,
     SuperLink,
@@ -48,6 +45,7 @@ from fedit.deploy.processes import (
 from fedit.engine.checkpoint import round_dir
 from fedit.engine.federation_data import tokenize_heldout
 from fedit.engine.rounds import RoundLoop, RoundPlan, RoundReplies, completed_run, finished
+from fedit.errors import DeployError
 from fedit.models.adapters import attach_lora, get_adapter_state
 from fedit.models.loading import base_fingerprint, load_model, load_tokenizer
 from fedit.server.validation import Rejection, check_update
@@ -80,17 +78,9 @@ def check_deployable(cfg: RunConfig) -> None:
             "base weights each round (model-sized traffic); deployments use 'separate'"
         )
     for path in deploy.clients:
-        roster_key(Path(path))
-
-
-def roster_key(path: Path):
-    """A data owner's public key (OpenSSH format, as `fedit certs node-key` writes it)."""
-    try:
-        return load_ssh_public_key(path.read_bytes())
-    except FileNotFoundError:
-        raise ConfigError(f"deploy.clients: {path}: no such file") from None
-    except (ValueError, TypeError) as err:
-        raise ConfigError(f"deploy.clients: {path}: not an OpenSSH public key ({err})") from None
+        if not Path(path).is_file():
+            raise ConfigError(f"deploy.clients: {path}: no such file")
+        load_public_key_file(Path(path))
 
 
 def owners_config(cfg: RunConfig) -> str:
@@ -117,12 +107,12 @@ class FlowerRunner:
 
     def __init__(self, cfg: RunConfig, run: ServerRun, header: wire.RunHeader, shapes) -> None:
         self.cfg, self.run, self.header, self.shapes = cfg, run, header, shapes
-        self.roster = [roster_key(Path(p)).public_numbers() for p in cfg.deploy.clients]
+        self.roster = [load_public_key_file(Path(p)).public_numbers() for p in cfg.deploy.clients]
         self.extras = {"control_delta"} if cfg.strategy.name == "scaffold" else set()
 
     def run_round(self, plan: RoundPlan, global_state: AdapterState) -> RoundReplies:
         deadline = time.monotonic() + self.cfg.deploy.round_timeout
-        nodes = self._nodes_by_client()
+        nodes = self._wait_online({t.client_id for t in plan.tasks}, deadline)
         replies = RoundReplies(updates=[])
         sent = {}
         for task in plan.tasks:
@@ -199,14 +189,23 @@ class FlowerRunner:
         replies.updates.append(answer)
         return "ok"
 
+    def _wait_online(self, wanted: set[int], deadline: float) -> dict[int, int]:
+        """client id → node id once every wanted client is online (owners may join late
+        or be restarting), or whoever is online at the deadline."""
+        while True:
+            nodes = self._nodes_by_client()
+            if wanted <= nodes.keys() or time.monotonic() >= deadline:
+                return nodes
+            time.sleep(1.0)
+
     def _nodes_by_client(self) -> dict[int, int]:
         """client id → node id of the online nodes, by the public key they authenticate
         with (a node whose key is not on the roster is ignored)."""
         mapping = {}
         for node in online_nodes(self.run.grid):
             try:
-                numbers = load_pem_public_key(node.public_key).public_numbers()
-            except (ValueError, TypeError):
+                numbers = load_public_key(node.public_key, "node").public_numbers()
+            except DeployError:
                 continue
             if numbers in self.roster:
                 mapping[self.roster.index(numbers)] = node.node_id
@@ -242,10 +241,7 @@ def coordinate(cfg: RunConfig, resume: bool = False, show_progress: bool = True)
     host, port = cfg.deploy.fleet_address.rsplit(":", 1)
     with link:
         ca = None if certs is None else certs[0]
-        scheme = "http" if certs is None else "https"
-        front = FleetFront(
-            host, int(port), f"{scheme}://{link.address}", ca, *(certs or (None, None, None))[1:]
-        )
+        front = FleetFront(host, int(port), link.address, ca, *(certs or (None, None, None))[1:])
         with front:
             write_connection(flwr_home, CONNECTION, link.address, ca, cfg.deploy.insecure)
             for k, key in enumerate(cfg.deploy.clients):

@@ -2,7 +2,8 @@
 
 The records are read and validated first (a bad file is reported before anything joins),
 then the SuperNode starts (kept running by SuperNodeKeeper: a refused activation is
-retried for `activation_wait` seconds, a TLS failure reported at once), and this process
+retried for `activation_wait` seconds, a coordinator not up yet waited for `connect_wait`
+seconds, a TLS failure reported at once), and this process
 takes the SuperNode's tasks itself (flower_io.serve_client_tasks) until stopped, so the
 model the first round loads stays resident for the run.
 """
@@ -26,6 +27,7 @@ def join_federation(
     key: Path | None,
     insecure: bool,
     activation_wait: float,
+    connect_wait: float,
 ) -> None:
     """Serve this owner's rounds until the process is stopped (or the SuperNode fails
     for good, which is raised)."""
@@ -46,7 +48,10 @@ def join_federation(
             superexec_secret_file=secret,
         )
 
-    with SuperNodeKeeper(make, activation_wait, say=log.warning) as keeper:
+    # An owner may well start before the coordinator: its SuperNode keeps retrying.
+    keeper = SuperNodeKeeper(make, activation_wait, say=log.warning, ready_timeout=connect_wait)
+    log.info("connecting to %s (waiting up to %.0f s for the coordinator)", server, connect_wait)
+    with keeper:
         assert keeper.node is not None
         log.info("joined %s as node %s; waiting for rounds", server, keeper.node.node_id)
         serve_client_tasks(
