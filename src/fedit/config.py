@@ -114,6 +114,7 @@ class DataConfig:
     preference_path: str = ""
     preference_format: str = "auto"  # auto | plain | hh | ultrafeedback (fedit.data.preferences)
     preference_split: str = "train"  # for Hugging Face datasets (e.g. "train_prefs")
+    heldout_preference_path: str = ""  # a pairs file to hold out instead of splitting
 
     def validate(self) -> None:
         _require(

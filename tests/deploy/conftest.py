@@ -3,14 +3,11 @@
 Everything binds 127.0.0.1, on ports picked free; every FLWR_HOME, database and log lives
 under pytest's tmp directories; every wait has a deadline. Each child process is started
 through `Children`, which stops them all at teardown and asserts no process group is left.
-The certificate code is a stand-in for fedit/deploy/pki.py (`fedit certs`): swap it in at
-merge.
+Certificates and node keys are fedit's own (fedit.deploy.pki, as `fedit certs` makes them).
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import ipaddress
 import os
 import sys
 import time
@@ -23,14 +20,13 @@ import pytest
 
 pytest.importorskip("flwr", reason="the deploy tests need flwr (pip install 'flwr==1.42.*')")
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-
 import fedit
+from fedit.data.readers import write_records_jsonl
+from fedit.data.synthetic import generate_records
 from fedit.deploy import processes
+from fedit.deploy.pki import make_ca, make_node_key
 from fedit.deploy.processes import Child, SuperLink, SuperNode
+from tests.conftest import tiny_run_overrides
 
 if TYPE_CHECKING:
     from fedit.deploy.flower_io import ServerRun
@@ -41,75 +37,7 @@ EXECUTOR = Path(__file__).with_name("node_executor.py")
 FEDIT_SRC = str(Path(fedit.__file__).resolve().parents[1])  # this checkout's fedit
 
 
-# ---- certificates (stand-in for fedit certs) ----
-
-
-def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-
-def _write_key(
-    path: Path, key: ec.EllipticCurvePrivateKey, fmt: serialization.PrivateFormat
-) -> None:
-    path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, fmt, serialization.NoEncryption())
-    )
-    path.chmod(0o600)
-
-
-def make_ca(out: Path, label: str) -> tuple[Path, ec.EllipticCurvePrivateKey]:
-    """A self-signed EC P-384 CA: out/<label>.pem."""
-    key = ec.generate_private_key(ec.SECP384R1())
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(label))
-        .issuer_name(_name(label))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=2))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .sign(key, hashes.SHA384())
-    )
-    path = out / f"{label}.pem"
-    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return path, key
-
-
-def make_server_cert(
-    out: Path, ca_key: ec.EllipticCurvePrivateKey, ca_label: str
-) -> tuple[Path, Path]:
-    """server.pem / server.key signed by the CA, naming localhost and 127.0.0.1."""
-    key = ec.generate_private_key(ec.SECP384R1())
-    now = dt.datetime.now(dt.UTC)
-    san = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name("localhost"))
-        .issuer_name(_name(ca_label))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=2))
-        .add_extension(x509.SubjectAlternativeName(san), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA384())
-    )
-    (out / "server.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    _write_key(out / "server.key", key, serialization.PrivateFormat.PKCS8)
-    return out / "server.pem", out / "server.key"
-
-
-def make_node_key(out: Path, name: str) -> tuple[Path, Path]:
-    """An EC P-384 node key in OpenSSH format: <name>.key (private), <name>.pub."""
-    key = ec.generate_private_key(ec.SECP384R1())
-    _write_key(out / f"{name}.key", key, serialization.PrivateFormat.OpenSSH)
-    public = key.public_key().public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-    )
-    (out / f"{name}.pub").write_bytes(public)
-    return out / f"{name}.key", out / f"{name}.pub"
+# ---- certificates (fedit certs) ----
 
 
 @dataclass
@@ -125,15 +53,18 @@ class Pki:
         return self.ca, self.cert, self.key
 
     def node(self, name: str) -> tuple[Path, Path]:
-        return make_node_key(self.directory, name)
+        """A node key pair as `fedit certs node-key` writes it: (<name>.key, <name>.pub)."""
+        key, pub = make_node_key(self.directory / f"{name}.key", force=False)
+        return key, pub
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     out = tmp_path_factory.mktemp("pki")
-    ca, ca_key = make_ca(out, "ca")
-    cert, key = make_server_cert(out, ca_key, "ca")
-    other_ca, _ = make_ca(out, "other-ca")
+    ca, _, cert, key = make_ca(out, "localhost", [], force=False)
+    other = out / "other"
+    other.mkdir()
+    other_ca = make_ca(other, "localhost", [], force=False)[0]
     return Pki(ca, cert, key, other_ca, out)
 
 
@@ -312,3 +243,46 @@ def timed(children: Children, what: str, call: Callable[[], T]) -> T:
     result = call()
     children.timings[what] = time.monotonic() - started
     return result
+
+
+# ---- a federation's data and config (the tiny model) ----
+
+ROUNDS = 2
+
+
+def owner_files(directory: Path) -> tuple[list[Path], Path]:
+    """Three owners' record files (skills split between them: non-IID) and a held-out file."""
+    records = generate_records(per_skill=6, seed=3)
+    skills = sorted({r.category for r in records})
+    heldout = [r for r in records if r.instruction.endswith("0")][:6] or records[:6]
+    train = [r for r in records if r not in heldout]
+    files = []
+    for k in range(3):
+        mine = {s for i, s in enumerate(skills) if i % 3 == k}
+        path = directory / f"owner_{k}.jsonl"
+        write_records_jsonl([r for r in train if r.category in mine], path)
+        files.append(path)
+    heldout_path = directory / "heldout.jsonl"
+    write_records_jsonl(heldout, heldout_path)
+    return files, heldout_path
+
+
+def run_overrides(
+    model_dir: Path, out: Path, data_dir: Path, heldout: Path, strategy: str, **extra: object
+) -> list[str]:
+    """Three owners' files as partition.method = "files", all three every round."""
+    return tiny_run_overrides(
+        model_dir,
+        out,
+        **{
+            "data.path": str(data_dir / "owner_*.jsonl"),
+            "data.heldout_path": str(heldout),
+            "partition.method": "files",
+            "partition.num_clients": 3,
+            "federation.rounds": ROUNDS,
+            "federation.clients_per_round": 3,
+            "strategy.name": strategy,
+            "train.threads": 1,
+            **extra,
+        },
+    )

@@ -24,50 +24,13 @@ import torch
 from safetensors.torch import load_file
 
 from fedit.config import load_config
-from fedit.data.readers import read_records, write_records_jsonl
-from fedit.data.synthetic import generate_records
+from fedit.data.readers import read_records
 from fedit.deploy.processes import Child, free_port
 from fedit.engine.simulation import Simulation
-from tests.conftest import tiny_run_overrides
-from tests.deploy.conftest import FEDIT_SRC, Children, Pki
+from tests.deploy.conftest import FEDIT_SRC, ROUNDS, Children, Pki, owner_files, run_overrides
 
 AUDITED = Path(__file__).with_name("audited.py")
-ROUNDS = 2
 REPLY_RECORDS = {"update", "counts", "metrics", "status"}
-
-
-def owner_files(directory: Path) -> tuple[list[Path], Path]:
-    """Three owners' record files (skills split between them: non-IID) and a held-out file."""
-    records = generate_records(per_skill=6, seed=3)
-    skills = sorted({r.category for r in records})
-    heldout = [r for r in records if r.instruction.endswith("0")][:6] or records[:6]
-    train = [r for r in records if r not in heldout]
-    files = []
-    for k in range(3):
-        mine = {s for i, s in enumerate(skills) if i % 3 == k}
-        path = directory / f"owner_{k}.jsonl"
-        write_records_jsonl([r for r in train if r.category in mine], path)
-        files.append(path)
-    heldout_path = directory / "heldout.jsonl"
-    write_records_jsonl(heldout, heldout_path)
-    return files, heldout_path
-
-
-def run_overrides(model_dir: Path, out: Path, data_dir: Path, heldout: Path, strategy: str):
-    return tiny_run_overrides(
-        model_dir,
-        out,
-        **{
-            "data.path": str(data_dir / "owner_*.jsonl"),
-            "data.heldout_path": str(heldout),
-            "partition.method": "files",
-            "partition.num_clients": 3,
-            "federation.rounds": ROUNDS,
-            "federation.clients_per_round": 3,
-            "strategy.name": strategy,
-            "train.threads": 1,
-        },
-    )
 
 
 def fedit_child(children: Children, name: str, log: Path, *args: str) -> Child:

@@ -128,20 +128,28 @@ def prepare_preferences(cfg: RunConfig) -> PreparedPreferences:
     pairs per category are held out, training pairs whose prompt is a held-out prompt are
     dropped, and the configured partitioner splits the rest. With ``partition.method =
     "files"``, ``data.preference_path`` is a glob of one file per client and nothing is held
-    out.
+    out; ``data.heldout_preference_path`` names a held-out pairs file instead of a split.
     """
     data = cfg.data
+    heldout_file = (
+        _read_preference_source(cfg, data.heldout_preference_path)
+        if data.heldout_preference_path
+        else None
+    )
     if cfg.partition.method == "files":
         files = client_files(data.preference_path, cfg.partition.num_clients)
         per_client = [_read_preference_source(cfg, f) for f in files]
         train = [p for pairs in per_client for p in pairs]
         bounds = np.cumsum([0] + [len(p) for p in per_client])
         parts = [list(range(bounds[i], bounds[i + 1])) for i in range(len(per_client))]
-        return PreparedPreferences(train, [], parts, 0)
+        return PreparedPreferences(train, heldout_file or [], parts, 0)
     pairs = cap_records(
         _read_preference_source(cfg, data.preference_path), data.max_records, cfg.seed
     )
-    train, heldout = split_heldout(pairs, data.heldout_per_category, cfg.seed)
+    if heldout_file is None:
+        train, heldout = split_heldout(pairs, data.heldout_per_category, cfg.seed)
+    else:
+        train, heldout = pairs, heldout_file
     prompts = {p.prompt for p in heldout}
     kept = [p for p in train if p.prompt not in prompts]
     parts = partition_records(kept, cfg.partition, cfg.seed)

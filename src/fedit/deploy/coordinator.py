@@ -19,15 +19,19 @@ others if at least ``deploy.min_replies`` valid updates came.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
 from flwr.app import Message, RecordDict
 from rich.console import Console
 from rich.markup import escape
 
 from fedit.client.trainer import steps_per_round
-from fedit.config import ConfigError, RunConfig, to_toml
+from fedit.config import ConfigError, RunConfig
+from fedit.data.preferences import read_preferences
 from fedit.data.readers import read_records
 from fedit.deploy import wire
 from fedit.deploy.flower_io import ServerRun, acquire_server_run, exchange, online_nodes
@@ -42,22 +46,22 @@ from fedit.deploy.processes import (
     submit_run,
     write_connection,
 )
-from fedit.engine.checkpoint import round_dir
-from fedit.engine.federation_data import tokenize_heldout
+from fedit.deploy.traffic import REFERENCE_GROUP, run_header, task_content
+from fedit.engine.checkpoint import load_global_adapter, round_dir
+from fedit.engine.federation_data import tokenize_heldout, tokenize_pairs_for
 from fedit.engine.rounds import RoundLoop, RoundPlan, RoundReplies, completed_run, finished
 from fedit.errors import DeployError
-from fedit.models.adapters import attach_lora, get_adapter_state
-from fedit.models.loading import base_fingerprint, load_model, load_tokenizer
+from fedit.models.adapters import attach_lora, get_adapter_state, set_adapter_state
+from fedit.models.loading import load_model, load_tokenizer
 from fedit.server.validation import Rejection, check_update
 from fedit.types import AdapterState, ClientTask
 
 console = Console(stderr=True)
 CONNECTION = "coordinator"
+
+
 # Per-client tensors the owner keeps itself (SCAFFOLD's c_k): sent by digest, and in full
 # only when the owner answers that it lacks them.
-HELD_BY_OWNER = ("c_k",)
-
-
 def check_deployable(cfg: RunConfig) -> None:
     """What a deployment needs of a config beyond what every run needs."""
     deploy = cfg.deploy
@@ -83,15 +87,7 @@ def check_deployable(cfg: RunConfig) -> None:
         load_public_key_file(Path(path))
 
 
-def owners_config(cfg: RunConfig) -> str:
-    """The run config sent to every owner: the coordinator's paths and deployment blanked
-    (each owner puts its own files in), everything that shapes training kept."""
-    data = cfg.to_dict()
-    data["output_dir"] = ""
-    for key in ("path", "preference_path", "heldout_path"):
-        data["data"][key] = ""
-    data.pop("deploy", None)
-    return to_toml(data)
+RESENT_FOR = ("needs_c_k", "needs_reference")  # owner replies answered by a full resend
 
 
 @dataclass
@@ -105,8 +101,11 @@ class FlowerRunner:
     """The deployment's ClientRunner: a round's tasks go to the owners' nodes as Flower
     messages; their replies come back decoded and checked."""
 
-    def __init__(self, cfg: RunConfig, run: ServerRun, header: wire.RunHeader, shapes) -> None:
-        self.cfg, self.run, self.header, self.shapes = cfg, run, header, shapes
+    def __init__(
+        self, cfg: RunConfig, model: torch.nn.Module, run: ServerRun, header: wire.RunHeader
+    ) -> None:
+        self.cfg, self.model, self.run, self.header = cfg, model, run, header
+        self.shapes = wire.shapes_of(get_adapter_state(model))
         self.roster = [load_public_key_file(Path(p)).public_numbers() for p in cfg.deploy.clients]
         self.extras = {"control_delta"} if cfg.strategy.name == "scaffold" else set()
 
@@ -119,29 +118,40 @@ class FlowerRunner:
             if task.client_id not in nodes:
                 replies.dropped.append(Rejection(task.client_id, "offline"))
             else:
-                content = self._content(task, global_state, hold=True)
+                content = task_content(task, global_state, self.header)
                 sent[task.client_id] = _Sent(task.client_id, task, content)
         answers = self._exchange(plan, sent, nodes, deadline, replies)
-        # Owners that lack their held state get it in full, within the same deadline.
-        again = {k: s for k, s in sent.items() if answers.get(k) == "needs_c_k"}
+        # Owners that lack state they keep (c_k, the DPO reference: a new disk) get their
+        # round again in full, within the same deadline.
+        again = {k: s for k, s in sent.items() if answers.get(k) in RESENT_FOR}
         for s in again.values():
-            s.content = self._content(s.task, global_state, hold=False)
+            s.content = task_content(self._in_full(s.task), global_state, self.header, hold=False)
         if again:
             answers |= self._exchange(plan, again, nodes, deadline, replies)
         for k in sent:
-            if answers.get(k) == "needs_c_k":
-                replies.dropped.append(Rejection(k, "owner lacks its c_k even after re-sending"))
+            if answers.get(k) in RESENT_FOR:
+                replies.dropped.append(Rejection(k, f"{answers[k]} even after re-sending"))
         return replies
 
-    def _content(self, task: ClientTask, global_state: AdapterState, hold: bool) -> RecordDict:
-        """The task's message content; with `hold`, per-client state the owner keeps is
-        named by digest instead of sent."""
-        tensors = task.instructions.tensors
-        held = {g: wire.state_digest(tensors[g]) for g in HELD_BY_OWNER if hold and g in tensors}
-        return wire.encode_task(task, global_state, self.header, held=held)
+    def _in_full(self, task: ClientTask) -> ClientTask:
+        """The task with what an owner may have lost added: the SFT-end adapter of a
+        dpo.reference = "sft" run after its first DPO round (round dpo.sft_rounds' checkpoint)."""
+        dpo = self.cfg.dpo
+        if task.objective != "dpo" or dpo.reference != "sft" or dpo.sft_rounds == 0:
+            return task
+        if task.round_number == dpo.sft_rounds + 1:  # its global adapter is that model
+            return task
+        directory = round_dir(Path(self.cfg.output_dir), dpo.sft_rounds)
+        present = get_adapter_state(self.model)  # read through the model (PEFT key names)
+        try:
+            sft_end = load_global_adapter(self.model, directory)
+        finally:
+            set_adapter_state(self.model, present)
+        tensors = {**task.instructions.tensors, REFERENCE_GROUP: sft_end}
+        return replace(task, instructions=replace(task.instructions, tensors=tensors))
 
     def _exchange(self, plan, sent: dict, nodes, deadline, replies: RoundReplies) -> dict:
-        """Send, wait, decode; the outcome per client ("ok", "needs_c_k" or a drop)."""
+        """Send, wait, decode; the outcome per client ("ok", one of RESENT_FOR, or a drop)."""
         messages = []
         for k, s in sent.items():
             messages.append(
@@ -178,7 +188,7 @@ class FlowerRunner:
             replies.rejected.append(Rejection(k, f"malformed reply: {err}"))
             return "rejected"
         if isinstance(answer, wire.ReplyStatus):
-            if answer.outcome != "needs_c_k":
+            if answer.outcome not in RESENT_FOR:
                 replies.rejected.append(Rejection(k, f"{answer.outcome}: {answer.reason}"))
             return answer.outcome
         expected = steps_per_round(answer.num_examples, plan.train_cfg)
@@ -212,67 +222,94 @@ class FlowerRunner:
         return mapping
 
 
+@dataclass
+class CoordinatorSide:
+    """What the coordinator holds for a run: the model with its adapter (x, evaluated on
+    the coordinator's own held-out files), the header every task carries."""
+
+    model: torch.nn.Module
+    heldout: list
+    heldout_pairs: list
+    pad_id: int
+    header: wire.RunHeader
+
+    @classmethod
+    def prepare(cls, cfg: RunConfig) -> CoordinatorSide:
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        tokenizer = load_tokenizer(cfg.model)
+        heldout, pairs = [], []
+        if cfg.data.heldout_path:
+            records = read_records(cfg.data.heldout_path, cfg.data.fields)
+            heldout, _ = tokenize_heldout(cfg, tokenizer, records)
+        if cfg.data.heldout_preference_path:
+            raw = read_preferences(cfg.data.heldout_preference_path, cfg.data.preference_format)
+            pairs, _ = tokenize_pairs_for(cfg, tokenizer, raw)
+        model = attach_lora(load_model(cfg.model), cfg.lora, cfg.seed)
+        return cls(model, heldout, pairs, tokenizer.pad_token_id, run_header(cfg, model))
+
+    def run_rounds(self, cfg: RunConfig, run: ServerRun, done: int, show_progress: bool) -> Path:
+        """The rounds over `run`'s Grid (RoundLoop, as the simulation runs them); the run
+        is finished on Flower's side either way."""
+        loop = RoundLoop(
+            cfg,
+            self.model,
+            FlowerRunner(cfg, self.model, run, self.header),
+            num_clients=len(cfg.deploy.clients),
+            train_cfgs={"sft": cfg.train, "dpo": cfg.train},
+            heldout=self.heldout,
+            heldout_pairs=self.heldout_pairs,
+            pad_id=self.pad_id,
+            base_originals={},  # exact aggregation is refused: no residual to fold
+            min_replies=cfg.deploy.min_replies,
+            show_progress=show_progress,
+        )
+        try:
+            final = loop.run(done)
+        except BaseException as err:
+            run.finish(False, type(err).__name__)
+            raise
+        run.finish(True, "")
+        return final
+
+
 def coordinate(cfg: RunConfig, resume: bool = False, show_progress: bool = True) -> Path:
     """Run the configured federation across machines; the final round's directory."""
     check_deployable(cfg)
     done = completed_run(cfg, resume)
-    out = Path(cfg.output_dir)
     if finished(cfg, done):
-        return round_dir(out, cfg.federation.rounds)
-    if cfg.train.threads:
-        import torch
+        return round_dir(Path(cfg.output_dir), cfg.federation.rounds)
+    side = CoordinatorSide.prepare(cfg)
+    with federation(cfg, side.header) as run:
+        return side.run_rounds(cfg, run, done, show_progress)
 
-        torch.set_num_threads(cfg.train.threads)
-    tokenizer = load_tokenizer(cfg.model)
-    heldout = []
-    if cfg.data.heldout_path:
-        heldout, _ = tokenize_heldout(
-            cfg, tokenizer, read_records(cfg.data.heldout_path, cfg.data.fields)
-        )
-    model = attach_lora(load_model(cfg.model), cfg.lora, cfg.seed)
-    header = wire.RunHeader.of(owners_config(cfg), base_fingerprint(model))
-    shapes = wire.shapes_of(get_adapter_state(model))
+
+@contextmanager
+def federation(cfg: RunConfig, header: wire.RunHeader) -> Iterator[ServerRun]:
+    """Flower's side of the run: the SuperLink on loopback (its database, secret and logs
+    under <output_dir>/federation), the fleet front on deploy.fleet_address, the roster's
+    keys registered, the run created and acquired; all stopped on exit."""
     certs = _certs(cfg)
-    federation = out / "federation"
-    federation.mkdir(parents=True, exist_ok=True)
-    secret_file = ensure_secret(federation / "superexec.secret")
-    flwr_home = federation / "flwr"
-    link = SuperLink(federation, free_port(), certs, not cfg.deploy.insecure, secret_file)
+    directory = Path(cfg.output_dir) / "federation"
+    directory.mkdir(parents=True, exist_ok=True)
+    secret_file = ensure_secret(directory / "superexec.secret")
+    flwr_home = directory / "flwr"
+    link = SuperLink(directory, free_port(), certs, not cfg.deploy.insecure, secret_file)
     host, port = cfg.deploy.fleet_address.rsplit(":", 1)
-    with link:
-        ca = None if certs is None else certs[0]
-        front = FleetFront(host, int(port), link.address, ca, *(certs or (None, None, None))[1:])
-        with front:
-            write_connection(flwr_home, CONNECTION, link.address, ca, cfg.deploy.insecure)
-            for k, key in enumerate(cfg.deploy.clients):
-                register_node(flwr_home, CONNECTION, Path(key), f"client-{k}")
-            submit_run(flwr_home, APP_DIR, CONNECTION, {"config-sha256": header.config_sha256})
-            run = acquire_server_run(
-                link.address, secret_file.read_bytes(), None if ca is None else ca.read_bytes()
-            )
-            console.print(
-                f"coordinator: fleet front on {escape(cfg.deploy.fleet_address)}, run {run.run_id}"
-            )
-            loop = RoundLoop(
-                cfg,
-                model,
-                FlowerRunner(cfg, run, header, shapes),
-                num_clients=len(cfg.deploy.clients),
-                train_cfgs={"sft": cfg.train, "dpo": cfg.train},
-                heldout=heldout,
-                heldout_pairs=[],
-                pad_id=tokenizer.pad_token_id,
-                base_originals={},
-                min_replies=cfg.deploy.min_replies,
-                show_progress=show_progress,
-            )
-            try:
-                final = loop.run(done)
-            except BaseException as err:
-                run.finish(False, type(err).__name__)
-                raise
-            run.finish(True, "")
-    return final
+    ca = None if certs is None else certs[0]
+    front = FleetFront(host, int(port), link.address, ca, *(certs or (None, None, None))[1:])
+    with link, front:
+        write_connection(flwr_home, CONNECTION, link.address, ca, cfg.deploy.insecure)
+        for k, key in enumerate(cfg.deploy.clients):
+            register_node(flwr_home, CONNECTION, Path(key), f"client-{k}")
+        submit_run(flwr_home, APP_DIR, CONNECTION, {"config-sha256": header.config_sha256})
+        run = acquire_server_run(
+            link.address, secret_file.read_bytes(), None if ca is None else ca.read_bytes()
+        )
+        console.print(
+            f"coordinator: fleet front on {escape(cfg.deploy.fleet_address)}, run {run.run_id}"
+        )
+        yield run
 
 
 def _certs(cfg: RunConfig):

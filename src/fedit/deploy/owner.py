@@ -23,21 +23,24 @@ import torch
 from flwr.app import Message, RecordDict
 from safetensors.torch import load_file, save_file
 
+from fedit.client.precision import half_precision_frozen_weights
 from fedit.client.session import LocalClient
 from fedit.config import ConfigError, RunConfig, config_from_toml
 from fedit.data.preferences import PreferencePair, read_preferences
 from fedit.data.readers import read_records
 from fedit.data.records import Record
 from fedit.deploy import wire
+from fedit.deploy.traffic import REFERENCE_GROUP, reply_content
 from fedit.engine.federation_data import tokenize_owner_data
-from fedit.models.adapters import attach_lora, get_adapter_state
+from fedit.models.adapters import attach_lora, get_adapter_state, set_adapter_state
 from fedit.models.loading import base_fingerprint, load_model, load_tokenizer
 from fedit.server.aggregation import add_scaled, zeros_like
 from fedit.server.validation import Rejection
-from fedit.types import AdapterState
+from fedit.types import AdapterState, ClientTask
 
 log = logging.getLogger("fedit.join")
 KEPT_VERSIONS = 2  # c_k files per client: the newest, and the one before (a lost reply)
+REFERENCE_FILE = "dpo_reference.safetensors"  # its pairs' π_ref log-probs: never sent
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,46 @@ class RunSession:
             )
         return self.client
 
+    def fix_reference(
+        self,
+        client: LocalClient,
+        task: ClientTask,
+        global_state: AdapterState,
+        sent: AdapterState | None,
+        directory: Path,
+    ) -> bool:
+        """Give `client` its fixed DPO π_ref log-probs before a DPO round, as the simulation
+        does (fedit.engine.simulation.InProcessRunner); False when this owner cannot:
+        dpo.reference = "sft" after its first DPO round, on an owner that lost the file and
+        was not `sent` the SFT-end adapter.
+
+        "base" (and "sft" of a run without SFT rounds: the starting model, W0) come from the
+        model as loaded; "sft" from the global adapter of the first DPO round (the SFT-end
+        model), kept in `directory` so a restarted owner has it."""
+        dpo, model = self.cfg.dpo, self.model
+        if client.reference is not None or dpo.reference == "round_start":
+            return True
+        if dpo.reference == "base" or dpo.sft_rounds == 0:
+            # Before any training in this process (a DPO round computes it first): the
+            # adapter is still the starting one, and "base" disables it anyway.
+            client.compute_reference(model, self.cfg.train)
+            return True
+        path = directory / REFERENCE_FILE
+        if path.is_file():
+            reference = load_file(path).get("logps")
+            if reference is not None and reference.shape == (len(client.pairs), 2):
+                client.reference = reference
+                return True
+        start = global_state if task.round_number == dpo.sft_rounds + 1 else sent
+        if start is None:
+            return False
+        set_adapter_state(model, start)
+        client.compute_reference(model, self.cfg.train)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({"logps": client.reference}, directory / f".tmp-{REFERENCE_FILE}")
+        (directory / f".tmp-{REFERENCE_FILE}").replace(path)
+        return True
+
 
 def owner_config(config_toml: str, inputs: OwnerInputs) -> RunConfig:
     """The run's config with this owner's own files (and how they are laid out) in place of
@@ -164,18 +207,29 @@ class DataOwner:
             missing = self._restore_held(task, held, state, global_state)
             if missing:
                 return wire.encode_status("needs_c_k", f"this owner does not hold {missing}")
+            sent_reference = task.instructions.tensors.pop(REFERENCE_GROUP, None)
+            if task.objective == "dpo" and not session.fix_reference(
+                client, task, global_state, sent_reference, state.directory / "dpo"
+            ):
+                return wire.encode_status(
+                    "needs_reference", "this owner does not hold its dpo.reference = 'sft'"
+                )
         except (wire.WireError, ConfigError) as err:
             log.warning("refused a task: %s", err)
             return wire.encode_status("refused", str(err))
         log.info("training round %d as client %d", task.round_number, task.client_id)
-        update = client.train(session.model, global_state, task, session.cfg.train)
+        train_cfg = session.cfg.train
+        with half_precision_frozen_weights(  # as the simulation casts for its clients
+            session.model, train_cfg.mixed_precision, train_cfg.half_precision_frozen_weights
+        ):
+            update = client.train(session.model, global_state, task, train_cfg)
         if isinstance(update, Rejection):
-            return wire.encode_status("non_finite", update.reason)
+            return reply_content(update)
         if "c_k" in task.instructions.tensors:  # SCAFFOLD: c_k⁺ = c_k + Δc_k, kept here
             delta = update.extras["control_delta"]
             state.put(add_scaled(task.instructions.tensors["c_k"], delta, 1.0))
         self.rounds_trained += 1
-        return wire.encode_reply(update)
+        return reply_content(update)
 
     def _session(self, header: wire.RunHeader) -> RunSession:
         """The run's session, built (and the model loaded) on the run's first task."""

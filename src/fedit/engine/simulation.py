@@ -35,6 +35,8 @@ from rich.markup import escape
 from fedit.client.precision import half_precision_frozen_weights
 from fedit.client.session import LocalClient
 from fedit.config import RunConfig, TrainConfig
+from fedit.deploy.traffic import round_trip_bytes, run_header
+from fedit.deploy.wire import RunHeader
 from fedit.engine.checkpoint import load_checkpoint, round_dir
 from fedit.engine.federation_data import (
     FederationData,
@@ -163,10 +165,14 @@ class InProcessRunner:
         self.cfg, self.model, self.clients = cfg, model, clients
         self.base_originals, self.show_progress = base_originals, show_progress
         self.references_fixed = False  # every client's fixed DPO π_ref computed
+        self.header: RunHeader | None = None  # what each task's message would carry
 
     def run_round(self, plan: RoundPlan, global_state: AdapterState) -> RoundReplies:
-        """Each task's local round; a client whose training went non-finite is rejected."""
+        """Each task's local round; a client whose training went non-finite is rejected.
+        Traffic is what a deployment would send and receive for the same tasks."""
         self._sft_references(plan, global_state)
+        if self.header is None:
+            self.header = run_header(self.cfg, self.model)
         replies = RoundReplies(updates=[])
         train_cfg = plan.train_cfg
         with half_precision_frozen_weights(
@@ -175,6 +181,9 @@ class InProcessRunner:
             for task in plan.tasks:
                 client = self.clients[task.client_id]
                 update = client.train(self.model, global_state, task, train_cfg, self.show_progress)
+                replies.traffic[task.client_id] = round_trip_bytes(
+                    task, global_state, self.header, update
+                )
                 if isinstance(update, Rejection):
                     replies.rejected.append(update)
                 else:

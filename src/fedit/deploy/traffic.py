@@ -1,0 +1,70 @@
+"""What a round's messages carry and weigh, the same for both engines (design §2.8).
+
+The deployment sends exactly `task_content` to each owner and receives `encode_reply`'s
+content back; the simulation builds the same contents for each client it trains in process
+and reports their `wire.content_bytes`, so metrics.jsonl's bytes_down / bytes_up mean the
+same thing whichever engine wrote them.
+"""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import RecordDict
+
+from fedit.config import RunConfig, to_toml
+from fedit.deploy import wire
+from fedit.models.loading import base_fingerprint
+from fedit.server.validation import Rejection
+from fedit.types import AdapterState, ClientTask, ClientUpdate
+
+# Per-client tensor groups the owner keeps itself (design §2.6): sent by digest, not in full.
+HELD_BY_OWNER = ("c_k",)
+# The SFT-end adapter, sent only to an owner that lost its dpo.reference = "sft" log-probs.
+REFERENCE_GROUP = "reference"
+
+
+def owners_config(cfg: RunConfig) -> str:
+    """The run config sent to every owner: the coordinator's paths and deployment blanked
+    (each owner puts its own files in), everything that shapes training kept."""
+    data = cfg.to_dict()
+    data["output_dir"] = ""
+    for key in ("path", "preference_path", "heldout_path", "heldout_preference_path"):
+        data["data"][key] = ""
+    data.pop("deploy", None)
+    return to_toml(data)
+
+
+def run_header(cfg: RunConfig, model: torch.nn.Module) -> wire.RunHeader:
+    """The header every task of this run carries: the owners' config, the base model's id."""
+    return wire.RunHeader.of(owners_config(cfg), base_fingerprint(model))
+
+
+def task_content(
+    task: ClientTask, global_state: AdapterState, header: wire.RunHeader, hold: bool = True
+) -> RecordDict:
+    """The task's message content; with `hold`, per-client state the owner keeps is named
+    by digest instead of sent."""
+    tensors = task.instructions.tensors
+    held = {g: wire.state_digest(tensors[g]) for g in HELD_BY_OWNER if hold and g in tensors}
+    return wire.encode_task(task, global_state, header, held=held)
+
+
+def reply_content(answer: ClientUpdate | Rejection) -> RecordDict:
+    """What an owner replies for a trained round (a non-finite one is a status)."""
+    if isinstance(answer, Rejection):
+        return wire.encode_status("non_finite", answer.reason)
+    return wire.encode_reply(answer)
+
+
+def round_trip_bytes(
+    task: ClientTask,
+    global_state: AdapterState,
+    header: wire.RunHeader,
+    answer: ClientUpdate | Rejection,
+) -> dict[str, int]:
+    """bytes_down / bytes_up of one client's round had it crossed the wire (an owner that
+    holds its c_k, as after its first round)."""
+    return {
+        "bytes_down": wire.content_bytes(task_content(task, global_state, header)),
+        "bytes_up": wire.content_bytes(reply_content(answer)),
+    }
