@@ -410,6 +410,9 @@ class DeployConfig:
     certs_dir: str = "pki"  # ca.pem, server.pem, server.key (from `fedit certs ca`)
     clients: list[str] = field(default_factory=list)  # public-key files; client id = index
     round_timeout: float = 1800.0  # seconds a round waits for replies
+    # seconds a round first waits for min_replies of its clients to be online (owners start
+    # late, restart, reconnect after an outage); round_timeout counts from then
+    join_timeout: float = 600.0
     min_replies: int = 1  # fewer valid updates: the round stops, --resume retries it
     insecure: bool = False  # plaintext, no node authentication: for tests on one machine
 
@@ -429,6 +432,7 @@ class DeployConfig:
             f"lists {', '.join(repeated)} more than once (one key, one client id)",
         )
         _require(self.round_timeout > 0, "deploy.round_timeout", "must be positive")
+        _require(self.join_timeout >= 0, "deploy.join_timeout", "must be >= 0")
         _require(self.min_replies >= 1, "deploy.min_replies", "must be >= 1")
         _require(
             not self.clients or self.min_replies <= len(self.clients),

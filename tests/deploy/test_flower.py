@@ -184,7 +184,7 @@ def test_a_wrong_root_certificate_is_a_tls_error_at_once(
         )
         return federation.children.add(node)
 
-    with pytest.raises(TlsError, match="failed certificate verification against .*other-ca.pem"):
+    with pytest.raises(TlsError, match="failed certificate verification against .*other/ca.pem"):
         SuperNodeKeeper(make, activation_wait=60, say=said.append).start()
     assert said == []
 

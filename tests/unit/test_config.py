@@ -153,7 +153,7 @@ def test_deploy_defaults_leave_a_run_a_simulation() -> None:
     deploy = load_config(None, ["data.path=x"]).deploy
     assert deploy.clients == [] and deploy.insecure is False
     assert (deploy.fleet_address, deploy.certs_dir) == ("0.0.0.0:9443", "pki")
-    assert (deploy.round_timeout, deploy.min_replies) == (1800.0, 1)
+    assert (deploy.round_timeout, deploy.join_timeout, deploy.min_replies) == (1800.0, 600.0, 1)
 
 
 def test_deploy_section_round_trips_through_save(tmp_path: Path) -> None:
@@ -192,6 +192,7 @@ def test_deploy_fleet_address_accepted(address: str) -> None:
         ("deploy.clients=[1, 2]", r"deploy.clients: expected a list of strings"),
         ("deploy.round_timeout=0", r"deploy.round_timeout: must be positive"),
         ("deploy.round_timeout=-5.0", r"deploy.round_timeout: must be positive"),
+        ("deploy.join_timeout=-1", r"deploy.join_timeout: must be >= 0"),
         ("deploy.min_replies=0", r"deploy.min_replies: must be >= 1"),
         ("deploy.min_replies=1.5", r"deploy.min_replies: expected an integer"),
         ('deploy.clients=["a.pub"]', r"deploy.min_replies: must be <= .*deploy.clients \(1\)"),

@@ -110,8 +110,13 @@ class FlowerRunner:
         self.extras = {"control_delta"} if cfg.strategy.name == "scaffold" else set()
 
     def run_round(self, plan: RoundPlan, global_state: AdapterState) -> RoundReplies:
-        deadline = time.monotonic() + self.cfg.deploy.round_timeout
-        nodes = self._wait_online({t.client_id for t in plan.tasks}, deadline)
+        wanted = {t.client_id for t in plan.tasks}
+        deploy = self.cfg.deploy
+        self._wait_online(wanted, min(deploy.min_replies, len(wanted)), deploy.join_timeout)
+        deadline = time.monotonic() + deploy.round_timeout
+        # the rest get the first quarter of the round to come online, not all of it: a
+        # client gone for good must leave the others time to train
+        nodes = self._wait_online(wanted, len(wanted), deploy.round_timeout / 4)
         replies = RoundReplies(updates=[])
         sent = {}
         for task in plan.tasks:
@@ -199,12 +204,13 @@ class FlowerRunner:
         replies.updates.append(answer)
         return "ok"
 
-    def _wait_online(self, wanted: set[int], deadline: float) -> dict[int, int]:
-        """client id → node id once every wanted client is online (owners may join late
-        or be restarting), or whoever is online at the deadline."""
+    def _wait_online(self, wanted: set[int], enough: int, timeout: float) -> dict[int, int]:
+        """client id → node id once `enough` of the wanted clients are online (owners may
+        join late or be restarting), or whoever is online after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
         while True:
             nodes = self._nodes_by_client()
-            if wanted <= nodes.keys() or time.monotonic() >= deadline:
+            if len(wanted & nodes.keys()) >= enough or time.monotonic() >= deadline:
                 return nodes
             time.sleep(1.0)
 

@@ -24,13 +24,17 @@ REFERENCE_GROUP = "reference"
 
 
 def owners_config(cfg: RunConfig) -> str:
-    """The run config sent to every owner: the coordinator's paths and deployment blanked
-    (each owner puts its own files in), everything that shapes training kept."""
+    """The run config sent to every owner: the coordinator's paths, machine settings and
+    deployment blanked (each owner puts its own files in, picks its own threads), evaluation
+    (the coordinator's job) left out, everything that shapes training kept. So the header,
+    and with it the bytes a round sends, does not change with what a resume may change."""
     data = cfg.to_dict()
     data["output_dir"] = ""
     for key in ("path", "preference_path", "heldout_path", "heldout_preference_path"):
         data["data"][key] = ""
+    data["train"].pop("threads", None)
     data.pop("deploy", None)
+    data.pop("eval", None)
     return to_toml(data)
 
 

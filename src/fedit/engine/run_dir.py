@@ -35,6 +35,7 @@ RESUMABLE_KEYS = frozenset(
         "deploy.fleet_address",
         "deploy.certs_dir",
         "deploy.round_timeout",
+        "deploy.join_timeout",
         "deploy.min_replies",
         "deploy.insecure",
     }
