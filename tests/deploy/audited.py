@@ -2,6 +2,9 @@
 
     python audited.py AUDIT_FILE fedit-args...
 
+With FEDIT_TEST_CRASH_AT_ROUND=N in the environment the owner kills itself (SIGKILL) when
+round N's task arrives, as a machine that goes down mid-round.
+
 Wraps fedit.deploy.flower_io.send_reply (every Message an owner sends goes through it) so
 that each reply is described in AUDIT_FILE, one JSON line each: its record names and, per
 record, the arrays' dtypes and shapes, the metric keys and values, the config items. The
@@ -11,12 +14,15 @@ test then checks that nothing but adapter tensors, counts and scalar metrics lef
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 
 from fedit.deploy import flower_io
+from fedit.deploy.owner import DataOwner
 
 
 def describe(reply) -> dict:
@@ -46,6 +52,16 @@ def main() -> None:
         send(client, reply, context)
 
     flower_io.send_reply = recording
+    crash_at = os.environ.get("FEDIT_TEST_CRASH_AT_ROUND")
+    if crash_at:  # the owner dies mid-round: after its task arrived, before it answers
+        handle = DataOwner.handle
+
+        def crashing(self, message):
+            if message.content["round"]["round"] == int(crash_at):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return handle(self, message)
+
+        DataOwner.handle = crashing
     from fedit.cli.main import app
 
     sys.argv = ["fedit", *sys.argv[2:]]

@@ -8,6 +8,7 @@ Certificates and node keys are fedit's own (fedit.deploy.pki, as `fedit certs` m
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -286,3 +287,99 @@ def run_overrides(
             **extra,
         },
     )
+
+
+AUDITED = Path(__file__).with_name("audited.py")
+
+
+def fedit_child(children: Children, name: str, log: Path, *args: str, **env: str) -> Child:
+    """`python args...` with this checkout's fedit, one thread, started now."""
+    environment = {
+        **os.environ,
+        "PYTHONPATH": f"{FEDIT_SRC}{os.pathsep}{FEDIT_SRC}/..",
+        "OMP_NUM_THREADS": "1",
+        **env,
+    }
+    child = Child(name, [sys.executable, *args], log, environment)
+    children.add(child).spawn()
+    return child
+
+
+class Deployment:
+    """A coordinator and three data owners as `fedit coordinate` / `fedit join` processes
+    on 127.0.0.1, TLS and node authentication on, the tiny model; `overrides` the run
+    config of the same federation (as a simulation, with output_dir `out`)."""
+
+    def __init__(
+        self,
+        children: Children,
+        pki: Pki,
+        root: Path,
+        model_dir: Path,
+        strategy: str,
+        **extra: object,
+    ) -> None:
+        self.children, self.pki, self.root = children, pki, root
+        self.model_dir, self.strategy, self.extra = model_dir, strategy, extra
+        self.files, self.heldout = owner_files(root)
+        self.keys = [pki.node(f"{root.name}-owner{k}") for k in range(3)]
+        self.certs = root / "certs"
+        self.certs.mkdir()
+        for source, name in ((pki.ca, "ca.pem"), (pki.cert, "server.pem"), (pki.key, "server.key")):
+            (self.certs / name).write_bytes(source.read_bytes())
+        self.front = f"127.0.0.1:{processes.free_port()}"
+        self.out = root / "deployed"
+
+    def overrides(self, out: Path, **deploy: object) -> list[str]:
+        return run_overrides(
+            self.model_dir, out, self.root, self.heldout, self.strategy, **self.extra, **deploy
+        )
+
+    def coordinator(self, *flags: str, round_timeout: float = 120, min_replies: int = 3) -> Child:
+        """`fedit coordinate`, returned once its fleet front is up."""
+        overrides = self.overrides(
+            self.out,
+            **{
+                "deploy.clients": [str(pub) for _, pub in self.keys],
+                "deploy.certs_dir": str(self.certs),
+                "deploy.fleet_address": self.front,
+                "deploy.round_timeout": round_timeout,
+                "deploy.min_replies": min_replies,
+            },
+        )
+        sets = [a for o in overrides for a in ("--set", o)]
+        log = self.root / "coordinator.log"
+        args = ("-m", "fedit.cli.main", "coordinate", "--quiet", *flags, *sets)
+        child = fedit_child(self.children, "coordinator", log, *args)
+        child.wait_for(r"fleet front on", 300)
+        return child
+
+    def owner(
+        self, k: int, *flags: str, key: Path | None = None, name: str = "", **env: str
+    ) -> Child:
+        """`fedit join` for owner k's file with its key (or `key`), its state dir and log
+        named by `name` (default k), every reply it sends recorded in root/audit_<name>.jsonl."""
+        name = name or str(k)
+        args = [
+            str(AUDITED),
+            str(self.root / f"audit_{name}.jsonl"),
+            "join",
+            *("--server", self.front, "--data", str(self.files[k])),
+            *("--root-cert", str(self.pki.ca), "--key", str(key or self.keys[k][0])),
+            *("--state-dir", str(self.root / f"state_{name}"), "--threads", "1", *flags),
+        ]
+        log = self.root / f"owner_{name}.log"
+        return fedit_child(self.children, f"owner {name}", log, *args, **env)
+
+    @staticmethod
+    def wait_exit(child: Child, timeout: float = 600) -> int:
+        """The child's exit code (`timeout` guards against a hang; it is no timing check)."""
+        deadline = time.monotonic() + timeout
+        while child.exit_code() is None:
+            assert time.monotonic() < deadline, child.log_text()[-3000:]
+            time.sleep(0.5)
+        return child.exit_code()
+
+    def metrics(self) -> list[dict]:
+        lines = (self.out / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(line) for line in lines]

@@ -14,9 +14,6 @@ owners) checks, after it completes:
 from __future__ import annotations
 
 import json
-import os
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -25,102 +22,24 @@ from safetensors.torch import load_file
 
 from fedit.config import load_config
 from fedit.data.readers import read_records
-from fedit.deploy.processes import Child, free_port
 from fedit.engine.simulation import Simulation
-from tests.deploy.conftest import FEDIT_SRC, ROUNDS, Children, Pki, owner_files, run_overrides
+from tests.deploy.conftest import ROUNDS, Children, Deployment, Pki
 
-AUDITED = Path(__file__).with_name("audited.py")
 REPLY_RECORDS = {"update", "counts", "metrics", "status"}
-
-
-def fedit_child(children: Children, name: str, log: Path, *args: str) -> Child:
-    env = {
-        **os.environ,
-        "PYTHONPATH": f"{FEDIT_SRC}{os.pathsep}{FEDIT_SRC}/..",
-        "OMP_NUM_THREADS": "1",
-    }
-    child = Child(name, [sys.executable, *args], log, env)
-    children.add(child).spawn()
-    return child
-
-
-@pytest.fixture(scope="module")
-def children():
-    kids = Children()
-    try:
-        yield kids
-    finally:
-        kids.close()
 
 
 @pytest.mark.parametrize("strategy", ["fedavg", "scaffold"])
 def test_a_deployment_trains_what_the_simulation_trains(
     strategy: str, pki: Pki, children: Children, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    files, heldout = owner_files(tmp_path)
+    deployment = Deployment(children, pki, tmp_path, tiny_model_dir, strategy)
     simulated = tmp_path / "simulated"
-    Simulation(
-        load_config(None, run_overrides(tiny_model_dir, simulated, tmp_path, heldout, strategy)),
-        show_progress=False,
-    ).run()
+    Simulation(load_config(None, deployment.overrides(simulated)), show_progress=False).run()
 
-    keys = [pki.node(f"{strategy}-owner{k}") for k in range(3)]
-    certs = tmp_path / "certs"
-    certs.mkdir()
-    for source, name in ((pki.ca, "ca.pem"), (pki.cert, "server.pem"), (pki.key, "server.key")):
-        (certs / name).write_bytes(source.read_bytes())
-    front = f"127.0.0.1:{free_port()}"
-    deployed = tmp_path / "deployed"
-    overrides = [
-        *run_overrides(tiny_model_dir, deployed, tmp_path, heldout, strategy),
-        f"deploy.clients={json.dumps([str(pub) for _, pub in keys])}",
-        f'deploy.certs_dir="{certs}"',
-        f'deploy.fleet_address="{front}"',
-        "deploy.round_timeout=120",
-        "deploy.min_replies=3",
-    ]
-    sets = [a for o in overrides for a in ("--set", o)]
-    coordinator = fedit_child(
-        children,
-        "coordinator",
-        tmp_path / "coordinator.log",
-        "-m",
-        "fedit.cli.main",
-        "coordinate",
-        "--quiet",
-        *sets,
-    )
-    coordinator.wait_for(r"fleet front on", 300)  # owners may start first; here they wait
-    owners = []
-    for k, (key, _) in enumerate(keys):
-        audit = tmp_path / f"audit_{k}.jsonl"
-        log = tmp_path / f"owner_{k}.log"
-        owners.append((audit, log))
-        fedit_child(
-            children,
-            f"owner {k}",
-            log,
-            str(AUDITED),
-            str(audit),
-            "join",
-            "--server",
-            front,
-            "--data",
-            str(files[k]),
-            "--root-cert",
-            str(pki.ca),
-            "--key",
-            str(key),
-            "--state-dir",
-            str(tmp_path / f"state_{k}"),
-            "--threads",
-            "1",
-        )
-    deadline = time.monotonic() + 600  # a guard against a hang, not a timing check
-    while coordinator.exit_code() is None:
-        assert time.monotonic() < deadline, coordinator.log_text()[-3000:]
-        time.sleep(0.5)
-    assert coordinator.exit_code() == 0, coordinator.log_text()[-3000:]
+    coordinator = deployment.coordinator()  # owners may start first; here they wait
+    owners = [deployment.owner(k) for k in range(3)]
+    assert deployment.wait_exit(coordinator) == 0, coordinator.log_text()[-3000:]
+    deployed, files = deployment.out, deployment.files
 
     for n in range(1, ROUNDS + 1):
         sim = load_file(simulated / f"round_{n:04d}" / "adapter_model.safetensors")
@@ -141,7 +60,8 @@ def test_a_deployment_trains_what_the_simulation_trains(
         k: list(v.shape)
         for k, v in load_file(deployed / "round_0001" / "adapter_model.safetensors").items()
     }
-    for k, (audit, log) in enumerate(owners):
+    for k, owner in enumerate(owners):
+        audit, log = tmp_path / f"audit_{k}.jsonl", owner.log_path
         texts = {r.response for r in read_records(str(files[k]))}
         texts |= {r.instruction for r in read_records(str(files[k]))}
         replies = [json.loads(x) for x in audit.read_text().splitlines()]
@@ -150,6 +70,7 @@ def test_a_deployment_trains_what_the_simulation_trains(
             check_reply(reply, strategy, len(shapes), texts)
         assert "base model loads: 1" in log.read_text()
         assert "base model loads: 2" not in log.read_text()
+        owner.stop()
 
 
 def check_reply(reply: dict, strategy: str, num_tensors: int, texts: set[str]) -> None:

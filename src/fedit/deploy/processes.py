@@ -19,6 +19,7 @@ import secrets
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -105,6 +106,21 @@ def flwr_exit_code(log_text: str) -> tuple[int | None, str]:
     return int(found[-1].group(1)), found[-1].group(2).strip()
 
 
+def _wait_gone(pid: int, timeout: float) -> bool:
+    """Whether process `pid` (not our child: it cannot be waited for) ends within `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+            state = Path(f"/proc/{pid}/stat").read_text().split(") ")[-1]
+        except (ProcessLookupError, FileNotFoundError):
+            return True
+        if state.startswith("Z"):
+            return True  # a zombie waiting for its (other) parent: already ended
+        time.sleep(0.1)
+    return False
+
+
 class Child:
     """One child process in its own process group, its stdout and stderr appended to
     `log_path`. `spawn` returns at once; `wait_for` polls the log for a line."""
@@ -120,9 +136,17 @@ class Child:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc is not None else None
 
+    @property
+    def pid_path(self) -> Path:
+        """Where the running child's pid is kept (beside its log), so a later start after
+        this process was killed (SIGKILL, OOM: no chance to stop its children) can end the
+        child it left behind, which would still hold its database, port or node identity."""
+        return self.log_path.with_suffix(".pid")
+
     def spawn(self) -> None:
         """Start the child and return at once."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._end_leftover()
         self._log = self.log_path.open("ab")
         self._offset = self._log.tell()  # a restart appends; readiness reads only its part
         self.proc = subprocess.Popen(
@@ -133,6 +157,25 @@ class Child:
             env=self.env,
             start_new_session=True,  # its own process group: stop() reaches its children too
         )
+        self.pid_path.write_text(f"{self.proc.pid}\n")
+
+    def _end_leftover(self) -> None:
+        """Stop the process group a killed predecessor left running (its pid file names
+        it, and it runs this child's program), then forget it. The program, not the whole
+        command line: a restart picks new ports; and a script's interpreter comes first."""
+        try:
+            pid = int(self.pid_path.read_text().split()[0])
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):  # no file, no such process, not Linux
+            self.pid_path.unlink(missing_ok=True)
+            return
+        if self.argv[0] in [a.decode(errors="replace") for a in cmdline[:2]]:
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, sig)
+                if _wait_gone(pid, STOP_GRACE):
+                    break
+        self.pid_path.unlink(missing_ok=True)
 
     def log_text(self) -> str:
         """What this start of the child wrote so far (colour codes removed)."""
@@ -190,6 +233,7 @@ class Child:
             self._signal_group(signal.SIGKILL)  # also any grandchild the leader left behind
             return self.proc.wait()
         finally:
+            self.pid_path.unlink(missing_ok=True)
             if self._log is not None:
                 self._log.close()
 
@@ -237,12 +281,17 @@ class SuperLink(Child):
             "flower-superlink", argv, directory / "superlink.log", child_env(directory / "flwr")
         )
         self.port = port
+        self.database = directory / "superlink.db"
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 60.0) -> None:
+        """Start on the database of any earlier start (registrations and node ids kept),
+        without the messages nobody will serve: see discard_undelivered_messages."""
+        self._end_leftover()  # a killed coordinator's SuperLink holds the database
+        discard_undelivered_messages(self.database)
         self.start_and_wait(r"Uvicorn running on", timeout)
 
     def failure(self, code: int, reason: str) -> FederationError:
@@ -253,6 +302,26 @@ class SuperLink(Child):
     def __enter__(self) -> SuperLink:
         self.start()
         return self
+
+
+def discard_undelivered_messages(database: Path) -> int:
+    """Delete the messages in a SuperLink database that no node has pulled yet; how many.
+
+    Only for a SuperLink about to start: they were pushed by a coordinator that is gone (the
+    SuperLink lives and dies with it), for a run nobody serves any more. Left in, an owner
+    would pull one, and flwr 1.42's SuperNode then keeps a pending task whose content never
+    arrives (F/supernode/start_client_internal.py, _pull_and_store_message's
+    RunNotRunningException branch), on which the owner's executor would wait PULL_MAX_TIME
+    (7200 s, F/supercore/constant.py) before it takes the resumed run's round. The table is
+    Flower's `message_ins` (F/server/superlink/linkstate/sql_linkstate.py; flwr pinned 1.42.*).
+    """
+    if not database.is_file():
+        return 0
+    try:
+        with contextlib.closing(sqlite3.connect(database)) as db, db:
+            return db.execute("DELETE FROM message_ins WHERE delivered_at = ''").rowcount
+    except sqlite3.Error as err:
+        raise FederationError(f"{database}: not a flwr 1.42 SuperLink database ({err})") from None
 
 
 class SuperNode(Child):
