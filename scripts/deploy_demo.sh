@@ -55,8 +55,8 @@ fail() {
 }
 
 [ -x "$FEDIT" ] || fail "$FEDIT not found: run 'bash scripts/setup.sh' first (or set FEDIT_VENV)"
-[ -f "$DOLLY" ] || fail "$DOLLY not found: pass --dolly databricks-dolly-15k.jsonl"
 [ ! -e "$DIR" ] || fail "$DIR exists (an earlier demo?): remove it, or pass --dir NEW_DIR"
+[ -f "$DOLLY" ] || fail "$DOLLY not found: pass --dolly databricks-dolly-15k.jsonl"
 
 # ---- the parties' processes: started in the background, stopped on any exit ----
 
