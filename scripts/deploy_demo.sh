@@ -71,22 +71,39 @@ start() {  # start NAME LOG COMMAND...: print the command, run it in the backgro
   PIDS[$name]=$!
 }
 
-stop_all() {  # SIGTERM (fedit stops its Flower children), SIGKILL after 25 s
-  local name deadline=$((SECONDS + 25))
+stop_all() {  # SIGTERM: fedit stops its Flower children (within ~10 s) and exits
+  local name
   for name in "${!PIDS[@]}"; do kill -TERM "${PIDS[$name]}" 2>/dev/null || true; done
+  # once more after 15 s: Python drops the exception a signal handler raises while it
+  # finalises an object (seen: a SIGTERM during `fedit join`'s model load); SIGKILL at 40 s
+  wait_for_exit 15
   for name in "${!PIDS[@]}"; do
-    while kill -0 "${PIDS[$name]}" 2>/dev/null && [ $SECONDS -lt $deadline ]; do sleep 0.5; done
-    kill -KILL "${PIDS[$name]}" 2>/dev/null || true
+    if kill -0 "${PIDS[$name]}" 2>/dev/null; then kill -TERM "${PIDS[$name]}" 2>/dev/null || true; fi
+  done
+  wait_for_exit 25
+  for name in "${!PIDS[@]}"; do
+    if kill -0 "${PIDS[$name]}" 2>/dev/null; then
+      echo "deploy_demo: $name did not stop in 40 s: killed (a Flower child of it may be left)" >&2
+      kill -KILL "${PIDS[$name]}" 2>/dev/null || true
+    fi
     wait "${PIDS[$name]}" 2>/dev/null || true
     unset "PIDS[$name]"
   done
 }
 
+wait_for_exit() {  # wait_for_exit SECONDS: until every party has ended, or SECONDS passed
+  local name deadline=$((SECONDS + $1))
+  for name in "${!PIDS[@]}"; do
+    while kill -0 "${PIDS[$name]}" 2>/dev/null && [ $SECONDS -lt $deadline ]; do sleep 0.5; done
+  done
+}
+
 on_exit() {
   local status=$?
-  trap - EXIT INT TERM
+  trap - EXIT
+  trap '' INT TERM  # the cleanup is not cut short
   if [ ${#PIDS[@]} -gt 0 ]; then
-    echo "deploy_demo: stopping ${!PIDS[*]}" >&2
+    echo "deploy_demo: stopping ${!PIDS[*]} (up to 40 s)" >&2
     stop_all
   fi
   exit $status
