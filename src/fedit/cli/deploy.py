@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated
 
@@ -26,9 +27,17 @@ from fedit.cli.common import (
 DEFAULT_STATE_DIR = Path.home() / ".cache" / "fedit" / "join"
 
 
-def _stop_on_sigterm() -> None:
-    """SIGTERM ends the command as Ctrl-C does: its Flower children are stopped."""
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+def _stop_on_sigterm(stop: threading.Event | None = None) -> None:
+    """SIGTERM ends the command as Ctrl-C does: its Flower children are stopped. The
+    SystemExit can land in a finaliser, which swallows it (seen in `fedit join` while its
+    model loaded), so `stop` is set first: the owner's task loop ends at its next poll."""
+
+    def terminate(*_: object) -> None:
+        if stop is not None:
+            stop.set()
+        sys.exit(143)
+
+    signal.signal(signal.SIGTERM, terminate)
 
 
 def _log_to_stderr() -> None:
@@ -102,7 +111,10 @@ def join(
         )
     elif root_cert is None or key is None:
         raise typer.BadParameter("--root-cert and --key are required (or --insecure)")
-    _stop_on_sigterm()
+    stop = threading.Event()
+    _stop_on_sigterm(stop)
     _log_to_stderr()
     inputs = OwnerInputs(data, preference_data, model, state_dir, fields, threads=threads)
-    join_federation(inputs, server, root_cert, key, insecure, activation_wait, connect_wait)
+    join_federation(
+        inputs, server, root_cert, key, insecure, activation_wait, connect_wait, stop=stop
+    )

@@ -11,6 +11,7 @@ model the first round loads stays resident for the run.
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 
 from fedit.deploy.flower_io import serve_client_tasks
@@ -28,9 +29,10 @@ def join_federation(
     insecure: bool,
     activation_wait: float,
     connect_wait: float,
+    stop: threading.Event | None = None,
 ) -> None:
-    """Serve this owner's rounds until the process is stopped (or the SuperNode fails
-    for good, which is raised)."""
+    """Serve this owner's rounds until the process is stopped or `stop` is set (or the
+    SuperNode fails for good, which is raised)."""
     owner = DataOwner(inputs)
     node_dir = inputs.state_dir / "node"
     node_dir.mkdir(parents=True, exist_ok=True)
@@ -49,7 +51,9 @@ def join_federation(
         )
 
     # An owner may well start before the coordinator: its SuperNode keeps retrying.
-    keeper = SuperNodeKeeper(make, activation_wait, say=log.warning, ready_timeout=connect_wait)
+    keeper = SuperNodeKeeper(
+        make, activation_wait, say=log.warning, ready_timeout=connect_wait, stopped=stop
+    )
     log.info("connecting to %s (waiting up to %.0f s for the coordinator)", server, connect_wait)
     with keeper:
         assert keeper.node is not None

@@ -420,7 +420,7 @@ class SuperNodeKeeper:
     through `say`, then raised naming both causes; a TLS failure is raised at once. After
     that a watcher thread restarts a child that dies, with the same policy; if it gives
     up, `failed` holds the error and `stopped` is set (pass `stopped` as the executor's
-    `stop`, then read `failed`).
+    `stop`, then read `failed`); setting it from outside (a signal) stops them too.
     """
 
     def __init__(
@@ -429,12 +429,13 @@ class SuperNodeKeeper:
         activation_wait: float = 120.0,
         say: Callable[[str], None] = print,
         ready_timeout: float = 60.0,
+        stopped: threading.Event | None = None,
     ) -> None:
         self.make, self.activation_wait, self.say = make, activation_wait, say
         self.ready_timeout = ready_timeout
         self.node: SuperNode | None = None
         self.failed: FederationError | None = None
-        self.stopped = threading.Event()
+        self.stopped = stopped if stopped is not None else threading.Event()
         self._watcher = threading.Thread(target=self._watch, name="supernode-keeper", daemon=True)
 
     def start(self) -> int:
