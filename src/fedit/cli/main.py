@@ -8,7 +8,18 @@ from __future__ import annotations
 
 import typer
 
-from fedit.cli import certs, compare, deploy, evaluate, export, generate, partition, tiny, train
+from fedit.cli import (
+    certs,
+    compare,
+    deploy,
+    evaluate,
+    export,
+    generate,
+    partition,
+    simulate,
+    tiny,
+    train,
+)
 
 app = typer.Typer(
     name="fedit",
@@ -30,6 +41,7 @@ app.command("tiny-model")(tiny.tiny_model)
 app.add_typer(certs.app, name="certs")
 app.command("coordinate")(deploy.coordinate)
 app.command("join")(deploy.join)
+app.command("simulate-ray")(simulate.simulate_ray)
 
 if __name__ == "__main__":
     app()

@@ -19,7 +19,7 @@ others if at least ``deploy.min_replies`` valid updates came.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -99,14 +99,22 @@ class _Sent:
 
 class FlowerRunner:
     """The deployment's ClientRunner: a round's tasks go to the owners' nodes as Flower
-    messages; their replies come back decoded and checked."""
+    messages; their replies come back decoded and checked. `nodes_by_client` maps the online
+    nodes to client ids (by default by the roster's public keys; Flower's simulation runtime,
+    whose nodes have no keys, passes its own: fedit.deploy.simulation_runtime)."""
 
     def __init__(
-        self, cfg: RunConfig, model: torch.nn.Module, run: ServerRun, header: wire.RunHeader
+        self,
+        cfg: RunConfig,
+        model: torch.nn.Module,
+        run: ServerRun,
+        header: wire.RunHeader,
+        nodes_by_client: Callable[[], dict[int, int]] | None = None,
     ) -> None:
         self.cfg, self.model, self.run, self.header = cfg, model, run, header
         self.shapes = wire.shapes_of(get_adapter_state(model))
         self.roster = [load_public_key_file(Path(p)).public_numbers() for p in cfg.deploy.clients]
+        self.nodes_by_client = nodes_by_client or self._nodes_by_key
         self.extras = {"control_delta"} if cfg.strategy.name == "scaffold" else set()
 
     def run_round(self, plan: RoundPlan, global_state: AdapterState) -> RoundReplies:
@@ -209,12 +217,12 @@ class FlowerRunner:
         join late or be restarting), or whoever is online after `timeout` seconds."""
         deadline = time.monotonic() + timeout
         while True:
-            nodes = self._nodes_by_client()
+            nodes = self.nodes_by_client()
             if len(wanted & nodes.keys()) >= enough or time.monotonic() >= deadline:
                 return nodes
             time.sleep(1.0)
 
-    def _nodes_by_client(self) -> dict[int, int]:
+    def _nodes_by_key(self) -> dict[int, int]:
         """client id → node id of the online nodes, by the public key they authenticate
         with (a node whose key is not on the roster is ignored)."""
         mapping = {}
@@ -254,14 +262,16 @@ class CoordinatorSide:
         model = attach_lora(load_model(cfg.model), cfg.lora, cfg.seed)
         return cls(model, heldout, pairs, tokenizer.pad_token_id, run_header(cfg, model))
 
-    def run_rounds(self, cfg: RunConfig, run: ServerRun, done: int, show_progress: bool) -> Path:
+    def run_rounds(
+        self, cfg: RunConfig, run: ServerRun, done: int, show_progress: bool, nodes_by_client=None
+    ) -> Path:
         """The rounds over `run`'s Grid (RoundLoop, as the simulation runs them); the run
-        is finished on Flower's side either way."""
+        is finished on Flower's side either way. `nodes_by_client`: as FlowerRunner's."""
         loop = RoundLoop(
             cfg,
             self.model,
-            FlowerRunner(cfg, self.model, run, self.header),
-            num_clients=len(cfg.deploy.clients),
+            FlowerRunner(cfg, self.model, run, self.header, nodes_by_client),
+            num_clients=cfg.partition.num_clients,  # == len(deploy.clients) in a deployment
             train_cfgs={"sft": cfg.train, "dpo": cfg.train},
             heldout=self.heldout,
             heldout_pairs=self.heldout_pairs,
