@@ -62,6 +62,12 @@ WORKERS_DIR = "workers"  # <pid>.json per Ray worker: its model loads and messag
 STATE_DIR = "state"  # the owners' per-client state (SCAFFOLD c_k, DPO references)
 # Ray refuses an object store under 75 MiB; a LoRA adapter of a small model is a few MiB
 MIN_OBJECT_STORE_MB = 80
+# Ray on Linux binds its servers (GCS, raylet, every worker) on all interfaces under the
+# machine's address; with this variable at 0 it runs as on macOS and Windows, one machine
+# and no cluster, every server on 127.0.0.1 (ray/_private/ray_constants.py
+# ENABLE_RAY_CLUSTER, services.get_node_ip_address). Read when ray is imported, and by each
+# Ray process from the environment it inherits.
+RAY_CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 @dataclass(frozen=True)
@@ -154,6 +160,7 @@ def simulate_ray(
         f"[bold]fedit[/] simulate-ray: {num_clients} clients on {resources.workers} Ray "
         f"worker(s), {resources.cpus_per_client:g} CPU / {resources.gpus_per_client:g} GPU each"
     )
+    os.environ[RAY_CLUSTER_ENV] = "0"  # before ray is imported (flwr imports it lazily)
     from flwr.simulation import run_simulation
 
     with _quiet_flower():
@@ -352,6 +359,7 @@ class RuntimeOwners(DataOwner):
         of the base model. A task of another config is refused: this worker's records are
         prepared for its own."""
         if self.session is None:
+            _quiet_worker()
             torch.set_num_threads(self.threads)
             state_dir = Path(self.cfg.output_dir) / FEDERATION_DIR / STATE_DIR
             self.session = RuntimeSession(self.cfg, state_dir)
@@ -366,6 +374,17 @@ class RuntimeOwners(DataOwner):
         self.record_path.parent.mkdir(parents=True, exist_ok=True)
         counts = {"pid": os.getpid(), "model_loads": self.model_loads, "messages": self.messages}
         write_atomic(self.record_path, json.dumps(counts))
+
+
+def _quiet_worker() -> None:
+    """A worker's output reaches the driver's terminal: no per-load progress bars or
+    library deprecation notices there either (the CLI quietens its own process the same
+    way, fedit.cli.common.quiet_libraries)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
 
 
 class RuntimeSession(RunSession):
