@@ -26,6 +26,7 @@ COMMANDS = [
     "certs",
     "certs ca",
     "certs node-key",
+    "simulate-ray",
 ]
 
 
