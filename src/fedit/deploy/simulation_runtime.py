@@ -68,6 +68,9 @@ MIN_OBJECT_STORE_MB = 80
 # ENABLE_RAY_CLUSTER, services.get_node_ip_address). Read when ray is imported, and by each
 # Ray process from the environment it inherits.
 RAY_CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+# How F/simulation/run_simulation.py _main_loop reports that the runtime itself failed (Ray
+# did not start, an actor died); the ServerApp's own exceptions reach us unwrapped
+RUNTIME_FAILED = "An error was encountered. Ending simulation."
 
 
 @dataclass(frozen=True)
@@ -172,12 +175,24 @@ def simulate_ray(
                 backend_name="ray",
                 backend_config=resources.backend_config(),
             )
+        except RuntimeError as err:
+            if not str(err).startswith(RUNTIME_FAILED):
+                raise
+            raise RuntimeStoppedError(f"Flower's simulation runtime failed: {_cause(err)}") from err
         finally:
             server.runtime_stopped.set()  # a ServerApp still waiting on the Grid stops
     if server.final is None:  # the ServerApp raised: run_simulation re-raised it already
         raise RunStopped("the simulation runtime ended before the rounds did")
     _report_workers(workers)
     return server.final
+
+
+def _cause(err: BaseException) -> str:
+    """The first exception of a chain (Ray's, under Flower's wrappers), as one line."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    lines = str(err).splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"
 
 
 def _coordinator_side(cfg: RunConfig) -> tuple[CoordinatorSide, int]:
@@ -216,8 +231,8 @@ class _Server:
 
 
 class RuntimeStoppedError(RunStopped):
-    """The simulation runtime stopped (it failed to start, or was interrupted) while the
-    rounds still waited for it."""
+    """Flower's simulation runtime failed (Ray did not start, a worker died) or stopped
+    before the rounds were done."""
 
 
 @dataclass

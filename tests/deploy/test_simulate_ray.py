@@ -13,11 +13,14 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -192,27 +195,31 @@ def _address(hex_ip: str) -> str:
     return str(mapped or address)
 
 
-@pytest.mark.deploy
-def test_simulate_ray_trains_what_the_simulation_trains(
-    tiny_model_dir: Path, tmp_path: Path
-) -> None:
-    """2 rounds, 3 clients, FedAvg, two Ray workers of one CPU: the run directory of
-    `fedit train`, every client in every round, the simulation's adapter bit for bit, the
-    model loaded once per worker, nothing listening beyond 127.0.0.1, no process left."""
+@dataclass
+class RayRun:
+    returncode: int
+    output: str
+    listening: set[str]  # every address a process of the run listened on
+
+
+@pytest.fixture
+def ray_tmp() -> Iterator[str]:
+    """Ray's temp dir for one run: a short path (its unix sockets live there, and a socket
+    path is limited to 107 bytes), named in the command line of every Ray process."""
     pytest.importorskip("ray", reason="fedit simulate-ray needs the ray extra")
-    out = tmp_path / "ray"
-    overrides = tiny_run_overrides(
-        tiny_model_dir,
-        out,
-        **{"partition.num_clients": 3, "federation.rounds": 2, "federation.clients_per_round": 3},
-    )
-    # Ray's unix sockets live under its temp dir: a short path (the limit is 107 bytes)
-    ray_tmp = tempfile.mkdtemp(prefix="fedit-ray-", dir="/tmp")
-    argv = [sys.executable, "-m", "fedit.cli.main", "simulate-ray", "--workers", "2"]
-    argv += ["--cpus-per-client", "1", "--object-store-mb", "100", "--quiet"]
+    path = tempfile.mkdtemp(prefix="fedit-ray-", dir="/tmp")
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def simulate_ray(ray_tmp: str, log: Path, options: list[str], overrides: list[str]) -> RayRun:
+    """`fedit simulate-ray` in its own session, its listening sockets sampled while it
+    runs; asserts that no Ray process outlives it."""
+    argv = [sys.executable, "-m", "fedit.cli.main", "simulate-ray", "--quiet", *options]
     argv += [arg for o in overrides for arg in ("--set", o)]
     env = {**os.environ, "PYTHONPATH": FEDIT_SRC, "OMP_NUM_THREADS": "1", "RAY_TMPDIR": ray_tmp}
-    log = tmp_path / "simulate-ray.log"
     listening: set[str] = set()
     with log.open("w") as sink:
         child = subprocess.Popen(
@@ -228,14 +235,35 @@ def test_simulate_ray_trains_what_the_simulation_trains(
             if child.poll() is None:
                 os.killpg(child.pid, signal.SIGKILL)
                 child.wait()
-    text = log.read_text()
-    assert child.returncode == 0, text
     # Ray's own processes end with the command (poll: the raylet exits a moment after)
     deadline = time.monotonic() + 30
     while (left := ray_processes(ray_tmp)) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert left == [], f"Ray processes left running: {left}"
-    assert listening and listening <= {"127.0.0.1"}, listening
+    return RayRun(child.returncode, log.read_text(), listening)
+
+
+def three_client_overrides(model_dir: Path, out: Path) -> list[str]:
+    return tiny_run_overrides(
+        model_dir,
+        out,
+        **{"partition.num_clients": 3, "federation.rounds": 2, "federation.clients_per_round": 3},
+    )
+
+
+@pytest.mark.deploy
+def test_simulate_ray_trains_what_the_simulation_trains(
+    ray_tmp: str, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """2 rounds, 3 clients, FedAvg, two Ray workers of one CPU: the run directory of
+    `fedit train`, every client in every round, the simulation's adapter bit for bit, the
+    model loaded once per worker, nothing listening beyond 127.0.0.1, no process left."""
+    out = tmp_path / "ray"
+    overrides = three_client_overrides(tiny_model_dir, out)
+    options = ["--workers", "2", "--cpus-per-client", "1", "--object-store-mb", "100"]
+    run = simulate_ray(ray_tmp, tmp_path / "simulate-ray.log", options, overrides)
+    assert run.returncode == 0, run.output
+    assert run.listening and run.listening <= {"127.0.0.1"}, run.listening
 
     # the run directory `fedit train` writes
     assert {"config.toml", "metrics.jsonl", "round_0001", "round_0002"} <= {
@@ -251,8 +279,23 @@ def test_simulate_ray_trains_what_the_simulation_trains(
     assert 1 <= len(workers) <= 2
     assert [w["model_loads"] for w in workers] == [1] * len(workers)
     assert sum(w["messages"] for w in workers) == 6
-    assert "base model loads per worker" in text
+    assert "base model loads per worker" in run.output
 
     sim = load_config(None, [*overrides, f'output_dir="{tmp_path / "sim"}"'])
     Simulation(sim, show_progress=False).run()
     assert_same_adapters(tmp_path / "sim", out, 2)
+
+
+@pytest.mark.deploy
+def test_a_runtime_that_cannot_start_ends_with_its_reason(
+    ray_tmp: str, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Ray refuses an object store of a petabyte: the command ends at once with Ray's
+    reason on one line and exit code 2, not after deploy.join_timeout with the rounds
+    waiting for workers that never started."""
+    overrides = three_client_overrides(tiny_model_dir, tmp_path / "ray")
+    options = ["--workers", "1", "--object-store-mb", str(10**9)]
+    run = simulate_ray(ray_tmp, tmp_path / "simulate-ray.log", options, overrides)
+    assert run.returncode == 2, run.output
+    last = run.output.strip().splitlines()[-1]
+    assert last.startswith("error: Flower's simulation runtime failed: ValueError"), last
