@@ -68,8 +68,10 @@ MIN_OBJECT_STORE_MB = 80
 # ENABLE_RAY_CLUSTER, services.get_node_ip_address). Read when ray is imported, and by each
 # Ray process from the environment it inherits.
 RAY_CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-# How F/simulation/run_simulation.py _main_loop reports that the runtime itself failed (Ray
-# did not start, an actor died); the ServerApp's own exceptions reach us unwrapped
+# How F/simulation/run_simulation.py _main_loop reports that the runtime itself failed (e.g.
+# Ray did not start); the ServerApp's own exceptions reach us unwrapped. A worker that dies
+# mid-message is not this: F/server/superlink/fleet/vce/vce_api.py worker answers with an
+# Error reply, and the round lists the client as dropped (deploy.min_replies decides).
 RUNTIME_FAILED = "An error was encountered. Ending simulation."
 
 
@@ -231,8 +233,8 @@ class _Server:
 
 
 class RuntimeStoppedError(RunStopped):
-    """Flower's simulation runtime failed (Ray did not start, a worker died) or stopped
-    before the rounds were done."""
+    """Flower's simulation runtime failed (e.g. Ray did not start) or stopped before the
+    rounds were done."""
 
 
 @dataclass
