@@ -36,6 +36,7 @@ from fedit.deploy.simulation_runtime import RuntimeOwners
 from fedit.engine.simulation import Simulation
 from tests.conftest import tiny_run_overrides
 from tests.deploy.conftest import FEDIT_SRC
+from tests.integration.test_dpo_engine import dpo_config
 
 
 class LoopbackRuntime:
@@ -101,26 +102,20 @@ def three_clients(model_dir: Path, out: Path, **extra: object) -> RunConfig:
     return load_config(None, tiny_run_overrides(model_dir, out, **values))
 
 
-DPO = {
-    "data.path": "",
-    "data.preference_path": "synthetic",
-    "train.objective": "dpo",
-    "data.max_seq_len": 160,
-    "dpo.max_prompt_len": 128,
-    "dpo.beta": 0.5,
-    "train.learning_rate": 1e-2,
-}
-
-
-@pytest.mark.parametrize(
-    "extra",
-    [
-        {"strategy.name": "scaffold"},  # c_k kept on the workers' shared disk
-        # π_ref = the starting model: a worker that trained another client first must put
-        # the starting adapter back before computing it
-        {**DPO, "dpo.reference": "sft", "dpo.sft_rounds": 0},
-        # π_ref = the SFT-end model, computed by one worker, read from disk by the other
-        {
+# The paths where a worker differs from an owner (the config for a run directory):
+CONFIGS = {
+    # c_k kept on the workers' shared disk
+    "scaffold": lambda d, out: three_clients(d, out, **{"strategy.name": "scaffold"}),
+    # π_ref = the starting model: a worker that trained another client first must put the
+    # starting adapter back before computing it
+    "dpo-start-reference": lambda d, out: dpo_config(
+        d, out, **{"dpo.reference": "sft", "dpo.sft_rounds": 0, "federation.rounds": 2}
+    ),
+    # π_ref = the SFT-end model, computed by one worker, read from disk by the other
+    "sft-then-dpo": lambda d, out: three_clients(
+        d,
+        out,
+        **{
             "train.objective": "sft_then_dpo",
             "data.preference_path": "synthetic",
             "dpo.reference": "sft",
@@ -128,14 +123,16 @@ DPO = {
             "federation.rounds": 3,
             "dpo.beta": 0.5,
         },
-    ],
-    ids=["scaffold", "dpo-start-reference", "sft-then-dpo"],
-)
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
 def test_the_runtime_trains_what_the_simulation_trains(
-    extra: dict, monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path, tmp_path: Path
+    name: str, monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    sim = three_clients(tiny_model_dir, tmp_path / "sim", **extra)
-    ray = three_clients(tiny_model_dir, tmp_path / "ray", **extra)
+    sim = CONFIGS[name](tiny_model_dir, tmp_path / "sim")
+    ray = CONFIGS[name](tiny_model_dir, tmp_path / "ray")
     Simulation(sim, show_progress=False).run()
     loopback = runtime_rounds(monkeypatch, ray)
     assert_same_adapters(tmp_path / "sim", tmp_path / "ray", sim.federation.rounds)

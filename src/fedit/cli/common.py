@@ -45,6 +45,10 @@ OverrideOption = Annotated[
         help="Override a config value: section.key=value (repeatable; key= unsets)",
     ),
 ]
+ResumeOption = Annotated[
+    bool, typer.Option("--resume", help="Continue after the last completed round")
+]
+QuietOption = Annotated[bool, typer.Option("--quiet", help="No progress bars")]
 AdapterOption = Annotated[
     Path | None,
     typer.Option("--adapter", help="A saved global adapter, e.g. runs/x/round_0010"),

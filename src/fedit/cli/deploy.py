@@ -19,6 +19,8 @@ import typer
 from fedit.cli.common import (
     ConfigOption,
     OverrideOption,
+    QuietOption,
+    ResumeOption,
     console,
     friendly_errors,
     resolve_config,
@@ -50,10 +52,8 @@ def _log_to_stderr() -> None:
 def coordinate(
     config: ConfigOption = None,
     set_: OverrideOption = None,
-    resume: Annotated[
-        bool, typer.Option("--resume", help="Continue after the last completed round")
-    ] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars")] = False,
+    resume: ResumeOption = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Coordinate a federation across machines: [deploy] of the config names the owners."""
     cfg = resolve_config(config, set_)

@@ -11,7 +11,14 @@ from typing import Annotated
 
 import typer
 
-from fedit.cli.common import ConfigOption, OverrideOption, friendly_errors, resolve_config
+from fedit.cli.common import (
+    ConfigOption,
+    OverrideOption,
+    QuietOption,
+    ResumeOption,
+    friendly_errors,
+    resolve_config,
+)
 
 
 @friendly_errors
@@ -32,10 +39,8 @@ def simulate_ray(
         int | None,
         typer.Option("--object-store-mb", help="Ray's object store (default: 30% of memory)"),
     ] = None,
-    resume: Annotated[
-        bool, typer.Option("--resume", help="Continue after the last completed round")
-    ] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars")] = False,
+    resume: ResumeOption = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Simulate a federation with Flower's simulation runtime (Ray): clients in parallel."""
     cfg = resolve_config(config, set_)
