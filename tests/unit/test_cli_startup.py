@@ -27,6 +27,8 @@ COMMANDS = [
     "certs ca",
     "certs node-key",
     "simulate-ray",
+    "coordinate",
+    "join",
 ]
 
 

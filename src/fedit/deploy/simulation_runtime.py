@@ -50,7 +50,7 @@ from fedit.engine.checkpoint import round_dir
 from fedit.engine.federation_data import prepare_data
 from fedit.engine.rounds import completed_run, finished
 from fedit.engine.run_dir import write_atomic
-from fedit.engine.simulation import _client_data  # the simulation's clients, in order
+from fedit.engine.simulation import client_data
 from fedit.errors import RunStopped
 from fedit.models.adapters import attach_lora, get_adapter_state, set_adapter_state
 from fedit.models.loading import load_model, load_tokenizer
@@ -422,7 +422,7 @@ class RuntimeSession(RunSession):
         self.pad_id = tokenizer.pad_token_id
         self.clients = [
             LocalClient(k, examples, pairs, self.pad_id, cfg.dpo)
-            for k, (examples, pairs) in enumerate(_client_data(data))
+            for k, (examples, pairs) in enumerate(client_data(data))
         ]
 
     def client_for(self, client_id: int) -> LocalClient:

@@ -87,7 +87,7 @@ class Simulation:
         base_originals: dict[str, torch.Tensor] = {}  # W0 of weights with a residual
         clients = [
             LocalClient(k, examples, pairs, tokenizer.pad_token_id, cfg.dpo)
-            for k, (examples, pairs) in enumerate(_client_data(data))
+            for k, (examples, pairs) in enumerate(client_data(data))
         ]
         runner = InProcessRunner(cfg, model, clients, base_originals, self.show_progress)
         loop = RoundLoop(
@@ -142,7 +142,7 @@ class Simulation:
         return configs
 
 
-def _client_data(data: FederationData):
+def client_data(data: FederationData):
     """(records, pairs) of each client; an objective's data missing is an empty list."""
     for k in range(data.num_clients):
         examples = data.clients[k] if data.clients else []
