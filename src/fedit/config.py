@@ -335,6 +335,8 @@ class StrategyConfig:
     name: str = "fedavg"
     weighting: str = "examples"  # examples (p_k = n_k / sum n) | uniform
     lora_aggregation: str = "separate"  # separate | exact (see fedit.server.lora_aggregation)
+    # how the clients' deltas become one (fedit.server.aggregators): mean | a robust rule
+    aggregator: str = "mean"
     prox_mu: float = 0.01  # fedprox
     # fedavgm (eta_s), scaffold (eta_g): 1.0 is plain averaging. fedadam/fedyogi/fedadagrad
     # (eta): their steps are ~eta per coordinate, so set it, e.g. 1e-3..1e-2.
@@ -348,12 +350,18 @@ class StrategyConfig:
         # The registry is the one list of names (a strategy registered at run time counts);
         # imported here, not at the top, because it imports torch and the strategies import
         # this module.
+        from fedit.server.aggregators import AGGREGATORS
         from fedit.server.strategies import STRATEGIES
 
         _require(
             self.name in STRATEGIES,
             "strategy.name",
             f"unknown strategy {self.name!r} (known: {', '.join(sorted(STRATEGIES))})",
+        )
+        _require(
+            self.aggregator in AGGREGATORS,
+            "strategy.aggregator",
+            f"unknown aggregator {self.aggregator!r} (known: {', '.join(sorted(AGGREGATORS))})",
         )
         _require(
             self.weighting in {"examples", "uniform"},

@@ -134,8 +134,8 @@ def kill_after_aggregation(monkeypatch, at_round: int) -> None:
     """Right after strategy.aggregate of round `at_round` returned (server state updated)."""
     build = rounds.build_strategy
 
-    def building(config, num_clients):
-        strategy = build(config, num_clients)
+    def building(config, num_clients, aggregator):
+        strategy = build(config, num_clients, aggregator)
         aggregate = strategy.aggregate
 
         def dying(global_state, updates, round_index):

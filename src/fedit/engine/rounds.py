@@ -57,6 +57,7 @@ from fedit.models.adapters import (
     set_base_residual,
 )
 from fedit.seeding import Stream, derive_seed
+from fedit.server.aggregators import build_aggregator
 from fedit.server.selection import select_clients
 from fedit.server.strategies import build_strategy
 from fedit.server.validation import AllUpdatesRejectedError, Rejection, reject_non_finite
@@ -162,7 +163,9 @@ class RoundLoop:
         self.heldout, self.heldout_pairs, self.pad_id = heldout, heldout_pairs, pad_id
         self.base_originals = base_originals  # W0 of weights with a residual, shared
         self.min_replies, self.show_progress = min_replies, show_progress
-        self.strategy = build_strategy(cfg.strategy, num_clients)
+        self.strategy = build_strategy(
+            cfg.strategy, num_clients, build_aggregator(cfg, num_clients)
+        )
         self.strategy.lora_scaling = lora_scaling(cfg.lora)
         # Before _restore folds any exact-aggregation residual into the base: π_ref = W0.
         self.heldout_reference = self._base_logps(heldout_pairs)
@@ -210,7 +213,7 @@ class RoundLoop:
                 f"{directory / 'state.json'}: the checkpoint was written by strategy "
                 f"{saved_by!r}, the config asks for {self.cfg.strategy.name!r}"
             )
-        self.strategy.load_state_dict(checkpoint.server_state)
+        self.strategy.load_checkpoint_state(checkpoint.server_state)
         set_base_residual(self.model, self.base_originals, checkpoint.base_residual)
         console.print(f"resuming after round {last}")
         return last, checkpoint.global_state, checkpoint.base_residual
@@ -267,6 +270,8 @@ class RoundLoop:
             ],
             "strategy": self.strategy.metrics(),
         }
+        if aggregator_metrics := self.strategy.aggregator.metrics():
+            record["aggregator"] = aggregator_metrics
         if rejected:
             record["rejected"] = [rejection.as_record() for rejection in rejected]
         if replies.dropped:
@@ -299,7 +304,7 @@ class RoundLoop:
         checkpoint = Checkpoint(
             round_number=round_number,
             global_state=global_state,
-            server_state=self.strategy.state_dict(),
+            server_state=self.strategy.checkpoint_state(),
             base_residual=residual,
             run_state={"round": round_number, "seed": cfg.seed, "strategy": cfg.strategy.name},
             metrics=json.dumps(record),

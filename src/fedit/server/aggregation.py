@@ -62,7 +62,15 @@ def mean_delta(
     global_state: AdapterState, updates: list[ClientUpdate], weighting: str
 ) -> AdapterState:
     """Δ = Σ_k p_k (y_k − x), in float32 (the input the server optimisers step with)."""
-    weights = client_weights(updates, weighting)
+    return weighted_delta(global_state, updates, client_weights(updates, weighting))
+
+
+def weighted_delta(
+    global_state: AdapterState, updates: list[ClientUpdate], weights: list[float]
+) -> AdapterState:
+    """Σ_k w_k (y_k − x) for given weights w_k, in float32."""
+    if not updates or len(updates) != len(weights):
+        raise ValueError(f"need one weight per update, got {len(updates)} and {len(weights)}")
     _check_keys(global_state, [u.state for u in updates])
     return {
         key: sum(

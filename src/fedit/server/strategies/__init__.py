@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from fedit.config import ConfigError, StrategyConfig
+from fedit.server.aggregators import Aggregator
 from fedit.server.strategies.base import Strategy
 from fedit.server.strategies.fedadaptive import FedAdagrad, FedAdam, FedYogi
 from fedit.server.strategies.fedavg import FedAvg
@@ -31,12 +32,15 @@ def register(name: str) -> Callable[[type[Strategy]], type[Strategy]]:
     return add
 
 
-def build_strategy(config: StrategyConfig, num_clients: int) -> Strategy:
-    """The strategy ``config.name`` names, for a federation of ``num_clients`` clients."""
+def build_strategy(
+    config: StrategyConfig, num_clients: int, aggregator: Aggregator | None = None
+) -> Strategy:
+    """The strategy ``config.name`` names, for a federation of ``num_clients`` clients,
+    combining deltas with ``aggregator`` (the weighted mean if None)."""
     if config.name not in STRATEGIES:
         known = ", ".join(sorted(STRATEGIES))
         raise ConfigError(f"strategy.name: unknown strategy {config.name!r} (known: {known})")
-    return STRATEGIES[config.name](config, num_clients)
+    return STRATEGIES[config.name](config, num_clients, aggregator)
 
 
 register("fedavg")(FedAvg)

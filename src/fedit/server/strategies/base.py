@@ -13,9 +13,18 @@ from typing import Protocol
 from torch import Tensor
 
 from fedit.config import StrategyConfig
-from fedit.server.aggregation import client_weights, state_norm, subtract
+from fedit.server.aggregation import (
+    add_prefix,
+    client_weights,
+    state_norm,
+    subtract,
+    take_prefix,
+)
+from fedit.server.aggregators import Aggregator, MeanAggregator
 from fedit.server.lora_aggregation import fedex_residual, separate_error
 from fedit.types import AdapterState, ClientInstructions, ClientUpdate
+
+AGGREGATOR_PREFIX = "aggregator"
 
 
 class ClientStore(Protocol):
@@ -50,6 +59,11 @@ class Strategy(ABC):
     estimated on SFT gradients do not steer them. Checkpoints after the switch hold the
     DPO-phase state; a resume from the last SFT round resets again at the switch.
 
+    Aggregation: every strategy takes its Δ from ``combined_delta``, i.e. from its
+    ``aggregator`` (``fedit.server.aggregators``; the weighted mean unless
+    ``strategy.aggregator`` names a robust or private rule). The aggregator's own state is
+    checkpointed with the strategy's (``checkpoint_state``) and reset with it.
+
     Attributes:
         lora_scaling: s = lora.alpha / lora.r, set by the engine right after building the
             strategy (``strategy.lora_scaling = alpha / r``). Only "exact" mode uses it.
@@ -57,11 +71,14 @@ class Strategy(ABC):
 
     lora_scaling: float = 1.0
 
-    def __init__(self, config: StrategyConfig, num_clients: int) -> None:
+    def __init__(
+        self, config: StrategyConfig, num_clients: int, aggregator: Aggregator | None = None
+    ) -> None:
         if num_clients < 1:
             raise ValueError(f"num_clients must be >= 1, got {num_clients}")
         self.config = config
         self.num_clients = num_clients
+        self.aggregator = aggregator or MeanAggregator()
         self._metrics: dict[str, float] = {}
         self._base_residual: dict[str, Tensor] = {}
 
@@ -81,6 +98,14 @@ class Strategy(ABC):
     ) -> AdapterState:
         """Return the next global adapter x from x and the clients' updates. Pure in the
         tensors it is given (it never modifies them); it may update its own server state."""
+
+    def combined_delta(
+        self, global_state: AdapterState, updates: list[ClientUpdate], round_index: int
+    ) -> AdapterState:
+        """Δ from the clients' deltas: the aggregator's rule over them, with the p_k of
+        ``weighting`` (float32)."""
+        weights = client_weights(updates, self.config.weighting)
+        return self.aggregator.delta(global_state, updates, weights, round_index)
 
     def metrics(self) -> dict[str, float]:
         """Scalars about the last aggregation, written to metrics.jsonl: "update_norm"
@@ -104,6 +129,18 @@ class Strategy(ABC):
         """Forget all server state, as at the start of a run (the residual not yet taken,
         which belongs to rounds already aggregated, is kept)."""
         self.load_state_dict({})
+        self.aggregator.load_state_dict({})
+
+    def checkpoint_state(self) -> dict[str, Tensor]:
+        """Everything ``--resume`` needs: ``state_dict`` and the aggregator's state under
+        "aggregator." (no strategy's own keys start with it)."""
+        return self.state_dict() | add_prefix(self.aggregator.state_dict(), AGGREGATOR_PREFIX)
+
+    def load_checkpoint_state(self, state: dict[str, Tensor]) -> None:
+        """Restore what ``checkpoint_state`` returned."""
+        own = {k: t for k, t in state.items() if not k.startswith(AGGREGATOR_PREFIX + ".")}
+        self.load_state_dict(own)
+        self.aggregator.load_state_dict(take_prefix(state, AGGREGATOR_PREFIX))
 
     def take_base_residual(self) -> dict[str, Tensor]:
         """Return and clear the residual to add to the frozen base weights, keyed by the

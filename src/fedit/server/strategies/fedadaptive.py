@@ -8,7 +8,8 @@ import torch
 from torch import Tensor
 
 from fedit.config import StrategyConfig
-from fedit.server.aggregation import add_prefix, add_scaled, mean_delta, take_prefix, zeros_like
+from fedit.server.aggregation import add_prefix, add_scaled, take_prefix, zeros_like
+from fedit.server.aggregators import Aggregator
 from fedit.server.strategies.base import Strategy
 from fedit.types import AdapterState, ClientUpdate
 
@@ -31,8 +32,10 @@ class FedAdaptive(Strategy):
     momentum) and Δ is weighted the same way FedAvg weights it.
     """
 
-    def __init__(self, config: StrategyConfig, num_clients: int) -> None:
-        super().__init__(config, num_clients)
+    def __init__(
+        self, config: StrategyConfig, num_clients: int, aggregator: Aggregator | None = None
+    ) -> None:
+        super().__init__(config, num_clients, aggregator)
         self._m: AdapterState = {}
         self._v: AdapterState = {}
 
@@ -43,7 +46,7 @@ class FedAdaptive(Strategy):
     def aggregate(
         self, global_state: AdapterState, updates: list[ClientUpdate], round_index: int
     ) -> AdapterState:
-        delta = mean_delta(global_state, updates, self.config.weighting)
+        delta = self.combined_delta(global_state, updates, round_index)
         beta1, tau = self.config.beta1, self.config.tau
         if not self._m:
             self._m, self._v = zeros_like(delta), zeros_like(delta, fill=tau**2)

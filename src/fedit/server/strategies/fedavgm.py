@@ -5,7 +5,8 @@ from __future__ import annotations
 from torch import Tensor
 
 from fedit.config import StrategyConfig
-from fedit.server.aggregation import add_prefix, add_scaled, mean_delta, take_prefix, zeros_like
+from fedit.server.aggregation import add_prefix, add_scaled, take_prefix, zeros_like
+from fedit.server.aggregators import Aggregator
 from fedit.server.strategies.base import Strategy
 from fedit.types import AdapterState, ClientUpdate
 
@@ -20,14 +21,16 @@ class FedAvgM(Strategy):
     Server state: v, saved as "v.<param>".
     """
 
-    def __init__(self, config: StrategyConfig, num_clients: int) -> None:
-        super().__init__(config, num_clients)
+    def __init__(
+        self, config: StrategyConfig, num_clients: int, aggregator: Aggregator | None = None
+    ) -> None:
+        super().__init__(config, num_clients, aggregator)
         self._velocity: AdapterState = {}
 
     def aggregate(
         self, global_state: AdapterState, updates: list[ClientUpdate], round_index: int
     ) -> AdapterState:
-        delta = mean_delta(global_state, updates, self.config.weighting)
+        delta = self.combined_delta(global_state, updates, round_index)
         beta = self.config.server_momentum
         velocity = self._velocity or zeros_like(delta)
         self._velocity = {key: beta * velocity[key] + d for key, d in delta.items()}

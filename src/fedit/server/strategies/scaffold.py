@@ -6,7 +6,8 @@ import torch
 from torch import Tensor
 
 from fedit.config import StrategyConfig
-from fedit.server.aggregation import add_prefix, add_scaled, mean_delta, take_prefix, zeros_like
+from fedit.server.aggregation import add_prefix, add_scaled, take_prefix, zeros_like
+from fedit.server.aggregators import Aggregator
 from fedit.server.strategies.base import ClientStore, Strategy
 from fedit.types import AdapterState, ClientInstructions, ClientUpdate
 
@@ -59,8 +60,10 @@ class Scaffold(Strategy):
     so c and every c_k always come from the same round.
     """
 
-    def __init__(self, config: StrategyConfig, num_clients: int) -> None:
-        super().__init__(config, num_clients)
+    def __init__(
+        self, config: StrategyConfig, num_clients: int, aggregator: Aggregator | None = None
+    ) -> None:
+        super().__init__(config, num_clients, aggregator)
         self._c: AdapterState = {}
         self._c_k: dict[int, AdapterState] = {}
         self._weights = torch.zeros(num_clients, dtype=torch.float64)  # w_k; 0: not seen
@@ -101,7 +104,7 @@ class Scaffold(Strategy):
     def aggregate(
         self, global_state: AdapterState, updates: list[ClientUpdate], round_index: int
     ) -> AdapterState:
-        delta = mean_delta(global_state, updates, self.config.weighting)
+        delta = self.combined_delta(global_state, updates, round_index)
         weights = self._weights.clone()
         for update in updates:
             weights[self._index(update.client_id)] = self._weight(update)
