@@ -400,6 +400,58 @@ class EvalConfig:
         _require(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
 
 
+PRIVACY_MODES = ("off", "central", "local")
+
+
+@dataclass
+class PrivacyConfig:
+    """Client-level differential privacy, DP-FedAvg (McMahan et al., ICLR 2018), see
+    fedit.privacy. Each client's round delta Δ_k is clipped to L2 norm ``clip_norm`` (C)
+    over all adapter tensors, and Gaussian noise of std ``noise_multiplier`` · C (σC) is
+    added: "central" by the server to the sum of the sampled clients' clipped Δ_k (then
+    divided by the planned number of sampled clients), "local" by each client to its own
+    clipped Δ_k before it is sent. Set ``noise_multiplier`` or ``target_epsilon`` (σ is then
+    searched so that ε after federation.rounds rounds is at most the target at ``delta``).
+    ``delta`` unset: 1/N² for N clients. ``reproducible_noise`` derives the noise seed
+    (and, central, the client selection) from the run seed: anyone who has the config can
+    then subtract the noise, so it is for experiments and tests only.
+    """
+
+    mode: str = "off"  # off | central | local
+    clip_norm: float = 1.0  # C
+    noise_multiplier: float | None = None  # σ; or set target_epsilon
+    target_epsilon: float | None = None
+    delta: float | None = None  # unset: 1 / N² (N = number of clients)
+    reproducible_noise: bool = False
+
+    def validate(self) -> None:
+        _require(
+            self.mode in PRIVACY_MODES, "privacy.mode", f"must be one of {', '.join(PRIVACY_MODES)}"
+        )
+        _require(self.clip_norm > 0, "privacy.clip_norm", "must be positive")
+        _require(
+            self.noise_multiplier is None or self.noise_multiplier > 0,
+            "privacy.noise_multiplier",
+            "must be positive or unset",
+        )
+        _require(
+            self.target_epsilon is None or self.target_epsilon > 0,
+            "privacy.target_epsilon",
+            "must be positive or unset",
+        )
+        _require(
+            self.delta is None or 0 < self.delta < 1, "privacy.delta", "must be in (0, 1) or unset"
+        )
+        if self.mode == "off":
+            return
+        _require(
+            (self.noise_multiplier is None) != (self.target_epsilon is None),
+            "privacy.noise_multiplier",
+            f"privacy.mode = {self.mode!r} needs exactly one of noise_multiplier and "
+            "target_epsilon (the other is then computed)",
+        )
+
+
 # HOST:PORT with HOST a name, an IPv4 address or a bracketed IPv6 address ("[::]:9443")
 ADDRESS_PATTERN = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):(?P<port>\d{1,5})")
 
@@ -465,6 +517,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     deploy: DeployConfig = field(default_factory=DeployConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def validate(self) -> RunConfig:
         for section in fields(self):
@@ -484,7 +537,59 @@ class RunConfig:
         )
         self._validate_objective()
         self._validate_exact_aggregation()
+        self._validate_privacy()
         return self
+
+    def _validate_privacy(self) -> None:
+        """The combinations whose releases the DP analysis (fedit.privacy) does not cover."""
+        mode, strategy = self.privacy.mode, self.strategy
+        if mode == "off":
+            _require(
+                strategy.aggregator != "dp_fedavg",
+                "strategy.aggregator",
+                "'dp_fedavg' is chosen by privacy.mode = 'central'; set that instead",
+            )
+            return
+        where = f"privacy.mode = {mode!r}"
+        _require(
+            self.privacy.delta is not None
+            or self.partition.method == "files"  # N is known once the files are listed
+            or self.partition.num_clients >= 2,
+            "privacy.delta",
+            "the default 1/N² is 1 with one client; set delta",
+        )
+        _require(
+            self.federation.mode == "federated",
+            "privacy.mode",
+            f"applies to federation.mode = 'federated' only, not {self.federation.mode!r}",
+        )
+        _require(
+            strategy.weighting == "uniform",
+            "strategy.weighting",
+            f"must be 'uniform' with {where}: the record counts n_k are each client's private "
+            "data, and weighting by them changes what one client can move the mean by (the "
+            "sensitivity the noise is calibrated to)",
+        )
+        _require(
+            strategy.name != "scaffold",
+            "strategy.name",
+            f"scaffold cannot be used with {where}: its control variates are a second, "
+            "unclipped and un-noised release of every client's gradients",
+        )
+        if mode != "central":
+            return
+        _require(
+            strategy.aggregator in ("mean", "dp_fedavg"),
+            "strategy.aggregator",
+            f"must be 'mean' with {where}: central DP is its own aggregator (the clipped, "
+            f"noised mean), not {strategy.aggregator!r}",
+        )
+        _require(
+            strategy.lora_aggregation == "separate",
+            "strategy.lora_aggregation",
+            f"must be 'separate' with {where}: 'exact' folds a residual computed from the "
+            "clients' un-noised adapters into the base weights",
+        )
 
     def _validate_exact_aggregation(self) -> None:
         """Exact LoRA aggregation folds small residuals into the base weights: they must be

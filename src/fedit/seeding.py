@@ -14,6 +14,9 @@ class Stream(IntEnum):
 
     SELECTION = 1  # (round,): which clients train in the round
     CLIENT_DATA = 2  # (round, client): the client's batch order and LoRA dropout masks
+    # privacy.reproducible_noise only (fedit.privacy.mechanism.noise_seed):
+    CENTRAL_NOISE = 3  # (round,): the server's DP noise on the round's sum
+    LOCAL_NOISE = 4  # (round, client): a client's DP noise on its own update
 
 
 def derive_seed(run_seed: int, stream: Stream, *keys: int) -> int:
