@@ -16,7 +16,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from fedit.config import ConfigError, RunConfig
+from fedit.privacy.plan import resolve_plan
 from fedit.server.aggregators.base import Aggregator, MeanAggregator
+from fedit.server.aggregators.dp_fedavg import DPFedAvgAggregator
 
 AGGREGATORS: dict[str, Callable[[RunConfig, int], Aggregator]] = {}
 
@@ -29,14 +31,24 @@ def register_aggregator(name: str, factory: Callable[[RunConfig, int], Aggregato
 
 
 def build_aggregator(cfg: RunConfig, num_clients: int) -> Aggregator:
-    """The aggregator ``cfg.strategy.aggregator`` names, for ``num_clients`` clients."""
-    name = cfg.strategy.aggregator
+    """The aggregator ``cfg.strategy.aggregator`` names, for ``num_clients`` clients; with
+    privacy.mode = "central", DP-FedAvg's clipped and noised mean (the config allows no
+    other aggregator then)."""
+    name = "dp_fedavg" if cfg.privacy.mode == "central" else cfg.strategy.aggregator
     if name not in AGGREGATORS:
         known = ", ".join(sorted(AGGREGATORS))
         raise ConfigError(f"strategy.aggregator: unknown aggregator {name!r} (known: {known})")
     return AGGREGATORS[name](cfg, num_clients)
 
 
+def _dp_fedavg(cfg: RunConfig, num_clients: int) -> Aggregator:
+    plan = resolve_plan(cfg, num_clients)
+    if plan is None or plan.mode != "central":
+        raise ConfigError("strategy.aggregator: 'dp_fedavg' needs privacy.mode = 'central'")
+    return DPFedAvgAggregator(plan)
+
+
 register_aggregator("mean", lambda cfg, num_clients: MeanAggregator())
+register_aggregator("dp_fedavg", _dp_fedavg)
 
 __all__ = ["AGGREGATORS", "Aggregator", "MeanAggregator", "build_aggregator", "register_aggregator"]
