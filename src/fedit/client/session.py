@@ -20,13 +20,20 @@ from fedit.config import DPOConfig, TrainConfig
 from fedit.data.preferences import TokenizedPair
 from fedit.data.tokenize import TokenizedExample
 from fedit.models.adapters import set_adapter_state
+from fedit.privacy import PrivacyPlan
+from fedit.privacy.mechanism import privatize
+from fedit.seeding import Stream
 from fedit.server.validation import Rejection
 from fedit.types import AdapterState, ClientTask, ClientUpdate
 
 
 class LocalClient:
     """A client's data and its local round: ``train`` = load x, build the hook the
-    strategy asked for, run the SFT or DPO trainer on its own records or pairs."""
+    strategy asked for, run the SFT or DPO trainer on its own records or pairs, and, with
+    local differential privacy (``privacy.mode = "local"``), clip its delta and add the
+    noise before anything leaves (fedit.privacy.mechanism.privatize). ``privacy`` is
+    fedit.privacy.client_plan's answer (None: no local DP), required so that no engine
+    can build a client that forgets it."""
 
     def __init__(
         self,
@@ -35,8 +42,13 @@ class LocalClient:
         pairs: Sequence[TokenizedPair],
         pad_id: int,
         dpo: DPOConfig,
+        *,
+        privacy: PrivacyPlan | None,
     ) -> None:
         self.client_id = client_id
+        if privacy is not None and privacy.mode != "local":
+            raise ValueError(f"a client adds noise in local mode only, not {privacy.mode!r}")
+        self.privacy = privacy
         self.examples, self.pairs = examples, pairs
         self.pad_id, self.dpo = pad_id, dpo
         self.reference: Tensor | None = None  # fixed π_ref log-probs, "base" or "sft"
@@ -58,7 +70,9 @@ class LocalClient:
         show_progress: bool = False,
     ) -> ClientUpdate | Rejection:
         """One local round from the global adapter; a Rejection (left out of the aggregate)
-        if the loss or the gradients went non-finite."""
+        if the loss or the gradients went non-finite. Local DP privatises the update: its
+        adapter is then x + clip(y − x) + noise; its metrics and record count are sent as
+        they are (they are outside the guarantee)."""
         set_adapter_state(model, global_state)
         common = {
             "client_id": self.client_id,
@@ -70,9 +84,15 @@ class LocalClient:
         }
         try:
             if task.objective == "dpo":
-                return train_client_dpo(
+                update = train_client_dpo(
                     model, self.pairs, train_cfg, self.dpo, reference=self.reference, **common
                 )
-            return train_client(model, self.examples, train_cfg, **common)
+            else:
+                update = train_client(model, self.examples, train_cfg, **common)
         except NonFiniteTrainingError as err:
             return Rejection(self.client_id, err.reason)
+        if self.privacy is None:
+            return update
+        plan = self.privacy
+        seed = plan.noise_seed(Stream.LOCAL_NOISE, task.round_number - 1, self.client_id)
+        return privatize(update, global_state, plan.clip_norm, plan.noise_std, seed)

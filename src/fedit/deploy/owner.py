@@ -34,6 +34,7 @@ from fedit.deploy.traffic import REFERENCE_GROUP, reply_content
 from fedit.engine.federation_data import tokenize_owner_data
 from fedit.models.adapters import attach_lora, get_adapter_state, set_adapter_state
 from fedit.models.loading import base_fingerprint, load_model, load_tokenizer
+from fedit.privacy import client_plan
 from fedit.server.aggregation import add_scaled, zeros_like
 from fedit.server.validation import Rejection
 from fedit.types import AdapterState, ClientTask
@@ -109,8 +110,10 @@ class RunSession:
 
     def client_for(self, client_id: int) -> LocalClient:
         if self.client is None:
+            # partition.num_clients is the roster's size (fedit.deploy.coordinator checks)
+            privacy = client_plan(self.cfg, self.cfg.partition.num_clients)
             self.client = LocalClient(
-                client_id, self.examples, self.pairs, self.pad_id, self.cfg.dpo
+                client_id, self.examples, self.pairs, self.pad_id, self.cfg.dpo, privacy=privacy
             )
         if self.client.client_id != client_id:
             raise wire.WireError(

@@ -54,6 +54,7 @@ from fedit.engine.simulation import client_data
 from fedit.errors import RunStopped
 from fedit.models.adapters import attach_lora, get_adapter_state, set_adapter_state
 from fedit.models.loading import load_model, load_tokenizer
+from fedit.privacy import client_plan
 
 console = Console(stderr=True)
 log = logging.getLogger("fedit.simulate_ray")
@@ -420,8 +421,9 @@ class RuntimeSession(RunSession):
         self.shapes = wire.shapes_of(self.start_adapter)
         self.state_root = state_dir / self.header.config_sha256[:12]
         self.pad_id = tokenizer.pad_token_id
+        privacy = client_plan(cfg, data.num_clients)
         self.clients = [
-            LocalClient(k, examples, pairs, self.pad_id, cfg.dpo)
+            LocalClient(k, examples, pairs, self.pad_id, cfg.dpo, privacy=privacy)
             for k, (examples, pairs) in enumerate(client_data(data))
         ]
 

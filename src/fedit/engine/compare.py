@@ -20,7 +20,7 @@ from rich.markup import escape
 
 from fedit.client.dpo import preference_scores
 from fedit.client.dpo_trainer import pair_logps
-from fedit.config import ConfigError, RunConfig
+from fedit.config import ConfigError, PrivacyConfig, RunConfig
 from fedit.data.prepare import load_heldout, prepare_preferences
 from fedit.data.records import Record
 from fedit.data.tokenize import tokenize_prompts
@@ -58,7 +58,10 @@ class Contender:
             federation = replace(federation, local_client=int(arg))
         elif kind == "local":
             federation = replace(federation, local_categories=arg.split("+"))
-        return replace(cfg, federation=federation, output_dir=str(out_dir / self.name)).validate()
+        # Client-level DP is a federation's: the baselines are non-private references.
+        privacy = cfg.privacy if kind == "fedit" else PrivacyConfig()
+        out = str(out_dir / self.name)
+        return replace(cfg, federation=federation, privacy=privacy, output_dir=out).validate()
 
 
 def generation_metric(cfg: RunConfig) -> str:

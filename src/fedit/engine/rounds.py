@@ -56,6 +56,7 @@ from fedit.models.adapters import (
     set_adapter_state,
     set_base_residual,
 )
+from fedit.privacy import resolve_plan, selection_seed
 from fedit.seeding import Stream, derive_seed
 from fedit.server.aggregators import build_aggregator
 from fedit.server.selection import select_clients
@@ -167,6 +168,10 @@ class RoundLoop:
             cfg.strategy, num_clients, build_aggregator(cfg, num_clients)
         )
         self.strategy.lora_scaling = lora_scaling(cfg.lora)
+        self.privacy = resolve_plan(cfg, num_clients)  # None: privacy.mode = "off"
+        self.selection_seed = selection_seed(cfg)
+        if self.privacy is not None:
+            console.print(escape(self.privacy.describe()))
         # Before _restore folds any exact-aggregation residual into the base: π_ref = W0.
         self.heldout_reference = self._base_logps(heldout_pairs)
         self.client_state = ClientStateStore([])
@@ -221,7 +226,9 @@ class RoundLoop:
     def plan(self, r: int, global_state: AdapterState, residual) -> RoundPlan:
         """Round r + 1's selection, learning rate, seeds and strategy instructions."""
         cfg, fed = self.cfg, self.cfg.federation
-        chosen = select_clients(self.num_clients, fed.clients_per_round, fed.fraction, cfg.seed, r)
+        chosen = select_clients(
+            self.num_clients, fed.clients_per_round, fed.fraction, self.selection_seed, r
+        )
         if fed.mode != "federated":
             chosen = [0]
         objective = round_objective(cfg, r)
@@ -272,6 +279,8 @@ class RoundLoop:
         }
         if aggregator_metrics := self.strategy.aggregator.metrics():
             record["aggregator"] = aggregator_metrics
+        if self.privacy is not None:  # ε is a function of the rounds done: resumes agree
+            record["privacy"] = self.privacy.record(r + 1)
         if rejected:
             record["rejected"] = [rejection.as_record() for rejection in rejected]
         if replies.dropped:
@@ -365,6 +374,8 @@ class RoundLoop:
                 f" held-out preference accuracy {overall['accuracy']:.3f}"
                 f" margin {overall['margin']:.4f}"
             )
+        if "privacy" in record:
+            text += f" ε {record['privacy']['epsilon']:.3g} (δ {record['privacy']['delta']:.2g})"
         if record.get("dropped"):
             text += f" dropped {[d['client'] for d in record['dropped']]}"
         console.print(text + (f" ({record['seconds']:.1f}s)" if "seconds" in record else ""))

@@ -61,6 +61,8 @@ def resume_conflicts(saved: RunConfig, requested: RunConfig) -> list[str]:
         reasons.append("train.lr_schedule = 'cosine' decays over all rounds")
     if requested.federation.mode == "centralized":
         reasons.append("the centralized step budget is a mean over all rounds")
+    if requested.privacy.mode != "off" and requested.privacy.target_epsilon is not None:
+        reasons.append("privacy.target_epsilon: σ was searched for all rounds")
     if saved.federation.rounds != requested.federation.rounds and reasons:
         change = f"{saved.federation.rounds} -> {requested.federation.rounds}"
         conflicts.append(f"federation.rounds ({change}: {'; '.join(reasons)})")

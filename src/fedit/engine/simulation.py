@@ -52,6 +52,7 @@ from fedit.models.adapters import (
     set_base_residual,
 )
 from fedit.models.loading import load_model, load_tokenizer
+from fedit.privacy import client_plan
 from fedit.server.validation import Rejection
 from fedit.types import AdapterState
 
@@ -85,8 +86,9 @@ class Simulation:
         if cfg.strategy.lora_aggregation == "exact":  # "auto" may have resolved to half
             require_full_precision_base(model)
         base_originals: dict[str, torch.Tensor] = {}  # W0 of weights with a residual
+        privacy = client_plan(cfg, data.num_clients)
         clients = [
-            LocalClient(k, examples, pairs, tokenizer.pad_token_id, cfg.dpo)
+            LocalClient(k, examples, pairs, tokenizer.pad_token_id, cfg.dpo, privacy=privacy)
             for k, (examples, pairs) in enumerate(client_data(data))
         ]
         runner = InProcessRunner(cfg, model, clients, base_originals, self.show_progress)
