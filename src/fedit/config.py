@@ -450,6 +450,26 @@ class DeployConfig:
 
 
 @dataclass
+class ValidationConfig:
+    """Checks every client update passes before aggregation, in every engine
+    (fedit.server.validation; keys, shapes, dtypes and finiteness are always checked)."""
+
+    # reject an update whose ‖y_k − x‖ (L2 over all adapter tensors) is larger; None: no bound
+    max_update_norm: float | None = None
+    # the most records an update may claim (its FedAvg weight); set it to what the largest
+    # data owner holds so that no client can outweigh the others by a made-up count
+    max_examples: int = 10**9
+
+    def validate(self) -> None:
+        _require(
+            self.max_update_norm is None or self.max_update_norm > 0,
+            "validation.max_update_norm",
+            "must be positive (or unset for no bound)",
+        )
+        _require(self.max_examples >= 1, "validation.max_examples", "must be >= 1")
+
+
+@dataclass
 class RunConfig:
     """Everything one run needs. Sections map one-to-one to TOML tables."""
 
@@ -465,6 +485,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     deploy: DeployConfig = field(default_factory=DeployConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
 
     def validate(self) -> RunConfig:
         for section in fields(self):
