@@ -80,6 +80,12 @@ def weighted_delta(
     }
 
 
+def client_deltas(global_state: AdapterState, updates: list[ClientUpdate]) -> list[AdapterState]:
+    """Δ_k = y_k − x for each update, in float32 (the input of the robust rules)."""
+    _check_keys(global_state, [u.state for u in updates])
+    return [subtract(u.state, global_state) for u in updates]
+
+
 def add_scaled(state: AdapterState, step: AdapterState, scale: float) -> AdapterState:
     """state + scale · step, in the dtype of ``state`` (e.g. x ← x + η·v)."""
     return {key: (_wide(t) + scale * _wide(step[key])).to(t.dtype) for key, t in state.items()}
