@@ -345,6 +345,14 @@ class StrategyConfig:
     beta1: float = 0.9  # adaptive methods
     beta2: float = 0.99
     tau: float = 1e-3
+    # robust aggregators (fedit.server.aggregators), each read only by the rules named
+    byzantine_clients: int = 1  # krum, multi_krum: f (a round needs >= 2f + 3 updates)
+    krum_selected: int | None = None  # multi_krum: m averaged (unset: n - f)
+    trim_fraction: float = 0.1  # trimmed_mean: ceil(fraction * n) trimmed at each end
+    trim_count: int | None = None  # trimmed_mean: this many at each end (overrides fraction)
+    clip_norm: float | None = None  # norm_clip: C (unset: the round's median update norm)
+    centered_clip_tau: float | None = None  # centered_clip: tau (unset: median distance)
+    centered_clip_iters: int = 1  # centered_clip: L clipping steps per round
 
     def validate(self) -> None:
         # The registry is the one list of names (a strategy registered at run time counts);
@@ -379,6 +387,46 @@ class StrategyConfig:
         _require(0 <= self.beta1 < 1, "strategy.beta1", "must be in [0, 1)")
         _require(0 <= self.beta2 < 1, "strategy.beta2", "must be in [0, 1)")
         _require(self.tau > 0, "strategy.tau", "must be positive")
+        self._validate_robust()
+
+    def _validate_robust(self) -> None:
+        """The robust rules' settings, and the strategies they cannot protect (see
+        fedit.server.aggregators)."""
+        from fedit.server.aggregators import ROBUST_AGGREGATORS
+
+        _require(self.byzantine_clients >= 0, "strategy.byzantine_clients", "must be >= 0")
+        _require(
+            self.krum_selected is None or self.krum_selected >= 1,
+            "strategy.krum_selected",
+            "must be >= 1 or unset",
+        )
+        _require(0 <= self.trim_fraction < 0.5, "strategy.trim_fraction", "must be in [0, 0.5)")
+        _require(
+            self.trim_count is None or self.trim_count >= 0,
+            "strategy.trim_count",
+            "must be >= 0 or unset",
+        )
+        for name in ("clip_norm", "centered_clip_tau"):
+            value = getattr(self, name)
+            _require(value is None or value > 0, f"strategy.{name}", "must be positive or unset")
+        _require(self.centered_clip_iters >= 1, "strategy.centered_clip_iters", "must be >= 1")
+        if self.aggregator not in ROBUST_AGGREGATORS:
+            return
+        _require(
+            self.name != "scaffold",
+            "strategy.aggregator",
+            f"{self.aggregator!r} cannot protect strategy.name = 'scaffold': its control "
+            "variate c is the plain mean of the clients' control deltas, which no rule on the "
+            "updates filters, and every client adds c to each local gradient, so one "
+            "Byzantine client still steers all of them; use fedavg, fedprox or fedavgm",
+        )
+        _require(
+            self.lora_aggregation != "exact",
+            "strategy.aggregator",
+            f"{self.aggregator!r} cannot be used with strategy.lora_aggregation = 'exact': the "
+            "FedEx-LoRA residual re-adds every client's B_k A_k with weight p_k, undoing what "
+            "the rule left out or clipped; use lora_aggregation = 'separate'",
+        )
 
 
 @dataclass
@@ -502,6 +550,26 @@ class DeployConfig:
 
 
 @dataclass
+class ValidationConfig:
+    """Checks every client update passes before aggregation, in every engine
+    (fedit.server.validation; keys, shapes, dtypes and finiteness are always checked)."""
+
+    # reject an update whose ‖y_k − x‖ (L2 over all adapter tensors) is larger; None: no bound
+    max_update_norm: float | None = None
+    # the most records an update may claim (its FedAvg weight); set it to what the largest
+    # data owner holds so that no client can outweigh the others by a made-up count
+    max_examples: int = 10**9
+
+    def validate(self) -> None:
+        _require(
+            self.max_update_norm is None or self.max_update_norm > 0,
+            "validation.max_update_norm",
+            "must be positive (or unset for no bound)",
+        )
+        _require(self.max_examples >= 1, "validation.max_examples", "must be >= 1")
+
+
+@dataclass
 class RunConfig:
     """Everything one run needs. Sections map one-to-one to TOML tables."""
 
@@ -517,6 +585,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     deploy: DeployConfig = field(default_factory=DeployConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def validate(self) -> RunConfig:

@@ -46,8 +46,8 @@ class FakeRunner:
                     k,
                     state,
                     num_examples=1,
-                    num_steps=1,
-                    learning_rate=0.1,
+                    num_steps=plan.train_cfg.max_steps,  # what the round's validation expects
+                    learning_rate=plan.learning_rate,
                     metrics={"train_loss": 1.0},
                 )
             )

@@ -8,8 +8,8 @@ import torch
 from fedit.server.aggregation import (
     add_prefix,
     add_scaled,
+    client_deltas,
     client_weights,
-    mean_delta,
     state_norm,
     take_prefix,
     weighted_mean,
@@ -62,7 +62,7 @@ def test_weighted_mean_keeps_dtype_and_checks_keys() -> None:
         weighted_mean([a], [0.5, 0.5])
 
 
-def test_mean_delta_weighted_and_uniform() -> None:
+def test_weighted_mean_of_client_deltas_weighted_and_uniform() -> None:
     # Prepare
     x = {"w": torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])}
     updates = [
@@ -71,8 +71,9 @@ def test_mean_delta_weighted_and_uniform() -> None:
     ]
 
     # Execute
-    weighted = mean_delta(x, updates, "examples")
-    uniform = mean_delta(x, updates, "uniform")
+    deltas = client_deltas(x, updates)
+    weighted = weighted_mean(deltas, client_weights(updates, "examples"))
+    uniform = weighted_mean(deltas, client_weights(updates, "uniform"))
 
     # Assert: 0.25*Δ_1 + 0.75*Δ_2 and 0.5*Δ_1 + 0.5*Δ_2
     assert torch.equal(weighted["w"], torch.tensor([[0.25, 1.5, -0.25], [1.0, 0.0, 6.0]]))
@@ -86,7 +87,7 @@ def test_functions_do_not_modify_inputs() -> None:
     before = [x["w"].clone()] + [u.state["w"].clone() for u in updates]
 
     # Execute
-    mean_delta(x, updates, "examples")
+    client_deltas(x, updates)
     weighted_mean([u.state for u in updates], [0.5, 0.5])
     add_scaled(x, x, 2.0)
 

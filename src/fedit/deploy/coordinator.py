@@ -10,9 +10,9 @@ a simulation writes, and ``--resume`` continues it after a crash.
 
 Client ids are positions in ``deploy.clients`` (a roster of public keys): each round, the
 online nodes are mapped to ids by the key they authenticate with, never by a name or a node
-id they could choose. Whatever comes back is decoded and checked (fedit.deploy.wire,
-fedit.server.validation.check_update) before the strategy sees it; a client that does not
-answer in ``deploy.round_timeout`` is listed as dropped and the round goes on with the
+id they could choose. Whatever comes back is decoded and checked (fedit.deploy.wire, then
+fedit.server.validation in the shared round) before the strategy sees it; a client that does
+not answer in ``deploy.round_timeout`` is listed as dropped and the round goes on with the
 others if at least ``deploy.min_replies`` valid updates came.
 """
 
@@ -29,7 +29,6 @@ from flwr.app import Message, RecordDict
 from rich.console import Console
 from rich.markup import escape
 
-from fedit.client.trainer import steps_per_round
 from fedit.config import ConfigError, RunConfig
 from fedit.data.preferences import read_preferences
 from fedit.data.readers import read_records
@@ -53,7 +52,8 @@ from fedit.engine.rounds import RoundLoop, RoundPlan, RoundReplies, completed_ru
 from fedit.errors import DeployError
 from fedit.models.adapters import attach_lora, get_adapter_state, set_adapter_state
 from fedit.models.loading import load_model, load_tokenizer
-from fedit.server.validation import Rejection, check_update
+from fedit.server.strategies import STRATEGIES
+from fedit.server.validation import Rejection
 from fedit.types import AdapterState, ClientTask
 
 console = Console(stderr=True)
@@ -115,7 +115,7 @@ class FlowerRunner:
         self.shapes = wire.shapes_of(get_adapter_state(model))
         self.roster = [load_public_key_file(Path(p)).public_numbers() for p in cfg.deploy.clients]
         self.nodes_by_client = nodes_by_client or self._nodes_by_key
-        self.extras = {"control_delta"} if cfg.strategy.name == "scaffold" else set()
+        self.extras = set(STRATEGIES[cfg.strategy.name].update_extras)
 
     def run_round(self, plan: RoundPlan, global_state: AdapterState) -> RoundReplies:
         wanted = {t.client_id for t in plan.tasks}
@@ -204,12 +204,7 @@ class FlowerRunner:
             if answer.outcome not in RESENT_FOR:
                 replies.rejected.append(Rejection(k, f"{answer.outcome}: {answer.reason}"))
             return answer.outcome
-        expected = steps_per_round(answer.num_examples, plan.train_cfg)
-        rejection = check_update(answer, expected_steps=expected)
-        if rejection is not None:
-            replies.rejected.append(rejection)
-            return "rejected"
-        replies.updates.append(answer)
+        replies.updates.append(answer)  # RoundLoop validates it, as every engine's
         return "ok"
 
     def _wait_online(self, wanted: set[int], enough: int, timeout: float) -> dict[int, int]:

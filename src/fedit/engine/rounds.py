@@ -2,7 +2,8 @@
 
 A round reads top to bottom: select clients → ask the strategy what each must do → hand
 the clients their tasks (``ClientRunner``: in this process for the simulation, over
-Flower for a deployment) → drop non-finite updates → the strategy aggregates → fold an
+Flower for a deployment) → reject malformed or out-of-bounds updates
+(fedit.server.validation) → the strategy aggregates → fold an
 exact-aggregation residual into the base → evaluate on the held-out set → commit the round
 (checkpoint, metrics line and per-client server state in one atomic rename;
 fedit.engine.checkpoint) → append its metrics line to metrics.jsonl. ``--resume`` restores
@@ -26,7 +27,7 @@ from tqdm.auto import tqdm
 
 from fedit.client.dpo import preference_scores
 from fedit.client.dpo_trainer import pair_logps
-from fedit.client.trainer import round_learning_rate
+from fedit.client.trainer import round_learning_rate, steps_per_round
 from fedit.config import ConfigError, RunConfig, TrainConfig
 from fedit.data.preferences import TokenizedPair
 from fedit.data.tokenize import TokenizedExample
@@ -61,7 +62,12 @@ from fedit.seeding import Stream, derive_seed
 from fedit.server.aggregators import build_aggregator
 from fedit.server.selection import select_clients
 from fedit.server.strategies import build_strategy
-from fedit.server.validation import AllUpdatesRejectedError, Rejection, reject_non_finite
+from fedit.server.validation import (
+    AllUpdatesRejectedError,
+    Rejection,
+    RoundExpectations,
+    validate_updates,
+)
 from fedit.types import AdapterState, ClientTask, ClientUpdate
 
 console = Console(stderr=True)
@@ -255,7 +261,8 @@ class RoundLoop:
             self.strategy.reset()  # sft_then_dpo: see Strategy.reset
         plan = self.plan(r, global_state, residual)
         replies = self.runner.run_round(plan, global_state)
-        updates, refused = reject_non_finite(replies.updates)  # before any server state
+        # before any server state changes
+        updates, refused = validate_updates(replies.updates, self._expectations(plan, global_state))
         rejected = replies.rejected + refused
         self._require_replies(r, updates, rejected, replies.dropped)
         updates.sort(key=lambda u: u.client_id)  # replies may arrive in any order
@@ -290,6 +297,19 @@ class RoundLoop:
         record["seconds"] = time.perf_counter() - started
         self._commit(record, global_state, residual)
         return global_state, residual
+
+    def _expectations(self, plan: RoundPlan, global_state: AdapterState) -> RoundExpectations:
+        """What the round's updates must be, from the coordinator's own knowledge."""
+        checks = self.cfg.validation
+        return RoundExpectations(
+            global_state=global_state,
+            clients=frozenset(task.client_id for task in plan.tasks),
+            learning_rate=plan.learning_rate,
+            steps_for=lambda examples: steps_per_round(examples, plan.train_cfg),
+            extras=self.strategy.update_extras,
+            max_examples=checks.max_examples,
+            max_update_norm=checks.max_update_norm,
+        )
 
     def _require_replies(self, r, updates, rejected, dropped) -> None:
         """Stop before any server state changes when too few clients sent a valid update."""

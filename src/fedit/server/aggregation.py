@@ -58,26 +58,10 @@ def weighted_mean(states: list[AdapterState], weights: list[float]) -> AdapterSt
     }
 
 
-def mean_delta(
-    global_state: AdapterState, updates: list[ClientUpdate], weighting: str
-) -> AdapterState:
-    """Δ = Σ_k p_k (y_k − x), in float32 (the input the server optimisers step with)."""
-    return weighted_delta(global_state, updates, client_weights(updates, weighting))
-
-
-def weighted_delta(
-    global_state: AdapterState, updates: list[ClientUpdate], weights: list[float]
-) -> AdapterState:
-    """Σ_k w_k (y_k − x) for given weights w_k, in float32."""
-    if not updates or len(updates) != len(weights):
-        raise ValueError(f"need one weight per update, got {len(updates)} and {len(weights)}")
+def client_deltas(global_state: AdapterState, updates: list[ClientUpdate]) -> list[AdapterState]:
+    """Δ_k = y_k − x for each update, in float32 (what every aggregator combines)."""
     _check_keys(global_state, [u.state for u in updates])
-    return {
-        key: sum(
-            w * (_wide(u.state[key]) - _wide(x)) for u, w in zip(updates, weights, strict=True)
-        )
-        for key, x in global_state.items()
-    }
+    return [subtract(u.state, global_state) for u in updates]
 
 
 def add_scaled(state: AdapterState, step: AdapterState, scale: float) -> AdapterState:

@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import Tensor
 
-from fedit.server.aggregation import weighted_delta
+from fedit.server.aggregation import client_deltas, weighted_mean
 from fedit.types import AdapterState, ClientUpdate
 
 
@@ -49,4 +49,4 @@ class MeanAggregator(Aggregator):
     name = "mean"
 
     def delta(self, global_state, updates, weights, round_index) -> AdapterState:
-        return weighted_delta(global_state, updates, weights)
+        return weighted_mean(client_deltas(global_state, updates), weights)

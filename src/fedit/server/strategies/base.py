@@ -70,6 +70,8 @@ class Strategy(ABC):
     """
 
     lora_scaling: float = 1.0
+    # extra tensor groups the strategy's client hook sends beside y_k (each shaped like it)
+    update_extras: frozenset[str] = frozenset()
 
     def __init__(
         self, config: StrategyConfig, num_clients: int, aggregator: Aggregator | None = None

@@ -60,6 +60,8 @@ class Scaffold(Strategy):
     so c and every c_k always come from the same round.
     """
 
+    update_extras = frozenset({"control_delta"})
+
     def __init__(
         self, config: StrategyConfig, num_clients: int, aggregator: Aggregator | None = None
     ) -> None:
