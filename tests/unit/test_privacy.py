@@ -18,8 +18,6 @@ from fedit.engine.compare import Contender
 from fedit.engine.run_dir import resume_conflicts
 from fedit.privacy import accountant
 from fedit.privacy.mechanism import (
-    clip,
-    clip_factor,
     dp_mean,
     gaussian_noise,
     noise_seed,
@@ -33,6 +31,7 @@ from fedit.privacy.plan import (
     selection_seed,
 )
 from fedit.seeding import Stream, derive_seed
+from fedit.server.aggregation import clip_to_norm
 from fedit.server.aggregators import AGGREGATORS, MeanAggregator, build_aggregator
 from fedit.server.aggregators.dp_fedavg import DPFedAvgAggregator
 from fedit.server.selection import select_clients
@@ -78,19 +77,19 @@ def plan(mode: str = "central", **values: object) -> PrivacyPlan:
 def test_clip_scales_by_c_over_the_global_norm_of_all_tensors() -> None:
     # ‖Δ‖ = sqrt(3² + 4²) = 5 over both tensors; C = 1: factor 1/5
     delta = {"a": torch.tensor([3.0, 0.0]), "b": torch.tensor([[0.0], [4.0]])}
-    clipped, norm = clip(delta, 1.0)
+    clipped, norm = clip_to_norm(delta, 1.0)
     assert norm == pytest.approx(5.0)
     assert torch.allclose(clipped["a"], torch.tensor([0.6, 0.0]))
     assert torch.allclose(clipped["b"], torch.tensor([[0.0], [0.8]]))
     assert torch.equal(delta["a"], torch.tensor([3.0, 0.0]))  # the input is untouched
-    unclipped, _ = clip(delta, 10.0)  # within the bound: unchanged
+    unclipped, _ = clip_to_norm(delta, 10.0)  # within the bound: unchanged
     assert all(torch.equal(unclipped[k], delta[k]) for k in delta)
 
 
-def test_clip_factor() -> None:
-    assert clip_factor(5.0, 1.0) == pytest.approx(0.2)
-    assert clip_factor(0.5, 1.0) == 1.0
-    assert clip_factor(0.0, 1.0) == 1.0
+def test_clip_leaves_a_zero_delta_zero() -> None:
+    zero = {"a": torch.zeros(3)}
+    clipped, norm = clip_to_norm(zero, 1.0)
+    assert norm == 0.0 and torch.equal(clipped["a"], zero["a"])
 
 
 def test_dp_mean_divides_the_noised_sum_by_the_planned_count() -> None:

@@ -2,7 +2,8 @@
 
 McMahan et al., "Learning Differentially Private Recurrent Language Models" (ICLR 2018):
 each client's round delta Δ_k = y_k − x is clipped to L2 norm at most C, taken globally
-over all adapter tensors (``clip``), and Gaussian noise N(0, σ²C²·I) is added, to the sum
+over all adapter tensors (fedit.server.aggregation.clip_to_norm, the clip the
+norm-clipping aggregators use too), and Gaussian noise N(0, σ²C²·I) is added, to the sum
 of the clipped deltas by the server (``dp_mean``, central) or to each clipped delta by its
 client (``privatize``, local). The noise is drawn by ``gaussian_noise`` from a seed that
 ``noise_seed`` takes from the operating system unless the run asks for reproducible noise.
@@ -19,20 +20,8 @@ from dataclasses import replace
 import torch
 
 from fedit.seeding import Stream, derive_seed
-from fedit.server.aggregation import add_scaled, state_norm, subtract
+from fedit.server.aggregation import add_scaled, clip_to_norm, subtract
 from fedit.types import AdapterState, ClientUpdate
-
-
-def clip_factor(norm: float, clip_norm: float) -> float:
-    """min(1, C / ‖Δ‖): the scale that brings a delta of norm ``norm`` to at most C."""
-    return 1.0 if norm <= clip_norm else clip_norm / norm
-
-
-def clip(delta: AdapterState, clip_norm: float) -> tuple[AdapterState, float]:
-    """Δ · min(1, C / ‖Δ‖) with ‖Δ‖ the global L2 norm over all tensors, and ‖Δ‖."""
-    norm = state_norm(delta)
-    factor = clip_factor(norm, clip_norm)
-    return {key: t * factor for key, t in delta.items()}, norm
 
 
 def gaussian_noise(like: AdapterState, std: float, seed: int) -> AdapterState:
@@ -68,6 +57,6 @@ def privatize(
 ) -> ClientUpdate:
     """Local DP: a copy of the update whose adapter is x + clip(y_k − x) + N(0, std²) (in
     x's dtype) instead of y_k."""
-    clipped, _ = clip(subtract(update.state, global_state), clip_norm)
+    clipped, _ = clip_to_norm(subtract(update.state, global_state), clip_norm)
     noisy = add_scaled(clipped, gaussian_noise(clipped, std, seed), 1.0)
     return replace(update, state=add_scaled(global_state, noisy, 1.0))

@@ -23,6 +23,14 @@ def _wide(tensor: Tensor) -> Tensor:
     return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
 
 
+def clip_to_norm(delta: AdapterState, bound: float) -> tuple[AdapterState, float]:
+    """clip_C(Δ) = Δ · min(1, C / ‖Δ‖), ‖·‖ the L2 norm over all tensors, and ‖Δ‖.
+    Float32 (float64 kept), a new state."""
+    norm = state_norm(delta)
+    scale = min(1.0, bound / norm) if norm > 0 else 1.0
+    return {key: _wide(t) * scale for key, t in delta.items()}, norm
+
+
 def _check_keys(reference: AdapterState, states: list[AdapterState]) -> None:
     for index, state in enumerate(states):
         if state.keys() != reference.keys():

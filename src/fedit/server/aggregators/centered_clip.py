@@ -13,13 +13,13 @@ from fedit.server.aggregation import (
     add_prefix,
     add_scaled,
     client_deltas,
+    clip_to_norm,
     state_norm,
     subtract,
     take_prefix,
     weighted_mean,
     zeros_like,
 )
-from fedit.server.aggregators.clipping import clip_to_norm
 from fedit.server.aggregators.robust import RobustAggregator, ids
 from fedit.types import AdapterState, ClientUpdate
 

@@ -5,17 +5,9 @@ from __future__ import annotations
 
 import statistics
 
-from fedit.server.aggregation import _wide, client_deltas, state_norm, weighted_mean
+from fedit.server.aggregation import client_deltas, clip_to_norm, state_norm, weighted_mean
 from fedit.server.aggregators.robust import RobustAggregator, ids
 from fedit.types import AdapterState, ClientUpdate
-
-
-def clip_to_norm(delta: AdapterState, bound: float) -> tuple[AdapterState, float]:
-    """clip_C(Δ) = Δ · min(1, C / ‖Δ‖), ‖·‖ the L2 norm over all tensors, and ‖Δ‖.
-    Float32 (float64 kept), a new state."""
-    norm = state_norm(delta)
-    scale = min(1.0, bound / norm) if norm > 0 else 1.0
-    return {key: _wide(t) * scale for key, t in delta.items()}, norm
 
 
 def norm_clipped_mean(

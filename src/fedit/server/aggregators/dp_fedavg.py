@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from fedit.privacy.mechanism import clip, dp_mean, gaussian_noise
+from fedit.privacy.mechanism import dp_mean, gaussian_noise
 from fedit.privacy.plan import PrivacyPlan
 from fedit.seeding import Stream
-from fedit.server.aggregation import subtract
+from fedit.server.aggregation import clip_to_norm, subtract
 from fedit.server.aggregators.base import Aggregator
 from fedit.types import AdapterState
 
@@ -39,7 +39,7 @@ class DPFedAvgAggregator(Aggregator):
         plan = self.plan
         clipped, norms = [], []
         for update in updates:
-            delta, norm = clip(subtract(update.state, global_state), plan.clip_norm)
+            delta, norm = clip_to_norm(subtract(update.state, global_state), plan.clip_norm)
             clipped.append(delta)
             norms.append(norm)
         seed = plan.noise_seed(Stream.CENTRAL_NOISE, round_index)
