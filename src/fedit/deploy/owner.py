@@ -23,6 +23,7 @@ import torch
 from flwr.app import Message, RecordDict
 from safetensors.torch import load_file, save_file
 
+from fedit.attacks.model import client_attack
 from fedit.client.precision import half_precision_frozen_weights
 from fedit.client.session import LocalClient
 from fedit.config import ConfigError, RunConfig, config_from_toml
@@ -111,9 +112,15 @@ class RunSession:
     def client_for(self, client_id: int) -> LocalClient:
         if self.client is None:
             # partition.num_clients is the roster's size (fedit.deploy.coordinator checks)
-            privacy = client_plan(self.cfg, self.cfg.partition.num_clients)
+            cfg, n = self.cfg, self.cfg.partition.num_clients
             self.client = LocalClient(
-                client_id, self.examples, self.pairs, self.pad_id, self.cfg.dpo, privacy=privacy
+                client_id,
+                self.examples,
+                self.pairs,
+                self.pad_id,
+                cfg.dpo,
+                privacy=client_plan(cfg, n),
+                attack=client_attack(cfg, client_id, n),
             )
         if self.client.client_id != client_id:
             raise wire.WireError(

@@ -39,6 +39,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from rich.console import Console
 
+from fedit.attacks.model import client_attack
 from fedit.client.session import LocalClient
 from fedit.config import ConfigError, RunConfig, to_toml
 from fedit.deploy import wire
@@ -423,7 +424,15 @@ class RuntimeSession(RunSession):
         self.pad_id = tokenizer.pad_token_id
         privacy = client_plan(cfg, data.num_clients)
         self.clients = [
-            LocalClient(k, examples, pairs, self.pad_id, cfg.dpo, privacy=privacy)
+            LocalClient(
+                k,
+                examples,
+                pairs,
+                self.pad_id,
+                cfg.dpo,
+                privacy=privacy,
+                attack=client_attack(cfg, k, data.num_clients),
+            )
             for k, (examples, pairs) in enumerate(client_data(data))
         ]
 

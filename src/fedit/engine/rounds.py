@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.markup import escape
 from tqdm.auto import tqdm
 
+from fedit import attacks
 from fedit.client.dpo import preference_scores
 from fedit.client.dpo_trainer import pair_logps
 from fedit.client.trainer import round_learning_rate, steps_per_round
@@ -178,6 +179,11 @@ class RoundLoop:
         self.selection_seed = selection_seed(cfg)
         if self.privacy is not None:
             console.print(escape(self.privacy.describe()))
+        self.attack: dict[str, Any] = {}  # every round line's "attack" entry
+        if cfg.attack.kind != "none":
+            malicious = attacks.malicious_clients(cfg, num_clients)
+            self.attack = {"kind": cfg.attack.kind, "clients": malicious}
+            console.print(escape(attacks.describe(cfg, malicious)))
         # Before _restore folds any exact-aggregation residual into the base: π_ref = W0.
         self.heldout_reference = self._base_logps(heldout_pairs)
         self.client_state = ClientStateStore([])
@@ -288,6 +294,8 @@ class RoundLoop:
             record["aggregator"] = aggregator_metrics
         if self.privacy is not None:  # ε is a function of the rounds done: resumes agree
             record["privacy"] = self.privacy.record(r + 1)
+        if self.attack:
+            record["attack"] = dict(self.attack)
         if rejected:
             record["rejected"] = [rejection.as_record() for rejection in rejected]
         if replies.dropped:

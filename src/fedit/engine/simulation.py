@@ -32,6 +32,7 @@ import torch
 from rich.console import Console
 from rich.markup import escape
 
+from fedit.attacks.model import client_attack
 from fedit.client.precision import half_precision_frozen_weights
 from fedit.client.session import LocalClient
 from fedit.config import RunConfig, TrainConfig
@@ -88,7 +89,15 @@ class Simulation:
         base_originals: dict[str, torch.Tensor] = {}  # W0 of weights with a residual
         privacy = client_plan(cfg, data.num_clients)
         clients = [
-            LocalClient(k, examples, pairs, tokenizer.pad_token_id, cfg.dpo, privacy=privacy)
+            LocalClient(
+                k,
+                examples,
+                pairs,
+                tokenizer.pad_token_id,
+                cfg.dpo,
+                privacy=privacy,
+                attack=client_attack(cfg, k, data.num_clients),
+            )
             for k, (examples, pairs) in enumerate(client_data(data))
         ]
         runner = InProcessRunner(cfg, model, clients, base_originals, self.show_progress)
