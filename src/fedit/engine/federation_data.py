@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from fedit.attacks import malicious_clients
+from fedit.attacks.data import client_records
 from fedit.client.trainer import steps_per_round
 from fedit.config import MAX_STEPS_PER_ROUND, ConfigError, RunConfig
 from fedit.data.preferences import (
@@ -72,7 +74,11 @@ def _prepare_records(cfg: RunConfig, tokenizer) -> FederationData:
     prepared = prepare_records(cfg)
     reports: list[TruncationReport] = []
     clients = []
-    for records in _records_to_tokenize(cfg, prepared.train, prepared.parts):
+    # N is known now: ids beyond it are refused before anything is tokenised. An attack
+    # implies federation.mode = "federated" (RunConfig), so k is the client's id.
+    malicious = malicious_clients(cfg, len(prepared.parts))
+    for k, records in enumerate(_records_to_tokenize(cfg, prepared.train, prepared.parts)):
+        records = client_records(cfg, k, records, malicious)
         examples, report = _tokenize(cfg, tokenizer, records)
         clients.append(examples)
         reports.append(report)
@@ -257,11 +263,18 @@ def centralized_steps(
 
 
 def tokenize_owner_data(
-    cfg: RunConfig, tokenizer, records: Sequence[Record], pairs: Sequence[PreferencePair]
+    cfg: RunConfig,
+    tokenizer,
+    records: Sequence[Record],
+    pairs: Sequence[PreferencePair],
+    client_id: int,
 ) -> tuple[list[TokenizedExample], list[TokenizedPair]]:
-    """One data owner's records and pairs, tokenised as the simulation tokenises a client's
-    (a deployment's owner holds just its own), refused with the reason when the round's
-    objective would find nothing to train on."""
+    """Data owner ``client_id``'s records and pairs, tokenised as the simulation tokenises a
+    client's (a deployment's owner holds just its own; a data attack poisons them the same
+    way), refused with the reason when the round's objective would find nothing to train
+    on."""
+    malicious = malicious_clients(cfg, cfg.partition.num_clients)  # N: the roster's size
+    records = client_records(cfg, client_id, records, malicious)
     examples, report = _tokenize(cfg, tokenizer, records)
     tokenized_pairs, pair_report = tokenize_pairs_for(cfg, tokenizer, pairs)
     objective = cfg.train.objective
