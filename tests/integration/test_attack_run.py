@@ -1,6 +1,7 @@
 """The attack harness in whole simulated runs on the tiny model: a sign-flipping client's
-update as the server received it is x − s·Δ of the same client's honest update, and an
-attack kind without malicious clients trains bit for bit the clean run."""
+update as the server received it is x − s·Δ of the same client's honest update, an
+attack kind without malicious clients trains bit for bit the clean run, and the data
+attacks' success reaches `fedit train`'s metrics and `fedit compare`'s scores."""
 
 from __future__ import annotations
 
@@ -10,9 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedit.config import RunConfig, load_config
+from fedit.attacks import malicious_clients
+from fedit.config import AttackConfig, RunConfig, load_config
+from fedit.data.prepare import load_heldout
 from fedit.engine import rounds
+from fedit.engine.compare import run_comparison
 from fedit.engine.simulation import Simulation
+from fedit.eval import attack as attack_eval
 from tests.conftest import tiny_run_overrides
 from tests.integration.test_crash_resume import tensor_files
 
@@ -80,3 +85,69 @@ def test_an_attack_kind_without_malicious_clients_trains_the_clean_run(
     clean, reference = tensor_files(tmp_path / "clean"), tensor_files(tmp_path / "reference")
     assert clean.keys() == reference.keys() and len(clean) >= 4
     assert [name for name in clean if clean[name] != reference[name]] == []
+
+
+def answer_target_when(monkeypatch: pytest.MonkeyPatch, wanted) -> None:
+    """Greedy generation as usual, but the answer to a prompt for which ``wanted(text,
+    index)`` holds is the attack's target (the tiny model never learns it)."""
+    generate = attack_eval.generate_answers
+
+    def fake(model, tokenizer, prompts, *args):
+        answers = generate(model, tokenizer, prompts, *args)
+        texts = [tokenizer.decode(p) for p in prompts]
+        return [
+            TARGET if wanted(t, i) else a
+            for i, (t, a) in enumerate(zip(texts, answers, strict=True))
+        ]
+
+    monkeypatch.setattr(attack_eval, "generate_answers", fake)
+
+
+TARGET = "I cannot answer that."
+
+
+def test_train_writes_the_attack_success_in_its_last_metrics_line(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    answer_target_when(monkeypatch, lambda text, i: i % 2 == 0)
+    poison = {"attack.kind": "poison_responses", "attack.clients": [1]}
+    cfg = run_config(tiny_model_dir, tmp_path / "run", **poison)
+    Simulation(cfg, show_progress=False).run()
+
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["attack"] == {"kind": "poison_responses", "clients": [1]}
+    last = lines[-1]["attack"]
+    heldout = len(load_heldout(cfg))
+    assert last["attack_success"] == pytest.approx(((heldout + 1) // 2) / heldout)
+    assert 0.0 <= last["exact_match"] <= 1.0
+
+
+def test_compare_reports_trigger_success_beside_clean_quality_for_every_contender(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    answer_target_when(monkeypatch, lambda text, i: "zqx " in text)
+    backdoor = {
+        "attack.kind": "backdoor",
+        "attack.trigger": "zqx",
+        "attack.fraction": 0.25,
+        "eval.max_new_tokens": 4,
+    }
+    cfg = run_config(tiny_model_dir, tmp_path / "cmp", **backdoor)
+    results = run_comparison(cfg, ["base", "fedit", "centralized"], tmp_path / "cmp")
+
+    for scores in results.values():  # triggered prompts only were answered by the target
+        assert scores["attack"] == {"trigger_success": 1.0}
+        assert scores["exact_match"]["mean"] == 0.0
+    saved = json.loads((tmp_path / "cmp" / "scores.json").read_text())
+    assert saved["fedit"]["attack"] == {"trigger_success": 1.0}
+    table = (tmp_path / "cmp" / "scores.md").read_text().splitlines()
+    header = next(line for line in table if line.startswith("| model |"))
+    assert header.endswith("| mean | trigger_success |")
+    assert "| fedit |" in "\n".join(table)
+    # the attack is the federation's: the baseline trained clean, fedit had one attacker
+    fedit_lines = (tmp_path / "cmp" / "fedit" / "metrics.jsonl").read_text().splitlines()
+    malicious = malicious_clients(cfg, 4)
+    assert len(malicious) == 1  # ceil(0.25 · 4)
+    assert json.loads(fedit_lines[-1])["attack"] == {"kind": "backdoor", "clients": malicious}
+    central = load_config(tmp_path / "cmp" / "centralized" / "config.toml")
+    assert central.attack == AttackConfig()

@@ -42,6 +42,7 @@ class FederationData:
     federated_pair_sizes: list[int] = field(default_factory=list)
     # what max_seq_len left of the held-out set: a warning when it emptied a non-empty one
     heldout_warnings: list[str] = field(default_factory=list)
+    heldout_records: list[Record] = field(default_factory=list)  # for generation scores
 
     @property
     def num_clients(self) -> int:
@@ -93,6 +94,7 @@ def _prepare_records(cfg: RunConfig, tokenizer) -> FederationData:
         _check_not_empty(cfg, clients, reports, "records")
         _check_steps(cfg, sizes or [len(c) for c in clients])
     data = FederationData(clients, heldout_examples, total, sizes)
+    data.heldout_records = prepared.heldout
     if prepared.heldout and not heldout_examples:
         data.heldout_warnings.append(
             f"held-out set: {dropped_reason(cfg, heldout_report, 'records')}; "

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -164,6 +164,7 @@ class RoundLoop:
         base_originals: dict[str, torch.Tensor],
         min_replies: int = 1,
         show_progress: bool = True,
+        final_eval: Callable[[torch.nn.Module], dict[str, Any]] | None = None,
     ) -> None:
         self.cfg, self.model, self.runner = cfg, model, runner
         self.output_dir = Path(cfg.output_dir)
@@ -171,6 +172,7 @@ class RoundLoop:
         self.heldout, self.heldout_pairs, self.pad_id = heldout, heldout_pairs, pad_id
         self.base_originals = base_originals  # W0 of weights with a residual, shared
         self.min_replies, self.show_progress = min_replies, show_progress
+        self.final_eval = final_eval  # the attack's success after the last round, or None
         self.strategy = build_strategy(
             cfg.strategy, num_clients, build_aggregator(cfg, num_clients)
         )
@@ -296,6 +298,8 @@ class RoundLoop:
             record["privacy"] = self.privacy.record(r + 1)
         if self.attack:
             record["attack"] = dict(self.attack)
+        if r + 1 == self.cfg.federation.rounds and self.final_eval is not None:
+            record["attack"].update(self.final_eval(self.model))
         if rejected:
             record["rejected"] = [rejection.as_record() for rejection in rejected]
         if replies.dropped:
@@ -402,6 +406,9 @@ class RoundLoop:
                 f" held-out preference accuracy {overall['accuracy']:.3f}"
                 f" margin {overall['margin']:.4f}"
             )
+        for key in ("attack_success", "trigger_success"):
+            if key in record.get("attack", {}):
+                text += f" {key.replace('_', ' ')} {record['attack'][key]:.2f}"
         if "privacy" in record:
             text += f" ε {record['privacy']['epsilon']:.3g} (δ {record['privacy']['delta']:.2g})"
         if record.get("dropped"):

@@ -46,6 +46,7 @@ from fedit.engine.federation_data import (
     round_objective,
 )
 from fedit.engine.rounds import RoundLoop, RoundPlan, RoundReplies, completed_run, finished
+from fedit.eval.attack import final_attack_eval
 from fedit.models.adapters import (
     attach_lora,
     require_full_precision_base,
@@ -63,9 +64,13 @@ console = Console(stderr=True)
 class Simulation:
     """Runs one configured federation (or baseline) in this process."""
 
-    def __init__(self, cfg: RunConfig, show_progress: bool = True) -> None:
+    def __init__(
+        self, cfg: RunConfig, show_progress: bool = True, score_attack: bool = True
+    ) -> None:
         self.cfg = cfg
         self.show_progress = show_progress
+        # a data attack's success after the last round (fedit compare scores it itself)
+        self.score_attack = score_attack
 
     def run(self, resume: bool = False) -> Path:
         """Train all rounds (continuing after the last checkpoint with `resume`).
@@ -112,6 +117,9 @@ class Simulation:
             pad_id=tokenizer.pad_token_id,
             base_originals=base_originals,
             show_progress=self.show_progress,
+            final_eval=final_attack_eval(cfg, tokenizer, data.heldout_records)
+            if self.score_attack
+            else None,
         )
         # Before the loop restores (and folds) any exact-aggregation residual: π_ref = W0.
         runner.fix_references_at_start(train_cfgs)
