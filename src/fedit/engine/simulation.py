@@ -92,19 +92,7 @@ class Simulation:
         if cfg.strategy.lora_aggregation == "exact":  # "auto" may have resolved to half
             require_full_precision_base(model)
         base_originals: dict[str, torch.Tensor] = {}  # W0 of weights with a residual
-        privacy = client_plan(cfg, data.num_clients)
-        clients = [
-            LocalClient(
-                k,
-                examples,
-                pairs,
-                tokenizer.pad_token_id,
-                cfg.dpo,
-                privacy=privacy,
-                attack=client_attack(cfg, k, data.num_clients),
-            )
-            for k, (examples, pairs) in enumerate(client_data(data))
-        ]
+        clients = local_clients(cfg, data, tokenizer.pad_token_id)
         runner = InProcessRunner(cfg, model, clients, base_originals, self.show_progress)
         loop = RoundLoop(
             cfg,
@@ -159,6 +147,17 @@ class Simulation:
                 steps = centralized_steps(cfg, sizes, rounds)
                 configs[objective] = replace(cfg.train, max_steps=steps)
         return configs
+
+
+def local_clients(cfg: RunConfig, data: FederationData, pad_id: int) -> list[LocalClient]:
+    """Every client of the run as a LocalClient, with local DP's plan and its attack."""
+    privacy, n = client_plan(cfg, data.num_clients), data.num_clients
+    return [
+        LocalClient(
+            k, examples, pairs, pad_id, cfg.dpo, privacy=privacy, attack=client_attack(cfg, k, n)
+        )
+        for k, (examples, pairs) in enumerate(client_data(data))
+    ]
 
 
 def client_data(data: FederationData):
