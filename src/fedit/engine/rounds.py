@@ -298,14 +298,14 @@ class RoundLoop:
             record["privacy"] = self.privacy.record(r + 1)
         if self.attack:
             record["attack"] = dict(self.attack)
-        if r + 1 == self.cfg.federation.rounds and self.final_eval is not None:
-            record["attack"].update(self.final_eval(self.model))
         if rejected:
             record["rejected"] = [rejection.as_record() for rejection in rejected]
         if replies.dropped:
             record["dropped"] = [rejection.as_record() for rejection in replies.dropped]
         if r + 1 == self.cfg.federation.rounds or (r + 1) % self.cfg.eval.every_rounds == 0:
             record.update(self._evaluate())
+        if r + 1 == self.cfg.federation.rounds and self.final_eval is not None:
+            record["attack"].update(self.final_eval(self.model))
         record["seconds"] = time.perf_counter() - started
         self._commit(record, global_state, residual)
         return global_state, residual
