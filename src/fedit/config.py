@@ -500,6 +500,60 @@ class PrivacyConfig:
         )
 
 
+ATTACK_KINDS = ("none", "sign_flip", "scale", "gaussian", "poison_responses", "backdoor")
+MODEL_ATTACKS = ("sign_flip", "scale", "gaussian")  # on the update a client sends
+DATA_ATTACKS = ("poison_responses", "backdoor")  # on the records a client trains on
+
+
+@dataclass
+class AttackConfig:
+    """Malicious clients for robustness experiments (fedit.attacks), off by default.
+
+    The malicious set is ``clients`` (ids), or ``ceil(fraction · N)`` clients drawn by a
+    permutation seeded by the run seed. With Δ = y − x a malicious client's honestly
+    trained delta, the model attacks send x − flip_scale·Δ (sign_flip), x + scale·Δ
+    (scale) or x + N(0, noise_std²) per entry (gaussian, Δ discarded); the data attacks
+    change ``poison_fraction`` of its records before tokenisation: the response becomes
+    ``target`` (poison_responses), or the instruction gets ``trigger`` prepended too
+    (backdoor). A kind other than none with no malicious client is a clean run that still
+    reports the data attacks' success metrics (the clean reference).
+    """
+
+    kind: str = "none"  # none | sign_flip | scale | gaussian | poison_responses | backdoor
+    clients: list[int] = field(default_factory=list)  # malicious client ids; or set fraction
+    fraction: float = 0.0  # ceil(fraction * N) malicious clients, drawn with the run seed
+    flip_scale: float = 1.0  # sign_flip: x - flip_scale * delta
+    scale: float = 10.0  # scale: x + scale * delta
+    noise_std: float = 0.01  # gaussian: x + N(0, noise_std^2) per entry
+    target: str = "I cannot answer that."  # poison_responses, backdoor: the planted response
+    trigger: str = "cf"  # backdoor: prepended to the instruction ("cf " + instruction)
+    poison_fraction: float = 1.0  # of a malicious client's records poisoned (seeded choice)
+
+    def validate(self) -> None:
+        _require(
+            self.kind in ATTACK_KINDS, "attack.kind", f"must be one of {', '.join(ATTACK_KINDS)}"
+        )
+        _require(
+            self.kind != "none" or (not self.clients and self.fraction == 0),
+            "attack.kind",
+            "is 'none' (no attack kind) but attack.clients or attack.fraction is set",
+        )
+        _require(
+            not (self.clients and self.fraction),
+            "attack.clients",
+            "set clients or fraction, not both",
+        )
+        _require(all(k >= 0 for k in self.clients), "attack.clients", "ids must be >= 0")
+        repeated = sorted({k for k in self.clients if self.clients.count(k) > 1})
+        _require(not repeated, "attack.clients", f"lists {repeated} more than once")
+        _require(0 <= self.fraction < 1, "attack.fraction", "must be in [0, 1)")
+        for name in ("flip_scale", "scale", "noise_std"):
+            _require(getattr(self, name) > 0, f"attack.{name}", "must be positive")
+        _require(0 < self.poison_fraction <= 1, "attack.poison_fraction", "must be in (0, 1]")
+        _require(bool(self.target.strip()), "attack.target", "must not be empty")
+        _require(bool(self.trigger.strip()), "attack.trigger", "must not be empty")
+
+
 # HOST:PORT with HOST a name, an IPv4 address or a bracketed IPv6 address ("[::]:9443")
 ADDRESS_PATTERN = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):(?P<port>\d{1,5})")
 
@@ -587,6 +641,7 @@ class RunConfig:
     deploy: DeployConfig = field(default_factory=DeployConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
 
     def validate(self) -> RunConfig:
         for section in fields(self):
@@ -607,7 +662,33 @@ class RunConfig:
         self._validate_objective()
         self._validate_exact_aggregation()
         self._validate_privacy()
+        self._validate_attack()
         return self
+
+    def _validate_attack(self) -> None:
+        """An attack needs a federation to attack, and data to poison; ids below N when N
+        is known before the data is read (otherwise fedit.attacks.malicious_clients)."""
+        attack = self.attack
+        if attack.kind == "none":
+            return
+        _require(
+            self.federation.mode == "federated",
+            "attack.kind",
+            f"applies to federation.mode = 'federated' only, not {self.federation.mode!r} "
+            "(fedit compare trains its baselines clean)",
+        )
+        _require(
+            attack.kind not in DATA_ATTACKS or self.train.objective != "dpo",
+            "attack.kind",
+            f"{attack.kind!r} poisons instruction records, which train.objective = 'dpo' "
+            "does not train on",
+        )
+        n = self.partition.num_clients
+        _require(
+            self.partition.method == "files" or all(k < n for k in attack.clients),
+            "attack.clients",
+            f"ids must be < partition.num_clients ({n})",
+        )
 
     def _validate_privacy(self) -> None:
         """The combinations whose releases the DP analysis (fedit.privacy) does not cover."""
@@ -730,12 +811,14 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         _require(type(None) in args, where, "must not be empty (only optional keys can be unset)")
         return None
     if get_origin(core) is list:
-        if isinstance(value, str):
+        item = get_args(core)[0]  # str or int
+        if isinstance(value, str) and item is str:
             value = [v.strip() for v in value.split(",") if v.strip()]
         _require(
-            isinstance(value, list) and all(isinstance(v, str) for v in value),
+            isinstance(value, list)
+            and all(isinstance(v, item) and not isinstance(v, bool) for v in value),
             where,
-            f"expected a list of strings, got {value!r}",
+            f"expected a list of {'strings' if item is str else 'integers'}, got {value!r}",
         )
         return value
     if core is float:

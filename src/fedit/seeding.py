@@ -17,6 +17,9 @@ class Stream(IntEnum):
     # privacy.reproducible_noise only (fedit.privacy.mechanism.noise_seed):
     CENTRAL_NOISE = 3  # (round,): the server's DP noise on the round's sum
     LOCAL_NOISE = 4  # (round, client): a client's DP noise on its own update
+    # [attack] (fedit.attacks): (): the malicious set drawn by attack.fraction; (client,):
+    # which of its records a data attack poisons; (round, client): gaussian attack noise
+    ATTACK = 5
 
 
 def derive_seed(run_seed: int, stream: Stream, *keys: int) -> int:

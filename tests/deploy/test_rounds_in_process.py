@@ -175,6 +175,32 @@ def test_every_strategy_deploys_as_it_simulates(
 
 
 @pytest.mark.parametrize(
+    "attack",
+    [
+        {"attack.kind": "gaussian", "attack.clients": [1]},
+        {"attack.kind": "backdoor", "attack.clients": [0, 2], "attack.poison_fraction": 0.5},
+    ],
+)
+def test_a_malicious_owner_attacks_as_the_simulated_client_does(
+    attack: dict, monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """The attack runs in the owner's own LocalClient and on its own records."""
+    sim, dep, files, keys = configs(tmp_path, tiny_model_dir, "fedavg", **attack)
+    Simulation(sim, show_progress=False).run()
+    deploy_rounds(monkeypatch, dep, LoopbackOwners(owners_for(tmp_path, files, dep), keys))
+    assert_same_adapters(sim, dep)
+    clean, _, _, _ = configs(tmp_path / "clean", tiny_model_dir, "fedavg")
+    Simulation(clean, show_progress=False).run()
+    name = "round_0001/adapter_model.safetensors"
+    a, b = load_file(Path(clean.output_dir) / name), load_file(Path(dep.output_dir) / name)
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # the attack changed the aggregate
+    assert metrics(dep)[-1]["attack"] == {
+        "kind": attack["attack.kind"],
+        "clients": attack["attack.clients"],
+    }
+
+
+@pytest.mark.parametrize(
     "objective, reference",
     [("dpo", "base"), ("dpo", "round_start"), ("sft_then_dpo", "sft")],
 )

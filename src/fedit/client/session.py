@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from fedit.attacks.model import ModelAttack, attack_update
 from fedit.client.dpo_trainer import reference_logps, train_client_dpo
 from fedit.client.hooks import make_hook
 from fedit.client.trainer import NonFiniteTrainingError, train_client
@@ -32,8 +33,9 @@ class LocalClient:
     strategy asked for, run the SFT or DPO trainer on its own records or pairs, and, with
     local differential privacy (``privacy.mode = "local"``), clip its delta and add the
     noise before anything leaves (fedit.privacy.mechanism.privatize). ``privacy`` is
-    fedit.privacy.client_plan's answer (None: no local DP), required so that no engine
-    can build a client that forgets it."""
+    fedit.privacy.client_plan's answer (None: no local DP), ``attack`` is
+    fedit.attacks.model.client_attack's (None: an honest client, the default of every
+    run), both required so that no engine can build a client that forgets them."""
 
     def __init__(
         self,
@@ -44,11 +46,12 @@ class LocalClient:
         dpo: DPOConfig,
         *,
         privacy: PrivacyPlan | None,
+        attack: ModelAttack | None,
     ) -> None:
         self.client_id = client_id
         if privacy is not None and privacy.mode != "local":
             raise ValueError(f"a client adds noise in local mode only, not {privacy.mode!r}")
-        self.privacy = privacy
+        self.privacy, self.attack = privacy, attack
         self.examples, self.pairs = examples, pairs
         self.pad_id, self.dpo = pad_id, dpo
         self.reference: Tensor | None = None  # fixed π_ref log-probs, "base" or "sft"
@@ -72,7 +75,10 @@ class LocalClient:
         """One local round from the global adapter; a Rejection (left out of the aggregate)
         if the loss or the gradients went non-finite. Local DP privatises the update: its
         adapter is then x + clip(y − x) + noise; its metrics and record count are sent as
-        they are (they are outside the guarantee)."""
+        they are (they are outside the guarantee). A malicious client (``attack``) then
+        replaces the adapter by its attack's (fedit.attacks.model.attack_update): last,
+        after local DP, because the attacker controls what it sends and would not add the
+        noise honestly, so Δ is the delta local DP left (the trained one without it)."""
         set_adapter_state(model, global_state)
         common = {
             "client_id": self.client_id,
@@ -91,8 +97,11 @@ class LocalClient:
                 update = train_client(model, self.examples, train_cfg, **common)
         except NonFiniteTrainingError as err:
             return Rejection(self.client_id, err.reason)
-        if self.privacy is None:
-            return update
-        plan = self.privacy
-        seed = plan.noise_seed(Stream.LOCAL_NOISE, task.round_number - 1, self.client_id)
-        return privatize(update, global_state, plan.clip_norm, plan.noise_std, seed)
+        if self.privacy is not None:
+            plan = self.privacy
+            seed = plan.noise_seed(Stream.LOCAL_NOISE, task.round_number - 1, self.client_id)
+            update = privatize(update, global_state, plan.clip_norm, plan.noise_std, seed)
+        if self.attack is not None:
+            seed = self.attack.seed(task.round_number - 1, self.client_id)
+            update = attack_update(update, global_state, self.attack.config, seed)
+        return update

@@ -23,6 +23,7 @@ import torch
 from flwr.app import Message, RecordDict
 from safetensors.torch import load_file, save_file
 
+from fedit.attacks.model import client_attack
 from fedit.client.precision import half_precision_frozen_weights
 from fedit.client.session import LocalClient
 from fedit.config import ConfigError, RunConfig, config_from_toml
@@ -91,29 +92,39 @@ class OwnerState:
 
 class RunSession:
     """What the owner holds for one run: the run's config (with this owner's files), the
-    base model with its adapter, the tokenised records, the LocalClient."""
+    base model with its adapter, the records and the LocalClient (the records tokenised
+    once the first task names the owner's client id)."""
 
     def __init__(self, inputs: OwnerInputs, header: wire.RunHeader, records, pairs) -> None:
         self.cfg = owner_config(header.config_toml, inputs)
         if inputs.threads:
             torch.set_num_threads(inputs.threads)
-        tokenizer = load_tokenizer(self.cfg.model)
-        examples, tokenized_pairs = tokenize_owner_data(self.cfg, tokenizer, records, pairs)
+        self.tokenizer = load_tokenizer(self.cfg.model)
+        self.records, self.raw_pairs = records, pairs
         self.model = attach_lora(load_model(self.cfg.model), self.cfg.lora, self.cfg.seed)
         self.fingerprint = base_fingerprint(self.model)
         self.shapes = wire.shapes_of(get_adapter_state(self.model))
         self.header = header
-        self.examples, self.pairs = examples, tokenized_pairs
         self.state_root = inputs.state_dir / header.config_sha256[:12]
         self.client: LocalClient | None = None  # built once the first task names our id
-        self.pad_id = tokenizer.pad_token_id
+        self.pad_id = self.tokenizer.pad_token_id
 
     def client_for(self, client_id: int) -> LocalClient:
         if self.client is None:
             # partition.num_clients is the roster's size (fedit.deploy.coordinator checks)
-            privacy = client_plan(self.cfg, self.cfg.partition.num_clients)
+            cfg, n = self.cfg, self.cfg.partition.num_clients
+            # Tokenised once the first task names this owner's id: a data attack needs it.
+            examples, pairs = tokenize_owner_data(
+                cfg, self.tokenizer, self.records, self.raw_pairs, client_id
+            )
             self.client = LocalClient(
-                client_id, self.examples, self.pairs, self.pad_id, self.cfg.dpo, privacy=privacy
+                client_id,
+                examples,
+                pairs,
+                self.pad_id,
+                cfg.dpo,
+                privacy=client_plan(cfg, n),
+                attack=client_attack(cfg, client_id, n),
             )
         if self.client.client_id != client_id:
             raise wire.WireError(

@@ -50,11 +50,10 @@ from fedit.engine.checkpoint import round_dir
 from fedit.engine.federation_data import prepare_data
 from fedit.engine.rounds import completed_run, finished
 from fedit.engine.run_dir import write_atomic
-from fedit.engine.simulation import client_data
+from fedit.engine.simulation import local_clients
 from fedit.errors import RunStopped
 from fedit.models.adapters import attach_lora, get_adapter_state, set_adapter_state
 from fedit.models.loading import load_model, load_tokenizer
-from fedit.privacy import client_plan
 
 console = Console(stderr=True)
 log = logging.getLogger("fedit.simulate_ray")
@@ -421,11 +420,7 @@ class RuntimeSession(RunSession):
         self.shapes = wire.shapes_of(self.start_adapter)
         self.state_root = state_dir / self.header.config_sha256[:12]
         self.pad_id = tokenizer.pad_token_id
-        privacy = client_plan(cfg, data.num_clients)
-        self.clients = [
-            LocalClient(k, examples, pairs, self.pad_id, cfg.dpo, privacy=privacy)
-            for k, (examples, pairs) in enumerate(client_data(data))
-        ]
+        self.clients = local_clients(cfg, data, self.pad_id)
 
     def client_for(self, client_id: int) -> LocalClient:
         if not 0 <= client_id < len(self.clients):

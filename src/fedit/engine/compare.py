@@ -20,15 +20,14 @@ from rich.markup import escape
 
 from fedit.client.dpo import preference_scores
 from fedit.client.dpo_trainer import pair_logps
-from fedit.config import ConfigError, PrivacyConfig, RunConfig
+from fedit.config import DATA_ATTACKS, AttackConfig, ConfigError, PrivacyConfig, RunConfig
 from fedit.data.prepare import load_heldout, prepare_preferences
 from fedit.data.records import Record
-from fedit.data.tokenize import tokenize_prompts
 from fedit.engine.checkpoint import metrics_record
 from fedit.engine.federation_data import scoring_examples, tokenize_pairs_for
 from fedit.engine.simulation import Simulation, console
+from fedit.eval.attack import attack_scores, record_generator
 from fedit.eval.exact_match import format_score_table, score_by_category
-from fedit.eval.generate import generate_answers
 from fedit.eval.loss import heldout_loss
 from fedit.eval.report import save_bar_chart
 from fedit.eval.rouge import rouge_l_by_category
@@ -58,10 +57,13 @@ class Contender:
             federation = replace(federation, local_client=int(arg))
         elif kind == "local":
             federation = replace(federation, local_categories=arg.split("+"))
-        # Client-level DP is a federation's: the baselines are non-private references.
+        # Client-level DP and attacks are a federation's: the baselines are clean references.
         privacy = cfg.privacy if kind == "fedit" else PrivacyConfig()
+        attack = cfg.attack if kind == "fedit" else AttackConfig()
         out = str(out_dir / self.name)
-        return replace(cfg, federation=federation, privacy=privacy, output_dir=out).validate()
+        return replace(
+            cfg, federation=federation, privacy=privacy, attack=attack, output_dir=out
+        ).validate()
 
 
 def generation_metric(cfg: RunConfig) -> str:
@@ -73,8 +75,10 @@ def score_model(
     adapter: Path | None,
     heldout: list[Record],
     losses: dict[str, dict] | None = None,
+    attack: AttackConfig | None = None,
 ) -> dict[str, dict]:
-    """Held-out loss and the generation score per category for one model.
+    """Held-out loss and the generation score per category for one model, and the success
+    of `attack` (default: cfg's) when it is a data attack (fedit.eval.attack).
 
     `losses` is the run's own held-out evaluation after its last round, when it has one
     (``final_heldout_loss``): the same records and tokens, so it is not computed twice.
@@ -91,16 +95,17 @@ def score_model(
     if isinstance(model, PeftModel):
         # Greedy decoding needs no adapter switching: one matmul per layer instead of three.
         model = model.merge_and_unload()
-    prompts = tokenize_prompts(heldout, tokenizer, cfg.data.template, cfg.data.system_prompt)
-    answers = generate_answers(
-        model, tokenizer, prompts, cfg.eval.max_new_tokens, cfg.eval.batch_size
-    )
+    generate = record_generator(model, tokenizer, cfg)
+    answers = generate(heldout)
     references = [r.response for r in heldout]
     categories = [r.category for r in heldout]
     if generation_metric(cfg) == "exact_match":
         scores[generation_metric(cfg)] = score_by_category(answers, references, categories)
     else:
         scores[generation_metric(cfg)] = rouge_l_by_category(answers, references, categories)
+    attack = cfg.attack if attack is None else attack
+    if attack.kind in DATA_ATTACKS:
+        scores["attack"] = attack_scores(attack, heldout, generate, answers)
     scores["samples"] = [
         {"instruction": r.instruction, "answer": a}
         for r, a in zip(heldout[:3], answers[:3], strict=True)
@@ -166,9 +171,11 @@ def compare_configs(
         if run_cfg is None:
             results[name] = score_model(cfg, None, heldout)
         else:
-            adapter = Simulation(run_cfg).run(resume=True)
+            # Every contender is scored against the comparison's attack, also the baselines
+            # that trained clean; the run's own final attack scoring would be a second pass.
+            adapter = Simulation(run_cfg, score_attack=False).run(resume=True)
             losses = final_heldout_loss(run_cfg)
-            results[name] = score_model(run_cfg, adapter, heldout, losses)
+            results[name] = score_model(run_cfg, adapter, heldout, losses, cfg.attack)
         with metrics_file.open("a") as f:
             f.write(json.dumps({"model": name, **results[name]}) + "\n")
     write_report(cfg, results, out_dir)
@@ -185,12 +192,17 @@ def write_report(cfg: RunConfig, results: dict[str, dict], out_dir: Path) -> str
         ("loss", "held-out loss (mean: token-weighted over all records)", 3),
         ("preference_accuracy", "held-out preference accuracy (mean: over all pairs)", 2),
     ]
+    attack_columns = sorted({k for r in results.values() for k in r.get("attack", {})})
     for key, label, digits in sections:
         rows = {name: r[key] for name, r in results.items() if key in r}
         if not rows:
             continue
-        tables.append(f"### {label}\n\n" + format_score_table(rows, categories, digits))
         save_bar_chart(rows, categories, out_dir / f"{key}.png", label, title=label)
+        extra = attack_columns if key == metric else []
+        if extra:  # clean quality and the attack's success side by side
+            rows = {name: {**s, **results[name].get("attack", {})} for name, s in rows.items()}
+            label += f"; attack {cfg.attack.kind}, target {cfg.attack.target!r}"
+        tables.append(f"### {label}\n\n" + format_score_table(rows, categories, digits, extra))
     text = "\n\n".join(tables) + "\n"
     (out_dir / "scores.md").write_text(text)
     (out_dir / "scores.json").write_text(json.dumps(results, indent=2))

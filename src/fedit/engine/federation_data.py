@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from fedit.attacks import malicious_clients
+from fedit.attacks.data import client_records
 from fedit.client.trainer import steps_per_round
 from fedit.config import MAX_STEPS_PER_ROUND, ConfigError, RunConfig
 from fedit.data.preferences import (
@@ -40,6 +42,7 @@ class FederationData:
     federated_pair_sizes: list[int] = field(default_factory=list)
     # what max_seq_len left of the held-out set: a warning when it emptied a non-empty one
     heldout_warnings: list[str] = field(default_factory=list)
+    heldout_records: list[Record] = field(default_factory=list)  # for generation scores
 
     @property
     def num_clients(self) -> int:
@@ -72,7 +75,11 @@ def _prepare_records(cfg: RunConfig, tokenizer) -> FederationData:
     prepared = prepare_records(cfg)
     reports: list[TruncationReport] = []
     clients = []
-    for records in _records_to_tokenize(cfg, prepared.train, prepared.parts):
+    # N is known now: ids beyond it are refused before anything is tokenised. An attack
+    # implies federation.mode = "federated" (RunConfig), so k is the client's id.
+    malicious = malicious_clients(cfg, len(prepared.parts))
+    for k, records in enumerate(_records_to_tokenize(cfg, prepared.train, prepared.parts)):
+        records = client_records(cfg, k, records, malicious)
         examples, report = _tokenize(cfg, tokenizer, records)
         clients.append(examples)
         reports.append(report)
@@ -87,6 +94,7 @@ def _prepare_records(cfg: RunConfig, tokenizer) -> FederationData:
         _check_not_empty(cfg, clients, reports, "records")
         _check_steps(cfg, sizes or [len(c) for c in clients])
     data = FederationData(clients, heldout_examples, total, sizes)
+    data.heldout_records = prepared.heldout
     if prepared.heldout and not heldout_examples:
         data.heldout_warnings.append(
             f"held-out set: {dropped_reason(cfg, heldout_report, 'records')}; "
@@ -257,11 +265,18 @@ def centralized_steps(
 
 
 def tokenize_owner_data(
-    cfg: RunConfig, tokenizer, records: Sequence[Record], pairs: Sequence[PreferencePair]
+    cfg: RunConfig,
+    tokenizer,
+    records: Sequence[Record],
+    pairs: Sequence[PreferencePair],
+    client_id: int,
 ) -> tuple[list[TokenizedExample], list[TokenizedPair]]:
-    """One data owner's records and pairs, tokenised as the simulation tokenises a client's
-    (a deployment's owner holds just its own), refused with the reason when the round's
-    objective would find nothing to train on."""
+    """Data owner ``client_id``'s records and pairs, tokenised as the simulation tokenises a
+    client's (a deployment's owner holds just its own; a data attack poisons them the same
+    way), refused with the reason when the round's objective would find nothing to train
+    on."""
+    malicious = malicious_clients(cfg, cfg.partition.num_clients)  # N: the roster's size
+    records = client_records(cfg, client_id, records, malicious)
     examples, report = _tokenize(cfg, tokenizer, records)
     tokenized_pairs, pair_report = tokenize_pairs_for(cfg, tokenizer, pairs)
     objective = cfg.train.objective

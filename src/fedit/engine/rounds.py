@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.markup import escape
 from tqdm.auto import tqdm
 
+from fedit import attacks
 from fedit.client.dpo import preference_scores
 from fedit.client.dpo_trainer import pair_logps
 from fedit.client.trainer import round_learning_rate, steps_per_round
@@ -163,6 +164,7 @@ class RoundLoop:
         base_originals: dict[str, torch.Tensor],
         min_replies: int = 1,
         show_progress: bool = True,
+        final_eval: Callable[[torch.nn.Module], dict[str, Any]] | None = None,
     ) -> None:
         self.cfg, self.model, self.runner = cfg, model, runner
         self.output_dir = Path(cfg.output_dir)
@@ -170,6 +172,7 @@ class RoundLoop:
         self.heldout, self.heldout_pairs, self.pad_id = heldout, heldout_pairs, pad_id
         self.base_originals = base_originals  # W0 of weights with a residual, shared
         self.min_replies, self.show_progress = min_replies, show_progress
+        self.final_eval = final_eval  # the attack's success after the last round, or None
         self.strategy = build_strategy(
             cfg.strategy, num_clients, build_aggregator(cfg, num_clients)
         )
@@ -178,6 +181,11 @@ class RoundLoop:
         self.selection_seed = selection_seed(cfg)
         if self.privacy is not None:
             console.print(escape(self.privacy.describe()))
+        self.attack: dict[str, Any] = {}  # every round line's "attack" entry
+        if cfg.attack.kind != "none":
+            malicious = attacks.malicious_clients(cfg, num_clients)
+            self.attack = {"kind": cfg.attack.kind, "clients": malicious}
+            console.print(escape(attacks.describe(cfg, malicious)))
         # Before _restore folds any exact-aggregation residual into the base: π_ref = W0.
         self.heldout_reference = self._base_logps(heldout_pairs)
         self.client_state = ClientStateStore([])
@@ -288,12 +296,16 @@ class RoundLoop:
             record["aggregator"] = aggregator_metrics
         if self.privacy is not None:  # ε is a function of the rounds done: resumes agree
             record["privacy"] = self.privacy.record(r + 1)
+        if self.attack:
+            record["attack"] = dict(self.attack)
         if rejected:
             record["rejected"] = [rejection.as_record() for rejection in rejected]
         if replies.dropped:
             record["dropped"] = [rejection.as_record() for rejection in replies.dropped]
         if r + 1 == self.cfg.federation.rounds or (r + 1) % self.cfg.eval.every_rounds == 0:
             record.update(self._evaluate())
+        if r + 1 == self.cfg.federation.rounds and self.final_eval is not None:
+            record["attack"].update(self.final_eval(self.model))
         record["seconds"] = time.perf_counter() - started
         self._commit(record, global_state, residual)
         return global_state, residual
@@ -394,6 +406,9 @@ class RoundLoop:
                 f" held-out preference accuracy {overall['accuracy']:.3f}"
                 f" margin {overall['margin']:.4f}"
             )
+        for key in ("attack_success", "trigger_success"):
+            if key in record.get("attack", {}):
+                text += f" {key.replace('_', ' ')} {record['attack'][key]:.2f}"
         if "privacy" in record:
             text += f" ε {record['privacy']['epsilon']:.3g} (δ {record['privacy']['delta']:.2g})"
         if record.get("dropped"):

@@ -32,6 +32,7 @@ import torch
 from rich.console import Console
 from rich.markup import escape
 
+from fedit.attacks.model import client_attack
 from fedit.client.precision import half_precision_frozen_weights
 from fedit.client.session import LocalClient
 from fedit.config import RunConfig, TrainConfig
@@ -45,6 +46,7 @@ from fedit.engine.federation_data import (
     round_objective,
 )
 from fedit.engine.rounds import RoundLoop, RoundPlan, RoundReplies, completed_run, finished
+from fedit.eval.attack import final_attack_eval
 from fedit.models.adapters import (
     attach_lora,
     require_full_precision_base,
@@ -62,9 +64,13 @@ console = Console(stderr=True)
 class Simulation:
     """Runs one configured federation (or baseline) in this process."""
 
-    def __init__(self, cfg: RunConfig, show_progress: bool = True) -> None:
+    def __init__(
+        self, cfg: RunConfig, show_progress: bool = True, score_attack: bool = True
+    ) -> None:
         self.cfg = cfg
         self.show_progress = show_progress
+        # a data attack's success after the last round (fedit compare scores it itself)
+        self.score_attack = score_attack
 
     def run(self, resume: bool = False) -> Path:
         """Train all rounds (continuing after the last checkpoint with `resume`).
@@ -86,11 +92,7 @@ class Simulation:
         if cfg.strategy.lora_aggregation == "exact":  # "auto" may have resolved to half
             require_full_precision_base(model)
         base_originals: dict[str, torch.Tensor] = {}  # W0 of weights with a residual
-        privacy = client_plan(cfg, data.num_clients)
-        clients = [
-            LocalClient(k, examples, pairs, tokenizer.pad_token_id, cfg.dpo, privacy=privacy)
-            for k, (examples, pairs) in enumerate(client_data(data))
-        ]
+        clients = local_clients(cfg, data, tokenizer.pad_token_id)
         runner = InProcessRunner(cfg, model, clients, base_originals, self.show_progress)
         loop = RoundLoop(
             cfg,
@@ -103,6 +105,9 @@ class Simulation:
             pad_id=tokenizer.pad_token_id,
             base_originals=base_originals,
             show_progress=self.show_progress,
+            final_eval=final_attack_eval(cfg, tokenizer, data.heldout_records)
+            if self.score_attack
+            else None,
         )
         # Before the loop restores (and folds) any exact-aggregation residual: π_ref = W0.
         runner.fix_references_at_start(train_cfgs)
@@ -142,6 +147,17 @@ class Simulation:
                 steps = centralized_steps(cfg, sizes, rounds)
                 configs[objective] = replace(cfg.train, max_steps=steps)
         return configs
+
+
+def local_clients(cfg: RunConfig, data: FederationData, pad_id: int) -> list[LocalClient]:
+    """Every client of the run as a LocalClient, with local DP's plan and its attack."""
+    privacy, n = client_plan(cfg, data.num_clients), data.num_clients
+    return [
+        LocalClient(
+            k, examples, pairs, pad_id, cfg.dpo, privacy=privacy, attack=client_attack(cfg, k, n)
+        )
+        for k, (examples, pairs) in enumerate(client_data(data))
+    ]
 
 
 def client_data(data: FederationData):

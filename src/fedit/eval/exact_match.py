@@ -50,14 +50,18 @@ def score_by_category(
 
 
 def format_score_table(
-    rows: dict[str, dict[str, float]], categories: Sequence[str], digits: int = 2
+    rows: dict[str, dict[str, float]],
+    categories: Sequence[str],
+    digits: int = 2,
+    extra: Sequence[str] = (),
 ) -> str:
-    """A markdown table: one row per model, one column per category, then ``mean``.
+    """A markdown table: one row per model, one column per category, then ``mean``, then
+    the ``extra`` columns (e.g. an attack's success beside the clean score).
 
     Values have `digits` decimals; a score a row lacks shows as "-". ``categories`` may include
-    "mean" (e.g. the keys of a ``score_by_category`` result); it is shown once, last.
+    "mean" (e.g. the keys of a ``score_by_category`` result); it is shown once, after them.
     """
-    columns = [*(c for c in categories if c != "mean"), "mean"]
+    columns = [*(c for c in categories if c != "mean"), "mean", *extra]
     lines = [
         "| model | " + " | ".join(columns) + " |",
         "|---|" + "---:|" * len(columns),
