@@ -160,6 +160,7 @@ def test_the_masking_graph_is_k_regular_symmetric_and_seeded() -> None:
     assert secagg.round_degree(6, 3) == 2
     assert secagg.round_threshold(0, 2) == 2 and secagg.round_threshold(0, 4) == 3
     assert secagg.round_threshold(4, 6) == 4
+    assert secagg.round_threshold(0, 0) == 2  # one client alone: never its own sum
 
 
 def test_a_rebuilt_mask_key_is_checked_against_the_advertised_one() -> None:

@@ -231,5 +231,6 @@ def round_degree(configured: int, alive: int) -> int:
 
 def round_threshold(configured: int, degree: int) -> int:
     """t: the configured one, or a strict majority of a client's k + 1 shareholders (its
-    neighbours and itself), SecAgg+'s guidance against a coordinator with a minority."""
-    return configured or (degree + 1) // 2 + 1
+    neighbours and itself), SecAgg+'s guidance against a coordinator with a minority; never
+    below 2, so that a round also needs two clients (the sum of one is its update)."""
+    return max(2, configured or (degree + 1) // 2 + 1)
