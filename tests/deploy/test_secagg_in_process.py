@@ -12,6 +12,7 @@ stage messages are refused with their reason.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -333,3 +334,25 @@ def side_plan(cfg: RunConfig, side: CoordinatorSide):
         base_originals={},
     )
     return loop.plan(2, get_adapter_state(side.model), {})
+
+
+def test_engines_without_a_coordinator_across_the_network_refuse_it(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """`fedit train` and `fedit simulate-ray` refuse secagg.enabled (nothing to hide in one
+    machine; the runtime's workers could not keep a client's secrets between stages), and
+    a deployment needs two clients a round."""
+    from fedit.config import ConfigError
+    from fedit.deploy.coordinator import check_deployable
+    from fedit.deploy.simulation_runtime import check_simulatable
+
+    _, dep, _, _ = secure_configs(tmp_path, tiny_model_dir)
+    with pytest.raises(ConfigError, match="secagg.enabled: secure aggregation hides"):
+        Simulation(dep, show_progress=False).run()
+    assert not Path(dep.output_dir).exists()
+    with pytest.raises(ConfigError, match="secagg.enabled: the runtime's workers"):
+        check_simulatable(dep)
+    check_deployable(dep)
+    one = replace(dep, federation=replace(dep.federation, clients_per_round=1))
+    with pytest.raises(ConfigError, match="federation.clients_per_round: secure aggregation"):
+        check_deployable(one)

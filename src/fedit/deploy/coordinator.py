@@ -53,6 +53,7 @@ from fedit.engine.rounds import RoundLoop, RoundPlan, RoundReplies, completed_ru
 from fedit.errors import DeployError
 from fedit.models.adapters import attach_lora, get_adapter_state, set_adapter_state
 from fedit.models.loading import load_model, load_tokenizer
+from fedit.server.selection import clients_per_round
 from fedit.server.strategies import STRATEGIES
 from fedit.server.validation import Rejection
 from fedit.types import AdapterState, ClientTask
@@ -82,6 +83,13 @@ def check_deployable(cfg: RunConfig) -> None:
             "strategy.lora_aggregation: 'exact' folds a dense residual into every owner's "
             "base weights each round (model-sized traffic); deployments use 'separate'"
         )
+    if cfg.secagg.enabled:
+        fed = cfg.federation
+        if clients_per_round(len(deploy.clients), fed.clients_per_round, fed.fraction) < 2:
+            raise ConfigError(
+                "federation.clients_per_round: secure aggregation needs at least 2 clients a "
+                "round (the sum of one client's update is that update)"
+            )
     for path in deploy.clients:
         if not Path(path).is_file():
             raise ConfigError(f"deploy.clients: {path}: no such file")

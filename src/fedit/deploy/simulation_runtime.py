@@ -137,6 +137,13 @@ def check_simulatable(cfg: RunConfig) -> None:
             "each round, which the runtime's workers (fed as a deployment's owners, with "
             "adapters only) never receive; use 'separate', or `fedit train`"
         )
+    if cfg.secagg.enabled:
+        raise ConfigError(
+            "secagg.enabled: the runtime's workers answer any client's messages, so no "
+            "client could keep its secrets from one stage of a secure round to the next, and "
+            "in one machine the coordinator holds every update anyway; run secure "
+            "aggregation with `fedit coordinate`"
+        )
     if importlib.util.find_spec("ray") is None:
         raise ConfigError(
             "fedit simulate-ray needs Ray: pip install 'fedit[ray]' (flwr[simulation])"
