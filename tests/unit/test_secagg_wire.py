@@ -58,13 +58,21 @@ def test_every_stage_request_round_trips() -> None:
     assert {(r.round_number, r.client_id) for r in decoded.values()} == {(2, 1)}
 
 
-def field(stage: str, key: str, value) -> Callable[[], RecordDict]:
+def changed(
+    source: Callable[[], dict[str, RecordDict]], stage: str, key: str, value
+) -> Callable[[], RecordDict]:
+    """source()[stage] with its "secagg" record's `key` set to `value`."""
+
     def build() -> RecordDict:
-        content = requests()[stage]
+        content = source()[stage]
         content["secagg"][key] = value
         return content
 
     return build
+
+
+def field(stage: str, key: str, value) -> Callable[[], RecordDict]:
+    return changed(requests, stage, key, value)
 
 
 @pytest.mark.parametrize(
@@ -130,12 +138,7 @@ def test_replies_round_trip_and_statuses_pass_through() -> None:
 
 
 def reply_field(stage: str, key: str, value) -> Callable[[], RecordDict]:
-    def build() -> RecordDict:
-        content = replies()[stage]
-        content["secagg"][key] = value
-        return content
-
-    return build
+    return changed(replies, stage, key, value)
 
 
 @pytest.mark.parametrize(
