@@ -71,3 +71,13 @@ def test_local_differential_privacy_composes_with_it() -> None:
         [*ON, "privacy.mode=local", "privacy.noise_multiplier=1.0", "strategy.weighting=uniform"],
     )
     assert cfg.privacy.mode == "local" and cfg.secagg.enabled
+
+
+def test_a_resume_may_change_how_long_the_stages_wait_and_nothing_else_of_it() -> None:
+    from fedit.engine.run_dir import resume_conflicts
+
+    saved = load_config(None, ON)
+    waits = load_config(None, [*ON, "secagg.stage_timeout=30"])
+    assert resume_conflicts(saved, waits) == []
+    fewer_bits = load_config(None, [*ON, "secagg.bits=24"])
+    assert resume_conflicts(saved, fewer_bits) == ["secagg.bits (32 -> 24)"]

@@ -208,3 +208,17 @@ def test_masked_metrics_are_the_losses_only() -> None:
     with pytest.raises(WireError, match="metrics: unexpected"):
         sw.decode_masked(carried(dpo), 2, 20, "sft")
     assert isinstance(MetricRecord({"train_loss": 1.0}), MetricRecord)
+
+
+def test_owners_get_the_secagg_parameters_but_not_the_coordinators_waiting() -> None:
+    """The header (and so each owner's loaded session) must not change when a resume
+    changes secagg.stage_timeout; bits, clip range, k and t are the owners' to check."""
+    import tomllib
+
+    from fedit.config import load_config
+    from fedit.deploy.traffic import owners_config
+
+    cfg = load_config(None, ["data.path=synthetic", "secagg.enabled=true", "secagg.bits=24"])
+    sent = tomllib.loads(owners_config(cfg))["secagg"]
+    assert sent["bits"] == 24 and sent["enabled"] is True
+    assert "stage_timeout" not in sent
