@@ -51,7 +51,7 @@ def test_a_secure_deployment_uploads_masks_and_learns_the_simulations_mean(
 
     deployment.extra["secagg.enabled"] = True  # the deployment only: a simulation refuses it
     coordinator = deployment.coordinator()
-    owners = [deployment.owner(k) for k in range(3)]
+    owners = [deployment.owner(k, "--secure-aggregation-only") for k in range(3)]
     assert deployment.wait_exit(coordinator) == 0, coordinator.log_text()[-3000:]
     for owner in owners:
         owner.stop()

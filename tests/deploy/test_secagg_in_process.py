@@ -356,3 +356,21 @@ def test_engines_without_a_coordinator_across_the_network_refuse_it(
     one = replace(dep, federation=replace(dep.federation, clients_per_round=1))
     with pytest.raises(ConfigError, match="federation.clients_per_round: secure aggregation"):
         check_deployable(one)
+
+
+def test_owners_that_insist_refuse_a_run_without_secure_aggregation(
+    monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """`fedit join --secure-aggregation-only`: a coordinator that switches secagg off gets
+    no plaintext update from such an owner."""
+    from fedit.deploy.owner import DataOwner
+    from fedit.server.validation import AllUpdatesRejectedError
+
+    _, dep, files, keys = secure_configs(tmp_path, tiny_model_dir)
+    plain = replace(dep, secagg=replace(dep.secagg, enabled=False))
+    owners = [
+        DataOwner(replace(o.inputs, secure_only=True)) for o in owners_for(tmp_path, files, plain)
+    ]
+    with pytest.raises(AllUpdatesRejectedError, match="--secure-aggregation-only"):
+        deploy_rounds(monkeypatch, plain, SecureLoopback(owners, keys))
+    assert not (Path(plain.output_dir) / "round_0001").exists()

@@ -56,6 +56,9 @@ class OwnerInputs:
     fields: str = "dolly"  # how this owner's records file names its fields (data.fields)
     preference_format: str = "auto"  # its pairs' format (data.preference_format)
     threads: int | None = None
+    # refuse every run whose config does not enable secure aggregation (so a coordinator
+    # cannot switch it off and receive this owner's update in plaintext)
+    secure_only: bool = False
 
 
 class OwnerState:
@@ -184,10 +187,13 @@ def _toml_path(path: Path | str | None) -> str:
 class DataOwner:
     """Serves a data owner's rounds; ``handle`` is the executor's message handler."""
 
+    secure_only = False  # OwnerInputs.secure_only
+
     def __init__(self, inputs: OwnerInputs) -> None:
         if inputs.data is None and inputs.preference_data is None:
             raise ConfigError("a data owner needs --data (records) or --preference-data")
         self.inputs = inputs
+        self.secure_only = inputs.secure_only
         # Read and validated now, so a bad file is reported before joining anything.
         self.records: list[Record] = (
             read_records(str(inputs.data), inputs.fields) if inputs.data else []
@@ -217,6 +223,11 @@ class DataOwner:
         so a coordinator cannot ask for a plaintext update of a run that promised a sum."""
         try:
             session = self.session_for(wire.decode_header(content))
+            if self.secure_only and not session.cfg.secagg.enabled:
+                raise wire.WireError(
+                    "secagg.enabled: this owner joined with --secure-aggregation-only and "
+                    "the run does not enable it"
+                )
             if session.cfg.secagg.enabled != secure:
                 raise wire.WireError(
                     "secagg.enabled: this run's config "

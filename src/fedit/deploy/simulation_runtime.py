@@ -379,7 +379,7 @@ class RuntimeOwners(DataOwner):
             Path(cfg.output_dir) / FEDERATION_DIR / WORKERS_DIR / f"{os.getpid()}.json"
         )
 
-    def _session(self, header: wire.RunHeader) -> RunSession:
+    def session_for(self, header: wire.RunHeader) -> RunSession:
         """The run's session (the model loaded on the first task), then DataOwner's check
         of the base model. A task of another config is refused: this worker's records are
         prepared for its own."""
@@ -392,7 +392,7 @@ class RuntimeOwners(DataOwner):
             log.info("worker %d: base model loads: %d", os.getpid(), self.model_loads)
         if header.config_sha256 != self.session.header.config_sha256:
             raise wire.WireError("run.config_sha256: not the config this worker prepared")
-        return super()._session(header)
+        return super().session_for(header)
 
     def record(self) -> None:
         """This worker's counts, for the driver's report (and the tests)."""
