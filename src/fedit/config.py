@@ -632,8 +632,8 @@ class RunConfig:
     dpo: DPOConfig = field(default_factory=DPOConfig)
     deploy: DeployConfig = field(default_factory=DeployConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
-    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def validate(self) -> RunConfig:
         for section in fields(self):
@@ -653,52 +653,9 @@ class RunConfig:
         )
         self._validate_objective()
         self._validate_exact_aggregation()
-        self._validate_privacy()
         self._validate_secagg()
+        self._validate_privacy()
         return self
-
-    def _validate_secagg(self) -> None:
-        """What cannot work when the coordinator sees the sum of the updates only."""
-        if not self.secagg.enabled:
-            return
-        strategy, why = self.strategy, "with secagg.enabled: the coordinator sees only the sum"
-        checks = (
-            (
-                strategy.aggregator == "mean",
-                "strategy.aggregator",
-                f"must be 'mean' {why}, and {strategy.aggregator!r} needs the single updates",
-            ),
-            (
-                strategy.name != "scaffold",
-                "strategy.name",
-                f"scaffold cannot be used {why}: it needs each client's control variate",
-            ),
-            (
-                strategy.lora_aggregation == "separate",
-                "strategy.lora_aggregation",
-                f"must be 'separate' {why}: 'exact' needs each client's factors",
-            ),
-            (
-                self.validation.max_update_norm is None,
-                "validation.max_update_norm",
-                f"must be unset {why}: the bound needs each plaintext update (the quantiser "
-                "clips every entry to secagg.clip_range instead)",
-            ),
-            (
-                self.privacy.mode != "central",
-                "privacy.mode",
-                f"'central' cannot be used {why}: its clipping of each update is the "
-                "server's, so it would have to trust every client's; use 'local'",
-            ),
-            (
-                self.federation.mode == "federated",
-                "federation.mode",
-                f"{self.federation.mode!r} is a baseline of one client: secagg.enabled has "
-                "nothing to aggregate",
-            ),
-        )
-        for condition, where, message in checks:
-            _require(condition, where, message)
 
     def _validate_privacy(self) -> None:
         """The combinations whose releases the DP analysis (fedit.privacy) does not cover."""
@@ -750,6 +707,49 @@ class RunConfig:
             f"must be 'separate' with {where}: 'exact' folds a residual computed from the "
             "clients' un-noised adapters into the base weights",
         )
+
+    def _validate_secagg(self) -> None:
+        """What cannot work when the coordinator sees the sum of the updates only."""
+        if not self.secagg.enabled:
+            return
+        strategy, why = self.strategy, "with secagg.enabled: the coordinator sees only the sum"
+        checks = (
+            (
+                strategy.aggregator == "mean",
+                "strategy.aggregator",
+                f"must be 'mean' {why}, and {strategy.aggregator!r} needs the single updates",
+            ),
+            (
+                strategy.name != "scaffold",
+                "strategy.name",
+                f"scaffold cannot be used {why}: it needs each client's control variate",
+            ),
+            (
+                strategy.lora_aggregation == "separate",
+                "strategy.lora_aggregation",
+                f"must be 'separate' {why}: 'exact' needs each client's factors",
+            ),
+            (
+                self.validation.max_update_norm is None,
+                "validation.max_update_norm",
+                f"must be unset {why}: the bound needs each plaintext update (the quantiser "
+                "clips every entry to secagg.clip_range instead)",
+            ),
+            (
+                self.privacy.mode != "central",
+                "privacy.mode",
+                f"'central' cannot be used {why}: its clipping of each update is the "
+                "server's, so it would have to trust every client's; use 'local'",
+            ),
+            (
+                self.federation.mode == "federated",
+                "federation.mode",
+                f"{self.federation.mode!r} is a baseline of one client: secagg.enabled has "
+                "nothing to aggregate",
+            ),
+        )
+        for condition, where, message in checks:
+            _require(condition, where, message)
 
     def _validate_exact_aggregation(self) -> None:
         """Exact LoRA aggregation folds small residuals into the base weights: they must be

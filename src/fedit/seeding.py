@@ -17,7 +17,7 @@ class Stream(IntEnum):
     # privacy.reproducible_noise only (fedit.privacy.mechanism.noise_seed):
     CENTRAL_NOISE = 3  # (round,): the server's DP noise on the round's sum
     LOCAL_NOISE = 4  # (round, client): a client's DP noise on its own update
-    SECAGG_GRAPH = 5  # (round,): secure aggregation's masking graph (fedit.deploy.secagg)
+    SECAGG_GRAPH = 6  # (round,): secure aggregation's masking graph (fedit.deploy.secagg)
 
 
 def derive_seed(run_seed: int, stream: Stream, *keys: int) -> int:
