@@ -374,3 +374,27 @@ def test_owners_that_insist_refuse_a_run_without_secure_aggregation(
     with pytest.raises(AllUpdatesRejectedError, match="--secure-aggregation-only"):
         deploy_rounds(monkeypatch, plain, SecureLoopback(owners, keys))
     assert not (Path(plain.output_dir) / "round_0001").exists()
+
+
+def test_a_low_order_public_key_is_refused_at_the_keys_stage(
+    monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """A client advertising the all-zero key (every pair's secret would be zero) is
+    rejected before any graph is drawn; the round goes on with the others."""
+    _, dep, files, keys = secure_configs(tmp_path, tiny_model_dir)
+
+    def zero_key(k: int, stage: str, content: RecordDict) -> RecordDict:
+        if k == 2 and stage == secagg_wire.KEYS:
+            content["secagg"]["mask_key"] = bytes(32)
+        return content
+
+    loopback = SecureLoopback(owners_for(tmp_path, files, dep), keys, tamper=zero_key)
+    deploy_rounds(monkeypatch, dep, loopback)
+    line = metrics(dep)[-1]
+    assert [c["id"] for c in line["clients"]] == [0, 1]
+    assert line["rejected"] == [
+        {
+            "client": 2,
+            "reason": "malformed reply: secagg: a public key of low order (secagg keys)",
+        }
+    ]

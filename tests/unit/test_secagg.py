@@ -39,6 +39,10 @@ def test_flowers_shared_key_takes_no_x25519_keys_so_fedit_agrees_itself() -> Non
     assert secagg.mask_seed(a, pb) != secagg.agree(a, pb, secagg.ENCRYPTION_INFO)
     with pytest.raises(SecAggError, match="32 bytes"):
         secagg.mask_seed(a, pb[:31])
+    # a low-order point (all zeros) would give every partner the same zero secret
+    with pytest.raises(SecAggError, match="low order"):
+        secagg.mask_seed(a, bytes(32))
+    assert not secagg.usable_public_key(bytes(32)) and secagg.usable_public_key(pb)
 
 
 def test_share_encryption_round_trips_for_the_pair_only() -> None:

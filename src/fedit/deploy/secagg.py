@@ -105,8 +105,21 @@ def agree(private: X25519PrivateKey, peer_public: bytes, info: bytes) -> bytes:
         peer = X25519PublicKey.from_public_bytes(peer_public)
     except ValueError:
         raise SecAggError("a public key is not 32 bytes of X25519") from None
-    shared = private.exchange(peer)
+    try:
+        shared = private.exchange(peer)
+    except ValueError:  # a low-order point: the shared secret would be all zeros
+        raise SecAggError("a public key of low order (no shared secret)") from None
     return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=info).derive(shared)
+
+
+def usable_public_key(public: bytes) -> bool:
+    """Whether `public` agrees with some key: X25519 refuses low-order points, whose shared
+    secret is zero whatever the other key (a client advertising one is refused at (a))."""
+    try:
+        agree(X25519PrivateKey.generate(), public, MASK_INFO)
+    except SecAggError:
+        return False
+    return True
 
 
 def encryption_key(private: X25519PrivateKey, peer_public: bytes) -> bytes:

@@ -134,8 +134,12 @@ class SecureRound:
         keys = {}
         for k, content in self._stage(KEYS, contents).items():
             fields = self._decoded(KEYS, k, content)
-            if fields is not None:
-                keys[k] = (fields["enc_key"], fields["mask_key"])
+            if fields is None:
+                continue
+            if not all(map(secagg.usable_public_key, (fields["enc_key"], fields["mask_key"]))):
+                self._reject(k, "malformed reply: secagg: a public key of low order", KEYS)
+                continue
+            keys[k] = (fields["enc_key"], fields["mask_key"])
         return keys
 
     def _shares(self, graph, keys):
