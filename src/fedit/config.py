@@ -624,6 +624,52 @@ class ValidationConfig:
 
 
 @dataclass
+class SecAggConfig:
+    """Secure aggregation in deployments (SecAgg+, Bell et al. CCS 2020; fedit.deploy.secagg,
+    docs/design/deployment.md §7): the coordinator learns only the sum of the round's
+    surviving clients' vectors, w_k·Δ_k with w_k = n_k (weighting "examples", the n_k summed
+    alongside) or 1 ("uniform"). Every entry is clipped to [-clip_range, clip_range] and
+    quantised; the sums live in Z_{2^bits}. Each client shares its secrets among its
+    ``neighbours`` k (0: every other client of the round) and itself, any ``threshold`` t of
+    those k + 1 rebuild them (0: a strict majority, ⌊(k+1)/2⌋ + 1)."""
+
+    enabled: bool = False
+    bits: int = 32
+    clip_range: float = 1.0  # c: bound on every entry of w_k·Δ_k
+    neighbours: int = 0  # k, even (a Harary graph); 0: all (SecAgg's complete graph)
+    threshold: int = 0  # t; 0: ⌊(k+1)/2⌋ + 1
+    stage_timeout: float = 120.0  # seconds for each stage without training (keys, unmask)
+
+    def validate(self) -> None:
+        _require(16 <= self.bits <= 62, "secagg.bits", "must be in [16, 62]")
+        _require(
+            math.isfinite(self.clip_range) and self.clip_range > 0,
+            "secagg.clip_range",
+            "must be a finite number > 0",
+        )
+        _require(
+            self.neighbours == 0 or (self.neighbours >= 2 and self.neighbours % 2 == 0),
+            "secagg.neighbours",
+            "must be 0 (every other client) or an even number >= 2 (each client is joined to "
+            "k/2 clients on either side of a ring: SecAgg+'s Harary graph)",
+        )
+        _require(
+            self.threshold == 0 or self.threshold >= 2,
+            "secagg.threshold",
+            "must be 0 (a majority) or >= 2 (a threshold of 1 hands every holder the secret)",
+        )
+        if self.neighbours and self.threshold:
+            holders = self.neighbours + 1
+            _require(
+                holders / 2 < self.threshold <= holders,
+                "secagg.threshold",
+                f"must be in ({holders / 2:g}, {holders}]: more than half of a client's "
+                f"{holders} shareholders (its neighbours and itself), SecAgg+'s guidance",
+            )
+        _require(self.stage_timeout > 0, "secagg.stage_timeout", "must be positive")
+
+
+@dataclass
 class RunConfig:
     """Everything one run needs. Sections map one-to-one to TOML tables."""
 
@@ -640,6 +686,7 @@ class RunConfig:
     dpo: DPOConfig = field(default_factory=DPOConfig)
     deploy: DeployConfig = field(default_factory=DeployConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
 
@@ -661,6 +708,7 @@ class RunConfig:
         )
         self._validate_objective()
         self._validate_exact_aggregation()
+        self._validate_secagg()
         self._validate_privacy()
         self._validate_attack()
         return self
@@ -740,6 +788,49 @@ class RunConfig:
             f"must be 'separate' with {where}: 'exact' folds a residual computed from the "
             "clients' un-noised adapters into the base weights",
         )
+
+    def _validate_secagg(self) -> None:
+        """What cannot work when the coordinator sees the sum of the updates only."""
+        if not self.secagg.enabled:
+            return
+        strategy, why = self.strategy, "with secagg.enabled: the coordinator sees only the sum"
+        checks = (
+            (
+                strategy.aggregator == "mean",
+                "strategy.aggregator",
+                f"must be 'mean' {why}, and {strategy.aggregator!r} needs the single updates",
+            ),
+            (
+                strategy.name != "scaffold",
+                "strategy.name",
+                f"scaffold cannot be used {why}: it needs each client's control variate",
+            ),
+            (
+                strategy.lora_aggregation == "separate",
+                "strategy.lora_aggregation",
+                f"must be 'separate' {why}: 'exact' needs each client's factors",
+            ),
+            (
+                self.validation.max_update_norm is None,
+                "validation.max_update_norm",
+                f"must be unset {why}: the bound needs each plaintext update (the quantiser "
+                "clips every entry to secagg.clip_range instead)",
+            ),
+            (
+                self.privacy.mode != "central",
+                "privacy.mode",
+                f"'central' cannot be used {why}: its clipping of each update is the "
+                "server's, so it would have to trust every client's; use 'local'",
+            ),
+            (
+                self.federation.mode == "federated",
+                "federation.mode",
+                f"{self.federation.mode!r} is a baseline of one client: secagg.enabled has "
+                "nothing to aggregate",
+            ),
+        )
+        for condition, where, message in checks:
+            _require(condition, where, message)
 
     def _validate_exact_aggregation(self) -> None:
         """Exact LoRA aggregation folds small residuals into the base weights: they must be

@@ -20,6 +20,7 @@ class Stream(IntEnum):
     # [attack] (fedit.attacks): (): the malicious set drawn by attack.fraction; (client,):
     # which of its records a data attack poisons; (round, client): gaussian attack noise
     ATTACK = 5
+    SECAGG_GRAPH = 6  # (round,): secure aggregation's masking graph (fedit.deploy.secagg)
 
 
 def derive_seed(run_seed: int, stream: Stream, *keys: int) -> int:

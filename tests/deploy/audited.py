@@ -7,7 +7,8 @@ round N's task arrives, as a machine that goes down mid-round.
 
 Wraps fedit.deploy.flower_io.send_reply (every Message an owner sends goes through it) so
 that each reply is described in AUDIT_FILE, one JSON line each: its record names and, per
-record, the arrays' dtypes and shapes, the metric keys and values, the config items. The
+record, the arrays' dtypes and shapes (and a secure round's masked vector itself), the
+metric keys and values, the config items. The
 test then checks that nothing but adapter tensors, counts and scalar metrics left.
 """
 
@@ -33,6 +34,8 @@ def describe(reply) -> dict:
         if isinstance(record, ArrayRecord):
             arrays = {k: [a.dtype, list(a.shape), a.stype] for k, a in record.items()}
             records[name] = {"type": "arrays", "arrays": arrays}
+            if name == "masked":  # secure aggregation's input: the values, to show the mask
+                records[name]["values"] = record["vector"].numpy().tolist()
         elif isinstance(record, MetricRecord):
             records[name] = {"type": "metrics", "items": dict(record)}
         elif isinstance(record, ConfigRecord):

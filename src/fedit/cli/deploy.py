@@ -98,6 +98,13 @@ def join(
     insecure: Annotated[
         bool, typer.Option("--insecure", help="No TLS and no node key (development only)")
     ] = False,
+    secure_only: Annotated[
+        bool,
+        typer.Option(
+            "--secure-aggregation-only",
+            help="Train only for runs with secagg.enabled (the coordinator sees sums only)",
+        ),
+    ] = False,
 ) -> None:
     """Join a federation as a data owner: your records never leave this machine."""
     from fedit.deploy.join import join_federation
@@ -114,7 +121,9 @@ def join(
     stop = threading.Event()
     _stop_on_sigterm(stop)
     _log_to_stderr()
-    inputs = OwnerInputs(data, preference_data, model, state_dir, fields, threads=threads)
+    inputs = OwnerInputs(
+        data, preference_data, model, state_dir, fields, threads=threads, secure_only=secure_only
+    )
     join_federation(
         inputs, server, root_cert, key, insecure, activation_wait, connect_wait, stop=stop
     )

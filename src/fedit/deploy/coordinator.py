@@ -45,6 +45,7 @@ from fedit.deploy.processes import (
     submit_run,
     write_connection,
 )
+from fedit.deploy.secagg_round import SecureRound
 from fedit.deploy.traffic import REFERENCE_GROUP, run_header, task_content
 from fedit.engine.checkpoint import load_global_adapter, round_dir
 from fedit.engine.federation_data import tokenize_heldout, tokenize_pairs_for
@@ -52,6 +53,7 @@ from fedit.engine.rounds import RoundLoop, RoundPlan, RoundReplies, completed_ru
 from fedit.errors import DeployError
 from fedit.models.adapters import attach_lora, get_adapter_state, set_adapter_state
 from fedit.models.loading import load_model, load_tokenizer
+from fedit.server.selection import clients_per_round
 from fedit.server.strategies import STRATEGIES
 from fedit.server.validation import Rejection
 from fedit.types import AdapterState, ClientTask
@@ -81,6 +83,13 @@ def check_deployable(cfg: RunConfig) -> None:
             "strategy.lora_aggregation: 'exact' folds a dense residual into every owner's "
             "base weights each round (model-sized traffic); deployments use 'separate'"
         )
+    if cfg.secagg.enabled:
+        fed = cfg.federation
+        if clients_per_round(len(deploy.clients), fed.clients_per_round, fed.fraction) < 2:
+            raise ConfigError(
+                "federation.clients_per_round: secure aggregation needs at least 2 clients a "
+                "round (the sum of one client's update is that update)"
+            )
     for path in deploy.clients:
         if not Path(path).is_file():
             raise ConfigError(f"deploy.clients: {path}: no such file")
@@ -126,13 +135,18 @@ class FlowerRunner:
         # client gone for good must leave the others time to train
         nodes = self._wait_online(wanted, len(wanted), deploy.round_timeout / 4)
         replies = RoundReplies(updates=[])
-        sent = {}
+        online = []
         for task in plan.tasks:
             if task.client_id not in nodes:
                 replies.dropped.append(Rejection(task.client_id, "offline"))
             else:
-                content = task_content(task, global_state, self.header)
-                sent[task.client_id] = _Sent(task.client_id, task, content)
+                online.append(task)
+        if self.cfg.secagg.enabled:
+            return SecureRound(self, plan, global_state, nodes, replies).run(online, deadline)
+        sent = {}
+        for task in online:
+            content = task_content(task, global_state, self.header)
+            sent[task.client_id] = _Sent(task.client_id, task, content)
         answers = self._exchange(plan, sent, nodes, deadline, replies)
         # Owners that lack state they keep (c_k, the DPO reference: a new disk) get their
         # round again in full, within the same deadline.
@@ -165,33 +179,52 @@ class FlowerRunner:
 
     def _exchange(self, plan, sent: dict, nodes, deadline, replies: RoundReplies) -> dict:
         """Send, wait, decode; the outcome per client ("ok", one of RESENT_FOR, or a drop)."""
+        contents = {k: s.content for k, s in sent.items()}
+        received = self.deliver(contents, nodes, "train", plan.round_index + 1, deadline, replies)
+        return {k: self._accept(plan, sent[k].task, c, replies) for k, c in received.items()}
+
+    def deliver(
+        self,
+        contents: dict[int, RecordDict],
+        nodes: dict[int, int],
+        message_type: str,
+        round_number: int,
+        deadline: float,
+        replies: RoundReplies,
+        stage: str = "",
+    ) -> dict[int, RecordDict]:
+        """Each client's content to its node, the replies' contents back by client (by
+        `deadline`); every byte counted in `replies.traffic`, a client with no reply or an
+        error reply listed in `replies.dropped` (`stage` names where, for a secure round)."""
         messages = []
-        for k, s in sent.items():
+        for k, content in contents.items():
             messages.append(
                 Message(
-                    s.content,
+                    content,
                     dst_node_id=nodes[k],
-                    message_type="train",
-                    group_id=str(plan.round_index + 1),
+                    message_type=message_type,
+                    group_id=str(round_number),
                     ttl=self.cfg.deploy.round_timeout + 60,
                 )
             )
         by_node = exchange(self.run.grid, messages, deadline)
-        outcomes = {}
-        for k, s in sent.items():
+        where = f" ({stage})" if stage else ""
+        received = {}
+        for k, content in contents.items():
             traffic = replies.traffic.setdefault(k, {"bytes_down": 0, "bytes_up": 0})
-            traffic["bytes_down"] += wire.content_bytes(s.content)
+            traffic["bytes_down"] += wire.content_bytes(content)
             reply = by_node.get(nodes[k])
             if reply is None:
-                replies.dropped.append(Rejection(k, "timeout"))
+                replies.dropped.append(Rejection(k, "timeout" + where))
                 continue
             if reply.has_error():
                 error = reply.error
-                replies.dropped.append(Rejection(k, f"error {error.code}: {error.reason[:200]}"))
+                reason = f"error {error.code}: {error.reason[:200]}{where}"
+                replies.dropped.append(Rejection(k, reason))
                 continue
             traffic["bytes_up"] += wire.content_bytes(reply.content)
-            outcomes[k] = self._accept(plan, s.task, reply.content, replies)
-        return outcomes
+            received[k] = reply.content
+        return received
 
     def _accept(self, plan: RoundPlan, task: ClientTask, content, replies) -> str:
         k = task.client_id

@@ -30,7 +30,8 @@ from fedit.config import ConfigError, RunConfig, config_from_toml
 from fedit.data.preferences import PreferencePair, read_preferences
 from fedit.data.readers import read_records
 from fedit.data.records import Record
-from fedit.deploy import wire
+from fedit.deploy import secagg_wire, wire
+from fedit.deploy.secagg_owner import SecureOwner
 from fedit.deploy.traffic import REFERENCE_GROUP, reply_content
 from fedit.engine.federation_data import tokenize_owner_data
 from fedit.models.adapters import attach_lora, get_adapter_state, set_adapter_state
@@ -38,7 +39,7 @@ from fedit.models.loading import base_fingerprint, load_model, load_tokenizer
 from fedit.privacy import client_plan
 from fedit.server.aggregation import add_scaled, zeros_like
 from fedit.server.validation import Rejection
-from fedit.types import AdapterState, ClientTask
+from fedit.types import AdapterState, ClientTask, ClientUpdate
 
 log = logging.getLogger("fedit.join")
 KEPT_VERSIONS = 2  # c_k files per client: the newest, and the one before (a lost reply)
@@ -56,6 +57,9 @@ class OwnerInputs:
     fields: str = "dolly"  # how this owner's records file names its fields (data.fields)
     preference_format: str = "auto"  # its pairs' format (data.preference_format)
     threads: int | None = None
+    # refuse every run whose config does not enable secure aggregation (so a coordinator
+    # cannot switch it off and receive this owner's update in plaintext)
+    secure_only: bool = False
 
 
 class OwnerState:
@@ -194,10 +198,13 @@ def _toml_path(path: Path | str | None) -> str:
 class DataOwner:
     """Serves a data owner's rounds; ``handle`` is the executor's message handler."""
 
+    secure_only = False  # OwnerInputs.secure_only
+
     def __init__(self, inputs: OwnerInputs) -> None:
         if inputs.data is None and inputs.preference_data is None:
             raise ConfigError("a data owner needs --data (records) or --preference-data")
         self.inputs = inputs
+        self.secure_only = inputs.secure_only
         # Read and validated now, so a bad file is reported before joining anything.
         self.records: list[Record] = (
             read_records(str(inputs.data), inputs.fields) if inputs.data else []
@@ -208,14 +215,37 @@ class DataOwner:
             else []
         )
         self.session: RunSession | None = None
+        self.secure = SecureOwner(self)  # secure aggregation's per-round secrets
         self.model_loads = 0
         self.rounds_trained = 0
 
     def handle(self, message: Message) -> RecordDict:
-        """One round: check the task, train, reply (a refusal is a status reply)."""
+        """One round, or one stage of a secure round (fedit.deploy.secagg_owner): check the
+        task, train, reply (a refusal is a status reply)."""
+        if message.metadata.message_type in secagg_wire.STAGES:
+            return self.secure.handle(message.metadata.message_type, message.content)
+        answer = self.train(message.content, secure=False)
+        return answer if isinstance(answer, RecordDict) else reply_content(answer)
+
+    def train(self, content: RecordDict, secure: bool) -> ClientUpdate | Rejection | RecordDict:
+        """A round's task checked and trained: the update, a Rejection (non-finite), or the
+        status reply of a task not trained. `secure`: the task came as secure aggregation's
+        masked-input stage, which a run with secagg.enabled accepts only (and the reverse),
+        so a coordinator cannot ask for a plaintext update of a run that promised a sum."""
         try:
-            session = self._session(wire.decode_header(message.content))
-            task, global_state, held = wire.decode_task(message.content, session.shapes)
+            session = self.session_for(wire.decode_header(content))
+            if self.secure_only and not session.cfg.secagg.enabled:
+                raise wire.WireError(
+                    "secagg.enabled: this owner joined with --secure-aggregation-only and "
+                    "the run does not enable it"
+                )
+            if session.cfg.secagg.enabled != secure:
+                raise wire.WireError(
+                    "secagg.enabled: this run's config "
+                    + ("enables" if session.cfg.secagg.enabled else "does not enable")
+                    + " secure aggregation, the task says otherwise"
+                )
+            task, global_state, held = wire.decode_task(content, session.shapes)
             client = session.client_for(task.client_id)
             state = OwnerState(session.state_root / f"client_{task.client_id}")
             missing = self._restore_held(task, held, state, global_state)
@@ -238,14 +268,14 @@ class DataOwner:
         ):
             update = client.train(session.model, global_state, task, train_cfg)
         if isinstance(update, Rejection):
-            return reply_content(update)
+            return update
         if "c_k" in task.instructions.tensors:  # SCAFFOLD: c_k⁺ = c_k + Δc_k, kept here
             delta = update.extras["control_delta"]
             state.put(add_scaled(task.instructions.tensors["c_k"], delta, 1.0))
         self.rounds_trained += 1
-        return reply_content(update)
+        return update
 
-    def _session(self, header: wire.RunHeader) -> RunSession:
+    def session_for(self, header: wire.RunHeader) -> RunSession:
         """The run's session, built (and the model loaded) on the run's first task."""
         session = self.session
         if session is None or session.header.config_sha256 != header.config_sha256:

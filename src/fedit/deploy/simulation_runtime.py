@@ -136,6 +136,13 @@ def check_simulatable(cfg: RunConfig) -> None:
             "each round, which the runtime's workers (fed as a deployment's owners, with "
             "adapters only) never receive; use 'separate', or `fedit train`"
         )
+    if cfg.secagg.enabled:
+        raise ConfigError(
+            "secagg.enabled: the runtime's workers answer any client's messages, so no "
+            "client could keep its secrets from one stage of a secure round to the next, and "
+            "in one machine the coordinator holds every update anyway; run secure "
+            "aggregation with `fedit coordinate`"
+        )
     if importlib.util.find_spec("ray") is None:
         raise ConfigError(
             "fedit simulate-ray needs Ray: pip install 'fedit[ray]' (flwr[simulation])"
@@ -371,7 +378,7 @@ class RuntimeOwners(DataOwner):
             Path(cfg.output_dir) / FEDERATION_DIR / WORKERS_DIR / f"{os.getpid()}.json"
         )
 
-    def _session(self, header: wire.RunHeader) -> RunSession:
+    def session_for(self, header: wire.RunHeader) -> RunSession:
         """The run's session (the model loaded on the first task), then DataOwner's check
         of the base model. A task of another config is refused: this worker's records are
         prepared for its own."""
@@ -384,7 +391,7 @@ class RuntimeOwners(DataOwner):
             log.info("worker %d: base model loads: %d", os.getpid(), self.model_loads)
         if header.config_sha256 != self.session.header.config_sha256:
             raise wire.WireError("run.config_sha256: not the config this worker prepared")
-        return super()._session(header)
+        return super().session_for(header)
 
     def record(self) -> None:
         """This worker's counts, for the driver's report (and the tests)."""

@@ -33,6 +33,7 @@ def owners_config(cfg: RunConfig) -> str:
     for key in ("path", "preference_path", "heldout_path", "heldout_preference_path"):
         data["data"][key] = ""
     data["train"].pop("threads", None)
+    data["secagg"].pop("stage_timeout", None)  # the coordinator's waiting, not the owners
     data.pop("deploy", None)
     data.pop("eval", None)
     return to_toml(data)

@@ -187,7 +187,7 @@ def encode_task(
             **digests,
         }
     )
-    content[RUN] = ConfigRecord({key: getattr(run, key) for key in RUN_FIELDS})
+    content[RUN] = encode_header(run)
     return content
 
 
@@ -286,7 +286,7 @@ def encode_reply(update: ClientUpdate) -> RecordDict:
         {"num_examples": update.num_examples, "num_steps": update.num_steps}
     )
     content[METRICS] = MetricRecord(dict(update.metrics))
-    content[STATUS] = ConfigRecord({"outcome": "ok", "reason": ""})
+    content[STATUS] = ok_status()
     return content
 
 
@@ -310,18 +310,9 @@ def decode_reply(
     for the counts and known, finite metrics; `client_id` and `learning_rate` are the
     coordinator's own (never taken from the content). WireError names what is wrong."""
     records = _records(content, "reply")
-    if STATUS not in records:
-        raise WireError("reply: no status record")
-    status = _typed(records, STATUS, ConfigRecord)
-    _exact(status.keys(), STATUS_FIELDS, STATUS)
-    get = _reader(status, STATUS)
-    outcome = _one_of(get("outcome", str), ("ok", *OUTCOMES), "status.outcome")
-    reason = get("reason", str)
-    if len(reason) > MAX_REASON:
-        raise WireError(f"status.reason: longer than {MAX_REASON} characters")
-    if outcome != "ok":
-        _exact(records.keys(), {STATUS}, "reply")
-        return ReplyStatus(outcome, reason)
+    status = decode_status(records)
+    if status is not None:
+        return status
     _exact(records.keys(), REPLY_RECORDS | expected_extras, "reply")
     counts = _typed(records, COUNTS, MetricRecord)
     _exact(counts.keys(), COUNT_FIELDS, COUNTS)
@@ -341,6 +332,33 @@ def decode_reply(
         extras={e: decode_state(records[e], expected_shapes, e) for e in sorted(expected_extras)},
         metrics=dict(metrics),
     )
+
+
+def decode_status(records: Mapping[str, object]) -> ReplyStatus | None:
+    """A reply's status record, checked: None for "ok" (the rest of the reply follows),
+    else the ReplyStatus of a reply that must hold nothing else."""
+    if STATUS not in records:
+        raise WireError("reply: no status record")
+    status = _typed(records, STATUS, ConfigRecord)
+    _exact(status.keys(), STATUS_FIELDS, STATUS)
+    get = _reader(status, STATUS)
+    outcome = _one_of(get("outcome", str), ("ok", *OUTCOMES), "status.outcome")
+    reason = get("reason", str)
+    if len(reason) > MAX_REASON:
+        raise WireError(f"status.reason: longer than {MAX_REASON} characters")
+    if outcome == "ok":
+        return None
+    _exact(records.keys(), {STATUS}, "reply")
+    return ReplyStatus(outcome, reason)
+
+
+def ok_status() -> ConfigRecord:
+    return ConfigRecord({"outcome": "ok", "reason": ""})
+
+
+def encode_header(run: RunHeader) -> ConfigRecord:
+    """The "run" record every coordinator message carries."""
+    return ConfigRecord({key: getattr(run, key) for key in RUN_FIELDS})
 
 
 def content_bytes(content: RecordDict) -> int:

@@ -60,6 +60,7 @@ from fedit.models.adapters import (
 )
 from fedit.privacy import resolve_plan, selection_seed
 from fedit.seeding import Stream, derive_seed
+from fedit.server.aggregation import add_scaled
 from fedit.server.aggregators import build_aggregator
 from fedit.server.selection import select_clients
 from fedit.server.strategies import build_strategy
@@ -89,6 +90,27 @@ class RoundPlan:
 
 
 @dataclass
+class SecureAggregate:
+    """All a secure-aggregation round reveals (fedit.deploy.secagg_round): the weighted
+    mean Δ = Σ w_k Δ_k / Σ w_k of its surviving clients, not one of their updates."""
+
+    delta: AdapterState
+    num_examples: int  # Σ n_k (weighting "examples"), else the number of survivors
+    clients: list[tuple[int, dict[str, float]]]  # (id, plaintext metrics) of each survivor
+    record: dict[str, Any]  # what metrics.jsonl says of the protocol's round
+
+    def update(self, global_state: AdapterState, learning_rate: float) -> ClientUpdate:
+        """The one pseudo-update y = x + Δ the strategy aggregates in the clients' place."""
+        return ClientUpdate(
+            client_id=-1,
+            state=add_scaled(global_state, self.delta, 1.0),
+            num_examples=self.num_examples,
+            num_steps=0,  # unknown: no strategy that reads it composes with secagg
+            learning_rate=learning_rate,
+        )
+
+
+@dataclass
 class RoundReplies:
     """What came back from a round's clients."""
 
@@ -97,6 +119,8 @@ class RoundReplies:
     dropped: list[Rejection] = field(default_factory=list)  # no reply: offline, timeout, error
     # bytes each client received and sent this round: {client id: {"bytes_down", "bytes_up"}}
     traffic: dict[int, dict[str, int]] = field(default_factory=dict)
+    # secure aggregation: the sum in place of `updates` (checked by its protocol)
+    aggregate: SecureAggregate | None = None
 
 
 class ClientRunner(Protocol):
@@ -269,11 +293,7 @@ class RoundLoop:
             self.strategy.reset()  # sft_then_dpo: see Strategy.reset
         plan = self.plan(r, global_state, residual)
         replies = self.runner.run_round(plan, global_state)
-        # before any server state changes
-        updates, refused = validate_updates(replies.updates, self._expectations(plan, global_state))
-        rejected = replies.rejected + refused
-        self._require_replies(r, updates, rejected, replies.dropped)
-        updates.sort(key=lambda u: u.client_id)  # replies may arrive in any order
+        updates, rejected, clients = self._accepted(r, plan, replies, global_state)
         global_state = self.strategy.aggregate(global_state, updates, r)
         residual = self._fold_residual(residual)
         set_adapter_state(self.model, global_state)
@@ -281,17 +301,11 @@ class RoundLoop:
             "round": r + 1,
             "objective": objective,
             "learning_rate": plan.learning_rate,
-            "clients": [
-                {
-                    "id": u.client_id,
-                    "num_examples": u.num_examples,
-                    **u.metrics,
-                    **replies.traffic.get(u.client_id, {}),
-                }
-                for u in updates
-            ],
+            "clients": [{**c, **replies.traffic.get(c["id"], {})} for c in clients],
             "strategy": self.strategy.metrics(),
         }
+        if replies.aggregate is not None:
+            record["secure_aggregation"] = replies.aggregate.record
         if aggregator_metrics := self.strategy.aggregator.metrics():
             record["aggregator"] = aggregator_metrics
         if self.privacy is not None:  # ε is a function of the rounds done: resumes agree
@@ -309,6 +323,24 @@ class RoundLoop:
         record["seconds"] = time.perf_counter() - started
         self._commit(record, global_state, residual)
         return global_state, residual
+
+    def _accepted(self, r: int, plan: RoundPlan, replies: RoundReplies, global_state):
+        """(updates for the strategy, rejections, per-client records): the validated
+        updates, sorted, or under secure aggregation the one pseudo-update of the sum,
+        whose clients are recorded without their counts (weights are what it hides)."""
+        if replies.aggregate is not None:
+            update = replies.aggregate.update(global_state, plan.learning_rate)
+            clients = [{"id": k, **metrics} for k, metrics in replies.aggregate.clients]
+            return [update], replies.rejected, clients
+        # before any server state changes
+        updates, refused = validate_updates(replies.updates, self._expectations(plan, global_state))
+        rejected = replies.rejected + refused
+        self._require_replies(r, updates, rejected, replies.dropped)
+        updates.sort(key=lambda u: u.client_id)  # replies may arrive in any order
+        clients = [
+            {"id": u.client_id, "num_examples": u.num_examples, **u.metrics} for u in updates
+        ]
+        return updates, rejected, clients
 
     def _expectations(self, plan: RoundPlan, global_state: AdapterState) -> RoundExpectations:
         """What the round's updates must be, from the coordinator's own knowledge."""

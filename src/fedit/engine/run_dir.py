@@ -25,7 +25,8 @@ LEGACY_CLIENT_STATE = "client_state"  # c_k of older fedit, written before the r
 # Keys a resumed run may change: they cannot alter the maths of the rounds already trained
 # (federation.rounds with the exceptions of resume_conflicts). "eval.*": the whole section,
 # which only decides what is evaluated and reported. The deploy.* keys say how the rounds'
-# messages travel; deploy.clients is not among them: it maps client ids to data owners' keys.
+# messages travel (and secagg.stage_timeout how long a secure round's stages wait);
+# deploy.clients is not among them: it maps client ids to data owners' keys.
 RESUMABLE_KEYS = frozenset(
     {
         "output_dir",
@@ -38,6 +39,7 @@ RESUMABLE_KEYS = frozenset(
         "deploy.join_timeout",
         "deploy.min_replies",
         "deploy.insecure",
+        "secagg.stage_timeout",
     }
 )
 

@@ -35,7 +35,7 @@ from rich.markup import escape
 from fedit.attacks.model import client_attack
 from fedit.client.precision import half_precision_frozen_weights
 from fedit.client.session import LocalClient
-from fedit.config import RunConfig, TrainConfig
+from fedit.config import ConfigError, RunConfig, TrainConfig
 from fedit.deploy.traffic import round_trip_bytes, run_header
 from fedit.deploy.wire import RunHeader
 from fedit.engine.checkpoint import load_checkpoint, round_dir
@@ -79,6 +79,13 @@ class Simulation:
         adapter are ready: a command that fails on bad input leaves the directory as it was.
         """
         cfg = self.cfg
+        if cfg.secagg.enabled:
+            raise ConfigError(
+                "secagg.enabled: secure aggregation hides each update from a coordinator on "
+                "another machine; a simulation trains and aggregates every client in this "
+                "process, so it has nothing to hide: run it with `fedit coordinate`, or "
+                "simulate the same config with secagg.enabled = false"
+            )
         done = completed_run(cfg, resume)
         if finished(cfg, done):
             return round_dir(Path(cfg.output_dir), cfg.federation.rounds)

@@ -1,0 +1,199 @@
+"""A data owner's side of secure aggregation (docs/design/deployment.md §7).
+
+The owner's `fedit join` process is long-lived, so a round's secrets (two X25519 key pairs,
+the self-mask seed b, the shares its neighbours sent it) stay in this process's memory for
+the four stages of one round and never reach a disk; a restarted owner has lost them and
+refuses the round's later stages (the coordinator counts it as dropped). Stages must come
+in order, for the round and client id of the keys stage, and each is answered once: in
+particular the unmask stage, so a coordinator cannot ask once for b's shares and again,
+calling the same clients dropped, for their mask keys' shares.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+from cryptography.fernet import InvalidToken
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from flwr.app import RecordDict
+from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, encrypt
+from flwr.common.secure_aggregation.secaggplus_utils import (
+    share_keys_plaintext_concat,
+    share_keys_plaintext_separate,
+)
+
+from fedit.config import ConfigError
+from fedit.deploy import secagg, secagg_wire, wire
+from fedit.deploy.secagg import RoundParams, SecAggError
+from fedit.deploy.secagg_wire import KEYS, MASKED, SHARES, UNMASK, Request
+from fedit.deploy.traffic import reply_content
+from fedit.server.validation import Rejection
+
+if TYPE_CHECKING:
+    from fedit.deploy.owner import DataOwner, RunSession
+
+log = logging.getLogger("fedit.join")
+BEFORE = {SHARES: KEYS, MASKED: SHARES, UNMASK: MASKED}  # the stage each one follows
+
+
+@dataclass
+class RoundSecrets:
+    """One round's secrets of this owner, from its keys stage to its unmask stage."""
+
+    round_number: int
+    client_id: int
+    params: RoundParams
+    enc: X25519PrivateKey = field(default_factory=X25519PrivateKey.generate)
+    mask: X25519PrivateKey = field(default_factory=X25519PrivateKey.generate)
+    answered: str = KEYS
+    neighbours: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # v: (enc, mask)
+    threshold: int = 0
+    shares: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # v: (b's, sk's)
+    self_mask: bytes = b""  # b
+
+
+class SecureOwner:
+    """Answers the four stages for a DataOwner (which trains the masked-input stage)."""
+
+    def __init__(self, owner: DataOwner) -> None:
+        self.owner = owner
+        self.secrets: RoundSecrets | None = None
+
+    def handle(self, stage: str, content: RecordDict) -> RecordDict:
+        try:
+            session = self.owner.session_for(wire.decode_header(content))
+            if not session.cfg.secagg.enabled:
+                raise wire.WireError("secagg.enabled: this run's config does not enable it")
+            request = secagg_wire.decode_request(stage, content)
+            session.client_for(request.client_id)  # this owner's id, or refused
+            if stage == KEYS:
+                return self._keys(session, request)
+            secrets = self._secrets_for(request)
+            if stage == SHARES:
+                return self._shares(session, secrets, request)
+            if stage == MASKED:
+                return self._masked(session, secrets, request, content)
+            return self._unmask(secrets, request)
+        except (wire.WireError, ConfigError, SecAggError) as err:
+            log.warning("refused a secure aggregation stage: %s", err)
+            return wire.encode_status("refused", str(err))
+
+    def _secrets_for(self, request: Request) -> RoundSecrets:
+        secrets = self.secrets
+        if secrets is None or (secrets.round_number, secrets.client_id) != (
+            request.round_number,
+            request.client_id,
+        ):
+            raise SecAggError(f"secagg: no keys of round {request.round_number} here")
+        if secrets.answered != BEFORE[request.stage]:
+            raise SecAggError(f"secagg: {request.stage} after {secrets.answered}, out of order")
+        secrets.answered = request.stage
+        return secrets
+
+    def _keys(self, session: RunSession, request: Request) -> RecordDict:
+        cfg, sampled = session.cfg, request.fields["sampled"]
+        if sampled > cfg.partition.num_clients:
+            raise SecAggError(f"secagg.sampled: {sampled} clients, the run has fewer")
+        params = RoundParams(cfg.secagg.bits, cfg.secagg.clip_range, sampled)
+        self.secrets = secrets = RoundSecrets(request.round_number, request.client_id, params)
+        enc, mask = secagg.public_bytes(secrets.enc), secagg.public_bytes(secrets.mask)
+        return secagg_wire.encode_reply(KEYS, enc_key=enc, mask_key=mask)
+
+    def _shares(self, session: RunSession, secrets: RoundSecrets, request: Request) -> RecordDict:
+        """Shamir shares of b and of the mask secret key among the neighbours and this
+        owner (k + 1 holders, any t rebuild), each neighbour's encrypted to it."""
+        ids, me = request.fields["neighbours"], secrets.client_id
+        if me in ids or not ids:
+            raise SecAggError("secagg.neighbours: must name other clients, at least one")
+        threshold = secagg.round_threshold(session.cfg.secagg.threshold, len(ids))
+        secrets.threshold = threshold
+        keys = zip(request.fields["enc_keys"], request.fields["mask_keys"], strict=True)
+        secrets.neighbours = dict(zip(ids, keys, strict=True))
+        secrets.self_mask = os.urandom(secagg.KEY_BYTES)
+        holders = len(ids) + 1
+        b_shares = secagg.share_secrets(secrets.self_mask, holders, threshold)
+        sk_shares = secagg.share_secrets(secagg.private_bytes(secrets.mask), holders, threshold)
+        secrets.shares = {me: (b_shares[0], sk_shares[0])}
+        ciphertexts = []
+        for i, v in enumerate(ids, start=1):
+            key = secagg.encryption_key(secrets.enc, secrets.neighbours[v][0])
+            plaintext = share_keys_plaintext_concat(me, v, b_shares[i], sk_shares[i])
+            ciphertexts.append(encrypt(key, plaintext))
+        return secagg_wire.encode_reply(
+            SHARES,
+            receivers=ids,
+            ciphertexts=ciphertexts,
+            b_digest=secagg.digest(secrets.self_mask),
+        )
+
+    def _masked(
+        self, session: RunSession, secrets: RoundSecrets, request: Request, content: RecordDict
+    ) -> RecordDict:
+        """Train as in any round, then send q + PRG(b) ± PRG(s_uv) for the neighbours
+        whose shares arrived (mod 2**bits)."""
+        senders = request.fields["senders"]
+        for v, token in zip(senders, request.fields["ciphertexts"], strict=True):
+            secrets.shares[v] = self._open(secrets, v, token)
+        task_content = secagg_wire.task_part(content)
+        answer = self.owner.train(task_content, secure=True)
+        if isinstance(answer, RecordDict):
+            return answer
+        if isinstance(answer, Rejection):
+            return reply_content(answer)
+        global_state = wire.decode_state(task_content[wire.GLOBAL], session.shapes, wire.GLOBAL)
+        params, cfg = secrets.params, session.cfg
+        weighted = cfg.strategy.weighting == "examples"
+        weight = answer.num_examples if weighted else 1
+        delta = secagg.flatten(answer.state, session.shapes) - secagg.flatten(
+            global_state, session.shapes
+        )
+        seed = task_content[wire.ROUND]["seed"]  # checked by train's decode_task
+        vector = secagg.quantise(weight * delta, params, seed)
+        if weighted:
+            if answer.num_examples > (params.modulus - 1) // params.sampled:
+                raise SecAggError("num_examples: too many records for secagg.bits")
+            vector = np.append(vector, np.uint64(answer.num_examples))
+        bits = params.bits
+        masked = secagg.add(vector, secagg.prg(secrets.self_mask, len(vector), bits), bits)
+        for v in senders:
+            seed_uv = secagg.mask_seed(secrets.mask, secrets.neighbours[v][1])
+            masked = secagg.add(
+                masked, secagg.pair_mask(seed_uv, secrets.client_id, v, len(vector), bits), bits
+            )
+        allowed = {k: v for k, v in answer.metrics.items() if k in secagg_wire.DPO_METRICS}
+        return secagg_wire.encode_masked(masked, allowed)
+
+    @staticmethod
+    def _open(secrets: RoundSecrets, sender: int, token: bytes) -> tuple[bytes, bytes]:
+        if sender not in secrets.neighbours:
+            raise SecAggError(f"secagg.senders: client {sender} is not a neighbour")
+        key = secagg.encryption_key(secrets.enc, secrets.neighbours[sender][0])
+        try:
+            plaintext = decrypt(key, token)
+        except InvalidToken:
+            raise SecAggError(f"secagg: client {sender}'s shares do not decrypt") from None
+        src, dst, b_share, sk_share = share_keys_plaintext_separate(plaintext)
+        if (src, dst) != (sender, secrets.client_id):
+            raise SecAggError(f"secagg: client {sender}'s shares name {src} → {dst}")
+        if len(b_share) != secagg.SHARE_BYTES or len(sk_share) != secagg.SHARE_BYTES:
+            raise SecAggError(f"secagg: client {sender}'s shares are not share-sized")
+        return b_share, sk_share
+
+    def _unmask(self, secrets: RoundSecrets, request: Request) -> RecordDict:
+        """b's share of each survivor, the mask key's share of each dropped neighbour; once."""
+        survivors, dropped = request.fields["survivors"], request.fields["dropped"]
+        self.secrets = None  # answered once: the secrets go now
+        if secrets.client_id not in survivors:
+            raise SecAggError("secagg.survivors: must hold this client (it is answering)")
+        unknown = [v for v in survivors + dropped if v not in secrets.shares]
+        if unknown:
+            raise SecAggError(f"secagg: no shares of client {unknown[0]} here")
+        return secagg_wire.encode_reply(
+            UNMASK,
+            b_shares=[secrets.shares[v][0] for v in survivors],
+            sk_shares=[secrets.shares[v][1] for v in dropped],
+        )
