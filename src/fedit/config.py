@@ -554,6 +554,32 @@ class AttackConfig:
         _require(bool(self.trigger.strip()), "attack.trigger", "must not be empty")
 
 
+CODECS = ("none", "bf16", "int8", "topk")  # see fedit.compression.codecs
+
+
+@dataclass
+class CompressionConfig:
+    """How a client's upload Δ = y − x is encoded (fedit.compression), in both engines:
+    ``upload`` none (float32) | bf16 | int8 (per-slice absmax) | topk (the
+    ⌈topk_fraction·n⌉ largest entries of each tensor). With ``error_feedback`` a lossy
+    codec sends Δ + e and the client keeps what it dropped, e, for its next round.
+    Downloads stay float32: the global adapter is the point every client's Δ is taken
+    from, so both ends must hold it bit for bit."""
+
+    upload: str = "none"
+    topk_fraction: float = 0.1
+    error_feedback: bool = True
+
+    def validate(self) -> None:
+        _require(self.upload in CODECS, "compression.upload", f"must be one of {', '.join(CODECS)}")
+        _require(0 < self.topk_fraction <= 1, "compression.topk_fraction", "must be in (0, 1]")
+
+    @property
+    def memory(self) -> bool:
+        """Whether clients keep an error-feedback memory (a lossy codec with feedback on)."""
+        return self.upload != "none" and self.error_feedback
+
+
 # HOST:PORT with HOST a name, an IPv4 address or a bracketed IPv6 address ("[::]:9443")
 ADDRESS_PATTERN = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):(?P<port>\d{1,5})")
 
@@ -689,6 +715,7 @@ class RunConfig:
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
 
     def validate(self) -> RunConfig:
         for section in fields(self):
@@ -705,6 +732,12 @@ class RunConfig:
             fed.clients_per_round is None or fed.clients_per_round <= self.partition.num_clients,
             "federation.clients_per_round",
             f"must be <= partition.num_clients ({self.partition.num_clients})",
+        )
+        _require(
+            self.compression.upload == "none" or fed.mode == "federated",
+            "compression.upload",
+            f"applies to federation.mode = 'federated' only, not {fed.mode!r} (a baseline "
+            "sends nothing)",
         )
         self._validate_objective()
         self._validate_exact_aggregation()
@@ -827,6 +860,12 @@ class RunConfig:
                 "federation.mode",
                 f"{self.federation.mode!r} is a baseline of one client: secagg.enabled has "
                 "nothing to aggregate",
+            ),
+            (
+                self.compression.upload == "none",
+                "compression.upload",
+                f"must be 'none' {why}: each client sends its masked, quantised vector "
+                "(secagg.bits per entry) in place of an encoded update",
             ),
         )
         for condition, where, message in checks:

@@ -21,6 +21,9 @@ class ClientUpdate:
     learning_rate: float  # eta_l used this round (SCAFFOLD option II needs it)
     extras: dict[str, AdapterState] = field(default_factory=dict)  # e.g. SCAFFOLD delta c_k
     metrics: dict[str, float] = field(default_factory=dict)
+    # compressed uploads (fedit.compression): the encoded delta's parts, {part: 1-D tensor},
+    # which the wire sends in place of `state`; `state` is then x + decode(encoded)
+    encoded: dict[str, Tensor] | None = None
 
 
 @dataclass
@@ -45,3 +48,6 @@ class ClientTask:
     learning_rate: float  # eta_l of this round, from the server's schedule
     seed: int  # derive_seed(run seed, Stream.CLIENT_DATA, round index, client id)
     instructions: ClientInstructions = field(default_factory=ClientInstructions)
+    # the round of this client's last update the coordinator accepted (0: none), whose
+    # error-feedback memory the client starts from (fedit.compression.feedback)
+    feedback_round: int = 0

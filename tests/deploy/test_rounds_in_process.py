@@ -201,6 +201,28 @@ def test_a_malicious_owner_attacks_as_the_simulated_client_does(
 
 
 @pytest.mark.parametrize(
+    "compression",
+    [
+        {"compression.upload": "int8"},
+        {"compression.upload": "topk", "compression.topk_fraction": 0.2},
+    ],
+)
+def test_compressed_uploads_deploy_as_they_simulate(
+    compression: dict, monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """The owners encode (and keep their error-feedback memories in their state dirs) with
+    the code the simulated clients run; the coordinator decodes the same bits."""
+    sim, dep, files, keys = configs(tmp_path, tiny_model_dir, "fedavg", **compression)
+    Simulation(sim, show_progress=False).run()
+    deploy_rounds(monkeypatch, dep, LoopbackOwners(owners_for(tmp_path, files, dep), keys))
+    assert_same_adapters(sim, dep)
+    for a, b in zip(metrics(sim)[1:], metrics(dep)[1:], strict=True):
+        assert [x["bytes_up"] for x in a["clients"]] == [y["bytes_up"] for y in b["clients"]]
+    memories = sorted(tmp_path.glob("state_*/*/feedback/client_*/round_*.safetensors"))
+    assert memories  # error feedback is on by default, for every lossy codec
+
+
+@pytest.mark.parametrize(
     "objective, reference",
     [("dpo", "base"), ("dpo", "round_start"), ("sft_then_dpo", "sft")],
 )

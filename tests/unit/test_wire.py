@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,8 @@ from transformers import AutoTokenizer
 
 from fedit.client.dpo_trainer import train_client_dpo
 from fedit.client.trainer import train_client
-from fedit.config import DPOConfig, LoraConfig, ModelConfig, TrainConfig
+from fedit.compression.feedback import UploadCompressor
+from fedit.config import CompressionConfig, DPOConfig, LoraConfig, ModelConfig, TrainConfig
 from fedit.data.preferences import synthetic_pairs, tokenize_pairs
 from fedit.data.synthetic import generate_records
 from fedit.data.tokenize import tokenize_records
@@ -234,6 +236,8 @@ def put(name: str, value: object) -> Callable[[RecordDict], None]:
         (set_round("scalar.prox_mu", float("nan")), "round.scalar.prox_mu: not finite (nan)"),
         (set_round("scalar.prox_mu", "0.1"), "round.scalar.prox_mu: a str, expected float"),
         (set_round("num_clients", 3), "round: unexpected 'num_clients'"),
+        (set_round("feedback_round", -1), "round.feedback_round: must be >= 0, got -1"),
+        (set_round("feedback_round", 3), "round.feedback_round: 3, not before round 3"),
         (drop("round", "seed"), "round: missing 'seed'"),
         (drop("run"), "task: no 'run' record"),
         (drop("global"), "task: no 'global' record"),
@@ -438,3 +442,79 @@ def test_the_metric_sets_are_what_the_trainers_report(tiny_peft, tiny_model_dir:
     for update in (sft, dpo):  # what the trainers return is what the wire carries
         got = wire.decode_reply(wire.encode_reply(update), 0, shapes, set(), 1e-3)
         assert got.metrics == update.metrics and bitwise_equal(got.state, update.state)
+
+
+# --- compressed uploads ---------------------------------------------------------------
+
+
+def plain_adapter() -> dict[str, torch.Tensor]:
+    """Random tensors of SHAPES without adapter()'s extremes (x + Δ must stay finite)."""
+    generator = torch.Generator().manual_seed(9)
+    return {name: torch.randn(shape, generator=generator) for name, shape in SHAPES.items()}
+
+
+def compressed_update(codec: str, x: dict[str, torch.Tensor]) -> ClientUpdate:
+    """An update as a compressing client sends it (fedit.compression.feedback)."""
+    y = {k: v + 0.01 * w for (k, v), w in zip(x.items(), adapter(7).values(), strict=True)}
+    metrics = dict.fromkeys(wire.SFT_METRICS, 1.0)
+    update = ClientUpdate(0, y, 10, 3, 0.1, {}, metrics)
+    config = CompressionConfig(upload=codec, topk_fraction=0.5, error_feedback=False)
+    return UploadCompressor(config, None).apply(update, x, ClientTask(1, 0, "sft", 0.1, 0))
+
+
+@pytest.mark.parametrize("codec", ["bf16", "int8", "topk"])
+def test_a_compressed_update_arrives_as_the_client_computed_it(codec: str) -> None:
+    x = plain_adapter()
+    update = compressed_update(codec, x)
+    _, _, received = over_the_wire(wire.encode_reply(update))
+    upload = wire.UploadCodec(codec, 0.5, x)
+    got = wire.decode_reply(received, 0, SHAPES, set(), 0.1, upload)
+    assert isinstance(got, ClientUpdate)
+    assert bitwise_equal(got.state, update.state)  # the simulation aggregates the same bits
+    plain = replace(update, encoded=None)
+    assert wire.content_bytes(wire.encode_reply(update)) < wire.content_bytes(
+        wire.encode_reply(plain)
+    )
+
+
+def int8_reply(change: Callable[[RecordDict], None]) -> RecordDict:
+    content = wire.encode_reply(compressed_update("int8", plain_adapter()))
+    change(content)
+    return content
+
+
+def minus_128_in_lora_b() -> Array:
+    q = np.ones(14, "i1")  # q.lora_A's 6 entries, then q.lora_B's 8 (sorted names)
+    q[9] = -128
+    return Array.from_numpy_ndarray(q)
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        (drop("update", "scale"), "update: missing 'scale'"),
+        (in_record("update", "q.lora_A", good_array()), "update: unexpected 'q.lora_A'"),
+        (
+            in_record("update", "q", Array.from_numpy_ndarray(np.ones(14, "i2"))),
+            "update q: dtype 'int16', expected int8",
+        ),
+        (
+            in_record("update", "scale", Array.from_numpy_ndarray(np.ones(5, "f4"))),
+            "update scale: shape (5,), expected (4,)",
+        ),
+        (
+            in_record("update", "scale", Array.from_numpy_ndarray(-np.ones(4, "f4"))),
+            "update q.lora_A: int8 scales must be finite and >= 0",
+        ),
+        (in_record("update", "q", minus_128_in_lora_b()), "update q.lora_B: int8 value -128"),
+        (
+            put("update", MetricRecord({"x": 1.0})),
+            "update: a MetricRecord, expected an ArrayRecord",
+        ),
+    ],
+)
+def test_a_compressed_reply_is_checked_against_the_codecs_layout(change, reason: str) -> None:
+    upload = wire.UploadCodec("int8", 0.5, plain_adapter())
+    with pytest.raises(WireError) as err:
+        wire.decode_reply(int8_reply(change), 0, SHAPES, set(), 0.1, upload)
+    assert str(err.value).startswith(reason)

@@ -17,6 +17,7 @@ from fedit.attacks.model import ModelAttack, attack_update
 from fedit.client.dpo_trainer import reference_logps, train_client_dpo
 from fedit.client.hooks import make_hook
 from fedit.client.trainer import NonFiniteTrainingError, train_client
+from fedit.compression.feedback import UploadCompressor
 from fedit.config import DPOConfig, TrainConfig
 from fedit.data.preferences import TokenizedPair
 from fedit.data.tokenize import TokenizedExample
@@ -35,7 +36,8 @@ class LocalClient:
     noise before anything leaves (fedit.privacy.mechanism.privatize). ``privacy`` is
     fedit.privacy.client_plan's answer (None: no local DP), ``attack`` is
     fedit.attacks.model.client_attack's (None: an honest client, the default of every
-    run), both required so that no engine can build a client that forgets them."""
+    run), ``compressor`` fedit.compression.feedback.client_compressor's (None: float32
+    uploads), all required so that no engine can build a client that forgets them."""
 
     def __init__(
         self,
@@ -47,11 +49,12 @@ class LocalClient:
         *,
         privacy: PrivacyPlan | None,
         attack: ModelAttack | None,
+        compressor: UploadCompressor | None,
     ) -> None:
         self.client_id = client_id
         if privacy is not None and privacy.mode != "local":
             raise ValueError(f"a client adds noise in local mode only, not {privacy.mode!r}")
-        self.privacy, self.attack = privacy, attack
+        self.privacy, self.attack, self.compressor = privacy, attack, compressor
         self.examples, self.pairs = examples, pairs
         self.pad_id, self.dpo = pad_id, dpo
         self.reference: Tensor | None = None  # fixed π_ref log-probs, "base" or "sft"
@@ -78,7 +81,8 @@ class LocalClient:
         they are (they are outside the guarantee). A malicious client (``attack``) then
         replaces the adapter by its attack's (fedit.attacks.model.attack_update): last,
         after local DP, because the attacker controls what it sends and would not add the
-        noise honestly, so Δ is the delta local DP left (the trained one without it)."""
+        noise honestly, so Δ is the delta local DP left (the trained one without it). A
+        compressed upload encodes last what the client sends (fedit.compression)."""
         set_adapter_state(model, global_state)
         common = {
             "client_id": self.client_id,
@@ -104,4 +108,6 @@ class LocalClient:
         if self.attack is not None:
             seed = self.attack.seed(task.round_number - 1, self.client_id)
             update = attack_update(update, global_state, self.attack.config, seed)
+        if self.compressor is not None:
+            update = self.compressor.apply(update, global_state, task)
         return update

@@ -143,18 +143,19 @@ class FlowerRunner:
                 online.append(task)
         if self.cfg.secagg.enabled:
             return SecureRound(self, plan, global_state, nodes, replies).run(online, deadline)
+        upload = self._upload_codec(global_state)
         sent = {}
         for task in online:
             content = task_content(task, global_state, self.header)
             sent[task.client_id] = _Sent(task.client_id, task, content)
-        answers = self._exchange(plan, sent, nodes, deadline, replies)
+        answers = self._exchange(plan, sent, nodes, deadline, replies, upload)
         # Owners that lack state they keep (c_k, the DPO reference: a new disk) get their
         # round again in full, within the same deadline.
         again = {k: s for k, s in sent.items() if answers.get(k) in RESENT_FOR}
         for s in again.values():
             s.content = task_content(self._in_full(s.task), global_state, self.header, hold=False)
         if again:
-            answers |= self._exchange(plan, again, nodes, deadline, replies)
+            answers |= self._exchange(plan, again, nodes, deadline, replies, upload)
         for k in sent:
             if answers.get(k) in RESENT_FOR:
                 replies.dropped.append(Rejection(k, f"{answers[k]} even after re-sending"))
@@ -177,11 +178,18 @@ class FlowerRunner:
         tensors = {**task.instructions.tensors, REFERENCE_GROUP: sft_end}
         return replace(task, instructions=replace(task.instructions, tensors=tensors))
 
-    def _exchange(self, plan, sent: dict, nodes, deadline, replies: RoundReplies) -> dict:
+    def _upload_codec(self, global_state: AdapterState) -> wire.UploadCodec | None:
+        """How this round's replies carry their updates: None for float32 y_k."""
+        compression = self.cfg.compression
+        if compression.upload == "none":
+            return None
+        return wire.UploadCodec(compression.upload, compression.topk_fraction, global_state)
+
+    def _exchange(self, plan, sent: dict, nodes, deadline, replies: RoundReplies, upload) -> dict:
         """Send, wait, decode; the outcome per client ("ok", one of RESENT_FOR, or a drop)."""
         contents = {k: s.content for k, s in sent.items()}
         received = self.deliver(contents, nodes, "train", plan.round_index + 1, deadline, replies)
-        return {k: self._accept(plan, sent[k].task, c, replies) for k, c in received.items()}
+        return {k: self._accept(sent[k].task, c, replies, upload) for k, c in received.items()}
 
     def deliver(
         self,
@@ -226,10 +234,12 @@ class FlowerRunner:
             received[k] = reply.content
         return received
 
-    def _accept(self, plan: RoundPlan, task: ClientTask, content, replies) -> str:
+    def _accept(self, task: ClientTask, content, replies, upload) -> str:
         k = task.client_id
         try:
-            answer = wire.decode_reply(content, k, self.shapes, self.extras, task.learning_rate)
+            answer = wire.decode_reply(
+                content, k, self.shapes, self.extras, task.learning_rate, upload
+            )
         except wire.WireError as err:
             replies.rejected.append(Rejection(k, f"malformed reply: {err}"))
             return "rejected"

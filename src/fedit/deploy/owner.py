@@ -10,7 +10,9 @@ reply holds the adapter, the record count and scalar metrics only.
 
 SCAFFOLD's c_k lives on the owner (``OwnerState``): the coordinator names the version it
 holds by its sha256 and sends the tensors only when the owner lacks them (a new disk), so
-the per-client state stays on the owner's machine across rounds and restarts.
+the per-client state stays on the owner's machine across rounds and restarts. So do the
+error-feedback memories of compressed uploads (fedit.compression.feedback), which never
+leave it at all.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from fedit.attacks.model import client_attack
 from fedit.client.precision import half_precision_frozen_weights
 from fedit.client.session import LocalClient
+from fedit.compression.feedback import FEEDBACK_DIR, client_compressor
 from fedit.config import ConfigError, RunConfig, config_from_toml
 from fedit.data.preferences import PreferencePair, read_preferences
 from fedit.data.readers import read_records
@@ -53,7 +56,7 @@ class OwnerInputs:
     data: Path | None  # instruction records (SFT rounds)
     preference_data: Path | None  # preference pairs (DPO rounds)
     model: str | None  # the base model here, when the run's model path is not valid here
-    state_dir: Path  # per-client state (SCAFFOLD c_k), kept across restarts
+    state_dir: Path  # per-client state (SCAFFOLD c_k, error feedback), kept across restarts
     fields: str = "dolly"  # how this owner's records file names its fields (data.fields)
     preference_format: str = "auto"  # its pairs' format (data.preference_format)
     threads: int | None = None
@@ -129,6 +132,7 @@ class RunSession:
                 cfg.dpo,
                 privacy=client_plan(cfg, n),
                 attack=client_attack(cfg, client_id, n),
+                compressor=client_compressor(cfg, client_id, self.state_root / FEEDBACK_DIR),
             )
         if self.client.client_id != client_id:
             raise wire.WireError(

@@ -29,6 +29,8 @@ from flwr.supercore.inflatable.inflatable_object import (
 )
 from torch import Tensor
 
+from fedit.compression import codecs
+from fedit.server.aggregation import add_scaled
 from fedit.server.validation import non_finite_metric
 from fedit.types import AdapterState, ClientInstructions, ClientTask, ClientUpdate
 
@@ -43,7 +45,15 @@ GROUP_NAME = re.compile(r"[a-z][a-z0-9_]{0,39}")
 SCALAR_PREFIX = "scalar."  # instructions' scalars in the "round" record: "scalar.prox_mu"
 HELD_PREFIX = "held."  # groups the owner holds, by digest, in "round": "held.c_k"
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
-ROUND_FIELDS = ("round", "client_id", "objective", "learning_rate", "seed", "hook")
+ROUND_FIELDS = (
+    "round",
+    "client_id",
+    "objective",
+    "learning_rate",
+    "seed",
+    "hook",
+    "feedback_round",
+)
 RUN_FIELDS = ("config_toml", "config_sha256", "base_fingerprint")
 COUNT_FIELDS = ("num_examples", "num_steps")
 STATUS_FIELDS = ("outcome", "reason")
@@ -71,6 +81,13 @@ DPO_METRICS = SFT_METRICS | {"dpo_accuracy", "dpo_margin", "reference_seconds"}
 # when bounding an Array's size before it is loaded
 NPY_HEADER_ROOM = 1024
 SEED_LIMIT = 2**64  # derive_seed gives 64-bit seeds
+# The dtypes a compressed update's parts may have (fedit.compression.codecs.part_layout)
+PART_DTYPES = {
+    torch.float32: "float32",
+    torch.int32: "int32",
+    torch.int16: "int16",
+    torch.int8: "int8",
+}
 
 
 class WireError(ValueError):
@@ -121,6 +138,41 @@ def encode_state(state: Mapping[str, Tensor]) -> ArrayRecord:
     return record
 
 
+def encode_parts(parts: Mapping[str, Tensor]) -> ArrayRecord:
+    """A compressed delta (fedit.compression.codecs.encode_state): one Array per part."""
+    return ArrayRecord({part: Array.from_numpy_ndarray(t.numpy()) for part, t in parts.items()})
+
+
+@dataclass(frozen=True)
+class UploadCodec:
+    """What the coordinator needs to read a compressed update: the run's codec and the
+    global adapter the client's delta is taken from."""
+
+    codec: str
+    topk_fraction: float
+    global_state: AdapterState
+
+
+def decode_parts(
+    record: object, upload: UploadCodec, expected: Mapping[str, tuple[int, ...]]
+) -> AdapterState:
+    """y = x + decode(parts) of a compressed update: the parts exactly the codec's layout
+    for the adapter's shapes (names, dtypes, sizes), their values ones the codec writes."""
+    if not isinstance(record, ArrayRecord):
+        raise WireError(f"{UPDATE}: a {type(record).__name__}, expected an ArrayRecord")
+    layout = codecs.state_layout(upload.codec, expected, upload.topk_fraction)
+    _exact(record.keys(), layout.keys(), UPDATE)
+    parts = {
+        part: _decode_array(record[part], shape, f"{UPDATE} {part}", PART_DTYPES[dtype])
+        for part, (dtype, shape) in layout.items()
+    }
+    try:
+        delta = codecs.decode_state(upload.codec, parts, expected, upload.topk_fraction)
+    except codecs.CodecError as err:
+        raise WireError(f"{UPDATE} {err}") from None
+    return add_scaled(upload.global_state, delta, 1.0)
+
+
 def decode_state(
     record: object, expected: Mapping[str, tuple[int, ...]], what: str
 ) -> AdapterState:
@@ -134,25 +186,28 @@ def decode_state(
     }
 
 
-def _decode_array(array: Array, shape: tuple[int, ...], where: str) -> Tensor:
+def _decode_array(
+    array: Array, shape: tuple[int, ...], where: str, dtype: str = "float32"
+) -> Tensor:
     if array.stype != SType.NUMPY:
         raise WireError(f"{where}: serialised as {array.stype[:40]!r}, expected numpy")
-    if array.dtype != "float32":
-        raise WireError(f"{where}: dtype {array.dtype[:40]!r}, expected float32")
+    if array.dtype != dtype:
+        raise WireError(f"{where}: dtype {array.dtype[:40]!r}, expected {dtype}")
     if tuple(array.shape) != tuple(shape):
         raise WireError(f"{where}: shape {tuple(array.shape)}, expected {tuple(shape)}")
     # bound the bytes before np.load reads them: the declared dtype and shape cost nothing
-    if len(array.data) > 4 * math.prod(shape) + NPY_HEADER_ROOM:
-        raise WireError(f"{where}: {len(array.data)} bytes, too many for its float32 shape")
+    itemsize = np.dtype(dtype).itemsize
+    if len(array.data) > itemsize * math.prod(shape) + NPY_HEADER_ROOM:
+        raise WireError(f"{where}: {len(array.data)} bytes, too many for its {dtype} shape")
     try:
         values = array.numpy()  # np.load(allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:
         raise WireError(f"{where}: not a readable .npy array ({type(err).__name__})") from None
     # the .npy header, not the Array's declaration, says what the bytes are
-    if values.dtype != np.float32 or values.shape != tuple(shape):
-        raise WireError(f"{where}: its bytes hold {values.dtype} {values.shape}, not float32")
+    if values.dtype != np.dtype(dtype) or values.shape != tuple(shape):
+        raise WireError(f"{where}: its bytes hold {values.dtype} {values.shape}, not {dtype}")
     tensor = torch.from_numpy(np.ascontiguousarray(values))
-    if not bool(torch.isfinite(tensor).all()):
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
         raise WireError(f"{where}: non-finite values")
     return tensor
 
@@ -183,6 +238,7 @@ def encode_task(
             "learning_rate": float(task.learning_rate),
             "seed": task.seed,
             "hook": task.instructions.hook,
+            "feedback_round": task.feedback_round,
             **scalars,
             **digests,
         }
@@ -234,8 +290,12 @@ def decode_task(
             scalars[key.removeprefix(SCALAR_PREFIX)] = _finite(get(key, float), f"round.{key}")
         else:
             held[_held_group(key, groups)] = _digest(get(key, str), f"round.{key}")
+    round_number = _at_least(get("round", int), 1, "round.round")
+    feedback_round = _at_least(get("feedback_round", int), 0, "round.feedback_round")
+    if feedback_round >= round_number:
+        raise WireError(f"round.feedback_round: {feedback_round}, not before round {round_number}")
     task = ClientTask(
-        round_number=_at_least(get("round", int), 1, "round.round"),
+        round_number=round_number,
         client_id=_at_least(get("client_id", int), 0, "round.client_id"),
         objective=_one_of(get("objective", str), OBJECTIVES, "round.objective"),
         learning_rate=_positive(get("learning_rate", float), "round.learning_rate"),
@@ -245,6 +305,7 @@ def decode_task(
             scalars=scalars,
             tensors={g: decode_state(records[g], expected_shapes, g) for g in groups},
         ),
+        feedback_round=feedback_round,
     )
     return task, decode_state(records[GLOBAL], expected_shapes, GLOBAL), held
 
@@ -278,8 +339,12 @@ def _digest(value: str, where: str) -> str:
 def encode_reply(update: ClientUpdate) -> RecordDict:
     """A trained round's reply: "update" (y_k), one ArrayRecord per extra ("control_delta"),
     "counts", "metrics" and "status" (outcome "ok"). The client id is not sent: the
-    coordinator knows it from the sender's key."""
-    content = RecordDict({UPDATE: encode_state(update.state)})
+    coordinator knows it from the sender's key. A compressed update (``update.encoded``)
+    sends the encoded delta's parts as "update" in place of y_k."""
+    if update.encoded is not None:
+        content = RecordDict({UPDATE: encode_parts(update.encoded)})
+    else:
+        content = RecordDict({UPDATE: encode_state(update.state)})
     for name, tensors in update.extras.items():
         content[_group_name(name, REPLY_RECORDS)] = encode_state(tensors)
     content[COUNTS] = MetricRecord(
@@ -304,11 +369,14 @@ def decode_reply(
     expected_shapes: Mapping[str, tuple[int, ...]],
     expected_extras: set[str],
     learning_rate: float,
+    upload: UploadCodec | None = None,
 ) -> ClientUpdate | ReplyStatus:
     """The ClientUpdate of an "ok" reply, else its ReplyStatus. The structure must be exactly
     what encode_reply / encode_status write for this strategy (`expected_extras`), with ints
     for the counts and known, finite metrics; `client_id` and `learning_rate` are the
-    coordinator's own (never taken from the content). WireError names what is wrong."""
+    coordinator's own (never taken from the content), as is `upload`, the codec of a run
+    whose clients send compressed deltas (None: y_k in float32). WireError names what is
+    wrong."""
     records = _records(content, "reply")
     status = decode_status(records)
     if status is not None:
@@ -323,9 +391,13 @@ def decode_reply(
     if problem is not None:
         raise WireError(f"metrics: {problem}")
     read_count = _reader(counts, COUNTS)
+    if upload is None:
+        state = decode_state(records[UPDATE], expected_shapes, UPDATE)
+    else:
+        state = decode_parts(records[UPDATE], upload, expected_shapes)
     return ClientUpdate(
         client_id=client_id,
-        state=decode_state(records[UPDATE], expected_shapes, UPDATE),
+        state=state,
         num_examples=read_count("num_examples", int),
         num_steps=read_count("num_steps", int),
         learning_rate=learning_rate,

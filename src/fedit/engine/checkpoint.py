@@ -63,6 +63,18 @@ def metrics_record(output_dir: Path, round_number: int) -> Path:
     return round_dir(output_dir, round_number) / METRICS_RECORD
 
 
+def accepted_rounds(output_dir: Path, done: list[int]) -> dict[int, int]:
+    """{client id: the last of the committed rounds `done` that aggregated its update}, from
+    the rounds' records (a round saved by an older fedit without one counts as none)."""
+    last: dict[int, int] = {}
+    for n in done:
+        path = metrics_record(output_dir, n)
+        if path.is_file():
+            for client in json.loads(path.read_text()).get("clients", []):
+                last[client["id"]] = n
+    return last
+
+
 def completed_rounds(output_dir: Path) -> list[int]:
     if not output_dir.is_dir():
         return []

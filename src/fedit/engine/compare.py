@@ -20,7 +20,14 @@ from rich.markup import escape
 
 from fedit.client.dpo import preference_scores
 from fedit.client.dpo_trainer import pair_logps
-from fedit.config import DATA_ATTACKS, AttackConfig, ConfigError, PrivacyConfig, RunConfig
+from fedit.config import (
+    DATA_ATTACKS,
+    AttackConfig,
+    CompressionConfig,
+    ConfigError,
+    PrivacyConfig,
+    RunConfig,
+)
 from fedit.data.prepare import load_heldout, prepare_preferences
 from fedit.data.records import Record
 from fedit.engine.checkpoint import metrics_record
@@ -57,13 +64,17 @@ class Contender:
             federation = replace(federation, local_client=int(arg))
         elif kind == "local":
             federation = replace(federation, local_categories=arg.split("+"))
-        # Client-level DP and attacks are a federation's: the baselines are clean references.
-        privacy = cfg.privacy if kind == "fedit" else PrivacyConfig()
-        attack = cfg.attack if kind == "fedit" else AttackConfig()
+        # Client-level DP, attacks and compressed uploads are a federation's: the baselines
+        # are clean references that send nothing.
+        if kind != "fedit":
+            cfg = replace(
+                cfg,
+                privacy=PrivacyConfig(),
+                attack=AttackConfig(),
+                compression=CompressionConfig(),
+            )
         out = str(out_dir / self.name)
-        return replace(
-            cfg, federation=federation, privacy=privacy, attack=attack, output_dir=out
-        ).validate()
+        return replace(cfg, federation=federation, output_dir=out).validate()
 
 
 def generation_metric(cfg: RunConfig) -> str:

@@ -35,6 +35,7 @@ from fedit.data.tokenize import TokenizedExample
 from fedit.engine.checkpoint import (
     Checkpoint,
     ClientStateStore,
+    accepted_rounds,
     completed_rounds,
     load_checkpoint,
     metrics_record,
@@ -213,6 +214,9 @@ class RoundLoop:
         # Before _restore folds any exact-aggregation residual into the base: π_ref = W0.
         self.heldout_reference = self._base_logps(heldout_pairs)
         self.client_state = ClientStateStore([])
+        # {client: the last round that aggregated its update}: where its error feedback
+        # continues from (fedit.compression.feedback), rebuilt from the records on resume
+        self.accepted: dict[int, int] = {}
 
     def run(self, done: list[int]) -> Path:
         """Train the rounds after `done` (completed_run's answer) and return the final
@@ -224,6 +228,7 @@ class RoundLoop:
         ]
         self.client_state = ClientStateStore([round_dir(out, n) for n in phase])
         self.strategy.set_client_store(self.client_state)
+        self.accepted = accepted_rounds(out, done)
         start, global_state, residual = self._restore(done)
         prepare_run_dir(out, cfg, done)  # the run's first write
         if start == 0 and cfg.eval.at_start:
@@ -280,6 +285,7 @@ class RoundLoop:
                 learning_rate=lr,
                 seed=derive_seed(cfg.seed, Stream.CLIENT_DATA, r, k),
                 instructions=self.strategy.client_instructions(k, global_state),
+                feedback_round=self.accepted.get(k, 0),
             )
             for k in chosen
         ]
@@ -322,6 +328,7 @@ class RoundLoop:
             record["attack"].update(self.final_eval(self.model))
         record["seconds"] = time.perf_counter() - started
         self._commit(record, global_state, residual)
+        self.accepted.update({client["id"]: r + 1 for client in clients})
         return global_state, residual
 
     def _accepted(self, r: int, plan: RoundPlan, replies: RoundReplies, global_state):

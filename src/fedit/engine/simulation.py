@@ -35,6 +35,7 @@ from rich.markup import escape
 from fedit.attacks.model import client_attack
 from fedit.client.precision import half_precision_frozen_weights
 from fedit.client.session import LocalClient
+from fedit.compression.feedback import FEEDBACK_DIR, client_compressor
 from fedit.config import ConfigError, RunConfig, TrainConfig
 from fedit.deploy.traffic import round_trip_bytes, run_header
 from fedit.deploy.wire import RunHeader
@@ -157,11 +158,20 @@ class Simulation:
 
 
 def local_clients(cfg: RunConfig, data: FederationData, pad_id: int) -> list[LocalClient]:
-    """Every client of the run as a LocalClient, with local DP's plan and its attack."""
+    """Every client of the run as a LocalClient, with local DP's plan, its attack and its
+    upload compressor."""
     privacy, n = client_plan(cfg, data.num_clients), data.num_clients
+    memory_root = Path(cfg.output_dir) / FEEDBACK_DIR  # the clients' disks, in one process
     return [
         LocalClient(
-            k, examples, pairs, pad_id, cfg.dpo, privacy=privacy, attack=client_attack(cfg, k, n)
+            k,
+            examples,
+            pairs,
+            pad_id,
+            cfg.dpo,
+            privacy=privacy,
+            attack=client_attack(cfg, k, n),
+            compressor=client_compressor(cfg, k, memory_root),
         )
         for k, (examples, pairs) in enumerate(client_data(data))
     ]
