@@ -290,6 +290,9 @@ class DPOConfig:
         _require(self.sft_rounds >= 0, "dpo.sft_rounds", "must be >= 0")
 
 
+SELECTIONS = ("uniform", "available")
+
+
 @dataclass
 class FederationConfig:
     """Rounds, client selection, and the training mode (federated or a baseline)."""
@@ -302,8 +305,16 @@ class FederationConfig:
     # mode = local: train on these categories' records instead of one client's (the FedIT
     # paper's Local-1/2/3 baselines are defined by category)
     local_categories: list[str] = field(default_factory=list)
+    # uniform: m of all N clients; available: m of the clients online this round (the
+    # simulated devices' availability, [system]; a coordinator samples who is connected)
+    selection: str = "uniform"
 
     def validate(self) -> None:
+        _require(
+            self.selection in SELECTIONS,
+            "federation.selection",
+            f"must be one of {', '.join(SELECTIONS)}",
+        )
         _require(
             self.mode in {"federated", "local", "centralized"},
             "federation.mode",
@@ -580,6 +591,54 @@ class CompressionConfig:
         return self.upload != "none" and self.error_feedback
 
 
+@dataclass
+class SystemConfig:
+    """Simulated devices (fedit.engine.devices), simulation only. Each client gets a device
+    once per run, drawn from the run seed: a compute speed (a step takes step_seconds /
+    speed) and a link bandwidth, log-normal around 1 and bandwidth_mbps with the given σ of
+    their logarithms, or listed per client (``speeds``, ``bandwidths_mbps``); and its
+    availability, 1 − dropout or listed (``availabilities``), the chance it is online in a
+    round. A selected client that is offline, or whose simulated time (download, its steps,
+    upload) passes ``deadline``, is dropped without training. Every round's metrics line
+    gets its simulated seconds and the clock so far."""
+
+    enabled: bool = False
+    step_seconds: float = 1.0  # a speed-1 device's seconds per optimizer step
+    speed_spread: float = 0.0  # σ of ln(speed) across clients (0: all alike)
+    bandwidth_mbps: float = 20.0  # median link, megabits per second each way
+    bandwidth_spread: float = 0.0  # σ of ln(bandwidth)
+    dropout: float = 0.0  # probability that a client is offline in a round
+    deadline: float = 0.0  # simulated seconds a round waits for replies (0: for all of them)
+    speeds: list[float] = field(default_factory=list)  # per client, instead of the draw
+    bandwidths_mbps: list[float] = field(default_factory=list)
+    availabilities: list[float] = field(default_factory=list)  # per client, instead of dropout
+
+    def validate(self) -> None:
+        for name in ("step_seconds", "bandwidth_mbps"):
+            value = getattr(self, name)
+            _require(math.isfinite(value) and value > 0, f"system.{name}", "must be positive")
+        for name in ("speed_spread", "bandwidth_spread", "deadline"):
+            value = getattr(self, name)
+            _require(math.isfinite(value) and value >= 0, f"system.{name}", "must be >= 0")
+        _require(0 <= self.dropout < 1, "system.dropout", "must be in [0, 1)")
+        for name in ("speeds", "bandwidths_mbps"):
+            _require(
+                all(math.isfinite(v) and v > 0 for v in getattr(self, name)),
+                f"system.{name}",
+                "must be positive",
+            )
+        _require(
+            all(0 < a <= 1 for a in self.availabilities),
+            "system.availabilities",
+            "must be in (0, 1]",
+        )
+        _require(
+            not (self.availabilities and self.dropout),
+            "system.availabilities",
+            "set availabilities or dropout, not both",
+        )
+
+
 # HOST:PORT with HOST a name, an IPv4 address or a bracketed IPv6 address ("[::]:9443")
 ADDRESS_PATTERN = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):(?P<port>\d{1,5})")
 
@@ -716,6 +775,7 @@ class RunConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
+    system: SystemConfig = field(default_factory=SystemConfig)
 
     def validate(self) -> RunConfig:
         for section in fields(self):
@@ -739,12 +799,35 @@ class RunConfig:
             f"applies to federation.mode = 'federated' only, not {fed.mode!r} (a baseline "
             "sends nothing)",
         )
+        self._validate_system()
         self._validate_objective()
         self._validate_exact_aggregation()
         self._validate_secagg()
         self._validate_privacy()
         self._validate_attack()
         return self
+
+    def _validate_system(self) -> None:
+        """Per-client lists of the population's size, and what needs the device model."""
+        system, n = self.system, self.partition.num_clients
+        if self.partition.method != "files":  # N is known once the files are listed
+            for name in ("speeds", "bandwidths_mbps", "availabilities"):
+                values = getattr(system, name)
+                _require(
+                    not values or len(values) == n,
+                    f"system.{name}",
+                    f"lists {len(values)} clients, partition.num_clients is {n}",
+                )
+        _require(
+            self.federation.selection == "uniform" or system.enabled,
+            "federation.selection",
+            "'available' selects among the simulated devices online: set system.enabled",
+        )
+        _require(
+            not system.enabled or self.federation.mode == "federated",
+            "system.enabled",
+            f"simulates a federation's devices, not the {self.federation.mode!r} baseline",
+        )
 
     def _validate_attack(self) -> None:
         """An attack needs a federation to attack, and data to poison; ids below N when N
@@ -809,6 +892,12 @@ class RunConfig:
         )
         if mode != "central":
             return
+        _require(
+            self.federation.selection == "uniform",
+            "federation.selection",
+            f"must be 'uniform' with {where}: the accountant's amplification by sampling "
+            "assumes m of all N clients drawn uniformly",
+        )
         _require(
             strategy.aggregator in ("mean", "dp_fedavg"),
             "strategy.aggregator",
@@ -941,15 +1030,21 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         _require(type(None) in args, where, "must not be empty (only optional keys can be unset)")
         return None
     if get_origin(core) is list:
-        item = get_args(core)[0]  # str or int
+        item = get_args(core)[0]  # str, int or float
         if isinstance(value, str) and item is str:
             value = [v.strip() for v in value.split(",") if v.strip()]
+        kinds = int | float if item is float else item
+        names = {str: "strings", int: "integers", float: "numbers"}
         _require(
             isinstance(value, list)
-            and all(isinstance(v, item) and not isinstance(v, bool) for v in value),
+            and all(isinstance(v, kinds) and not isinstance(v, bool) for v in value),
             where,
-            f"expected a list of {'strings' if item is str else 'integers'}, got {value!r}",
+            f"expected a list of {names[item]}, got {value!r}",
         )
+        if item is float:
+            bad = [v for v in value if not math.isfinite(v)]
+            _require(not bad, where, f"must be finite numbers, got {bad[0]!r}" if bad else "")
+            return [float(v) for v in value]
         return value
     if core is float:
         _require(

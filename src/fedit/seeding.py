@@ -21,6 +21,8 @@ class Stream(IntEnum):
     # which of its records a data attack poisons; (round, client): gaussian attack noise
     ATTACK = 5
     SECAGG_GRAPH = 6  # (round,): secure aggregation's masking graph (fedit.deploy.secagg)
+    # [system] (fedit.engine.devices): (): every client's device; (round,): who is online
+    DEVICES = 7
 
 
 def derive_seed(run_seed: int, stream: Stream, *keys: int) -> int:

@@ -1,6 +1,6 @@
 from dataclasses import fields, is_dataclass
 from pathlib import Path
-from typing import get_args, get_type_hints
+from typing import get_args, get_origin, get_type_hints
 
 import pytest
 
@@ -87,9 +87,33 @@ def float_keys() -> list[str]:
         if is_dataclass(value):
             hints = get_type_hints(type(value))
             keys += [
-                f"{section.name}.{f.name}" for f in fields(value) if float in _types(hints[f.name])
+                f"{section.name}.{f.name}"
+                for f in fields(value)
+                if float in _types(hints[f.name]) and get_origin(hints[f.name]) is not list
             ]
     return keys
+
+
+def float_list_keys() -> list[str]:
+    """section.key of every list-of-floats field (system.speeds, ...)."""
+    cfg = RunConfig()
+    return [
+        f"{section.name}.{f.name}"
+        for section in fields(cfg)
+        if is_dataclass(value := getattr(cfg, section.name))
+        for f in fields(value)
+        if get_type_hints(type(value))[f.name] == list[float]
+    ]
+
+
+@pytest.mark.parametrize("value", ["inf", "nan"])
+@pytest.mark.parametrize("key", float_list_keys())
+def test_every_listed_float_must_be_finite(key: str, value: str) -> None:
+    assert key.startswith("system.")
+    with pytest.raises(ConfigError, match=rf"{key}: must be finite numbers, got {value}"):
+        load_config(None, ["data.path=x", f"{key}=[1.0, {value}]"])
+    with pytest.raises(ConfigError, match=rf"{key}: expected a list of numbers, got {value}"):
+        load_config(None, ["data.path=x", f"{key}={value}"])
 
 
 def _types(hint: object) -> tuple:

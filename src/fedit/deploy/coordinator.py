@@ -78,6 +78,11 @@ def check_deployable(cfg: RunConfig) -> None:
         raise ConfigError(
             f"federation.mode: {cfg.federation.mode!r} is a baseline, run it as a simulation"
         )
+    if cfg.system.enabled:
+        raise ConfigError(
+            "system.enabled: simulated devices are the simulation's; a deployment's devices, "
+            "links and dropouts are real (deploy.round_timeout is its deadline)"
+        )
     if cfg.strategy.lora_aggregation == "exact":
         raise ConfigError(
             "strategy.lora_aggregation: 'exact' folds a dense residual into every owner's "

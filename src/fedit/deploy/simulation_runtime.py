@@ -143,6 +143,11 @@ def check_simulatable(cfg: RunConfig) -> None:
             "in one machine the coordinator holds every update anyway; run secure "
             "aggregation with `fedit coordinate`"
         )
+    if cfg.system.enabled:
+        raise ConfigError(
+            "system.enabled: the simulated devices drop and time clients in `fedit train`'s "
+            "engine; the runtime's workers run them as a deployment's owners"
+        )
     if importlib.util.find_spec("ray") is None:
         raise ConfigError(
             "fedit simulate-ray needs Ray: pip install 'fedit[ray]' (flwr[simulation])"

@@ -63,16 +63,23 @@ def metrics_record(output_dir: Path, round_number: int) -> Path:
     return round_dir(output_dir, round_number) / METRICS_RECORD
 
 
-def accepted_rounds(output_dir: Path, done: list[int]) -> dict[int, int]:
-    """{client id: the last of the committed rounds `done` that aggregated its update}, from
-    the rounds' records (a round saved by an older fedit without one counts as none)."""
-    last: dict[int, int] = {}
+def committed_records(output_dir: Path, done: list[int]) -> dict[int, dict[str, Any]]:
+    """{round: its metrics line} of the committed rounds `done` that have a record (a round
+    saved by an older fedit has none)."""
+    records = {}
     for n in done:
         path = metrics_record(output_dir, n)
         if path.is_file():
-            for client in json.loads(path.read_text()).get("clients", []):
-                last[client["id"]] = n
-    return last
+            records[n] = json.loads(path.read_text())
+    return records
+
+
+def accepted_rounds(records: dict[int, dict[str, Any]]) -> dict[int, int]:
+    """{client id: the last round of `records` (committed_records') that aggregated its
+    update}."""
+    return {
+        client["id"]: n for n, record in sorted(records.items()) for client in record["clients"]
+    }
 
 
 def completed_rounds(output_dir: Path) -> list[int]:

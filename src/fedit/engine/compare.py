@@ -27,6 +27,7 @@ from fedit.config import (
     ConfigError,
     PrivacyConfig,
     RunConfig,
+    SystemConfig,
 )
 from fedit.data.prepare import load_heldout, prepare_preferences
 from fedit.data.records import Record
@@ -64,15 +65,17 @@ class Contender:
             federation = replace(federation, local_client=int(arg))
         elif kind == "local":
             federation = replace(federation, local_categories=arg.split("+"))
-        # Client-level DP, attacks and compressed uploads are a federation's: the baselines
-        # are clean references that send nothing.
+        # Client-level DP, attacks, compressed uploads and simulated devices are a
+        # federation's: the baselines are clean references that send nothing.
         if kind != "fedit":
             cfg = replace(
                 cfg,
                 privacy=PrivacyConfig(),
                 attack=AttackConfig(),
                 compression=CompressionConfig(),
+                system=SystemConfig(),
             )
+            federation = replace(federation, selection="uniform")
         out = str(out_dir / self.name)
         return replace(cfg, federation=federation, output_dir=out).validate()
 

@@ -36,12 +36,14 @@ from fedit.engine.checkpoint import (
     Checkpoint,
     ClientStateStore,
     accepted_rounds,
+    committed_records,
     completed_rounds,
     load_checkpoint,
     metrics_record,
     round_dir,
     save_checkpoint,
 )
+from fedit.engine.devices import round_selection
 from fedit.engine.federation_data import round_objective
 from fedit.engine.run_dir import (
     METRICS,
@@ -63,7 +65,6 @@ from fedit.privacy import resolve_plan, selection_seed
 from fedit.seeding import Stream, derive_seed
 from fedit.server.aggregation import add_scaled
 from fedit.server.aggregators import build_aggregator
-from fedit.server.selection import select_clients
 from fedit.server.strategies import build_strategy
 from fedit.server.validation import (
     AllUpdatesRejectedError,
@@ -122,6 +123,8 @@ class RoundReplies:
     traffic: dict[int, dict[str, int]] = field(default_factory=dict)
     # secure aggregation: the sum in place of `updates` (checked by its protocol)
     aggregate: SecureAggregate | None = None
+    # [system]: the round's simulated duration (fedit.engine.devices), else None
+    simulated_seconds: float | None = None
 
 
 class ClientRunner(Protocol):
@@ -217,6 +220,7 @@ class RoundLoop:
         # {client: the last round that aggregated its update}: where its error feedback
         # continues from (fedit.compression.feedback), rebuilt from the records on resume
         self.accepted: dict[int, int] = {}
+        self.clock = 0.0  # [system]: the simulated seconds of the rounds so far
 
     def run(self, done: list[int]) -> Path:
         """Train the rounds after `done` (completed_run's answer) and return the final
@@ -228,7 +232,10 @@ class RoundLoop:
         ]
         self.client_state = ClientStateStore([round_dir(out, n) for n in phase])
         self.strategy.set_client_store(self.client_state)
-        self.accepted = accepted_rounds(out, done)
+        records = committed_records(out, done)
+        self.accepted = accepted_rounds(records)
+        if done and done[-1] in records:
+            self.clock = records[done[-1]].get("simulated_clock", 0.0)
         start, global_state, residual = self._restore(done)
         prepare_run_dir(out, cfg, done)  # the run's first write
         if start == 0 and cfg.eval.at_start:
@@ -269,9 +276,7 @@ class RoundLoop:
     def plan(self, r: int, global_state: AdapterState, residual) -> RoundPlan:
         """Round r + 1's selection, learning rate, seeds and strategy instructions."""
         cfg, fed = self.cfg, self.cfg.federation
-        chosen = select_clients(
-            self.num_clients, fed.clients_per_round, fed.fraction, self.selection_seed, r
-        )
+        chosen = round_selection(cfg, self.num_clients, self.selection_seed, r)
         if fed.mode != "federated":
             chosen = [0]
         objective = round_objective(cfg, r)
@@ -300,7 +305,8 @@ class RoundLoop:
         plan = self.plan(r, global_state, residual)
         replies = self.runner.run_round(plan, global_state)
         updates, rejected, clients = self._accepted(r, plan, replies, global_state)
-        global_state = self.strategy.aggregate(global_state, updates, r)
+        if updates:  # none: the simulated devices left nobody this round (_require_replies)
+            global_state = self.strategy.aggregate(global_state, updates, r)
         residual = self._fold_residual(residual)
         set_adapter_state(self.model, global_state)
         record: dict[str, Any] = {
@@ -308,11 +314,11 @@ class RoundLoop:
             "objective": objective,
             "learning_rate": plan.learning_rate,
             "clients": [{**c, **replies.traffic.get(c["id"], {})} for c in clients],
-            "strategy": self.strategy.metrics(),
+            "strategy": self.strategy.metrics() if updates else {},
         }
         if replies.aggregate is not None:
             record["secure_aggregation"] = replies.aggregate.record
-        if aggregator_metrics := self.strategy.aggregator.metrics():
+        if updates and (aggregator_metrics := self.strategy.aggregator.metrics()):
             record["aggregator"] = aggregator_metrics
         if self.privacy is not None:  # ε is a function of the rounds done: resumes agree
             record["privacy"] = self.privacy.record(r + 1)
@@ -322,6 +328,10 @@ class RoundLoop:
             record["rejected"] = [rejection.as_record() for rejection in rejected]
         if replies.dropped:
             record["dropped"] = [rejection.as_record() for rejection in replies.dropped]
+        if replies.simulated_seconds is not None:
+            self.clock += replies.simulated_seconds
+            record["simulated_seconds"] = replies.simulated_seconds
+            record["simulated_clock"] = self.clock
         if r + 1 == self.cfg.federation.rounds or (r + 1) % self.cfg.eval.every_rounds == 0:
             record.update(self._evaluate())
         if r + 1 == self.cfg.federation.rounds and self.final_eval is not None:
@@ -363,7 +373,11 @@ class RoundLoop:
         )
 
     def _require_replies(self, r, updates, rejected, dropped) -> None:
-        """Stop before any server state changes when too few clients sent a valid update."""
+        """Stop before any server state changes when too few clients sent a valid update;
+        with simulated devices ([system]) a round they left without any reply (offline,
+        stragglers, or nobody online to select) is a round that changes nothing."""
+        if self.cfg.system.enabled and not updates and not rejected:
+            return
         if not updates and not dropped:
             raise AllUpdatesRejectedError(r + 1, rejected)
         if len(updates) < max(1, self.min_replies):

@@ -35,11 +35,20 @@ from rich.markup import escape
 from fedit.attacks.model import client_attack
 from fedit.client.precision import half_precision_frozen_weights
 from fedit.client.session import LocalClient
+from fedit.client.trainer import steps_per_round
 from fedit.compression.feedback import FEEDBACK_DIR, client_compressor
 from fedit.config import ConfigError, RunConfig, TrainConfig
 from fedit.deploy.traffic import round_trip_bytes, run_header
-from fedit.deploy.wire import RunHeader
+from fedit.deploy.wire import RunHeader, shapes_of
 from fedit.engine.checkpoint import load_checkpoint, round_dir
+from fedit.engine.devices import (
+    Fate,
+    devices,
+    fate,
+    online_clients,
+    round_seconds,
+    transfer_bytes,
+)
 from fedit.engine.federation_data import (
     FederationData,
     centralized_steps,
@@ -201,10 +210,13 @@ class InProcessRunner:
         self.base_originals, self.show_progress = base_originals, show_progress
         self.references_fixed = False  # every client's fixed DPO π_ref computed
         self.header: RunHeader | None = None  # what each task's message would carry
+        # [system]: every client's simulated device (None: no device model)
+        self.fleet = devices(cfg, len(clients)) if cfg.system.enabled else None
 
     def run_round(self, plan: RoundPlan, global_state: AdapterState) -> RoundReplies:
         """Each task's local round; a client whose training went non-finite is rejected.
-        Traffic is what a deployment would send and receive for the same tasks."""
+        Traffic is what a deployment would send and receive for the same tasks. With
+        simulated devices a client offline or past the deadline is dropped untrained."""
         self._sft_references(plan, global_state)
         if self.header is None:
             self.header = run_header(self.cfg, self.model)
@@ -213,8 +225,12 @@ class InProcessRunner:
         with half_precision_frozen_weights(
             self.model, train_cfg.mixed_precision, train_cfg.half_precision_frozen_weights
         ):  # one cast per round, shared by its clients
+            fates = self._fates(plan, global_state)
             for task in plan.tasks:
                 client = self.clients[task.client_id]
+                if fates and (why := fates[task.client_id].dropped):
+                    replies.dropped.append(Rejection(task.client_id, why))
+                    continue
                 update = client.train(self.model, global_state, task, train_cfg, self.show_progress)
                 replies.traffic[task.client_id] = round_trip_bytes(
                     task, global_state, self.header, update
@@ -223,7 +239,26 @@ class InProcessRunner:
                     replies.rejected.append(update)
                 else:
                     replies.updates.append(update)
+        if self.fleet is not None:
+            replies.simulated_seconds = round_seconds(self.cfg, list(fates.values()))
         return replies
+
+    def _fates(self, plan: RoundPlan, global_state: AdapterState) -> dict[int, Fate]:
+        """{client: what its simulated device makes of its task} ({} without devices)."""
+        if self.fleet is None:
+            return {}
+        online = set(online_clients(self.cfg, self.fleet, plan.round_index))
+        down, up = transfer_bytes(self.cfg, shapes_of(global_state))
+        fates = {}
+        for task in plan.tasks:
+            client = self.clients[task.client_id]
+            records = len(client.pairs if plan.objective == "dpo" else client.examples)
+            steps = steps_per_round(records, plan.train_cfg)
+            device = self.fleet[task.client_id]
+            fates[task.client_id] = fate(
+                self.cfg, device, task.client_id in online, steps, down, up
+            )
+        return fates
 
     def fix_references_at_start(self, train_cfgs: dict[str, TrainConfig]) -> None:
         """DPO π_ref log-probs of every client's pairs that are fixed from the start: "base"

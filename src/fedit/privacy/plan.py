@@ -7,10 +7,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedit.config import ConfigError, RunConfig
+from fedit.engine.devices import round_selection
 from fedit.privacy import accountant
 from fedit.privacy.mechanism import noise_seed
 from fedit.seeding import Stream
-from fedit.server.selection import clients_per_round, select_clients
+from fedit.server.selection import clients_per_round
 
 
 @dataclass(frozen=True)
@@ -120,11 +121,10 @@ def client_plan(cfg: RunConfig, num_clients: int) -> PrivacyPlan | None:
 
 def local_releases(num_clients: int, cfg: RunConfig) -> tuple[int, ...]:
     """[0, then after each round r the most rounds any one client was selected for]."""
-    fed = cfg.federation
     counts = [0] * num_clients
     releases = [0]
-    for r in range(fed.rounds):
-        for k in select_clients(num_clients, fed.clients_per_round, fed.fraction, cfg.seed, r):
+    for r in range(cfg.federation.rounds):
+        for k in round_selection(cfg, num_clients, cfg.seed, r):
             counts[k] += 1
         releases.append(max(counts))
     return tuple(releases)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -19,11 +20,19 @@ def clients_per_round(num_clients: int, count: int | None, fraction: float | Non
 
 
 def select_clients(
-    num_clients: int, count: int | None, fraction: float | None, seed: int, round_index: int
+    num_clients: int,
+    count: int | None,
+    fraction: float | None,
+    seed: int,
+    round_index: int,
+    among: Sequence[int] | None = None,
 ) -> list[int]:
-    """Sorted client ids sampled without replacement for `round_index`."""
-    k = clients_per_round(num_clients, count, fraction)
-    if k == num_clients:
-        return list(range(num_clients))
+    """Sorted client ids sampled without replacement for `round_index`, from `among` (the
+    clients that can be selected; default all, and then the draw is the same as before
+    `among` existed). Fewer candidates than the round's count: all of them."""
+    pool = list(range(num_clients)) if among is None else sorted(among)
+    k = min(clients_per_round(num_clients, count, fraction), len(pool))
+    if k == len(pool):
+        return pool
     rng = np.random.default_rng(derive_seed(seed, Stream.SELECTION, round_index))
-    return sorted(int(i) for i in rng.choice(num_clients, size=k, replace=False))
+    return sorted(pool[int(i)] for i in rng.choice(len(pool), size=k, replace=False))
