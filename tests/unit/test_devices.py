@@ -12,7 +12,7 @@ from fedit.config import ConfigError, DataConfig, PartitionConfig, RunConfig, Sy
 from fedit.engine import devices
 from fedit.engine.devices import Device, Fate
 from fedit.seeding import Stream, derive_seed
-from fedit.server.selection import select_clients
+from fedit.server.selection import highest_losses, select_clients
 
 
 def base(num_clients: int = 10) -> RunConfig:
@@ -68,7 +68,7 @@ def test_available_selection_picks_only_online_clients() -> None:
     fleet = devices.devices(cfg, 10)
     for r in range(20):
         online = devices.online_clients(cfg, fleet, r)
-        chosen = devices.round_selection(cfg, 10, cfg.seed, r)
+        chosen = devices.round_candidates(cfg, 10, cfg.seed, r)
         assert set(chosen) <= set(online) and len(chosen) == min(3, len(online))
 
 
@@ -110,3 +110,22 @@ def test_the_config_refuses_what_the_device_model_cannot_mean() -> None:
     with pytest.raises(ConfigError, match="system.enabled: simulates a federation's"):
         on = config()
         replace(on, federation=replace(on.federation, mode="centralized")).validate()
+
+
+def test_power_of_choice_takes_the_highest_losses_of_its_candidates() -> None:
+    losses = {3: 0.5, 1: 2.0, 7: 1.0, 4: 2.0}
+    assert highest_losses(losses, 2) == [1, 4]  # a tie, both in
+    assert highest_losses(losses, 3) == [1, 4, 7]
+    assert highest_losses({2: 1.0, 5: 1.0}, 1) == [2]  # ties go to the lower id
+    cfg = base()
+    poc = replace(cfg, federation=replace(cfg.federation, selection="power_of_choice"))
+    poc = replace(poc, federation=replace(poc.federation, clients_per_round=3)).validate()
+    candidates = devices.round_candidates(poc, 10, poc.seed, 0)
+    assert len(candidates) == 6  # d = 2m by default
+    uniform = replace(poc, federation=replace(poc.federation, selection="uniform"))
+    assert len(devices.round_candidates(uniform, 10, poc.seed, 0)) == 3
+    with pytest.raises(ConfigError, match="federation.candidates: must be >= the 3 clients"):
+        replace(poc, federation=replace(poc.federation, candidates=2)).validate()
+    with pytest.raises(ConfigError, match="outside the DP analysis"):
+        private = replace(poc, privacy=replace(poc.privacy, mode="local", noise_multiplier=1.0))
+        replace(private, strategy=replace(private.strategy, weighting="uniform")).validate()

@@ -78,6 +78,11 @@ def check_deployable(cfg: RunConfig) -> None:
         raise ConfigError(
             f"federation.mode: {cfg.federation.mode!r} is a baseline, run it as a simulation"
         )
+    if cfg.federation.selection == "power_of_choice":
+        raise ConfigError(
+            "federation.selection: 'power_of_choice' asks every candidate for its loss "
+            "before the round, a message fedit's deployment does not send yet; use 'uniform'"
+        )
     if cfg.system.enabled:
         raise ConfigError(
             "system.enabled: simulated devices are the simulation's; a deployment's devices, "

@@ -143,6 +143,11 @@ def check_simulatable(cfg: RunConfig) -> None:
             "in one machine the coordinator holds every update anyway; run secure "
             "aggregation with `fedit coordinate`"
         )
+    if cfg.federation.selection == "power_of_choice":
+        raise ConfigError(
+            "federation.selection: 'power_of_choice' probes the candidates' losses in "
+            "`fedit train`'s engine only; use 'uniform' here"
+        )
     if cfg.system.enabled:
         raise ConfigError(
             "system.enabled: the simulated devices drop and time clients in `fedit train`'s "

@@ -29,7 +29,7 @@ import numpy as np
 from fedit.compression.codecs import state_layout
 from fedit.config import RunConfig
 from fedit.seeding import Stream, derive_seed
-from fedit.server.selection import select_clients
+from fedit.server.selection import clients_per_round, select_clients
 
 BITS_PER_BYTE = 8
 BITS_PER_MEGABIT = 10**6
@@ -79,16 +79,19 @@ def online_clients(cfg: RunConfig, fleet: Sequence[Device], round_index: int) ->
     return [k for k, device in enumerate(fleet) if draws[k] < device.availability]
 
 
-def round_selection(cfg: RunConfig, num_clients: int, seed: int, round_index: int) -> list[int]:
-    """The round's clients: m of all N (uniform), or of those online (available; all of
-    them when fewer are online than m)."""
+def round_candidates(cfg: RunConfig, num_clients: int, seed: int, round_index: int) -> list[int]:
+    """The clients a round draws: m of all N (uniform), or of those online (available; all
+    of them when fewer are online than m); for power_of_choice the d candidates it ranks,
+    drawn from the online ones when devices are simulated (only those can answer)."""
     fed = cfg.federation
     among = None
-    if fed.selection == "available":
+    if fed.selection == "available" or (fed.selection == "power_of_choice" and cfg.system.enabled):
         among = online_clients(cfg, devices(cfg, num_clients), round_index)
-    return select_clients(
-        num_clients, fed.clients_per_round, fed.fraction, seed, round_index, among
-    )
+    count, fraction = fed.clients_per_round, fed.fraction
+    if fed.selection == "power_of_choice":
+        m = clients_per_round(num_clients, count, fraction)
+        count, fraction = fed.candidates or min(2 * m, num_clients), None
+    return select_clients(num_clients, count, fraction, seed, round_index, among)
 
 
 def client_seconds(

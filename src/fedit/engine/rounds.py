@@ -43,7 +43,7 @@ from fedit.engine.checkpoint import (
     round_dir,
     save_checkpoint,
 )
-from fedit.engine.devices import round_selection
+from fedit.engine.devices import round_candidates
 from fedit.engine.federation_data import round_objective
 from fedit.engine.run_dir import (
     METRICS,
@@ -65,6 +65,7 @@ from fedit.privacy import resolve_plan, selection_seed
 from fedit.seeding import Stream, derive_seed
 from fedit.server.aggregation import add_scaled
 from fedit.server.aggregators import build_aggregator
+from fedit.server.selection import clients_per_round, highest_losses
 from fedit.server.strategies import build_strategy
 from fedit.server.validation import (
     AllUpdatesRejectedError,
@@ -89,6 +90,8 @@ class RoundPlan:
     # The exact-aggregation residual the coordinator's model holds (empty in "separate"
     # mode); only clients that share that model (the simulation) need it.
     base_residual: dict[str, torch.Tensor] = field(default_factory=dict)
+    # power_of_choice: {candidate: its probed loss} the selection ranked (else empty)
+    probed: dict[int, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -131,6 +134,11 @@ class ClientRunner(Protocol):
     """How an engine reaches its clients: the only part of a round that differs."""
 
     def run_round(self, plan: RoundPlan, global_state: AdapterState) -> RoundReplies: ...
+
+
+# power_of_choice's question to the candidates: (candidates, global adapter, round index)
+# -> {candidate: its loss on a seeded sample of its records under the global adapter}
+LossProbe = Callable[[list[int], AdapterState, int], dict[int, float]]
 
 
 class TooFewRepliesError(RunStopped):
@@ -193,6 +201,7 @@ class RoundLoop:
         min_replies: int = 1,
         show_progress: bool = True,
         final_eval: Callable[[torch.nn.Module], dict[str, Any]] | None = None,
+        loss_probe: LossProbe | None = None,
     ) -> None:
         self.cfg, self.model, self.runner = cfg, model, runner
         self.output_dir = Path(cfg.output_dir)
@@ -201,6 +210,12 @@ class RoundLoop:
         self.base_originals = base_originals  # W0 of weights with a residual, shared
         self.min_replies, self.show_progress = min_replies, show_progress
         self.final_eval = final_eval  # the attack's success after the last round, or None
+        if cfg.federation.selection == "power_of_choice" and loss_probe is None:
+            raise ConfigError(
+                "federation.selection: 'power_of_choice' needs each candidate's loss, which "
+                "only `fedit train`'s engine measures; use 'uniform' here"
+            )
+        self.loss_probe = loss_probe
         self.strategy = build_strategy(
             cfg.strategy, num_clients, build_aggregator(cfg, num_clients)
         )
@@ -276,7 +291,12 @@ class RoundLoop:
     def plan(self, r: int, global_state: AdapterState, residual) -> RoundPlan:
         """Round r + 1's selection, learning rate, seeds and strategy instructions."""
         cfg, fed = self.cfg, self.cfg.federation
-        chosen = round_selection(cfg, self.num_clients, self.selection_seed, r)
+        chosen = round_candidates(cfg, self.num_clients, self.selection_seed, r)
+        probed: dict[int, float] = {}
+        if fed.selection == "power_of_choice" and self.loss_probe is not None:
+            probed = self.loss_probe(chosen, global_state, r)
+            m = clients_per_round(self.num_clients, fed.clients_per_round, fed.fraction)
+            chosen = highest_losses(probed, m)
         if fed.mode != "federated":
             chosen = [0]
         objective = round_objective(cfg, r)
@@ -294,7 +314,7 @@ class RoundLoop:
             )
             for k in chosen
         ]
-        return RoundPlan(r, objective, train_cfg, lr, tasks, residual)
+        return RoundPlan(r, objective, train_cfg, lr, tasks, residual, probed)
 
     def _round(self, r: int, global_state: AdapterState, residual):
         """Round r + 1: plan → the clients train → aggregate → evaluate → commit."""
@@ -316,6 +336,8 @@ class RoundLoop:
             "clients": [{**c, **replies.traffic.get(c["id"], {})} for c in clients],
             "strategy": self.strategy.metrics() if updates else {},
         }
+        if plan.probed:  # JSON keys are strings: the candidates' ids
+            record["selection"] = {"probed_loss": {str(k): v for k, v in plan.probed.items()}}
         if replies.aggregate is not None:
             record["secure_aggregation"] = replies.aggregate.record
         if updates and (aggregator_metrics := self.strategy.aggregator.metrics()):

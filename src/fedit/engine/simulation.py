@@ -28,6 +28,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from rich.console import Console
 from rich.markup import escape
@@ -57,6 +58,7 @@ from fedit.engine.federation_data import (
 )
 from fedit.engine.rounds import RoundLoop, RoundPlan, RoundReplies, completed_run, finished
 from fedit.eval.attack import final_attack_eval
+from fedit.eval.loss import heldout_loss
 from fedit.models.adapters import (
     attach_lora,
     require_full_precision_base,
@@ -65,6 +67,7 @@ from fedit.models.adapters import (
 )
 from fedit.models.loading import load_model, load_tokenizer
 from fedit.privacy import client_plan
+from fedit.seeding import Stream, derive_seed
 from fedit.server.validation import Rejection
 from fedit.types import AdapterState
 
@@ -125,6 +128,7 @@ class Simulation:
             final_eval=final_attack_eval(cfg, tokenizer, data.heldout_records)
             if self.score_attack
             else None,
+            loss_probe=runner.probe_losses,
         )
         # Before the loop restores (and folds) any exact-aggregation residual: π_ref = W0.
         runner.fix_references_at_start(train_cfgs)
@@ -242,6 +246,27 @@ class InProcessRunner:
         if self.fleet is not None:
             replies.simulated_seconds = round_seconds(self.cfg, list(fates.values()))
         return replies
+
+    def probe_losses(
+        self, candidates: list[int], global_state: AdapterState, round_index: int
+    ) -> dict[int, float]:
+        """power_of_choice's probe: each candidate's held-out-style loss under the global
+        adapter on federation.probe_records of its records (a seeded sample per round and
+        client, so a resumed round probes the same ones); a client without records is not
+        a candidate."""
+        cfg = self.cfg
+        set_adapter_state(self.model, global_state)
+        losses = {}
+        for k in candidates:
+            examples = self.clients[k].examples
+            if not examples:
+                continue
+            rng = np.random.default_rng(derive_seed(cfg.seed, Stream.SELECTION, round_index, k))
+            size = min(cfg.federation.probe_records, len(examples))
+            sample = [examples[i] for i in sorted(rng.choice(len(examples), size, replace=False))]
+            scores = heldout_loss(self.model, sample, self.clients[k].pad_id, cfg.eval.batch_size)
+            losses[k] = scores["overall"]["loss"]
+        return losses
 
     def _fates(self, plan: RoundPlan, global_state: AdapterState) -> dict[int, Fate]:
         """{client: what its simulated device makes of its task} ({} without devices)."""

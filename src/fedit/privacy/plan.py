@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedit.config import ConfigError, RunConfig
-from fedit.engine.devices import round_selection
+from fedit.engine.devices import round_candidates
 from fedit.privacy import accountant
 from fedit.privacy.mechanism import noise_seed
 from fedit.seeding import Stream
@@ -124,7 +124,7 @@ def local_releases(num_clients: int, cfg: RunConfig) -> tuple[int, ...]:
     counts = [0] * num_clients
     releases = [0]
     for r in range(cfg.federation.rounds):
-        for k in round_selection(cfg, num_clients, cfg.seed, r):
+        for k in round_candidates(cfg, num_clients, cfg.seed, r):
             counts[k] += 1
         releases.append(max(counts))
     return tuple(releases)

@@ -36,3 +36,13 @@ def select_clients(
         return pool
     rng = np.random.default_rng(derive_seed(seed, Stream.SELECTION, round_index))
     return sorted(pool[int(i)] for i in rng.choice(len(pool), size=k, replace=False))
+
+
+def highest_losses(losses: dict[int, float], count: int) -> list[int]:
+    """Power-of-choice (Cho, Wang & Joshi 2020, "Client Selection in Federated Learning:
+    Convergence Analysis and Power-of-Choice Selection Strategies"): of the d candidates,
+    the `count` whose local loss under the global model is highest, sorted by id. Biasing
+    selection towards the clients the model fits worst speeds up convergence on non-IID
+    data (at some cost in the error floor, the paper's trade-off). Ties go to the lower id."""
+    ranked = sorted(losses, key=lambda k: (-losses[k], k))
+    return sorted(ranked[:count])
