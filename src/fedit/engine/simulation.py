@@ -3,7 +3,9 @@
 The rounds are fedit.engine.rounds.RoundLoop's, shared with the deployment engine; what is
 the simulation's own is here: every client's records prepared and tokenised once in this
 process, and ``InProcessRunner``, which trains the round's clients one after the other on
-the one shared model (each a fedit.client.session.LocalClient). Nothing is written to
+the one shared model (each a fedit.client.session.LocalClient), drops those its simulated
+devices leave out ([system], fedit.engine.devices) and probes candidates' losses for
+power-of-choice selection. Nothing is written to
 output_dir before the config, the data and the model are ready, and --resume continues a
 run only with a config that cannot change the rounds already trained
 (fedit.engine.run_dir).
