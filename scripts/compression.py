@@ -3,7 +3,7 @@ and quality against float32 uploads, on the same federation.
 
     .venv/bin/python scripts/compression.py -c configs/demo.toml [--set key=value ...]
 
-Bytes are metrics.jsonl's bytes_up (what the encoded reply puts on the wire, deflated as
+Bytes are metrics.jsonl's bytes_up (what the encoded reply puts on the wire, serialised as
 Flower pushes it), averaged over every client-round. Runs go to
 <output_dir>-compression/<codec>/, the table to <output_dir>-compression/compression.md;
 runs already complete are scored again, not retrained.

@@ -77,9 +77,37 @@ class LoraConfig:
     # stops below them: 10 of SmolLM2's 30 layers take 0.63x the step time on an AVX2 CPU
     # (bench/step_cost.py).
     last_layers: int | None = None
+    # Mixed ranks (fedit.server.ranks): client k trains only the first r_k components of the
+    # rank-r global adapter. Per client, or tiers: ranks with the share of clients at each
+    # (assigned by a permutation seeded by the run seed). Neither: every client at r.
+    client_ranks: list[int] = field(default_factory=list)
+    rank_tiers: list[int] = field(default_factory=list)
+    tier_shares: list[float] = field(default_factory=list)
 
     def validate(self) -> None:
         _require(self.r > 0, "lora.r", "must be positive")
+        for name in ("client_ranks", "rank_tiers"):
+            _require(
+                all(1 <= rank <= self.r for rank in getattr(self, name)),
+                f"lora.{name}",
+                f"ranks must be in [1, lora.r = {self.r}]",
+            )
+        _require(
+            not (self.client_ranks and self.rank_tiers),
+            "lora.client_ranks",
+            "set client_ranks or rank_tiers, not both",
+        )
+        _require(
+            len(self.tier_shares) == len(self.rank_tiers),
+            "lora.tier_shares",
+            f"must give one share per rank tier ({len(self.rank_tiers)})",
+        )
+        _require(
+            not self.tier_shares
+            or (all(v > 0 for v in self.tier_shares) and abs(sum(self.tier_shares) - 1) < 1e-6),
+            "lora.tier_shares",
+            "must be positive and sum to 1",
+        )
         _require(self.alpha > 0, "lora.alpha", "must be positive")
         _require(0.0 <= self.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
         _require(bool(self.target_modules), "lora.target_modules", "must not be empty")
@@ -350,6 +378,9 @@ class FederationConfig:
         _require(self.probe_records >= 1, "federation.probe_records", "must be >= 1")
 
 
+RANK_AGGREGATIONS = ("zero_pad", "holders")
+
+
 @dataclass
 class StrategyConfig:
     """Server aggregation algorithm and its hyperparameters (see fedit.server.strategies)."""
@@ -357,6 +388,10 @@ class StrategyConfig:
     name: str = "fedavg"
     weighting: str = "examples"  # examples (p_k = n_k / sum n) | uniform
     lora_aggregation: str = "separate"  # separate | exact (see fedit.server.lora_aggregation)
+    # mixed LoRA ranks (lora.client_ranks / rank_tiers; fedit.server.ranks): zero_pad
+    # (HetLoRA: a component a client lacks counts as 0) | holders (averaged over the
+    # clients that have it)
+    rank_aggregation: str = "zero_pad"
     # how the clients' deltas become one (fedit.server.aggregators): mean | a robust rule
     aggregator: str = "mean"
     prox_mu: float = 0.01  # fedprox
@@ -392,6 +427,11 @@ class StrategyConfig:
             self.aggregator in AGGREGATORS,
             "strategy.aggregator",
             f"unknown aggregator {self.aggregator!r} (known: {', '.join(sorted(AGGREGATORS))})",
+        )
+        _require(
+            self.rank_aggregation in RANK_AGGREGATIONS,
+            "strategy.rank_aggregation",
+            f"must be one of {', '.join(RANK_AGGREGATIONS)}",
         )
         _require(
             self.weighting in {"examples", "uniform"},
@@ -812,6 +852,7 @@ class RunConfig:
         )
         self._validate_system()
         self._validate_power_of_choice()
+        self._validate_ranks()
         self._validate_objective()
         self._validate_exact_aggregation()
         self._validate_secagg()
@@ -839,6 +880,44 @@ class RunConfig:
             not system.enabled or self.federation.mode == "federated",
             "system.enabled",
             f"simulates a federation's devices, not the {self.federation.mode!r} baseline",
+        )
+
+    def _validate_ranks(self) -> None:
+        """What mixed LoRA ranks compose with: one rank per client, and no algorithm whose
+        per-client state or server step would move the components a client lacks."""
+        lora, strategy = self.lora, self.strategy
+        if not (lora.client_ranks or lora.rank_tiers):
+            return
+        _require(
+            not lora.client_ranks
+            or self.partition.method == "files"
+            or len(lora.client_ranks) == self.partition.num_clients,
+            "lora.client_ranks",
+            f"lists {len(lora.client_ranks)} clients, partition.num_clients is "
+            f"{self.partition.num_clients}",
+        )
+        _require(
+            self.federation.mode == "federated",
+            "lora.client_ranks",
+            f"mixed ranks are a federation's, not the {self.federation.mode!r} baseline's",
+        )
+        _require(
+            strategy.name != "scaffold",
+            "strategy.name",
+            "scaffold cannot be used with mixed LoRA ranks: its control variates would move "
+            "the components a client does not have",
+        )
+        _require(
+            not (strategy.rank_aggregation == "holders" and strategy.lora_aggregation == "exact"),
+            "strategy.rank_aggregation",
+            "'holders' fills in the components a client lacks, so 'exact' aggregation would "
+            "not be the clients' own products: use 'zero_pad' (with 'exact': FLoRA's exact "
+            "sum of every client's B_k A_k)",
+        )
+        _require(
+            not self.secagg.enabled,
+            "secagg.enabled",
+            "mixed LoRA ranks need each client's update to know which components it holds",
         )
 
     def _validate_power_of_choice(self) -> None:

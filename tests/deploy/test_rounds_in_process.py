@@ -200,6 +200,23 @@ def test_a_malicious_owner_attacks_as_the_simulated_client_does(
     }
 
 
+@pytest.mark.parametrize("aggregation", ["zero_pad", "holders"])
+def test_mixed_lora_ranks_deploy_as_they_simulate(
+    aggregation: str, monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Each owner truncates to its rank in its own LocalClient; the coordinator pads and
+    aggregates with the round code the simulation runs (int8 uploads from the truncated x)."""
+    extra = {
+        "lora.client_ranks": [1, 4, 2],
+        "strategy.rank_aggregation": aggregation,
+        "compression.upload": "int8",
+    }
+    sim, dep, files, keys = configs(tmp_path, tiny_model_dir, "fedavg", **extra)
+    Simulation(sim, show_progress=False).run()
+    deploy_rounds(monkeypatch, dep, LoopbackOwners(owners_for(tmp_path, files, dep), keys))
+    assert_same_adapters(sim, dep)
+
+
 @pytest.mark.parametrize(
     "compression",
     [

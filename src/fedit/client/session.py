@@ -25,6 +25,7 @@ from fedit.models.adapters import set_adapter_state
 from fedit.privacy import PrivacyPlan
 from fedit.privacy.mechanism import privatize
 from fedit.seeding import Stream
+from fedit.server.ranks import global_at
 from fedit.server.validation import Rejection
 from fedit.types import AdapterState, ClientTask, ClientUpdate
 
@@ -37,7 +38,9 @@ class LocalClient:
     fedit.privacy.client_plan's answer (None: no local DP), ``attack`` is
     fedit.attacks.model.client_attack's (None: an honest client, the default of every
     run), ``compressor`` fedit.compression.feedback.client_compressor's (None: float32
-    uploads), all required so that no engine can build a client that forgets them."""
+    uploads), all required so that no engine can build a client that forgets them.
+    ``rank`` (fedit.server.ranks.client_ranks) truncates the global adapter it trains from
+    to its first r_k components; everything after works from that truncated x."""
 
     def __init__(
         self,
@@ -50,11 +53,13 @@ class LocalClient:
         privacy: PrivacyPlan | None,
         attack: ModelAttack | None,
         compressor: UploadCompressor | None,
+        rank: int | None = None,
     ) -> None:
         self.client_id = client_id
         if privacy is not None and privacy.mode != "local":
             raise ValueError(f"a client adds noise in local mode only, not {privacy.mode!r}")
         self.privacy, self.attack, self.compressor = privacy, attack, compressor
+        self.rank = rank  # mixed LoRA ranks: this client's r_k (None: the global rank)
         self.examples, self.pairs = examples, pairs
         self.pad_id, self.dpo = pad_id, dpo
         self.reference: Tensor | None = None  # fixed π_ref log-probs, "base" or "sft"
@@ -83,6 +88,7 @@ class LocalClient:
         after local DP, because the attacker controls what it sends and would not add the
         noise honestly, so Δ is the delta local DP left (the trained one without it). A
         compressed upload encodes last what the client sends (fedit.compression)."""
+        global_state = global_at(global_state, self.rank)
         set_adapter_state(model, global_state)
         common = {
             "client_id": self.client_id,

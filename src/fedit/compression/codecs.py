@@ -18,7 +18,8 @@ before they are read). Per entry of a tensor with n entries:
   is what error feedback carries to the client's next round (fedit.compression.feedback).
 
 The wire's bytes (metrics.jsonl's bytes_up) are what fedit.deploy.wire.content_bytes counts
-of the encoded parts; ``payload_bytes`` is their raw size, the figure the per-entry costs
+of the encoded parts (one array per part, so a few hundred bytes of framing);
+``payload_bytes`` is their raw size, the figure the per-entry costs
 above describe. Written here rather than taken from a library because the parts must be
 plain tensors that fedit's wire validates, and torch has every operation they need.
 """
@@ -192,5 +193,5 @@ def decode_state(
 
 
 def payload_bytes(parts: Mapping[str, Tensor]) -> int:
-    """The raw bytes of every part, before the wire's framing and deflate."""
+    """The raw bytes of every part, before the wire's framing."""
     return sum(part.numel() * part.element_size() for part in parts.values())

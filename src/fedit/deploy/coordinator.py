@@ -53,6 +53,7 @@ from fedit.engine.rounds import RoundLoop, RoundPlan, RoundReplies, completed_ru
 from fedit.errors import DeployError
 from fedit.models.adapters import attach_lora, get_adapter_state, set_adapter_state
 from fedit.models.loading import load_model, load_tokenizer
+from fedit.server.ranks import client_ranks, global_at
 from fedit.server.selection import clients_per_round
 from fedit.server.strategies import STRATEGIES
 from fedit.server.validation import Rejection
@@ -135,6 +136,7 @@ class FlowerRunner:
         self.roster = [load_public_key_file(Path(p)).public_numbers() for p in cfg.deploy.clients]
         self.nodes_by_client = nodes_by_client or self._nodes_by_key
         self.extras = set(STRATEGIES[cfg.strategy.name].update_extras)
+        self.ranks = client_ranks(cfg, cfg.partition.num_clients)
 
     def run_round(self, plan: RoundPlan, global_state: AdapterState) -> RoundReplies:
         wanted = {t.client_id for t in plan.tasks}
@@ -153,19 +155,22 @@ class FlowerRunner:
                 online.append(task)
         if self.cfg.secagg.enabled:
             return SecureRound(self, plan, global_state, nodes, replies).run(online, deadline)
-        upload = self._upload_codec(global_state)
+        # mixed LoRA ranks: each client's global adapter at its rank (fedit.server.ranks)
+        starts = {t.client_id: global_at(global_state, self._rank(t.client_id)) for t in online}
+        uploads = {k: self._upload_codec(x) for k, x in starts.items()}
         sent = {}
         for task in online:
-            content = task_content(task, global_state, self.header)
+            content = task_content(task, starts[task.client_id], self.header)
             sent[task.client_id] = _Sent(task.client_id, task, content)
-        answers = self._exchange(plan, sent, nodes, deadline, replies, upload)
+        answers = self._exchange(plan, sent, nodes, deadline, replies, uploads)
         # Owners that lack state they keep (c_k, the DPO reference: a new disk) get their
         # round again in full, within the same deadline.
         again = {k: s for k, s in sent.items() if answers.get(k) in RESENT_FOR}
         for s in again.values():
-            s.content = task_content(self._in_full(s.task), global_state, self.header, hold=False)
+            start = starts[s.client_id]
+            s.content = task_content(self._in_full(s.task), start, self.header, hold=False)
         if again:
-            answers |= self._exchange(plan, again, nodes, deadline, replies, upload)
+            answers |= self._exchange(plan, again, nodes, deadline, replies, uploads)
         for k in sent:
             if answers.get(k) in RESENT_FOR:
                 replies.dropped.append(Rejection(k, f"{answers[k]} even after re-sending"))
@@ -188,18 +193,22 @@ class FlowerRunner:
         tensors = {**task.instructions.tensors, REFERENCE_GROUP: sft_end}
         return replace(task, instructions=replace(task.instructions, tensors=tensors))
 
+    def _rank(self, client_id: int) -> int | None:
+        return None if self.ranks is None else self.ranks[client_id]
+
     def _upload_codec(self, global_state: AdapterState) -> wire.UploadCodec | None:
-        """How this round's replies carry their updates: None for float32 y_k."""
+        """How a reply carries its update, from the `global_state` its client started
+        from: None for float32 y_k."""
         compression = self.cfg.compression
         if compression.upload == "none":
             return None
         return wire.UploadCodec(compression.upload, compression.topk_fraction, global_state)
 
-    def _exchange(self, plan, sent: dict, nodes, deadline, replies: RoundReplies, upload) -> dict:
+    def _exchange(self, plan, sent: dict, nodes, deadline, replies: RoundReplies, uploads) -> dict:
         """Send, wait, decode; the outcome per client ("ok", one of RESENT_FOR, or a drop)."""
         contents = {k: s.content for k, s in sent.items()}
         received = self.deliver(contents, nodes, "train", plan.round_index + 1, deadline, replies)
-        return {k: self._accept(sent[k].task, c, replies, upload) for k, c in received.items()}
+        return {k: self._accept(sent[k].task, c, replies, uploads[k]) for k, c in received.items()}
 
     def deliver(
         self,

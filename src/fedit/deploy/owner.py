@@ -41,6 +41,7 @@ from fedit.models.adapters import attach_lora, get_adapter_state, set_adapter_st
 from fedit.models.loading import base_fingerprint, load_model, load_tokenizer
 from fedit.privacy import client_plan
 from fedit.server.aggregation import add_scaled, zeros_like
+from fedit.server.ranks import client_ranks
 from fedit.server.validation import Rejection
 from fedit.types import AdapterState, ClientTask, ClientUpdate
 
@@ -120,6 +121,8 @@ class RunSession:
         if self.client is None:
             # partition.num_clients is the roster's size (fedit.deploy.coordinator checks)
             cfg, n = self.cfg, self.cfg.partition.num_clients
+            if not 0 <= client_id < n:
+                raise wire.WireError(f"round.client_id: {client_id}, the run has {n} clients")
             # Tokenised once the first task names this owner's id: a data attack needs it.
             examples, pairs = tokenize_owner_data(
                 cfg, self.tokenizer, self.records, self.raw_pairs, client_id
@@ -133,6 +136,7 @@ class RunSession:
                 privacy=client_plan(cfg, n),
                 attack=client_attack(cfg, client_id, n),
                 compressor=client_compressor(cfg, client_id, self.state_root / FEEDBACK_DIR),
+                rank=None if (ranks := client_ranks(cfg, n)) is None else ranks[client_id],
             )
         if self.client.client_id != client_id:
             raise wire.WireError(

@@ -65,8 +65,8 @@ class Contender:
             federation = replace(federation, local_client=int(arg))
         elif kind == "local":
             federation = replace(federation, local_categories=arg.split("+"))
-        # Client-level DP, attacks, compressed uploads and simulated devices are a
-        # federation's: the baselines are clean references that send nothing.
+        # Client-level DP, attacks, compressed uploads, simulated devices and mixed ranks
+        # are a federation's: the baselines are clean references, at the global rank.
         if kind != "fedit":
             cfg = replace(
                 cfg,
@@ -74,6 +74,7 @@ class Contender:
                 attack=AttackConfig(),
                 compression=CompressionConfig(),
                 system=SystemConfig(),
+                lora=replace(cfg.lora, client_ranks=[], rank_tiers=[], tier_shares=[]),
             )
             federation = replace(federation, selection="uniform")
         out = str(out_dir / self.name)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -63,8 +63,9 @@ from fedit.models.adapters import (
 )
 from fedit.privacy import resolve_plan, selection_seed
 from fedit.seeding import Stream, derive_seed
-from fedit.server.aggregation import add_scaled
+from fedit.server.aggregation import add_scaled, client_weights
 from fedit.server.aggregators import build_aggregator
+from fedit.server.ranks import at_rank, client_ranks, for_aggregation
 from fedit.server.selection import clients_per_round, highest_losses
 from fedit.server.strategies import build_strategy
 from fedit.server.validation import (
@@ -235,6 +236,8 @@ class RoundLoop:
         # {client: the last round that aggregated its update}: where its error feedback
         # continues from (fedit.compression.feedback), rebuilt from the records on resume
         self.accepted: dict[int, int] = {}
+        self.ranks = client_ranks(cfg, num_clients)  # mixed LoRA ranks, or None
+        self.rank_mode = cfg.strategy.rank_aggregation
         self.clock = 0.0  # [system]: the simulated seconds of the rounds so far
 
     def run(self, done: list[int]) -> Path:
@@ -372,14 +375,35 @@ class RoundLoop:
             clients = [{"id": k, **metrics} for k, metrics in replies.aggregate.clients]
             return [update], replies.rejected, clients
         # before any server state changes
-        updates, refused = validate_updates(replies.updates, self._expectations(plan, global_state))
+        arrived = self._at_own_ranks(replies.updates, global_state)
+        updates, refused = validate_updates(arrived, self._expectations(plan, global_state))
         rejected = replies.rejected + refused
         self._require_replies(r, updates, rejected, replies.dropped)
         updates.sort(key=lambda u: u.client_id)  # replies may arrive in any order
         clients = [
             {"id": u.client_id, "num_examples": u.num_examples, **u.metrics} for u in updates
         ]
+        if self.ranks is not None and updates:
+            weights = client_weights(updates, self.cfg.strategy.weighting)
+            own = [self.ranks[u.client_id] for u in updates]
+            states = for_aggregation([u.state for u in updates], own, weights, self.rank_mode)
+            updates = [replace(u, state=state) for u, state in zip(updates, states, strict=True)]
         return updates, rejected, clients
+
+    def _at_own_ranks(self, updates: list[ClientUpdate], global_state: AdapterState):
+        """Mixed ranks: each update beyond its client's rank set to the global's own values
+        (Δ = 0 there: it has no such components), so validation and its norm bound see
+        what it trained. A malformed update is left as it came, for validation to refuse."""
+        if self.ranks is None:
+            return updates
+        shapes = {k: t.shape for k, t in global_state.items()}
+        fixed = []
+        for u in updates:
+            formed = {k: t.shape for k, t in u.state.items()} == shapes
+            if formed and 0 <= u.client_id < len(self.ranks):
+                u = replace(u, state=at_rank(u.state, self.ranks[u.client_id], global_state))
+            fixed.append(u)
+        return fixed
 
     def _expectations(self, plan: RoundPlan, global_state: AdapterState) -> RoundExpectations:
         """What the round's updates must be, from the coordinator's own knowledge."""

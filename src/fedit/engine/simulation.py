@@ -70,6 +70,7 @@ from fedit.models.adapters import (
 from fedit.models.loading import load_model, load_tokenizer
 from fedit.privacy import client_plan
 from fedit.seeding import Stream, derive_seed
+from fedit.server.ranks import client_ranks, global_at
 from fedit.server.validation import Rejection
 from fedit.types import AdapterState
 
@@ -177,6 +178,7 @@ def local_clients(cfg: RunConfig, data: FederationData, pad_id: int) -> list[Loc
     upload compressor."""
     privacy, n = client_plan(cfg, data.num_clients), data.num_clients
     memory_root = Path(cfg.output_dir) / FEEDBACK_DIR  # the clients' disks, in one process
+    ranks = client_ranks(cfg, n)
     return [
         LocalClient(
             k,
@@ -187,6 +189,7 @@ def local_clients(cfg: RunConfig, data: FederationData, pad_id: int) -> list[Loc
             privacy=privacy,
             attack=client_attack(cfg, k, n),
             compressor=client_compressor(cfg, k, memory_root),
+            rank=None if ranks is None else ranks[k],
         )
         for k, (examples, pairs) in enumerate(client_data(data))
     ]
@@ -238,9 +241,8 @@ class InProcessRunner:
                     replies.dropped.append(Rejection(task.client_id, why))
                     continue
                 update = client.train(self.model, global_state, task, train_cfg, self.show_progress)
-                replies.traffic[task.client_id] = round_trip_bytes(
-                    task, global_state, self.header, update
-                )
+                sent = global_at(global_state, client.rank)  # what its message would carry
+                replies.traffic[task.client_id] = round_trip_bytes(task, sent, self.header, update)
                 if isinstance(update, Rejection):
                     replies.rejected.append(update)
                 else:
