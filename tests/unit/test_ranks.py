@@ -82,7 +82,7 @@ def test_zero_padded_exact_aggregation_is_the_hand_computed_delta_w() -> None:
     c0 = torch.tensor([[1.0, 2.0, 0.0], [0.0, 0.0, 0.0], [2.0, 4.0, 0.0], [-1.0, -2.0, 0.0]])
     c1 = torch.tensor([[1.0, 1.0, 0.0], [2.0, 0.0, -2.0], [0.0, 0.0, 0.0], [0.0, 1.0, 1.0]])
     expected = s * (0.25 * c0 + 0.75 * c1)
-    padded = for_aggregation(states, [1, 2], weights, "zero_pad")
+    padded = for_aggregation(states, [1, 2], weights, "zero_pad", states[1])
     assert torch.allclose(exact_mean_delta_w(padded, weights, s)["m"], expected)
     # what the engine builds: the factor mean plus FedEx-LoRA's residual
     a_mean = 0.25 * padded[0][A] + 0.75 * padded[1][A]
@@ -96,13 +96,15 @@ def test_zero_padded_exact_aggregation_is_the_hand_computed_delta_w() -> None:
 def test_holders_average_each_component_over_the_clients_that_have_it() -> None:
     states = two_clients()
     states[0][A][1] = 9.0  # beyond client 0's rank: ignored
-    means = holders_mean(states, [1, 2], [0.25, 0.75])
+    global_state = {A: torch.ones(2, 3), B: torch.ones(4, 2)}
+    means = holders_mean(states, [1, 2], [0.25, 0.75], global_state)
     assert torch.equal(means[A][0], 0.25 * states[0][A][0] + 0.75 * states[1][A][0])
     assert torch.equal(means[A][1], states[1][A][1])  # only client 1 holds component 1
-    filled = for_aggregation(states, [1, 2], [0.25, 0.75], "holders")
+    nobody = holders_mean(states, [1, 1], [0.25, 0.75], global_state)
+    assert torch.equal(nobody[A][1], torch.ones(3))  # no holder this round: as it was
+    filled = for_aggregation(states, [1, 2], [0.25, 0.75], "holders", global_state)
     mean_a = 0.25 * filled[0][A] + 0.75 * filled[1][A]
     assert torch.allclose(mean_a, means[A])  # the strategy's plain mean is the holders' mean
-    global_state = {A: torch.ones(2, 3), B: torch.ones(4, 2)}
     back = at_rank(states[0], 1, global_state)
     assert torch.equal(back[A][1], torch.ones(3)) and torch.equal(back[B][:, 1], torch.ones(4))
     assert torch.equal(at_rank(states[1], 1)[B][:, 1], torch.zeros(4))

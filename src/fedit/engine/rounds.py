@@ -386,7 +386,8 @@ class RoundLoop:
         if self.ranks is not None and updates:
             weights = client_weights(updates, self.cfg.strategy.weighting)
             own = [self.ranks[u.client_id] for u in updates]
-            states = for_aggregation([u.state for u in updates], own, weights, self.rank_mode)
+            states = [u.state for u in updates]
+            states = for_aggregation(states, own, weights, self.rank_mode, global_state)
             updates = [replace(u, state=state) for u, state in zip(updates, states, strict=True)]
         return updates, rejected, clients
 

@@ -75,9 +75,12 @@ def global_at(global_state: AdapterState, rank: int | None) -> AdapterState:
     return global_state if rank is None else at_rank(global_state, rank)
 
 
-def holders_mean(states: list[AdapterState], ranks: list[int], weights: list[float]):
+def holders_mean(
+    states: list[AdapterState], ranks: list[int], weights: list[float], fallback: AdapterState
+):
     """Per LoRA tensor, each component's weighted mean over the states that hold it (A: per
-    row, B: per column; zero where nobody does). {key: tensor} of the LoRA tensors."""
+    row, B: per column), `fallback`'s value where none does (the global's: a round whose
+    clients all lack a component leaves it as it was). {key: tensor} of the LoRA tensors."""
     means = {}
     for a_key, b_key in lora_pairs(states[0]).values():
         for key, axis in ((a_key, 0), (b_key, 1)):
@@ -93,18 +96,25 @@ def holders_mean(states: list[AdapterState], ranks: list[int], weights: list[flo
             total = (held.reshape(shape) * stacked).sum(0)
             mass = held.sum(0)
             safe = torch.where(mass > 0, mass, torch.ones_like(mass))
-            means[key] = total / (safe.reshape(-1, 1) if axis == 0 else safe.reshape(1, -1))
+            mean = total / (safe.reshape(-1, 1) if axis == 0 else safe.reshape(1, -1))
+            held_any = (mass > 0).reshape(-1, 1) if axis == 0 else (mass > 0).reshape(1, -1)
+            means[key] = torch.where(held_any, mean, fallback[key].float())
     return means
 
 
 def for_aggregation(
-    states: list[AdapterState], ranks: list[int], weights: list[float], mode: str
+    states: list[AdapterState],
+    ranks: list[int],
+    weights: list[float],
+    mode: str,
+    global_state: AdapterState,
 ) -> list[AdapterState]:
     """What the strategy aggregates: each state beyond its client's rank zero-padded, or
-    holding the holders' mean (see the module docstring)."""
+    holding the holders' mean (see the module docstring; `global_state` where no client of
+    the round holds a component)."""
     if mode == "zero_pad":
         return [at_rank(s, rank) for s, rank in zip(states, ranks, strict=True)]
     if mode == "holders":
-        means = holders_mean(states, ranks, weights)
+        means = holders_mean(states, ranks, weights, global_state)
         return [at_rank(s, rank, means) for s, rank in zip(states, ranks, strict=True)]
     raise ValueError(f"unknown rank aggregation {mode!r}")
