@@ -11,12 +11,13 @@ runs already complete are scored again, not retrained.
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import replace
 from pathlib import Path
 
-from fedit.config import CompressionConfig, RunConfig, load_config
+from experiment_cli import experiment_config
+
+from fedit.config import CompressionConfig, RunConfig
 from fedit.engine.compare import compare_configs, generation_metric
 from fedit.engine.simulation import console
 
@@ -56,12 +57,7 @@ def table(cfg: RunConfig, results: dict[str, dict], out_dir: Path) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("-c", "--config", type=Path, required=True)
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
-    args = parser.parse_args()
-    cfg = load_config(args.config, args.overrides)
-    out_dir = Path(f"{cfg.output_dir}-compression")
+    cfg, out_dir = experiment_config(__doc__, "compression")
     named: dict[str, RunConfig | None] = {
         name: replace(
             cfg, compression=CompressionConfig(**settings), output_dir=str(out_dir / name)

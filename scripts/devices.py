@@ -12,12 +12,13 @@ Runs go to <output_dir>-devices/<name>/, the table to <output_dir>-devices/devic
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import replace
 from pathlib import Path
 
-from fedit.config import RunConfig, SystemConfig, load_config
+from experiment_cli import experiment_config
+
+from fedit.config import RunConfig, SystemConfig
 from fedit.engine.simulation import Simulation, console
 
 ROUND_FACTOR = 2
@@ -80,12 +81,7 @@ def table(out_dir: Path) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("-c", "--config", type=Path, required=True)
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
-    args = parser.parse_args()
-    cfg = load_config(args.config, args.overrides)
-    out_dir = Path(f"{cfg.output_dir}-devices")
+    cfg, out_dir = experiment_config(__doc__, "devices")
     for name in RUNS:
         Simulation(run_config(cfg, out_dir, name)).run(resume=True)
     text = table(out_dir)
