@@ -919,6 +919,12 @@ class RunConfig:
             "secagg.enabled",
             "mixed LoRA ranks need each client's update to know which components it holds",
         )
+        _require(
+            self.train.objective == "sft",
+            "train.objective",
+            "mixed LoRA ranks train SFT only: a DPO reference model at each client's rank is "
+            "not built yet",
+        )
 
     def _validate_power_of_choice(self) -> None:
         """The loss probe reads SFT records, and its answers are outside any DP analysis."""

@@ -104,15 +104,15 @@ def assert_same_run(resumed: Path, straight: Path) -> None:
 
 
 def current_round(monkeypatch: pytest.MonkeyPatch) -> Callable[[], int]:
-    """The round (1-based) the engine is in, as last passed to select_clients."""
+    """The round (1-based) the engine is in, as last passed to round_candidates."""
     state = {"round": 0}
-    select = rounds.select_clients
+    select = rounds.round_candidates
 
-    def tracked(num_clients, clients_per_round, fraction, seed, round_index):
+    def tracked(cfg, num_clients, seed, round_index):
         state["round"] = round_index + 1
-        return select(num_clients, clients_per_round, fraction, seed, round_index)
+        return select(cfg, num_clients, seed, round_index)
 
-    monkeypatch.setattr(rounds, "select_clients", tracked)
+    monkeypatch.setattr(rounds, "round_candidates", tracked)
     return lambda: state["round"]
 
 

@@ -1,8 +1,10 @@
-"""Mixed LoRA ranks end to end on the tiny model: the two rank aggregations differ, exact
-zero padding folds a residual, and runs resume bit for bit."""
+"""Mixed LoRA ranks end to end on the tiny model: each client's tensors cross the wire at
+its rank, the two rank aggregations differ, exact zero padding folds a residual, and runs
+resume bit for bit."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -21,11 +23,16 @@ def config(model_dir: Path, out: Path, **extra: object) -> RunConfig:
     return load_config(None, tiny_run_overrides(model_dir, out, **{**MIXED, **extra}))
 
 
-def test_mixed_ranks_resume_bit_for_bit_and_the_two_aggregations_differ(
+def test_low_ranks_send_fewer_bytes_resume_bit_for_bit_and_the_aggregations_differ(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     cfg = config(tiny_model_dir, tmp_path / "straight")
     Simulation(cfg, show_progress=False).run()
+    last = json.loads((tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()[-1])
+    up = {c["id"]: c["bytes_up"] for c in last["clients"]}
+    down = {c["id"]: c["bytes_down"] for c in last["clients"]}
+    assert up[0] < up[1] < up[2] and down[0] < down[1] < down[2]  # ranks 1 < 2 < 4
+    assert abs(up[1] - up[3]) < 16 and abs(up[2] - up[4]) < 16  # same rank, same tensors
     resumed = config(tiny_model_dir, tmp_path / "resumed")
     Simulation(resumed, show_progress=False).run()
     shutil.rmtree(tmp_path / "resumed" / "round_0003")

@@ -115,5 +115,5 @@ class LocalClient:
             seed = self.attack.seed(task.round_number - 1, self.client_id)
             update = attack_update(update, global_state, self.attack.config, seed)
         if self.compressor is not None:
-            update = self.compressor.apply(update, global_state, task)
+            update = self.compressor.apply(update, global_state, task, self.rank)
         return update

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from fedit.compression.codecs import decode_state, encode_state
 from fedit.config import CompressionConfig, RunConfig
 from fedit.server.aggregation import add_scaled, subtract, zeros_like
+from fedit.server.ranks import grow, shrink
 from fedit.types import AdapterState, ClientTask, ClientUpdate
 
 log = logging.getLogger("fedit.compression")
@@ -111,17 +112,25 @@ class UploadCompressor:
             raise ValueError("an error-feedback memory store is needed exactly when it is on")
         self.config, self.store = config, store
 
-    def apply(self, update: ClientUpdate, global_state: AdapterState, task: ClientTask):
+    def apply(
+        self,
+        update: ClientUpdate,
+        global_state: AdapterState,
+        task: ClientTask,
+        rank: int | None = None,
+    ):
         """`update` as the coordinator will read it: y = x + decode(parts), the parts in
-        ``encoded``; the memory of this round saved first."""
-        delta = subtract(update.state, global_state)
+        ``encoded``; the memory of this round saved first. A client of LoRA rank `rank`
+        encodes (and remembers) its own components only (fedit.server.ranks.shrink)."""
+        shapes = {name: tuple(t.shape) for name, t in global_state.items()}
+        delta = shrink(subtract(update.state, global_state), rank)
         memory = None
         if self.store is not None:
             memory = self.store.load(task.feedback_round, delta)
         packed = compress(delta, self.config.upload, self.config.topk_fraction, memory)
         if self.store is not None and packed.memory is not None:
             self.store.save(task.round_number, packed.memory, named=task.feedback_round)
-        state = add_scaled(global_state, packed.sent, 1.0)
+        state = add_scaled(global_state, grow(packed.sent, shapes), 1.0)
         return replace(update, state=state, encoded=packed.parts)
 
 

@@ -53,7 +53,7 @@ from fedit.engine.rounds import RoundLoop, RoundPlan, RoundReplies, completed_ru
 from fedit.errors import DeployError
 from fedit.models.adapters import attach_lora, get_adapter_state, set_adapter_state
 from fedit.models.loading import load_model, load_tokenizer
-from fedit.server.ranks import client_ranks, global_at
+from fedit.server.ranks import client_ranks, global_at, shrink
 from fedit.server.selection import clients_per_round
 from fedit.server.strategies import STRATEGIES
 from fedit.server.validation import Rejection
@@ -157,18 +157,20 @@ class FlowerRunner:
             return SecureRound(self, plan, global_state, nodes, replies).run(online, deadline)
         # mixed LoRA ranks: each client's global adapter at its rank (fedit.server.ranks)
         starts = {t.client_id: global_at(global_state, self._rank(t.client_id)) for t in online}
-        uploads = {k: self._upload_codec(x) for k, x in starts.items()}
+        uploads = {k: self._upload_codec(shrink(x, self._rank(k))) for k, x in starts.items()}
         sent = {}
         for task in online:
-            content = task_content(task, starts[task.client_id], self.header)
+            k = task.client_id
+            content = task_content(task, starts[k], self.header, rank=self._rank(k))
             sent[task.client_id] = _Sent(task.client_id, task, content)
         answers = self._exchange(plan, sent, nodes, deadline, replies, uploads)
         # Owners that lack state they keep (c_k, the DPO reference: a new disk) get their
         # round again in full, within the same deadline.
         again = {k: s for k, s in sent.items() if answers.get(k) in RESENT_FOR}
         for s in again.values():
-            start = starts[s.client_id]
-            s.content = task_content(self._in_full(s.task), start, self.header, hold=False)
+            start, rank = starts[s.client_id], self._rank(s.client_id)
+            full = self._in_full(s.task)
+            s.content = task_content(full, start, self.header, hold=False, rank=rank)
         if again:
             answers |= self._exchange(plan, again, nodes, deadline, replies, uploads)
         for k in sent:
@@ -257,7 +259,7 @@ class FlowerRunner:
         k = task.client_id
         try:
             answer = wire.decode_reply(
-                content, k, self.shapes, self.extras, task.learning_rate, upload
+                content, k, self.shapes, self.extras, task.learning_rate, upload, self.ranks
             )
         except wire.WireError as err:
             replies.rejected.append(Rejection(k, f"malformed reply: {err}"))

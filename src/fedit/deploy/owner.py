@@ -115,6 +115,7 @@ class RunSession:
         self.header = header
         self.state_root = inputs.state_dir / header.config_sha256[:12]
         self.client: LocalClient | None = None  # built once the first task names our id
+        self.ranks = client_ranks(self.cfg, self.cfg.partition.num_clients)  # or None
         self.pad_id = self.tokenizer.pad_token_id
 
     def client_for(self, client_id: int) -> LocalClient:
@@ -136,7 +137,7 @@ class RunSession:
                 privacy=client_plan(cfg, n),
                 attack=client_attack(cfg, client_id, n),
                 compressor=client_compressor(cfg, client_id, self.state_root / FEEDBACK_DIR),
-                rank=None if (ranks := client_ranks(cfg, n)) is None else ranks[client_id],
+                rank=None if self.ranks is None else self.ranks[client_id],
             )
         if self.client.client_id != client_id:
             raise wire.WireError(
@@ -233,7 +234,11 @@ class DataOwner:
         if message.metadata.message_type in secagg_wire.STAGES:
             return self.secure.handle(message.metadata.message_type, message.content)
         answer = self.train(message.content, secure=False)
-        return answer if isinstance(answer, RecordDict) else reply_content(answer)
+        if isinstance(answer, RecordDict):
+            return answer
+        ranks = self.session.ranks if self.session is not None else None
+        rank = None if ranks is None or isinstance(answer, Rejection) else ranks[answer.client_id]
+        return reply_content(answer, rank)
 
     def train(self, content: RecordDict, secure: bool) -> ClientUpdate | Rejection | RecordDict:
         """A round's task checked and trained: the update, a Rejection (non-finite), or the
@@ -253,7 +258,7 @@ class DataOwner:
                     + ("enables" if session.cfg.secagg.enabled else "does not enable")
                     + " secure aggregation, the task says otherwise"
                 )
-            task, global_state, held = wire.decode_task(content, session.shapes)
+            task, global_state, held = wire.decode_task(content, session.shapes, session.ranks)
             client = session.client_for(task.client_id)
             state = OwnerState(session.state_root / f"client_{task.client_id}")
             missing = self._restore_held(task, held, state, global_state)

@@ -54,6 +54,7 @@ from fedit.engine.simulation import local_clients
 from fedit.errors import RunStopped
 from fedit.models.adapters import attach_lora, get_adapter_state, set_adapter_state
 from fedit.models.loading import load_model, load_tokenizer
+from fedit.server.ranks import client_ranks
 
 console = Console(stderr=True)
 log = logging.getLogger("fedit.simulate_ray")
@@ -438,6 +439,7 @@ class RuntimeSession(RunSession):
         self.state_root = state_dir / self.header.config_sha256[:12]
         self.pad_id = tokenizer.pad_token_id
         self.clients = local_clients(cfg, data, self.pad_id)
+        self.ranks = client_ranks(cfg, len(self.clients))  # mixed LoRA ranks, or None
 
     def client_for(self, client_id: int) -> LocalClient:
         if not 0 <= client_id < len(self.clients):

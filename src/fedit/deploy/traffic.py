@@ -8,12 +8,15 @@ same thing whichever engine wrote them.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from flwr.app import RecordDict
 
 from fedit.config import RunConfig, to_toml
 from fedit.deploy import wire
 from fedit.models.loading import base_fingerprint
+from fedit.server.ranks import shrink
 from fedit.server.validation import Rejection
 from fedit.types import AdapterState, ClientTask, ClientUpdate
 
@@ -45,19 +48,31 @@ def run_header(cfg: RunConfig, model: torch.nn.Module) -> wire.RunHeader:
 
 
 def task_content(
-    task: ClientTask, global_state: AdapterState, header: wire.RunHeader, hold: bool = True
+    task: ClientTask,
+    global_state: AdapterState,
+    header: wire.RunHeader,
+    hold: bool = True,
+    rank: int | None = None,
 ) -> RecordDict:
     """The task's message content; with `hold`, per-client state the owner keeps is named
-    by digest instead of sent."""
+    by digest instead of sent. Mixed LoRA ranks: the tensors at the client's `rank`."""
     tensors = task.instructions.tensors
     held = {g: wire.state_digest(tensors[g]) for g in HELD_BY_OWNER if hold and g in tensors}
-    return wire.encode_task(task, global_state, header, held=held)
+    if rank is not None:
+        groups = {g: shrink(t, rank) for g, t in tensors.items()}
+        task = replace(task, instructions=replace(task.instructions, tensors=groups))
+    return wire.encode_task(task, shrink(global_state, rank), header, held=held)
 
 
-def reply_content(answer: ClientUpdate | Rejection) -> RecordDict:
-    """What an owner replies for a trained round (a non-finite one is a status)."""
+def reply_content(answer: ClientUpdate | Rejection, rank: int | None = None) -> RecordDict:
+    """What an owner replies for a trained round (a non-finite one is a status); mixed
+    LoRA ranks: its tensors at the client's `rank` (a compressed update's parts already
+    are, fedit.compression.feedback)."""
     if isinstance(answer, Rejection):
         return wire.encode_status("non_finite", answer.reason)
+    if rank is not None:
+        extras = {name: shrink(t, rank) for name, t in answer.extras.items()}
+        answer = replace(answer, state=shrink(answer.state, rank), extras=extras)
     return wire.encode_reply(answer)
 
 
@@ -66,10 +81,11 @@ def round_trip_bytes(
     global_state: AdapterState,
     header: wire.RunHeader,
     answer: ClientUpdate | Rejection,
+    rank: int | None = None,
 ) -> dict[str, int]:
     """bytes_down / bytes_up of one client's round had it crossed the wire (an owner that
-    holds its c_k, as after its first round)."""
+    holds its c_k, as after its first round; a client of LoRA rank `rank`)."""
     return {
-        "bytes_down": wire.content_bytes(task_content(task, global_state, header)),
-        "bytes_up": wire.content_bytes(reply_content(answer)),
+        "bytes_down": wire.content_bytes(task_content(task, global_state, header, rank=rank)),
+        "bytes_up": wire.content_bytes(reply_content(answer, rank)),
     }

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from fedit.compression import codecs
 from fedit.server.aggregation import add_scaled
+from fedit.server.ranks import grow, rank_shapes
 from fedit.server.validation import non_finite_metric
 from fedit.types import AdapterState, ClientInstructions, ClientTask, ClientUpdate
 
@@ -265,12 +266,16 @@ def decode_header(content: object) -> RunHeader:
 
 
 def decode_task(
-    content: object, expected_shapes: Mapping[str, tuple[int, ...]]
+    content: object,
+    expected_shapes: Mapping[str, tuple[int, ...]],
+    ranks: list[int] | None = None,
 ) -> tuple[ClientTask, AdapterState, dict[str, str]]:
     """(task, global adapter, held) of a coordinator's message: every field checked for
     type and range, every tensor against `expected_shapes` (the owner's adapter), the run
     header as decode_header checks it. `held`: {group: state_digest} of the tensor groups
-    the coordinator left for the owner to fill in from its own state."""
+    the coordinator left for the owner to fill in from its own state. With mixed LoRA
+    ranks (`ranks`, fedit.server.ranks.client_ranks) the tensors come at the task's
+    client's rank and are returned zero-padded to `expected_shapes`."""
     decode_header(content)
     records = _records(content, "task")
     missing = TASK_RECORDS - records.keys()
@@ -291,23 +296,37 @@ def decode_task(
         else:
             held[_held_group(key, groups)] = _digest(get(key, str), f"round.{key}")
     round_number = _at_least(get("round", int), 1, "round.round")
+    client_id = _at_least(get("client_id", int), 0, "round.client_id")
+    shapes = _shapes_at_rank(expected_shapes, ranks, client_id)
     feedback_round = _at_least(get("feedback_round", int), 0, "round.feedback_round")
     if feedback_round >= round_number:
         raise WireError(f"round.feedback_round: {feedback_round}, not before round {round_number}")
     task = ClientTask(
         round_number=round_number,
-        client_id=_at_least(get("client_id", int), 0, "round.client_id"),
+        client_id=client_id,
         objective=_one_of(get("objective", str), OBJECTIVES, "round.objective"),
         learning_rate=_positive(get("learning_rate", float), "round.learning_rate"),
         seed=_seed(get("seed", int)),
         instructions=ClientInstructions(
             hook=_one_of(get("hook", str), HOOKS, "round.hook"),
             scalars=scalars,
-            tensors={g: decode_state(records[g], expected_shapes, g) for g in groups},
+            tensors={g: grow(decode_state(records[g], shapes, g), expected_shapes) for g in groups},
         ),
         feedback_round=feedback_round,
     )
-    return task, decode_state(records[GLOBAL], expected_shapes, GLOBAL), held
+    global_state = grow(decode_state(records[GLOBAL], shapes, GLOBAL), expected_shapes)
+    return task, global_state, held
+
+
+def _shapes_at_rank(
+    shapes: Mapping[str, tuple[int, ...]], ranks: list[int] | None, client_id: int
+) -> dict[str, tuple[int, ...]]:
+    """The shapes client `client_id`'s tensors have on the wire (its rank's)."""
+    if ranks is None:
+        return dict(shapes)
+    if client_id >= len(ranks):
+        raise WireError(f"round.client_id: {client_id}, the run has {len(ranks)} clients")
+    return rank_shapes(shapes, ranks[client_id])
 
 
 def state_digest(state: Mapping[str, Tensor]) -> str:
@@ -370,12 +389,15 @@ def decode_reply(
     expected_extras: set[str],
     learning_rate: float,
     upload: UploadCodec | None = None,
+    ranks: list[int] | None = None,
 ) -> ClientUpdate | ReplyStatus:
     """The ClientUpdate of an "ok" reply, else its ReplyStatus. The structure must be exactly
     what encode_reply / encode_status write for this strategy (`expected_extras`), with ints
     for the counts and known, finite metrics; `client_id` and `learning_rate` are the
     coordinator's own (never taken from the content), as is `upload`, the codec of a run
-    whose clients send compressed deltas (None: y_k in float32). WireError names what is
+    whose clients send compressed deltas (None: y_k in float32), its global adapter at
+    the client's rank. With mixed LoRA ranks (`ranks`) the tensors come at the client's
+    rank and are returned zero-padded to `expected_shapes`. WireError names what is
     wrong."""
     records = _records(content, "reply")
     status = decode_status(records)
@@ -391,17 +413,21 @@ def decode_reply(
     if problem is not None:
         raise WireError(f"metrics: {problem}")
     read_count = _reader(counts, COUNTS)
+    shapes = _shapes_at_rank(expected_shapes, ranks, client_id)
     if upload is None:
-        state = decode_state(records[UPDATE], expected_shapes, UPDATE)
+        state = decode_state(records[UPDATE], shapes, UPDATE)
     else:
-        state = decode_parts(records[UPDATE], upload, expected_shapes)
+        state = decode_parts(records[UPDATE], upload, shapes)
     return ClientUpdate(
         client_id=client_id,
-        state=state,
+        state=grow(state, expected_shapes),
         num_examples=read_count("num_examples", int),
         num_steps=read_count("num_steps", int),
         learning_rate=learning_rate,
-        extras={e: decode_state(records[e], expected_shapes, e) for e in sorted(expected_extras)},
+        extras={
+            e: grow(decode_state(records[e], shapes, e), expected_shapes)
+            for e in sorted(expected_extras)
+        },
         metrics=dict(metrics),
     )
 

@@ -70,7 +70,7 @@ from fedit.models.adapters import (
 from fedit.models.loading import load_model, load_tokenizer
 from fedit.privacy import client_plan
 from fedit.seeding import Stream, derive_seed
-from fedit.server.ranks import client_ranks, global_at
+from fedit.server.ranks import client_ranks
 from fedit.server.validation import Rejection
 from fedit.types import AdapterState
 
@@ -241,8 +241,9 @@ class InProcessRunner:
                     replies.dropped.append(Rejection(task.client_id, why))
                     continue
                 update = client.train(self.model, global_state, task, train_cfg, self.show_progress)
-                sent = global_at(global_state, client.rank)  # what its message would carry
-                replies.traffic[task.client_id] = round_trip_bytes(task, sent, self.header, update)
+                replies.traffic[task.client_id] = round_trip_bytes(
+                    task, global_state, self.header, update, client.rank
+                )
                 if isinstance(update, Rejection):
                     replies.rejected.append(update)
                 else:

@@ -28,12 +28,14 @@ tier (largest remainders), placed by a permutation seeded by the run seed.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import torch
 
 from fedit.config import RunConfig
 from fedit.seeding import Stream, derive_seed
-from fedit.server.lora_aggregation import lora_pairs
+from fedit.server.lora_aggregation import LORA_A, LORA_B, lora_pairs
 from fedit.types import AdapterState
 
 
@@ -67,6 +69,47 @@ def at_rank(state: AdapterState, rank: int, fill: AdapterState | None = None) ->
         a[rank:] = 0 if fill is None else fill[a_key][rank:]
         b[:, rank:] = 0 if fill is None else fill[b_key][:, rank:]
         out[a_key], out[b_key] = a, b
+    return out
+
+
+def rank_shapes(
+    shapes: Mapping[str, tuple[int, ...]], rank: int | None
+) -> dict[str, tuple[int, ...]]:
+    """The shapes a rank-`rank` client's tensors have on the wire: A is rank × in, B is
+    out × rank (None: the global rank, `shapes` as they are)."""
+    if rank is None:
+        return dict(shapes)
+    out = {}
+    for key, shape in shapes.items():
+        if LORA_A in key:
+            out[key] = (rank, *shape[1:])
+        elif LORA_B in key:
+            out[key] = (shape[0], rank)
+        else:
+            out[key] = tuple(shape)
+    return out
+
+
+def shrink(state: AdapterState, rank: int | None) -> AdapterState:
+    """A rank-`rank` client's own components only (what the wire carries), contiguous."""
+    if rank is None:
+        return state
+    return {
+        key: (t[:rank] if LORA_A in key else t[:, :rank] if LORA_B in key else t).contiguous()
+        for key, t in state.items()
+    }
+
+
+def grow(state: AdapterState, shapes: Mapping[str, tuple[int, ...]]) -> AdapterState:
+    """shrink's inverse: each tensor zero-padded to `shapes` (components beyond the rank)."""
+    out = {}
+    for key, t in state.items():
+        if tuple(t.shape) == tuple(shapes[key]):
+            out[key] = t
+            continue
+        full = torch.zeros(shapes[key], dtype=t.dtype)
+        full[tuple(slice(0, n) for n in t.shape)] = t
+        out[key] = full
     return out
 
 
