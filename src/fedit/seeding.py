@@ -24,6 +24,7 @@ class Stream(IntEnum):
     # [system] (fedit.engine.devices): (): every client's device; (round,): who is online
     DEVICES = 7
     RANKS = 8  # (): which client gets which rank tier (fedit.server.ranks)
+    PERSONALIZE = 9  # (client, steps): batch order of fedit personalize's fine-tuning
 
 
 def derive_seed(run_seed: int, stream: Stream, *keys: int) -> int:

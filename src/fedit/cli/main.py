@@ -16,6 +16,7 @@ from fedit.cli import (
     export,
     generate,
     partition,
+    personalize,
     simulate,
     tiny,
     train,
@@ -34,6 +35,7 @@ app = typer.Typer(
 app.command("train")(train.train)
 app.command("partition")(partition.partition)
 app.command("compare")(compare.compare)
+app.command("personalize")(personalize.personalize)
 app.command("eval")(evaluate.evaluate)
 app.command("generate")(generate.generate)
 app.command("export")(export.export)

@@ -1,0 +1,159 @@
+"""Personalised adapters after federation: each client's own, fine-tuned from the global
+adapter on its own records, scored on its own distribution beside the global adapter and a
+local-only adapter (`fedit personalize`).
+
+For client k with training records in categories c at shares m_kc, its own score is
+Σ_c m_kc · L_c, with L_c the token-weighted held-out loss of category c. The held-out set
+is the coordinator's, by category, so a client's own held-out records are those of its
+categories, in its proportions. Three adapters per client:
+- global: the federation's final adapter;
+- personalised: the global adapter after `steps` more optimizer steps on k's records
+  (local fine-tuning, the simplest personalisation; Wang et al. 2019, "Federated
+  Evaluation of On-device Personalization");
+- local-only: a fresh LoRA trained on k's records alone for the steps the `local`
+  baseline of `fedit compare` would give it (its steps per round × rounds).
+Each personalised adapter is saved (PEFT format) under <output_dir>/personalized/client_<k>/.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from fedit.client.hooks import make_hook
+from fedit.client.trainer import round_learning_rate, steps_per_round, train_client
+from fedit.config import ConfigError, RunConfig
+from fedit.data.tokenize import TokenizedExample
+from fedit.engine.checkpoint import completed_rounds, load_global_adapter, round_dir
+from fedit.engine.federation_data import prepare_data
+from fedit.eval.loss import heldout_loss
+from fedit.models.adapters import attach_lora, get_adapter_state, save_adapter, set_adapter_state
+from fedit.models.loading import load_model, load_tokenizer
+from fedit.seeding import Stream, derive_seed
+from fedit.types import ClientInstructions
+
+PERSONALIZED_DIR = "personalized"
+SCORES_FILE = "personalized.json"
+
+
+@dataclass(frozen=True)
+class ClientScores:
+    """Client k's own held-out loss under each of its three adapters."""
+
+    client: int
+    personalised: float
+    global_adapter: float
+    local_only: float
+
+
+def category_mix(examples: list[TokenizedExample]) -> dict[str, float]:
+    """m_kc: the share of a client's training records in each category."""
+    counts = Counter(e.category for e in examples)
+    return {c: n / len(examples) for c, n in counts.items()}
+
+
+def own_loss(
+    model: torch.nn.Module,
+    heldout: list[TokenizedExample],
+    mix: dict[str, float],
+    pad_id: int,
+    batch_size: int,
+) -> float:
+    """Σ_c m_kc · L_c over the categories of `mix` that the held-out set has."""
+    mine = [e for e in heldout if e.category in mix]
+    if not mine:
+        raise ConfigError(f"no held-out records in the client's categories {sorted(mix)}")
+    losses = heldout_loss(model, mine, pad_id, batch_size)
+    covered = {c: m for c, m in mix.items() if c in losses}
+    total = sum(covered.values())
+    return sum(m * losses[c]["loss"] for c, m in covered.items()) / total
+
+
+def personalize(cfg: RunConfig, steps: int, show_progress: bool = False) -> list[ClientScores]:
+    """Every client's three scores (see the module docstring), its adapter saved."""
+    check_personalizable(cfg)
+    out = Path(cfg.output_dir)
+    done = completed_rounds(out)
+    if not done or done[-1] != cfg.federation.rounds:
+        raise ConfigError(
+            f"{out}: the federation has not finished its {cfg.federation.rounds} rounds "
+            "(run `fedit train` first)"
+        )
+    tokenizer = load_tokenizer(cfg.model)
+    data = prepare_data(cfg, tokenizer)
+    model = attach_lora(load_model(cfg.model), cfg.lora, cfg.seed)
+    fresh = get_adapter_state(model)
+    global_state = load_global_adapter(model, round_dir(out, cfg.federation.rounds))
+    pad_id, batch = tokenizer.pad_token_id, cfg.eval.batch_size
+    scores = []
+    for k, examples in enumerate(data.clients):
+        if not examples:
+            continue
+        mix = category_mix(examples)
+
+        def trained(start, max_steps, k=k, examples=examples):
+            set_adapter_state(model, start)
+            train_cfg = replace(cfg.train, max_steps=max_steps)
+            return train_client(
+                model,
+                examples,
+                train_cfg,
+                client_id=k,
+                learning_rate=round_learning_rate(
+                    cfg.train, cfg.federation.rounds - 1, cfg.federation.rounds
+                ),
+                seed=derive_seed(cfg.seed, Stream.PERSONALIZE, k, max_steps),
+                pad_id=pad_id,
+                hook=make_hook(ClientInstructions()),
+                show_progress=show_progress,
+            ).state
+
+        set_adapter_state(model, global_state)
+        global_loss = own_loss(model, data.heldout, mix, pad_id, batch)
+        personal = trained(global_state, steps)
+        save_adapter(model, personal, out / PERSONALIZED_DIR / f"client_{k}")
+        personal_loss = own_loss(model, data.heldout, mix, pad_id, batch)
+        local_steps = steps_per_round(len(examples), cfg.train) * cfg.federation.rounds
+        trained(fresh, local_steps)
+        local_loss = own_loss(model, data.heldout, mix, pad_id, batch)
+        scores.append(ClientScores(k, personal_loss, global_loss, local_loss))
+    (out / SCORES_FILE).write_text(json.dumps([asdict(s) for s in scores], indent=2))
+    return scores
+
+
+def check_personalizable(cfg: RunConfig) -> None:
+    """What `fedit personalize` covers: an SFT federation whose adapter holds the model."""
+    if cfg.federation.mode != "federated":
+        raise ConfigError(f"federation.mode: {cfg.federation.mode!r} has no clients to personalise")
+    if cfg.train.objective != "sft":
+        raise ConfigError("train.objective: `fedit personalize` fine-tunes SFT federations only")
+    if cfg.strategy.lora_aggregation == "exact":
+        raise ConfigError(
+            "strategy.lora_aggregation: 'exact' keeps part of the model in a base residual, "
+            "which local fine-tuning from the adapter alone would drop; personalise a "
+            "'separate' run"
+        )
+    if cfg.lora.client_ranks or cfg.lora.rank_tiers:
+        raise ConfigError("lora.client_ranks: personalising mixed-rank clients is not built yet")
+
+
+def report(scores: list[ClientScores]) -> str:
+    """A markdown table: per client, then the mean over clients and the worst client."""
+    rows = [
+        "| client | personalised | global | local-only |",
+        "|---|---:|---:|---:|",
+    ]
+    for s in scores:
+        rows.append(
+            f"| {s.client} | {s.personalised:.4f} | {s.global_adapter:.4f} | {s.local_only:.4f} |"
+        )
+    columns = [[s.personalised for s in scores], [s.global_adapter for s in scores]]
+    columns.append([s.local_only for s in scores])
+    means = " | ".join(f"{sum(c) / len(c):.4f}" for c in columns)
+    worst = " | ".join(f"{max(c):.4f}" for c in columns)
+    rows += [f"| mean | {means} |", f"| worst | {worst} |"]
+    return "\n".join(rows) + "\n"
