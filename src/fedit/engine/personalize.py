@@ -34,7 +34,7 @@ from fedit.eval.loss import heldout_loss
 from fedit.models.adapters import attach_lora, get_adapter_state, save_adapter, set_adapter_state
 from fedit.models.loading import load_model, load_tokenizer
 from fedit.seeding import Stream, derive_seed
-from fedit.types import ClientInstructions
+from fedit.types import AdapterState, ClientInstructions
 
 PERSONALIZED_DIR = "personalized"
 SCORES_FILE = "personalized.json"
@@ -94,35 +94,46 @@ def personalize(cfg: RunConfig, steps: int, show_progress: bool = False) -> list
         if not examples:
             continue
         mix = category_mix(examples)
-
-        def trained(start, max_steps, k=k, examples=examples):
-            set_adapter_state(model, start)
-            train_cfg = replace(cfg.train, max_steps=max_steps)
-            return train_client(
-                model,
-                examples,
-                train_cfg,
-                client_id=k,
-                learning_rate=round_learning_rate(
-                    cfg.train, cfg.federation.rounds - 1, cfg.federation.rounds
-                ),
-                seed=derive_seed(cfg.seed, Stream.PERSONALIZE, k, max_steps),
-                pad_id=pad_id,
-                hook=make_hook(ClientInstructions()),
-                show_progress=show_progress,
-            ).state
-
         set_adapter_state(model, global_state)
         global_loss = own_loss(model, data.heldout, mix, pad_id, batch)
-        personal = trained(global_state, steps)
-        save_adapter(model, personal, out / PERSONALIZED_DIR / f"client_{k}")
+        tune = FineTune(cfg, k, examples, pad_id, show_progress)
+        save_adapter(
+            model, tune(model, global_state, steps), out / PERSONALIZED_DIR / f"client_{k}"
+        )
         personal_loss = own_loss(model, data.heldout, mix, pad_id, batch)
-        local_steps = steps_per_round(len(examples), cfg.train) * cfg.federation.rounds
-        trained(fresh, local_steps)
+        tune(model, fresh, steps_per_round(len(examples), cfg.train) * cfg.federation.rounds)
         local_loss = own_loss(model, data.heldout, mix, pad_id, batch)
         scores.append(ClientScores(k, personal_loss, global_loss, local_loss))
     (out / SCORES_FILE).write_text(json.dumps([asdict(s) for s in scores], indent=2))
     return scores
+
+
+@dataclass(frozen=True)
+class FineTune:
+    """Client k's local training from a given adapter, as in its rounds (the run's
+    [train], the last round's learning rate, no hook), seeded by (client, steps)."""
+
+    cfg: RunConfig
+    client_id: int
+    examples: list[TokenizedExample]
+    pad_id: int
+    show_progress: bool
+
+    def __call__(self, model: torch.nn.Module, start: AdapterState, steps: int) -> AdapterState:
+        """Train `steps` steps from `start`; the model holds the result, also returned."""
+        cfg, rounds = self.cfg, self.cfg.federation.rounds
+        set_adapter_state(model, start)
+        return train_client(
+            model,
+            self.examples,
+            replace(cfg.train, max_steps=steps),
+            client_id=self.client_id,
+            learning_rate=round_learning_rate(cfg.train, rounds - 1, rounds),
+            seed=derive_seed(cfg.seed, Stream.PERSONALIZE, self.client_id, steps),
+            pad_id=self.pad_id,
+            hook=make_hook(ClientInstructions()),
+            show_progress=self.show_progress,
+        ).state
 
 
 def check_personalizable(cfg: RunConfig) -> None:
