@@ -1168,8 +1168,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             f"expected a list of {names[item]}, got {value!r}",
         )
         if item is float:
-            bad = [v for v in value if not math.isfinite(v)]
-            _require(not bad, where, f"must be finite numbers, got {bad[0]!r}" if bad else "")
+            for v in value:
+                _require(math.isfinite(v), where, f"must be finite numbers, got {v!r}")
             return [float(v) for v in value]
         return value
     if core is float:

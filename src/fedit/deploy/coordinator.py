@@ -49,11 +49,18 @@ from fedit.deploy.secagg_round import SecureRound
 from fedit.deploy.traffic import REFERENCE_GROUP, run_header, task_content
 from fedit.engine.checkpoint import load_global_adapter, round_dir
 from fedit.engine.federation_data import tokenize_heldout, tokenize_pairs_for
-from fedit.engine.rounds import RoundLoop, RoundPlan, RoundReplies, completed_run, finished
+from fedit.engine.rounds import (
+    RoundLoop,
+    RoundPlan,
+    RoundReplies,
+    completed_run,
+    finished,
+    refuse_in_process_only,
+)
 from fedit.errors import DeployError
 from fedit.models.adapters import attach_lora, get_adapter_state, set_adapter_state
 from fedit.models.loading import load_model, load_tokenizer
-from fedit.server.ranks import client_ranks, global_at, shrink
+from fedit.server.ranks import client_ranks, shrink
 from fedit.server.selection import clients_per_round
 from fedit.server.strategies import STRATEGIES
 from fedit.server.validation import Rejection
@@ -79,16 +86,7 @@ def check_deployable(cfg: RunConfig) -> None:
         raise ConfigError(
             f"federation.mode: {cfg.federation.mode!r} is a baseline, run it as a simulation"
         )
-    if cfg.federation.selection == "power_of_choice":
-        raise ConfigError(
-            "federation.selection: 'power_of_choice' asks every candidate for its loss "
-            "before the round, a message fedit's deployment does not send yet; use 'uniform'"
-        )
-    if cfg.system.enabled:
-        raise ConfigError(
-            "system.enabled: simulated devices are the simulation's; a deployment's devices, "
-            "links and dropouts are real (deploy.round_timeout is its deadline)"
-        )
+    refuse_in_process_only(cfg, "a deployment")
     if cfg.strategy.lora_aggregation == "exact":
         raise ConfigError(
             "strategy.lora_aggregation: 'exact' folds a dense residual into every owner's "
@@ -155,22 +153,20 @@ class FlowerRunner:
                 online.append(task)
         if self.cfg.secagg.enabled:
             return SecureRound(self, plan, global_state, nodes, replies).run(online, deadline)
-        # mixed LoRA ranks: each client's global adapter at its rank (fedit.server.ranks)
-        starts = {t.client_id: global_at(global_state, self._rank(t.client_id)) for t in online}
-        uploads = {k: self._upload_codec(shrink(x, self._rank(k))) for k, x in starts.items()}
+        # mixed LoRA ranks: a client's deltas are taken from the global adapter at its rank
+        ranks = {t.client_id: self._rank(t.client_id) for t in online}
+        uploads = {k: self._upload_codec(shrink(global_state, r)) for k, r in ranks.items()}
         sent = {}
         for task in online:
-            k = task.client_id
-            content = task_content(task, starts[k], self.header, rank=self._rank(k))
+            content = task_content(task, global_state, self.header, rank=ranks[task.client_id])
             sent[task.client_id] = _Sent(task.client_id, task, content)
         answers = self._exchange(plan, sent, nodes, deadline, replies, uploads)
         # Owners that lack state they keep (c_k, the DPO reference: a new disk) get their
         # round again in full, within the same deadline.
         again = {k: s for k, s in sent.items() if answers.get(k) in RESENT_FOR}
         for s in again.values():
-            start, rank = starts[s.client_id], self._rank(s.client_id)
-            full = self._in_full(s.task)
-            s.content = task_content(full, start, self.header, hold=False, rank=rank)
+            full, rank = self._in_full(s.task), ranks[s.client_id]
+            s.content = task_content(full, global_state, self.header, hold=False, rank=rank)
         if again:
             answers |= self._exchange(plan, again, nodes, deadline, replies, uploads)
         for k in sent:

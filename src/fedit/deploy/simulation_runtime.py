@@ -48,7 +48,7 @@ from fedit.deploy.owner import DataOwner, RunSession
 from fedit.deploy.traffic import run_header
 from fedit.engine.checkpoint import round_dir
 from fedit.engine.federation_data import prepare_data
-from fedit.engine.rounds import completed_run, finished
+from fedit.engine.rounds import completed_run, finished, refuse_in_process_only
 from fedit.engine.run_dir import write_atomic
 from fedit.engine.simulation import local_clients
 from fedit.errors import RunStopped
@@ -144,16 +144,7 @@ def check_simulatable(cfg: RunConfig) -> None:
             "in one machine the coordinator holds every update anyway; run secure "
             "aggregation with `fedit coordinate`"
         )
-    if cfg.federation.selection == "power_of_choice":
-        raise ConfigError(
-            "federation.selection: 'power_of_choice' probes the candidates' losses in "
-            "`fedit train`'s engine only; use 'uniform' here"
-        )
-    if cfg.system.enabled:
-        raise ConfigError(
-            "system.enabled: the simulated devices drop and time clients in `fedit train`'s "
-            "engine; the runtime's workers run them as a deployment's owners"
-        )
+    refuse_in_process_only(cfg, "the Ray runtime")
     if importlib.util.find_spec("ray") is None:
         raise ConfigError(
             "fedit simulate-ray needs Ray: pip install 'fedit[ray]' (flwr[simulation])"

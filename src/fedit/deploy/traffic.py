@@ -70,7 +70,7 @@ def reply_content(answer: ClientUpdate | Rejection, rank: int | None = None) -> 
     are, fedit.compression.feedback)."""
     if isinstance(answer, Rejection):
         return wire.encode_status("non_finite", answer.reason)
-    if rank is not None:
+    if rank is not None and answer.encoded is None:
         extras = {name: shrink(t, rank) for name, t in answer.extras.items()}
         answer = replace(answer, state=shrink(answer.state, rank), extras=extras)
     return wire.encode_reply(answer)

@@ -142,6 +142,23 @@ class ClientRunner(Protocol):
 LossProbe = Callable[[list[int], AdapterState, int], dict[int, float]]
 
 
+def refuse_in_process_only(cfg: RunConfig, engine: str) -> None:
+    """Refuse what only `fedit train`'s in-process engine runs, before `engine` (one that
+    reaches its clients as messages) starts: the loss probe of power-of-choice selection,
+    which needs a loss-query message no engine sends yet, and the simulated devices, which
+    stand in for the real ones those engines have."""
+    if cfg.federation.selection == "power_of_choice":
+        raise ConfigError(
+            "federation.selection: 'power_of_choice' needs each candidate's loss before the "
+            f"round, which only `fedit train`'s engine measures, not {engine}; use 'uniform'"
+        )
+    if cfg.system.enabled:
+        raise ConfigError(
+            "system.enabled: simulated devices drop and time clients in `fedit train`'s "
+            f"engine only; {engine} has real ones (deploy.round_timeout is its deadline)"
+        )
+
+
 class TooFewRepliesError(RunStopped):
     """Fewer valid updates than deploy.min_replies: the round is not committed."""
 
@@ -237,7 +254,6 @@ class RoundLoop:
         # continues from (fedit.compression.feedback), rebuilt from the records on resume
         self.accepted: dict[int, int] = {}
         self.ranks = client_ranks(cfg, num_clients)  # mixed LoRA ranks, or None
-        self.rank_mode = cfg.strategy.rank_aggregation
         self.clock = 0.0  # [system]: the simulated seconds of the rounds so far
 
     def run(self, done: list[int]) -> Path:
@@ -296,7 +312,7 @@ class RoundLoop:
         cfg, fed = self.cfg, self.cfg.federation
         chosen = round_candidates(cfg, self.num_clients, self.selection_seed, r)
         probed: dict[int, float] = {}
-        if fed.selection == "power_of_choice" and self.loss_probe is not None:
+        if self.loss_probe is not None and fed.selection == "power_of_choice":
             probed = self.loss_probe(chosen, global_state, r)
             m = clients_per_round(self.num_clients, fed.clients_per_round, fed.fraction)
             chosen = highest_losses(probed, m)
@@ -387,7 +403,8 @@ class RoundLoop:
             weights = client_weights(updates, self.cfg.strategy.weighting)
             own = [self.ranks[u.client_id] for u in updates]
             states = [u.state for u in updates]
-            states = for_aggregation(states, own, weights, self.rank_mode, global_state)
+            mode = self.cfg.strategy.rank_aggregation
+            states = for_aggregation(states, own, weights, mode, global_state)
             updates = [replace(u, state=state) for u, state in zip(updates, states, strict=True)]
         return updates, rejected, clients
 

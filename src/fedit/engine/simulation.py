@@ -231,10 +231,10 @@ class InProcessRunner:
             self.header = run_header(self.cfg, self.model)
         replies = RoundReplies(updates=[])
         train_cfg = plan.train_cfg
+        fates = self._fates(plan, global_state)
         with half_precision_frozen_weights(
             self.model, train_cfg.mixed_precision, train_cfg.half_precision_frozen_weights
         ):  # one cast per round, shared by its clients
-            fates = self._fates(plan, global_state)
             for task in plan.tasks:
                 client = self.clients[task.client_id]
                 if fates and (why := fates[task.client_id].dropped):
