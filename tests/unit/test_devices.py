@@ -12,6 +12,7 @@ from fedit.config import ConfigError, DataConfig, PartitionConfig, RunConfig, Sy
 from fedit.engine import devices
 from fedit.engine.devices import Device, Fate
 from fedit.seeding import Stream, derive_seed
+from fedit.server.ranks import rank_shapes
 from fedit.server.selection import highest_losses, select_clients
 
 
@@ -95,6 +96,9 @@ def test_upload_bytes_follow_the_codec() -> None:
     cfg = config()
     int8 = replace(cfg, compression=replace(cfg.compression, upload="int8"))
     assert devices.transfer_bytes(int8, shapes) == (4096, 1024 + 4 * 16)
+    # a rank-2 client of a rank-8 adapter moves a quarter of its tensors
+    lora = {"m.lora_A.default.weight": (8, 64), "m.lora_B.default.weight": (64, 8)}
+    assert devices.transfer_bytes(config(), rank_shapes(lora, 2)) == (1024, 1024)
 
 
 def test_the_config_refuses_what_the_device_model_cannot_mean() -> None:

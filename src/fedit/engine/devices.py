@@ -8,8 +8,9 @@ u_{r,k} < a_k, u drawn per round from the run seed, so a resumed run sees the sa
 
 A selected client's simulated time is download + training + upload:
     t_k = 8·D / (b_k·10⁶) + K_k · step_seconds / s_k + 8·U_k / (b_k·10⁶)
-with D the bytes of the global adapter (float32), K_k the steps its round takes and U_k
-the raw bytes of its upload (its codec's payload, fedit.compression.codecs). With a
+with D the bytes of the global adapter (float32) and U_k those of its upload (its codec's
+payload, fedit.compression.codecs), both at the client's LoRA rank, and K_k the steps its
+round takes. With a
 ``deadline`` T > 0 a client offline or with t_k > T is dropped *without training* (a
 straggler contributes nothing; its work would arrive too late), and the round lasts T if
 anyone was dropped, else the slowest reply. Without a deadline the coordinator waits for

@@ -70,7 +70,7 @@ from fedit.models.adapters import (
 from fedit.models.loading import load_model, load_tokenizer
 from fedit.privacy import client_plan
 from fedit.seeding import Stream, derive_seed
-from fedit.server.ranks import client_ranks
+from fedit.server.ranks import client_ranks, rank_shapes
 from fedit.server.validation import Rejection
 from fedit.types import AdapterState
 
@@ -278,10 +278,11 @@ class InProcessRunner:
         if self.fleet is None:
             return {}
         online = set(online_clients(self.cfg, self.fleet, plan.round_index))
-        down, up = transfer_bytes(self.cfg, shapes_of(global_state))
+        shapes = shapes_of(global_state)
         fates = {}
         for task in plan.tasks:
             client = self.clients[task.client_id]
+            down, up = transfer_bytes(self.cfg, rank_shapes(shapes, client.rank))
             records = len(client.pairs if plan.objective == "dpo" else client.examples)
             steps = steps_per_round(records, plan.train_cfg)
             device = self.fleet[task.client_id]
