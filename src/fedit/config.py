@@ -83,9 +83,13 @@ class LoraConfig:
     client_ranks: list[int] = field(default_factory=list)
     rank_tiers: list[int] = field(default_factory=list)
     tier_shares: list[float] = field(default_factory=list)
+    # Which factors the clients share (fedit.server.sharing): "all", or "A": FedSA-LoRA,
+    # each client keeps its own B factors on its disk and the server averages A only.
+    shared: str = "all"
 
     def validate(self) -> None:
         _require(self.r > 0, "lora.r", "must be positive")
+        _require(self.shared in SHARED_FACTORS, "lora.shared", f"must be one of {SHARED_FACTORS}")
         for name in ("client_ranks", "rank_tiers"):
             _require(
                 all(1 <= rank <= self.r for rank in getattr(self, name)),
@@ -379,6 +383,7 @@ class FederationConfig:
 
 
 RANK_AGGREGATIONS = ("zero_pad", "holders")
+SHARED_FACTORS = ("all", "A")  # lora.shared
 
 
 @dataclass
@@ -853,6 +858,7 @@ class RunConfig:
         self._validate_system()
         self._validate_power_of_choice()
         self._validate_ranks()
+        self._validate_shared()
         self._validate_objective()
         self._validate_exact_aggregation()
         self._validate_secagg()
@@ -925,6 +931,49 @@ class RunConfig:
             "mixed LoRA ranks train SFT only: a DPO reference model at each client's rank is "
             "not built yet",
         )
+
+    def _validate_shared(self) -> None:
+        """What FedSA-LoRA (lora.shared = "A") composes with: a federation whose server
+        step and messages need no client's B factors."""
+        if self.lora.shared == "all":
+            return
+        refusals = {
+            "federation.mode": (
+                self.federation.mode != "federated",
+                f"lora.shared = 'A' is a federation's; the {self.federation.mode!r} baseline "
+                "has no clients to keep factors",
+            ),
+            "strategy.lora_aggregation": (
+                self.strategy.lora_aggregation == "exact",
+                "'exact' folds every client's B_k A_k into the base; under lora.shared = "
+                "'A' the server never sees a B_k: use 'separate'",
+            ),
+            "strategy.name": (
+                self.strategy.name == "scaffold",
+                "scaffold's control variates would correct the B factors each client keeps "
+                "under lora.shared = 'A'",
+            ),
+            "lora.client_ranks": (
+                bool(self.lora.client_ranks or self.lora.rank_tiers),
+                "mixed LoRA ranks with lora.shared = 'A' are not built yet",
+            ),
+            "secagg.enabled": (
+                self.secagg.enabled,
+                "secure aggregation masks whole adapters; with lora.shared = 'A' not built yet",
+            ),
+            "compression.upload": (
+                self.compression.upload != "none",
+                "compressing the A factors alone is not built yet; lora.shared = 'A' already "
+                "sends half of the adapter",
+            ),
+            "train.objective": (
+                self.train.objective != "sft",
+                "lora.shared = 'A' is scored per client on held-out SFT loss "
+                "(`fedit personalize`): SFT only",
+            ),
+        }
+        for key, (refused, why) in refusals.items():
+            _require(not refused, key, why)
 
     def _validate_power_of_choice(self) -> None:
         """The loss probe reads SFT records, and its answers are outside any DP analysis."""

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from fedit.client.store import RoundStore
 from fedit.compression import codecs
 from fedit.compression.codecs import CodecError, decode_tensor, encode_tensor, payload_bytes
-from fedit.compression.feedback import FeedbackStore, UploadCompressor, compress
+from fedit.compression.feedback import UploadCompressor, compress
 from fedit.config import CompressionConfig
 from fedit.types import ClientTask, ClientUpdate
 
@@ -114,7 +115,7 @@ def test_error_feedback_sends_everything_top_k_dropped_in_later_rounds() -> None
 
 
 def test_the_memory_store_keeps_the_named_round_and_the_new_one(tmp_path: Path) -> None:
-    store = FeedbackStore(tmp_path / "client_0")
+    store = RoundStore(tmp_path / "client_0", "memory")
     like = random_delta()
     assert all(bool((t == 0).all()) for t in store.load(0, like).values())
     for n in (1, 2, 3):
@@ -131,7 +132,7 @@ def test_the_memory_store_keeps_the_named_round_and_the_new_one(tmp_path: Path) 
 
 def test_a_client_compressor_continues_from_the_named_memory(tmp_path: Path) -> None:
     config = CompressionConfig(upload="topk", topk_fraction=0.25)
-    compressor = UploadCompressor(config, FeedbackStore(tmp_path))
+    compressor = UploadCompressor(config, RoundStore(tmp_path, "memory"))
     x = random_delta(5, scale=1.0)
     y = {k: v + d for (k, v), d in zip(x.items(), random_delta(6).values(), strict=True)}
     update = ClientUpdate(client_id=0, state=y, num_examples=3, num_steps=1, learning_rate=0.1)

@@ -282,7 +282,15 @@ def test_central_selection_is_secret_unless_noise_is_reproducible() -> None:
 def test_a_client_refuses_a_central_plan() -> None:
     with pytest.raises(ValueError, match="local mode only"):
         LocalClient(
-            0, [], [], 0, DPOConfig(), privacy=plan("central"), attack=None, compressor=None
+            0,
+            [],
+            [],
+            0,
+            DPOConfig(),
+            privacy=plan("central"),
+            attack=None,
+            compressor=None,
+            own=None,
         )
 
 

@@ -129,6 +129,7 @@ def test_a_rank_limited_client_trains_only_its_components(tiny_model_dir: Path) 
         privacy=None,
         attack=None,
         compressor=None,
+        own=None,
         rank=2,
     )
     train = TrainConfig(micro_batch_size=2, grad_accum_steps=1, max_steps=2, learning_rate=1e-2)

@@ -22,7 +22,13 @@ def personalize(
     config: ConfigOption = None,
     set_: OverrideOption = None,
     steps: Annotated[
-        int, typer.Option("--steps", min=1, help="Fine-tuning steps from the global adapter")
+        int,
+        typer.Option(
+            "--steps",
+            min=0,
+            help="Fine-tuning steps from the global adapter (FedSA-LoRA: the client's own; "
+            "0: score it as it is)",
+        ),
     ] = 5,
     quiet: QuietOption = False,
 ) -> None:

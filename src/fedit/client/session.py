@@ -16,6 +16,7 @@ from torch import Tensor
 from fedit.attacks.model import ModelAttack, attack_update
 from fedit.client.dpo_trainer import reference_logps, train_client_dpo
 from fedit.client.hooks import make_hook
+from fedit.client.own_factors import OwnFactors
 from fedit.client.trainer import NonFiniteTrainingError, train_client
 from fedit.compression.feedback import UploadCompressor
 from fedit.config import DPOConfig, TrainConfig
@@ -39,8 +40,10 @@ class LocalClient:
     fedit.attacks.model.client_attack's (None: an honest client, the default of every
     run), ``compressor`` fedit.compression.feedback.client_compressor's (None: float32
     uploads), all required so that no engine can build a client that forgets them.
-    ``rank`` (fedit.server.ranks.client_ranks) truncates the global adapter it trains from
-    to its first r_k components; everything after works from that truncated x."""
+    ``own`` (fedit.client.own_factors.own_factors's; None unless lora.shared = "A") holds
+    the B factors it keeps under FedSA-LoRA. ``rank`` (fedit.server.ranks.client_ranks)
+    truncates the global adapter it trains from to its first r_k components; everything
+    after works from that truncated x."""
 
     def __init__(
         self,
@@ -53,12 +56,14 @@ class LocalClient:
         privacy: PrivacyPlan | None,
         attack: ModelAttack | None,
         compressor: UploadCompressor | None,
+        own: OwnFactors | None,
         rank: int | None = None,
     ) -> None:
         self.client_id = client_id
         if privacy is not None and privacy.mode != "local":
             raise ValueError(f"a client adds noise in local mode only, not {privacy.mode!r}")
         self.privacy, self.attack, self.compressor = privacy, attack, compressor
+        self.own = own
         self.rank = rank  # mixed LoRA ranks: this client's r_k (None: the global rank)
         self.examples, self.pairs = examples, pairs
         self.pad_id, self.dpo = pad_id, dpo
@@ -87,9 +92,12 @@ class LocalClient:
         replaces the adapter by its attack's (fedit.attacks.model.attack_update): last,
         after local DP, because the attacker controls what it sends and would not add the
         noise honestly, so Δ is the delta local DP left (the trained one without it). A
-        compressed upload encodes last what the client sends (fedit.compression)."""
+        compressed upload encodes last what the client sends (fedit.compression). Under
+        FedSA-LoRA (``own``) it trains from its own B factors and keeps the trained ones,
+        first, so that all after sees the shared factors only."""
         global_state = global_at(global_state, self.rank)
-        set_adapter_state(model, global_state)
+        start = global_state if self.own is None else self.own.start(global_state, task)
+        set_adapter_state(model, start)
         common = {
             "client_id": self.client_id,
             "learning_rate": task.learning_rate,
@@ -107,6 +115,8 @@ class LocalClient:
                 update = train_client(model, self.examples, train_cfg, **common)
         except NonFiniteTrainingError as err:
             return Rejection(self.client_id, err.reason)
+        if self.own is not None:
+            update = self.own.keep(update, global_state, task)
         if self.privacy is not None:
             plan = self.privacy
             seed = plan.noise_seed(Stream.LOCAL_NOISE, task.round_number - 1, self.client_id)

@@ -62,6 +62,7 @@ from fedit.models.adapters import attach_lora, get_adapter_state, set_adapter_st
 from fedit.models.loading import load_model, load_tokenizer
 from fedit.server.ranks import client_ranks, shrink
 from fedit.server.selection import clients_per_round
+from fedit.server.sharing import shared_part, with_zero_kept
 from fedit.server.strategies import STRATEGIES
 from fedit.server.validation import Rejection
 from fedit.types import AdapterState, ClientTask
@@ -131,6 +132,9 @@ class FlowerRunner:
     ) -> None:
         self.cfg, self.model, self.run, self.header = cfg, model, run, header
         self.shapes = wire.shapes_of(get_adapter_state(model))
+        # what crosses the wire: all factors, or the shared A factors only (FedSA-LoRA)
+        self.shared = cfg.lora.shared
+        self.wire_shapes = shared_part(self.shapes, self.shared)
         self.roster = [load_public_key_file(Path(p)).public_numbers() for p in cfg.deploy.clients]
         self.nodes_by_client = nodes_by_client or self._nodes_by_key
         self.extras = set(STRATEGIES[cfg.strategy.name].update_extras)
@@ -158,7 +162,8 @@ class FlowerRunner:
         uploads = {k: self._upload_codec(shrink(global_state, r)) for k, r in ranks.items()}
         sent = {}
         for task in online:
-            content = task_content(task, global_state, self.header, rank=ranks[task.client_id])
+            rank = ranks[task.client_id]
+            content = task_content(task, global_state, self.header, rank=rank, shared=self.shared)
             sent[task.client_id] = _Sent(task.client_id, task, content)
         answers = self._exchange(plan, sent, nodes, deadline, replies, uploads)
         # Owners that lack state they keep (c_k, the DPO reference: a new disk) get their
@@ -166,7 +171,9 @@ class FlowerRunner:
         again = {k: s for k, s in sent.items() if answers.get(k) in RESENT_FOR}
         for s in again.values():
             full, rank = self._in_full(s.task), ranks[s.client_id]
-            s.content = task_content(full, global_state, self.header, hold=False, rank=rank)
+            s.content = task_content(
+                full, global_state, self.header, hold=False, rank=rank, shared=self.shared
+            )
         if again:
             answers |= self._exchange(plan, again, nodes, deadline, replies, uploads)
         for k in sent:
@@ -255,7 +262,7 @@ class FlowerRunner:
         k = task.client_id
         try:
             answer = wire.decode_reply(
-                content, k, self.shapes, self.extras, task.learning_rate, upload, self.ranks
+                content, k, self.wire_shapes, self.extras, task.learning_rate, upload, self.ranks
             )
         except wire.WireError as err:
             replies.rejected.append(Rejection(k, f"malformed reply: {err}"))
@@ -264,7 +271,8 @@ class FlowerRunner:
             if answer.outcome not in RESENT_FOR:
                 replies.rejected.append(Rejection(k, f"{answer.outcome}: {answer.reason}"))
             return answer.outcome
-        replies.updates.append(answer)  # RoundLoop validates it, as every engine's
+        state = with_zero_kept(answer.state, self.shapes, self.shared)
+        replies.updates.append(replace(answer, state=state))  # RoundLoop validates it
         return "ok"
 
     def _wait_online(self, wanted: set[int], enough: int, timeout: float) -> dict[int, int]:

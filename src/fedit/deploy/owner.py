@@ -26,6 +26,7 @@ from flwr.app import Message, RecordDict
 from safetensors.torch import load_file, save_file
 
 from fedit.attacks.model import client_attack
+from fedit.client.own_factors import OWN_FACTORS_DIR, own_factors
 from fedit.client.precision import half_precision_frozen_weights
 from fedit.client.session import LocalClient
 from fedit.compression.feedback import FEEDBACK_DIR, client_compressor
@@ -42,6 +43,7 @@ from fedit.models.loading import base_fingerprint, load_model, load_tokenizer
 from fedit.privacy import client_plan
 from fedit.server.aggregation import add_scaled, zeros_like
 from fedit.server.ranks import client_ranks
+from fedit.server.sharing import shared_part, with_zero_kept
 from fedit.server.validation import Rejection
 from fedit.types import AdapterState, ClientTask, ClientUpdate
 
@@ -137,6 +139,7 @@ class RunSession:
                 privacy=client_plan(cfg, n),
                 attack=client_attack(cfg, client_id, n),
                 compressor=client_compressor(cfg, client_id, self.state_root / FEEDBACK_DIR),
+                own=own_factors(cfg, client_id, self.state_root / OWN_FACTORS_DIR),
                 rank=None if self.ranks is None else self.ranks[client_id],
             )
         if self.client.client_id != client_id:
@@ -236,9 +239,11 @@ class DataOwner:
         answer = self.train(message.content, secure=False)
         if isinstance(answer, RecordDict):
             return answer
-        ranks = self.session.ranks if self.session is not None else None
-        rank = None if ranks is None or isinstance(answer, Rejection) else ranks[answer.client_id]
-        return reply_content(answer, rank)
+        session = self.session  # train's, once it decoded the task
+        if isinstance(answer, Rejection) or session is None:
+            return reply_content(answer)
+        rank = None if session.ranks is None else session.ranks[answer.client_id]
+        return reply_content(answer, rank, session.cfg.lora.shared)
 
     def train(self, content: RecordDict, secure: bool) -> ClientUpdate | Rejection | RecordDict:
         """A round's task checked and trained: the update, a Rejection (non-finite), or the
@@ -258,7 +263,11 @@ class DataOwner:
                     + ("enables" if session.cfg.secagg.enabled else "does not enable")
                     + " secure aggregation, the task says otherwise"
                 )
-            task, global_state, held = wire.decode_task(content, session.shapes, session.ranks)
+            shared = session.cfg.lora.shared
+            task, global_state, held = wire.decode_task(
+                content, shared_part(session.shapes, shared), session.ranks
+            )
+            global_state = with_zero_kept(global_state, session.shapes, shared)
             client = session.client_for(task.client_id)
             state = OwnerState(session.state_root / f"client_{task.client_id}")
             missing = self._restore_held(task, held, state, global_state)

@@ -17,6 +17,7 @@ from fedit.config import RunConfig, to_toml
 from fedit.deploy import wire
 from fedit.models.loading import base_fingerprint
 from fedit.server.ranks import shrink
+from fedit.server.sharing import shared_part
 from fedit.server.validation import Rejection
 from fedit.types import AdapterState, ClientTask, ClientUpdate
 
@@ -53,23 +54,29 @@ def task_content(
     header: wire.RunHeader,
     hold: bool = True,
     rank: int | None = None,
+    shared: str = "all",
 ) -> RecordDict:
     """The task's message content; with `hold`, per-client state the owner keeps is named
-    by digest instead of sent. Mixed LoRA ranks: the tensors at the client's `rank`."""
+    by digest instead of sent. Mixed LoRA ranks: the tensors at the client's `rank`.
+    FedSA-LoRA (`shared`, lora.shared): the shared factors of the global adapter only."""
     tensors = task.instructions.tensors
     held = {g: wire.state_digest(tensors[g]) for g in HELD_BY_OWNER if hold and g in tensors}
     if rank is not None:
         groups = {g: shrink(t, rank) for g, t in tensors.items()}
         task = replace(task, instructions=replace(task.instructions, tensors=groups))
-    return wire.encode_task(task, shrink(global_state, rank), header, held=held)
+    sent = shared_part(shrink(global_state, rank), shared)
+    return wire.encode_task(task, sent, header, held=held)
 
 
-def reply_content(answer: ClientUpdate | Rejection, rank: int | None = None) -> RecordDict:
+def reply_content(
+    answer: ClientUpdate | Rejection, rank: int | None = None, shared: str = "all"
+) -> RecordDict:
     """What an owner replies for a trained round (a non-finite one is a status); mixed
     LoRA ranks: its tensors at the client's `rank` (a compressed update's parts already
-    are, fedit.compression.feedback)."""
+    are, fedit.compression.feedback); FedSA-LoRA (`shared`): its shared factors only."""
     if isinstance(answer, Rejection):
         return wire.encode_status("non_finite", answer.reason)
+    answer = replace(answer, state=shared_part(answer.state, shared))
     if rank is not None and answer.encoded is None:
         extras = {name: shrink(t, rank) for name, t in answer.extras.items()}
         answer = replace(answer, state=shrink(answer.state, rank), extras=extras)
@@ -82,10 +89,12 @@ def round_trip_bytes(
     header: wire.RunHeader,
     answer: ClientUpdate | Rejection,
     rank: int | None = None,
+    shared: str = "all",
 ) -> dict[str, int]:
     """bytes_down / bytes_up of one client's round had it crossed the wire (an owner that
-    holds its c_k, as after its first round; a client of LoRA rank `rank`)."""
+    holds its c_k, as after its first round; a client of LoRA rank `rank`; lora.shared)."""
+    down = task_content(task, global_state, header, rank=rank, shared=shared)
     return {
-        "bytes_down": wire.content_bytes(task_content(task, global_state, header, rank=rank)),
-        "bytes_up": wire.content_bytes(reply_content(answer, rank)),
+        "bytes_down": wire.content_bytes(down),
+        "bytes_up": wire.content_bytes(reply_content(answer, rank, shared)),
     }

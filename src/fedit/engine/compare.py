@@ -176,6 +176,13 @@ def compare_configs(
 ) -> dict[str, dict]:
     """Train (or resume) each named run config and score it on `cfg`'s held-out set;
     None stands for the untuned base model."""
+    for name, run_cfg in named.items():
+        if run_cfg is not None and run_cfg.lora.shared != "all":
+            raise ConfigError(
+                f"contender {name!r}: lora.shared = {run_cfg.lora.shared!r} keeps each "
+                "client's B factors on the client, so its global adapter alone is the base "
+                "model; train it with `fedit train` and score it with `fedit personalize`"
+            )
     out_dir.mkdir(parents=True, exist_ok=True)
     heldout = load_heldout(cfg)
     metrics_file = out_dir / "metrics.jsonl"

@@ -9,7 +9,10 @@ categories, in its proportions. Three adapters per client:
 - global: the federation's final adapter;
 - personalised: the global adapter after `steps` more optimizer steps on k's records
   (local fine-tuning, the simplest personalisation; Wang et al. 2019, "Federated
-  Evaluation of On-device Personalization");
+  Evaluation of On-device Personalization"). Under FedSA-LoRA (lora.shared = "A",
+  fedit.server.sharing) it starts from the client's own adapter made during federation,
+  (Ā, B_k) with B_k kept on its disk as of its last accepted round, and `steps` may be 0:
+  that adapter as the federation left it. There the global adapter is the base model;
 - local-only: a fresh LoRA trained on k's records alone for the steps the `local`
   baseline of `fedit compare` would give it (its steps per round × rounds).
 Each personalised adapter is saved (PEFT format) under <output_dir>/personalized/client_<k>/.
@@ -25,10 +28,17 @@ from pathlib import Path
 import torch
 
 from fedit.client.hooks import make_hook
+from fedit.client.own_factors import OWN_FACTORS_DIR, own_factors
 from fedit.client.trainer import round_learning_rate, steps_per_round, train_client
 from fedit.config import ConfigError, RunConfig
 from fedit.data.tokenize import TokenizedExample
-from fedit.engine.checkpoint import completed_rounds, load_global_adapter, round_dir
+from fedit.engine.checkpoint import (
+    accepted_rounds,
+    committed_records,
+    completed_rounds,
+    load_global_adapter,
+    round_dir,
+)
 from fedit.engine.federation_data import prepare_data
 from fedit.eval.loss import heldout_loss
 from fedit.models.adapters import attach_lora, get_adapter_state, save_adapter, set_adapter_state
@@ -88,6 +98,8 @@ def personalize(cfg: RunConfig, steps: int, show_progress: bool = False) -> list
     model = attach_lora(load_model(cfg.model), cfg.lora, cfg.seed)
     fresh = get_adapter_state(model)
     global_state = load_global_adapter(model, round_dir(out, cfg.federation.rounds))
+    own_root = out / OWN_FACTORS_DIR
+    accepted = accepted_rounds(committed_records(out, done))
     pad_id, batch = tokenizer.pad_token_id, cfg.eval.batch_size
     scores = []
     for k, examples in enumerate(data.clients):
@@ -97,9 +109,8 @@ def personalize(cfg: RunConfig, steps: int, show_progress: bool = False) -> list
         set_adapter_state(model, global_state)
         global_loss = own_loss(model, data.heldout, mix, pad_id, batch)
         tune = FineTune(cfg, k, examples, pad_id, show_progress)
-        save_adapter(
-            model, tune(model, global_state, steps), out / PERSONALIZED_DIR / f"client_{k}"
-        )
+        start = own_adapter(cfg, k, own_root, accepted.get(k, 0), global_state)
+        save_adapter(model, tune(model, start, steps), out / PERSONALIZED_DIR / f"client_{k}")
         personal_loss = own_loss(model, data.heldout, mix, pad_id, batch)
         tune(model, fresh, steps_per_round(len(examples), cfg.train) * cfg.federation.rounds)
         local_loss = own_loss(model, data.heldout, mix, pad_id, batch)
@@ -120,9 +131,12 @@ class FineTune:
     show_progress: bool
 
     def __call__(self, model: torch.nn.Module, start: AdapterState, steps: int) -> AdapterState:
-        """Train `steps` steps from `start`; the model holds the result, also returned."""
+        """Train `steps` steps from `start` (0: `start` itself); the model holds the
+        result, also returned."""
         cfg, rounds = self.cfg, self.cfg.federation.rounds
         set_adapter_state(model, start)
+        if steps == 0:
+            return start
         return train_client(
             model,
             self.examples,
@@ -134,6 +148,24 @@ class FineTune:
             hook=make_hook(ClientInstructions()),
             show_progress=self.show_progress,
         ).state
+
+
+def own_adapter(
+    cfg: RunConfig, client_id: int, root: Path, round_number: int, global_state: AdapterState
+) -> AdapterState:
+    """Where client `client_id`'s personalisation starts: the global adapter, or under
+    FedSA-LoRA (Ā, B_k) with its B_k of `round_number` (its last accepted round), which
+    must be on this disk (a deployed owner keeps it on its own)."""
+    own = own_factors(cfg, client_id, root)
+    if own is None:
+        return global_state
+    if not own.store.has(round_number):
+        raise ConfigError(
+            f"{own.store.directory}: no kept B factors of round {round_number}; under "
+            "lora.shared = 'A' they are on each client's disk (a deployment's owners keep "
+            "theirs in their state directory), and personalize reads a simulation's"
+        )
+    return own.load(round_number, global_state)
 
 
 def check_personalizable(cfg: RunConfig) -> None:

@@ -67,6 +67,7 @@ from fedit.server.aggregation import add_scaled, client_weights
 from fedit.server.aggregators import build_aggregator
 from fedit.server.ranks import at_rank, client_ranks, for_aggregation
 from fedit.server.selection import clients_per_round, highest_losses
+from fedit.server.sharing import with_kept
 from fedit.server.strategies import build_strategy
 from fedit.server.validation import (
     AllUpdatesRejectedError,
@@ -255,6 +256,12 @@ class RoundLoop:
         self.accepted: dict[int, int] = {}
         self.ranks = client_ranks(cfg, num_clients)  # mixed LoRA ranks, or None
         self.clock = 0.0  # [system]: the simulated seconds of the rounds so far
+        if cfg.lora.shared != "all":
+            console.print(
+                "lora.shared = 'A' (FedSA-LoRA): each client keeps its B factors, so the "
+                "global adapter alone is the base model and is not evaluated each round; "
+                "score the clients' own adapters with `fedit personalize`"
+            )
 
     def run(self, done: list[int]) -> Path:
         """Train the rounds after `done` (completed_run's answer) and return the final
@@ -345,7 +352,9 @@ class RoundLoop:
         replies = self.runner.run_round(plan, global_state)
         updates, rejected, clients = self._accepted(r, plan, replies, global_state)
         if updates:  # none: the simulated devices left nobody this round (_require_replies)
-            global_state = self.strategy.aggregate(global_state, updates, r)
+            aggregated = self.strategy.aggregate(global_state, updates, r)
+            # FedSA-LoRA: the global B stays B = 0 whatever the server step (e.g. DP noise)
+            global_state = with_kept(aggregated, global_state, self.cfg.lora.shared)
         residual = self._fold_residual(residual)
         set_adapter_state(self.model, global_state)
         record: dict[str, Any] = {
@@ -391,7 +400,7 @@ class RoundLoop:
             clients = [{"id": k, **metrics} for k, metrics in replies.aggregate.clients]
             return [update], replies.rejected, clients
         # before any server state changes
-        arrived = self._at_own_ranks(replies.updates, global_state)
+        arrived = self._at_own_ranks(self._shared_only(replies.updates, global_state), global_state)
         updates, refused = validate_updates(arrived, self._expectations(plan, global_state))
         rejected = replies.rejected + refused
         self._require_replies(r, updates, rejected, replies.dropped)
@@ -407,6 +416,14 @@ class RoundLoop:
             states = for_aggregation(states, own, weights, mode, global_state)
             updates = [replace(u, state=state) for u, state in zip(updates, states, strict=True)]
         return updates, rejected, clients
+
+    def _shared_only(self, updates: list[ClientUpdate], global_state: AdapterState):
+        """FedSA-LoRA: each update's kept factors set to the global's (Δ = 0 there),
+        whatever a client sent for them, so the server aggregates the shared ones only."""
+        shared = self.cfg.lora.shared
+        if shared == "all":
+            return updates
+        return [replace(u, state=with_kept(u.state, global_state, shared)) for u in updates]
 
     def _at_own_ranks(self, updates: list[ClientUpdate], global_state: AdapterState):
         """Mixed ranks: each update beyond its client's rank set to the global's own values
@@ -481,8 +498,8 @@ class RoundLoop:
     def _evaluate(self) -> dict[str, Any]:
         """Held-out loss and preference scores per category, and how long they took (kept
         apart from training)."""
-        if not self.heldout and not self.heldout_pairs:
-            return {}
+        if (not self.heldout and not self.heldout_pairs) or self.cfg.lora.shared != "all":
+            return {}  # FedSA-LoRA: the global adapter (B = 0) is the base; fedit personalize
         started = time.perf_counter()
         record: dict[str, Any] = {}
         batch_size = self.cfg.eval.batch_size

@@ -36,6 +36,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from fedit.attacks.model import client_attack
+from fedit.client.own_factors import OWN_FACTORS_DIR, own_factors
 from fedit.client.precision import half_precision_frozen_weights
 from fedit.client.session import LocalClient
 from fedit.client.trainer import steps_per_round
@@ -177,7 +178,7 @@ def local_clients(cfg: RunConfig, data: FederationData, pad_id: int) -> list[Loc
     """Every client of the run as a LocalClient, with local DP's plan, its attack and its
     upload compressor."""
     privacy, n = client_plan(cfg, data.num_clients), data.num_clients
-    memory_root = Path(cfg.output_dir) / FEEDBACK_DIR  # the clients' disks, in one process
+    out = Path(cfg.output_dir)  # the clients' own disks, in one process
     ranks = client_ranks(cfg, n)
     return [
         LocalClient(
@@ -188,7 +189,8 @@ def local_clients(cfg: RunConfig, data: FederationData, pad_id: int) -> list[Loc
             cfg.dpo,
             privacy=privacy,
             attack=client_attack(cfg, k, n),
-            compressor=client_compressor(cfg, k, memory_root),
+            compressor=client_compressor(cfg, k, out / FEEDBACK_DIR),
+            own=own_factors(cfg, k, out / OWN_FACTORS_DIR),
             rank=None if ranks is None else ranks[k],
         )
         for k, (examples, pairs) in enumerate(client_data(data))
@@ -242,7 +244,7 @@ class InProcessRunner:
                     continue
                 update = client.train(self.model, global_state, task, train_cfg, self.show_progress)
                 replies.traffic[task.client_id] = round_trip_bytes(
-                    task, global_state, self.header, update, client.rank
+                    task, global_state, self.header, update, client.rank, self.cfg.lora.shared
                 )
                 if isinstance(update, Rejection):
                     replies.rejected.append(update)
