@@ -26,6 +26,28 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
 
 
+def tiny_local_client(tiny_model_dir: Path, **options: object):
+    """(model with a rank-4 LoRA, a LocalClient of 4 tokenised records) for client 0: an
+    honest, uncompressed client unless `options` say otherwise (e.g. own=, rank=)."""
+    from transformers import AutoTokenizer
+
+    from fedit.client.session import LocalClient
+    from fedit.config import DPOConfig, LoraConfig, ModelConfig
+    from fedit.data.synthetic import generate_records
+    from fedit.data.tokenize import tokenize_records
+    from fedit.models.adapters import attach_lora
+    from fedit.models.loading import load_model
+
+    model = load_model(ModelConfig(name_or_path=str(tiny_model_dir)))
+    model = attach_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0), seed=0)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    records = generate_records(4, seed=0, skills=["addition", "uppercase"])
+    rows = tokenize_records(records, tokenizer, "alpaca", 512)[0]
+    parts = {"privacy": None, "attack": None, "compressor": None, "own": None, **options}
+    client = LocalClient(0, rows, [], tokenizer.pad_token_id, DPOConfig(), **parts)
+    return model, client
+
+
 def tiny_run_overrides(model_dir: Path, output_dir: Path, **extra: object) -> list[str]:
     """Overrides for a seconds-long federation on the tiny model and synthetic skills."""
     values: dict[str, object] = {

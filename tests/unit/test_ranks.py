@@ -8,26 +8,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
-from fedit.client.session import LocalClient
 from fedit.config import (
     ConfigError,
     DataConfig,
-    DPOConfig,
     LoraConfig,
-    ModelConfig,
     PartitionConfig,
     RunConfig,
     TrainConfig,
 )
-from fedit.data.synthetic import generate_records
-from fedit.data.tokenize import tokenize_records
-from fedit.models.adapters import attach_lora, get_adapter_state
-from fedit.models.loading import load_model
+from fedit.models.adapters import get_adapter_state
 from fedit.server.lora_aggregation import exact_mean_delta_w, fedex_residual
 from fedit.server.ranks import at_rank, client_ranks, for_aggregation, holders_mean
 from fedit.types import ClientTask, ClientUpdate
+from tests.conftest import tiny_local_client
 
 A, B = "m.lora_A.default.weight", "m.lora_B.default.weight"
 
@@ -111,27 +105,11 @@ def test_holders_average_each_component_over_the_clients_that_have_it() -> None:
 
 
 def test_a_rank_limited_client_trains_only_its_components(tiny_model_dir: Path) -> None:
-    model = load_model(ModelConfig(name_or_path=str(tiny_model_dir)))
-    model = attach_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0), seed=0)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    records = generate_records(4, seed=0, skills=["addition", "uppercase"])
-    rows = tokenize_records(records, tokenizer, "alpaca", 512)[0]
+    model, client = tiny_local_client(tiny_model_dir, rank=2)
     gen = torch.Generator().manual_seed(1)  # a global adapter after some rounds: B ≠ 0
     start = {
         k: 0.1 * torch.randn(v.shape, generator=gen) for k, v in get_adapter_state(model).items()
     }
-    client = LocalClient(
-        0,
-        rows,
-        [],
-        tokenizer.pad_token_id,
-        DPOConfig(),
-        privacy=None,
-        attack=None,
-        compressor=None,
-        own=None,
-        rank=2,
-    )
     train = TrainConfig(micro_batch_size=2, grad_accum_steps=1, max_steps=2, learning_rate=1e-2)
     update = client.train(model, start, ClientTask(1, 0, "sft", 1e-2, 3), train)
     assert isinstance(update, ClientUpdate)

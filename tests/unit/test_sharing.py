@@ -7,30 +7,24 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 from fedit.client.own_factors import OwnFactors
-from fedit.client.session import LocalClient
 from fedit.client.store import RoundStore
 from fedit.config import (
     ConfigError,
     DataConfig,
-    DPOConfig,
     LoraConfig,
-    ModelConfig,
     PartitionConfig,
     RunConfig,
     TrainConfig,
     load_config,
 )
-from fedit.data.synthetic import generate_records
-from fedit.data.tokenize import tokenize_records
 from fedit.deploy import wire
 from fedit.deploy.traffic import reply_content
-from fedit.models.adapters import attach_lora, get_adapter_state
-from fedit.models.loading import load_model
+from fedit.models.adapters import get_adapter_state
 from fedit.server.sharing import kept_part, shared_part, with_kept, with_zero_kept
 from fedit.types import ClientTask, ClientUpdate
+from tests.conftest import tiny_local_client
 
 A, B = "m.lora_A.default.weight", "m.lora_B.default.weight"
 A2, B2 = "n.lora_A.default.weight", "n.lora_B.default.weight"
@@ -54,31 +48,11 @@ def test_the_shared_part_is_the_a_factors_and_a_client_keeps_the_b_factors() -> 
         shared_part(s, "B")
 
 
-def tiny_client(tiny_model_dir: Path, own: OwnFactors | None):
-    model = load_model(ModelConfig(name_or_path=str(tiny_model_dir)))
-    model = attach_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0), seed=0)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    records = generate_records(4, seed=0, skills=["addition", "uppercase"])
-    rows = tokenize_records(records, tokenizer, "alpaca", 512)[0]
-    client = LocalClient(
-        0,
-        rows,
-        [],
-        tokenizer.pad_token_id,
-        DPOConfig(),
-        privacy=None,
-        attack=None,
-        compressor=None,
-        own=own,
-    )
-    return model, client
-
-
 def test_a_client_trains_from_its_own_b_keeps_it_by_round_and_sends_a_only(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     store = RoundStore(tmp_path / "client_0", "kept LoRA factors")
-    model, client = tiny_client(tiny_model_dir, OwnFactors(store, "A"))
+    model, client = tiny_local_client(tiny_model_dir, own=OwnFactors(store, "A"))
     train = TrainConfig(micro_batch_size=2, grad_accum_steps=1, max_steps=2, learning_rate=1e-2)
     x = get_adapter_state(model)  # B = 0, as the global adapter of a FedSA-LoRA run stays
     first = client.train(model, x, ClientTask(1, 0, "sft", 1e-2, 3), train)
