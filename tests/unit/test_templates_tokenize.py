@@ -7,7 +7,7 @@ from transformers import PreTrainedTokenizerFast
 
 from fedit.config import ConfigError, load_config
 from fedit.data.records import Record
-from fedit.data.templates import render_prompt
+from fedit.data.templates import render_conversation, render_prompt
 from fedit.data.tokenize import IGNORE_INDEX, tokenize_prompt, tokenize_records
 from fedit.models.tiny import byte_tokenizer
 
@@ -128,3 +128,28 @@ def test_heldout_scores_response_tokens_even_when_training_on_prompts(
     prompt = tokenize_prompt(record, tokenizer, "alpaca")
     assert example.labels[: len(prompt)] == [IGNORE_INDEX] * len(prompt)
     assert example.labels[len(prompt) :] == example.input_ids[len(prompt) :]
+
+
+def test_a_conversation_renders_as_its_training_records(
+    tokenizer: PreTrainedTokenizerFast,
+) -> None:
+    """One user turn renders exactly as a training record; a longer chat keeps its turns
+    and its own system turn; alpaca takes one user message only."""
+    one = [{"role": "user", "content": "Add 2 and 3."}]
+    record = Record(instruction="Add 2 and 3.", response="-")
+    for template, system in (("chat", ""), ("chat", None), ("alpaca", None)):
+        expected = render_prompt(record, template, tokenizer, system)
+        assert render_conversation(one, template, tokenizer, system) == expected
+    chat = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "Add 2 and 3."},
+    ]
+    text = render_conversation(chat, "chat", tokenizer, "ignored: the chat has its own")
+    assert "Be brief." in text and "Hello" in text and "ignored" not in text
+    assert text.endswith(render_conversation(one, "chat", tokenizer).split("Add 2 and 3.")[-1])
+    with pytest.raises(ValueError, match="alpaca template, which has one user turn"):
+        render_conversation(chat, "alpaca", tokenizer)
+    with pytest.raises(ValueError, match="the last message must be the user's"):
+        render_conversation(chat[:3], "chat", tokenizer)

@@ -17,6 +17,7 @@ from fedit.cli import (
     generate,
     partition,
     personalize,
+    serve,
     simulate,
     tiny,
     train,
@@ -39,6 +40,7 @@ app.command("personalize")(personalize.personalize)
 app.command("eval")(evaluate.evaluate)
 app.command("generate")(generate.generate)
 app.command("export")(export.export)
+app.command("serve")(serve.serve)
 app.command("tiny-model")(tiny.tiny_model)
 app.add_typer(certs.app, name="certs")
 app.command("coordinate")(deploy.coordinate)

@@ -67,3 +67,30 @@ def render_prompt(
             f"unknown prompt template {template!r} (known: {', '.join(TEMPLATES)})"
         ) from None
     return render(record, tokenizer, system_prompt)
+
+
+def render_conversation(
+    messages: list[dict[str, str]],
+    template: str,
+    tokenizer: PreTrainedTokenizerBase,
+    system_prompt: str | None = None,
+) -> str:
+    """The prompt for the assistant's next turn of a conversation ({"role", "content"}
+    dicts, the last one the user's), as `template` renders a training record: "chat" the
+    whole conversation through the tokenizer's chat template (with `system_prompt` first
+    unless the conversation has its own); "alpaca" has a single turn and no system turn, so
+    a conversation of one user message only (ValueError otherwise)."""
+    if not messages or messages[-1]["role"] != "user":
+        raise ValueError("messages: the last message must be the user's")
+    if template == "alpaca":
+        if len(messages) != 1:
+            raise ValueError(
+                "messages: this model was trained with the alpaca template, which has one "
+                "user turn and no system turn; send a single user message"
+            )
+        return render_prompt(Record(messages[0]["content"], ""), template, tokenizer)
+    if template != "chat":
+        raise ValueError(f"unknown prompt template {template!r} (known: {', '.join(TEMPLATES)})")
+    if system_prompt is not None and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system_prompt}, *messages]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
