@@ -15,6 +15,7 @@ from fedit.cli import (
     evaluate,
     export,
     generate,
+    judge,
     partition,
     personalize,
     serve,
@@ -41,6 +42,7 @@ app.command("eval")(evaluate.evaluate)
 app.command("generate")(generate.generate)
 app.command("export")(export.export)
 app.command("serve")(serve.serve)
+app.command("judge")(judge.judge)
 app.command("tiny-model")(tiny.tiny_model)
 app.add_typer(certs.app, name="certs")
 app.command("coordinate")(deploy.coordinate)

@@ -81,7 +81,7 @@ def iter_rows(source: str, split: str = "train") -> Iterator[tuple[str, Any]]:
             raise DataFormatError(f"{source}: file not found")
         if suffix not in FILE_SUFFIXES:
             raise DataFormatError(f"{source}: unsupported file type (use .json, .jsonl or .csv)")
-        return {".json": _json_rows, ".jsonl": _jsonl_rows, ".csv": _csv_rows}[suffix](path)
+        return {".json": _json_rows, ".jsonl": jsonl_rows, ".csv": _csv_rows}[suffix](path)
     return _hf_rows(source, split)
 
 
@@ -115,7 +115,8 @@ def _read_text(path: Path) -> str:
         raise DataFormatError(str(err)) from None
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
+def jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    """("<path>:<line>", the parsed line) of each non-blank line of a JSONL file."""
     # newline=None: the universal-newline line splitting of a text-mode file
     for number, line in enumerate(io.StringIO(_read_text(path), newline=None), start=1):
         if not line.strip():

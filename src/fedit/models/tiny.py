@@ -51,9 +51,11 @@ def make_tiny_model(
     num_layers: int = 2,
     seed: int = 0,
     tokenizer: PreTrainedTokenizerBase | None = None,
+    context: int = 1024,
 ) -> Path:
     """Write a random Llama (hidden 64, 2 layers, 4 heads, 2 KV heads) and its tokenizer
-    (the byte-level one unless another is given, e.g. SmolLM2's for the W0 benchmark)."""
+    (the byte-level one unless another is given, e.g. SmolLM2's for the W0 benchmark), with
+    `context` positions."""
     directory = Path(directory)
     tokenizer = tokenizer or byte_tokenizer()
     config = LlamaConfig(
@@ -63,7 +65,7 @@ def make_tiny_model(
         num_hidden_layers=num_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=1024,
+        max_position_embeddings=context,
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
