@@ -18,6 +18,7 @@ from fedit.cli import (
     judge,
     partition,
     personalize,
+    report,
     serve,
     simulate,
     tiny,
@@ -43,6 +44,7 @@ app.command("generate")(generate.generate)
 app.command("export")(export.export)
 app.command("serve")(serve.serve)
 app.command("judge")(judge.judge)
+app.command("report")(report.report)
 app.command("tiny-model")(tiny.tiny_model)
 app.add_typer(certs.app, name="certs")
 app.command("coordinate")(deploy.coordinate)
