@@ -509,9 +509,21 @@ class EvalConfig:
     compare: list[str] = field(
         default_factory=lambda: ["base", "local:0", "local:1", "fedit", "centralized"]
     )
+    # `fedit compare`'s LLM judge (fedit.eval.judge), off unless judge_model is set: the
+    # first judge_questions held-out instructions, every contender graded 1-10 and
+    # judge_against compared pairwise with each other contender, by the OpenAI-compatible
+    # endpoint judge_url with the key in environment variable judge_key_env
+    judge_model: str = ""
+    judge_url: str = "https://api.openai.com/v1"
+    judge_key_env: str = "OPENAI_API_KEY"
+    judge_questions: int = 20
+    judge_against: str = "fedit"
+    judge_max_tokens: int = 1024  # of each judgment (its explanation, then the verdict)
 
     def validate(self) -> None:
         _require(self.every_rounds >= 1, "eval.every_rounds", "must be >= 1")
+        _require(self.judge_questions >= 1, "eval.judge_questions", "must be >= 1")
+        _require(self.judge_max_tokens >= 1, "eval.judge_max_tokens", "must be >= 1")
         _require(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
 
 

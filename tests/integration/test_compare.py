@@ -47,7 +47,7 @@ def test_comparison_writes_tables_charts_and_metrics(tiny_model_dir: Path, tmp_p
     assert again["fedit"]["loss"] == results["fedit"]["loss"]
     # the loss reused from the run's last round is the one scoring would compute itself
     fedit_cfg = Contender("fedit").config(cfg, tmp_path / "cmp")
-    fresh = score_model(fedit_cfg, tmp_path / "cmp" / "fedit" / "round_0002", load_heldout(cfg))
+    fresh, _ = score_model(fedit_cfg, tmp_path / "cmp" / "fedit" / "round_0002", load_heldout(cfg))
     assert final_heldout_loss(fedit_cfg) is not None
     assert fresh["loss"] == pytest.approx(results["fedit"]["loss"], rel=1e-5)
     assert fresh["exact_match"] == results["fedit"]["exact_match"]
@@ -57,3 +57,37 @@ def test_comparison_writes_tables_charts_and_metrics(tiny_model_dir: Path, tmp_p
 def test_bad_contender_names_the_spec(tiny_config, spec: str) -> None:
     with pytest.raises(ConfigError, match="contender"):
         Contender(spec).config(tiny_config, Path("out"))
+
+
+def test_the_llm_judge_is_one_more_scorer(
+    server: str, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """eval.judge_model on: the contenders' own answers judged by an endpoint (here fedit's
+    server on 127.0.0.1), pairwise against eval.judge_against and graded."""
+    overrides = tiny_run_overrides(
+        tiny_model_dir,
+        tmp_path / "cmp",
+        **{
+            "federation.rounds": 1,
+            "train.max_steps": 1,
+            "eval.max_new_tokens": 4,
+            "eval.at_start": False,
+            "eval.judge_model": "base",
+            "eval.judge_url": f"{server}/v1",
+            "eval.judge_key_env": "",
+            "eval.judge_questions": 3,
+            "eval.judge_max_tokens": 16,
+        },
+    )
+    cfg = load_config(None, overrides)
+    run_comparison(cfg, ["base", "local:0", "fedit"], tmp_path / "cmp")
+    table = (tmp_path / "cmp" / "scores.md").read_text()
+    assert "### LLM judge" in table
+    assert "| fedit vs base |" in table and "| fedit vs local-0 |" in table
+    summary = json.loads((tmp_path / "cmp" / "judge" / "summary.json").read_text())
+    assert set(summary["single"]) == {"base", "local-0", "fedit"}
+    answers = [json.loads(x) for x in (tmp_path / "cmp" / "judge" / "answers.jsonl").open()]
+    assert len(answers) == 3 * 3  # the contenders' own answers, not asked again
+    bad = load_config(None, [*overrides, 'eval.judge_against="centralized"'])
+    with pytest.raises(ConfigError, match="eval.judge_against: 'centralized' is not a contender"):
+        run_comparison(bad, ["base", "fedit"], tmp_path / "cmp")

@@ -91,9 +91,10 @@ def score_model(
     heldout: list[Record],
     losses: dict[str, dict] | None = None,
     attack: AttackConfig | None = None,
-) -> dict[str, dict]:
-    """Held-out loss and the generation score per category for one model, and the success
-    of `attack` (default: cfg's) when it is a data attack (fedit.eval.attack).
+) -> tuple[dict[str, dict], list[str]]:
+    """(scores, answers): held-out loss and the generation score per category for one
+    model, the success of `attack` (default: cfg's) when it is a data attack
+    (fedit.eval.attack), and its greedy answer to each held-out record.
 
     `losses` is the run's own held-out evaluation after its last round, when it has one
     (``final_heldout_loss``): the same records and tokens, so it is not computed twice.
@@ -125,7 +126,7 @@ def score_model(
         {"instruction": r.instruction, "answer": a}
         for r, a in zip(heldout[:3], answers[:3], strict=True)
     ]
-    return scores
+    return scores, answers
 
 
 def final_heldout_loss(run_cfg: RunConfig) -> dict[str, dict] | None:
@@ -188,24 +189,77 @@ def compare_configs(
     metrics_file = out_dir / "metrics.jsonl"
     metrics_file.write_text("")  # contenders' own runs keep their metrics; this is the summary
     results: dict[str, dict] = {}
+    answers: dict[str, list[str]] = {}
     for name, run_cfg in named.items():
         console.rule(f"[bold]{escape(name)}")
         if run_cfg is None:
-            results[name] = score_model(cfg, None, heldout)
+            results[name], answers[name] = score_model(cfg, None, heldout)
         else:
             # Every contender is scored against the comparison's attack, also the baselines
             # that trained clean; the run's own final attack scoring would be a second pass.
             adapter = Simulation(run_cfg, score_attack=False).run(resume=True)
             losses = final_heldout_loss(run_cfg)
-            results[name] = score_model(run_cfg, adapter, heldout, losses, cfg.attack)
+            scored = score_model(run_cfg, adapter, heldout, losses, cfg.attack)
+            results[name], answers[name] = scored
         with metrics_file.open("a") as f:
             f.write(json.dumps({"model": name, **results[name]}) + "\n")
-    write_report(cfg, results, out_dir)
+    judged = judge_answers(cfg, heldout, answers, out_dir / "judge") if cfg.eval.judge_model else ""
+    write_report(cfg, results, out_dir, judged)
     return results
 
 
-def write_report(cfg: RunConfig, results: dict[str, dict], out_dir: Path) -> str:
-    """scores.md / scores.json / charts, and the tables as text for the terminal."""
+def judge_answers(
+    cfg: RunConfig, heldout: list[Record], answers: dict[str, list[str]], out: Path
+) -> str:
+    """The LLM judge on the first eval.judge_questions held-out instructions: every
+    contender's answers graded 1-10, and eval.judge_against against each other contender
+    pairwise (fedit.eval.judge_run, its files under `out`); the summary as markdown."""
+    from fedit.eval.judge_run import Endpoint, Question, api_key, run_judge, summary_table
+
+    ev = cfg.eval
+    if ev.judge_against not in answers:
+        raise ConfigError(
+            f"eval.judge_against: {ev.judge_against!r} is not a contender of "
+            f"eval.compare ({', '.join(answers)})"
+        )
+    count = min(ev.judge_questions, len(heldout))
+    questions = [
+        Question(str(i), judged_question(r), r.category) for i, r in enumerate(heldout[:count])
+    ]
+    by_text = {name: {q.text: a[int(q.id)] for q in questions} for name, a in answers.items()}
+    judge = Endpoint(ev.judge_url, ev.judge_model, api_key(ev.judge_key_env))
+    others = [name for name in answers if name != ev.judge_against]
+    summary = run_judge(
+        questions,
+        list(answers),
+        lambda name: StoredAnswers(name, by_text[name]),
+        judge,
+        ["pairwise", "single"],
+        out,
+        judge_max_tokens=ev.judge_max_tokens,
+        pairs=[(ev.judge_against, other) for other in others],
+    )
+    return f"### LLM judge\n\n{summary_table(summary)}"
+
+
+def judged_question(record: Record) -> str:
+    """What the judge is shown as the user's question: the instruction and its context."""
+    return record.instruction + (f"\n\n{record.context}" if record.context.strip() else "")
+
+
+class StoredAnswers:
+    """An answerer that has its answers already: a contender's, by question text."""
+
+    def __init__(self, model: str, by_question: dict[str, str]) -> None:
+        self.model, self.by_question = model, by_question
+
+    def chat(self, messages: list[dict[str, str]], max_tokens: int) -> str:
+        return self.by_question[messages[-1]["content"]]
+
+
+def write_report(cfg: RunConfig, results: dict[str, dict], out_dir: Path, judged: str = "") -> str:
+    """scores.md / scores.json / charts, and the tables as text for the terminal; `judged`
+    (the LLM judge's tables, if any) comes last."""
     metric = generation_metric(cfg)
     categories = sorted({c for r in results.values() for c in r["loss"]} - {"mean"})
     tables = []
@@ -225,7 +279,7 @@ def write_report(cfg: RunConfig, results: dict[str, dict], out_dir: Path) -> str
             rows = {name: {**s, **results[name].get("attack", {})} for name, s in rows.items()}
             label += f"; attack {cfg.attack.kind}, target {cfg.attack.target!r}"
         tables.append(f"### {label}\n\n" + format_score_table(rows, categories, digits, extra))
-    text = "\n\n".join(tables) + "\n"
+    text = "\n\n".join([*tables, *([judged] if judged else [])]) + "\n"
     (out_dir / "scores.md").write_text(text)
     (out_dir / "scores.json").write_text(json.dumps(results, indent=2))
     return text

@@ -17,7 +17,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from fedit.data.readers import jsonl_rows
 from fedit.data.records import DataFormatError
@@ -135,18 +135,27 @@ class SavedCalls:
         return json.dumps([row[k] for k in self.key])
 
 
+class Chat(Protocol):
+    """What answers or judges: an Endpoint, or answers given beforehand."""
+
+    model: str
+
+    def chat(self, messages: list[dict[str, str]], max_tokens: int) -> str: ...
+
+
 def run_judge(
     questions: list[Question],
     models: list[str],
-    answerer: Callable[[str], Endpoint],
-    judge: Endpoint,
+    answerer: Callable[[str], Chat],
+    judge: Chat,
     modes: Sequence[str],
     out: Path,
     max_tokens: int = 512,
     judge_max_tokens: int = 1024,
+    pairs: Sequence[tuple[str, str]] | None = None,
 ) -> dict[str, Any]:
-    """Answer, judge and summarise (the module docstring); `answerer(model)` is the
-    endpoint that answers as `model`."""
+    """Answer, judge and summarise (the module docstring); `answerer(model)` is what
+    answers as `model`; `pairs` the (a, b) compared pairwise (default: every pair)."""
     out.mkdir(parents=True, exist_ok=True)
     answers = SavedCalls(out / "answers.jsonl", ("model", "question_id"))
     judged = SavedCalls(out / "judgments.jsonl", ("mode", "question_id", "shown"))
@@ -172,7 +181,7 @@ def run_judge(
     summary: dict[str, Any] = {"judge": judge.model, "questions": len(questions)}
     if "pairwise" in modes:
         summary["pairwise"] = {}
-        for a, b in itertools.combinations(models, 2):
+        for a, b in pairs if pairs is not None else itertools.combinations(models, 2):
             outcomes = []
             for q in questions:
                 first = pair_messages(q.text, answer[(a, q.id)], answer[(b, q.id)])
