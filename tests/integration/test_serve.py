@@ -161,6 +161,16 @@ def test_the_openai_client_raises_on_an_unknown_model(server: str) -> None:
     with pytest.raises(openai.NotFoundError, match="is not served here"):
         ask(server, "missing")
     assert httpx.get(f"{server}/v1/nothing", timeout=10).status_code == 404
+    wrong = httpx.get(f"{server}/v1/chat/completions", timeout=10)
+    assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "http_405"
+    broken = httpx.post(
+        f"{server}/v1/chat/completions",
+        content=b"{not json",
+        timeout=10,
+        headers={"Content-Type": "application/json"},
+    )
+    assert broken.status_code == 400
+    assert broken.json()["error"]["message"] == "request body: not valid JSON"
     assert httpx.get(f"{server}/v1/models/missing", timeout=10).status_code == 404
 
 

@@ -91,13 +91,19 @@ def create_app(pool: ModelPool, max_tokens_cap: int = 2048) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
         first = err.errors()[0]
+        if first["type"] == "json_invalid":
+            return error_response(400, "request body: not valid JSON", None, "invalid_json")
         where = ".".join(str(part) for part in first["loc"] if part != "body")
         message = f"{where}: {first['msg']}" if where else first["msg"]
         return error_response(400, message, where or None, "invalid_request")
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, err: HTTPException) -> JSONResponse:
-        return error_response(err.status_code, str(err.detail), None, "not_found")
+        return error_response(err.status_code, str(err.detail), None, f"http_{err.status_code}")
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, err: Exception) -> JSONResponse:
+        return error_response(500, f"generation failed: {str(err)[:500]}", None, "server_error")
 
     @app.get("/v1/models")
     def list_models() -> dict[str, Any]:
