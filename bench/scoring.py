@@ -39,6 +39,7 @@ def main() -> None:
 
     from fedit.config import load_config
     from fedit.data.prepare import load_heldout
+    from fedit.engine.checkpoint import completed_rounds, round_dir
     from fedit.eval.attack import record_generator
     from fedit.eval.exact_match import score_by_category
     from fedit.models.inference import load_for_inference
@@ -46,10 +47,10 @@ def main() -> None:
     rows, results = [], []
     for name in args.models.split(","):
         run = args.runs / name
-        rounds = sorted(run.glob("round_*"))
+        rounds = completed_rounds(run)
         if not rounds:
             sys.exit(f"{run}: no rounds; run `fedit compare -c configs/demo.toml` first")
-        adapter = rounds[-1]
+        adapter = round_dir(run, rounds[-1])
         cfg = load_config(adapter / "config.toml")
         heldout = load_heldout(cfg)
         torch.set_num_threads(cfg.train.threads or torch.get_num_threads())

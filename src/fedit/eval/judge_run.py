@@ -11,6 +11,7 @@ judgments already saved are not asked for again.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
@@ -75,13 +76,19 @@ class Endpoint:
     model: str
     api_key: str = "unused"
 
+    @functools.cached_property
+    def client(self):
+        """One client (and connection pool) for all of this endpoint's calls."""
+        import openai
+
+        return openai.OpenAI(base_url=self.url, api_key=self.api_key, max_retries=2)
+
     def chat(self, messages: list[dict[str, str]], max_tokens: int) -> str:
         """The greedy reply (temperature 0, as MT-Bench judges)."""
         import openai
 
-        client = openai.OpenAI(base_url=self.url, api_key=self.api_key, max_retries=2)
         try:
-            reply = client.chat.completions.create(
+            reply = self.client.chat.completions.create(
                 model=self.model, messages=messages, temperature=0, max_tokens=max_tokens
             )
         except openai.OpenAIError as err:
@@ -159,9 +166,10 @@ def run_judge(
     out.mkdir(parents=True, exist_ok=True)
     answers = SavedCalls(out / "answers.jsonl", ("model", "question_id"))
     judged = SavedCalls(out / "judgments.jsonl", ("mode", "question_id", "shown"))
+    answerers = {m: answerer(m) for m in models}  # one each: its client is reused
     answer = {
         (m, q.id): answers.get(
-            lambda m=m, q=q: {"answer": answerer(m).chat(user(q.text), max_tokens)},
+            lambda m=m, q=q: {"answer": answerers[m].chat(user(q.text), max_tokens)},
             model=m,
             question_id=q.id,
         )["answer"]

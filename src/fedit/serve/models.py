@@ -18,13 +18,13 @@ from pathlib import Path
 import torch
 
 from fedit.config import ConfigError, RunConfig, load_config
+from fedit.engine.checkpoint import ROUND_PATTERN, completed_rounds, round_dir
 from fedit.engine.run_dir import CONFIG
 from fedit.models.adapters import BASE_RESIDUAL
 from fedit.models.inference import ADAPTER_WEIGHTS, check_adapter_dir
 
 BASE = "base"
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
-ROUND_DIR = re.compile(r"round_(\d{4,})")
 
 
 @dataclass(frozen=True)
@@ -41,14 +41,10 @@ def final_round(run_dir: Path) -> Path:
     """A run's last round directory (`run_dir` itself when it is a round directory)."""
     if (run_dir / ADAPTER_WEIGHTS).is_file():
         return run_dir
-    rounds = sorted(
-        (int(m.group(1)), p)
-        for p in run_dir.glob("round_*")
-        if (m := ROUND_DIR.fullmatch(p.name)) and (p / ADAPTER_WEIGHTS).is_file()
-    )
+    rounds = completed_rounds(run_dir)
     if not rounds:
         raise FileNotFoundError(f"{run_dir}: no {ADAPTER_WEIGHTS} and no round_NNNN directory")
-    return rounds[-1][1]
+    return round_dir(run_dir, rounds[-1])
 
 
 def parse_adapter(spec: str) -> tuple[str, Path]:
@@ -58,7 +54,7 @@ def parse_adapter(spec: str) -> tuple[str, Path]:
         name, path = "", spec
     directory = final_round(Path(path))
     if not name:
-        run = directory.parent if ROUND_DIR.fullmatch(directory.name) else directory
+        run = directory.parent if ROUND_PATTERN.match(directory.name) else directory
         name = run.name
     if not NAME.fullmatch(name) or name == BASE:
         raise ConfigError(
@@ -70,7 +66,7 @@ def parse_adapter(spec: str) -> tuple[str, Path]:
 
 def comparison_adapters(directory: Path) -> list[tuple[str, Path]]:
     """Every trained contender of a `fedit compare` output directory, by its name."""
-    runs = sorted(p for p in directory.iterdir() if p.is_dir() and any(p.glob("round_*")))
+    runs = sorted(p for p in directory.iterdir() if p.is_dir() and completed_rounds(p))
     if not runs:
         raise FileNotFoundError(f"{directory}: no contender run directories (round_NNNN)")
     return [parse_adapter(f"{run.name}={run}") for run in runs]
