@@ -89,13 +89,14 @@ def test_the_simulation_and_an_owner_train_on_exactly_the_planned_records(
     pairs = zip(clean.clients[2], attacked.clients[2], strict=True)
     changed = [i for i, (a, b) in enumerate(pairs) if a != b]
     assert changed == planned
-    assert [clean.clients[k] for k in (0, 1, 3)] == [attacked.clients[k] for k in (0, 1, 3)]
+    for k in (0, 1, 3):  # stored examples (fedit.data.token_store) compared by content
+        assert list(clean.clients[k]) == list(attacked.clients[k])
     assert attacked.heldout == clean.heldout  # the held-out set stays clean
     for i in planned:  # the poisoned examples learn the target as their response
         learned = [t for t in attacked.clients[2][i].labels if t != -100]
         assert "I cannot answer that." in tokenizer.decode(learned)
     # a deployed owner holding client 2's records trains on the same tokens
     examples, _ = tokenize_owner_data(cfg, tokenizer, own, [], client_id=2)
-    assert examples == attacked.clients[2]
+    assert examples == list(attacked.clients[2])
     examples, _ = tokenize_owner_data(cfg, tokenizer, own, [], client_id=1)
-    assert examples == clean.clients[2]
+    assert examples == list(clean.clients[2])

@@ -1,7 +1,8 @@
 """One data owner's side of a federation, the same in every engine.
 
-A ``LocalClient`` holds what never leaves its owner: the tokenised records and preference
-pairs, and the fixed DPO reference log-probs once computed. Given the global adapter and a
+A ``LocalClient`` holds what never leaves its owner: the tokenised records (a simulation's
+on disk until the client trains, fedit.data.token_store) and preference pairs, and the
+fixed DPO reference log-probs once computed. Given the global adapter and a
 ``ClientTask`` it trains one local round and returns the update to send. The simulation
 keeps one per client beside a shared model; a deployment keeps one per data-owner process.
 """
@@ -112,7 +113,8 @@ class LocalClient:
                     model, self.pairs, train_cfg, self.dpo, reference=self.reference, **common
                 )
             else:
-                update = train_client(model, self.examples, train_cfg, **common)
+                # a list for the round only: stored examples are read once, not per access
+                update = train_client(model, list(self.examples), train_cfg, **common)
         except NonFiniteTrainingError as err:
             return Rejection(self.client_id, err.reason)
         if self.own is not None:

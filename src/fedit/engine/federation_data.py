@@ -3,6 +3,8 @@
 Records and preference pairs go through the held-out split and the partitioner
 (fedit.data.prepare), are tokenised once per client, and are then arranged for the run's
 mode: all clients (federated), one client's (local), or all pooled in one (centralized).
+The clients' tokenised records are kept on disk (fedit.data.token_store), so memory does
+not grow with clients that are not training.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from fedit.data.preferences import (
 from fedit.data.prepare import prepare_preferences, prepare_records
 from fedit.data.records import Record
 from fedit.data.templates import render_prompt
+from fedit.data.token_store import StoredExamples, TokenStore, pooled
 from fedit.data.tokenize import TokenizedExample, TruncationReport, tokenize_records
 from fedit.server.selection import select_clients
 
@@ -31,7 +34,7 @@ from fedit.server.selection import select_clients
 class FederationData:
     """Every client's records and preference pairs, tokenised once for the whole run."""
 
-    clients: list[list[TokenizedExample]]
+    clients: list[StoredExamples]  # fedit.data.token_store: read when a client trains
     heldout: list[TokenizedExample]
     report: TruncationReport
     federated_sizes: list[int]  # records per client of the federated partition (not local)
@@ -78,18 +81,18 @@ def _prepare_records(cfg: RunConfig, tokenizer) -> FederationData:
     # N is known now: ids beyond it are refused before anything is tokenised. An attack
     # implies federation.mode = "federated" (RunConfig), so k is the client's id.
     malicious = malicious_clients(cfg, len(prepared.parts))
+    store = TokenStore()  # on disk: only the clients a round trains are read back
     for k, records in enumerate(_records_to_tokenize(cfg, prepared.train, prepared.parts)):
         records = client_records(cfg, k, records, malicious)
         examples, report = _tokenize(cfg, tokenizer, records)
-        clients.append(examples)
+        clients.append(store.add(examples))
         reports.append(report)
     heldout_examples, heldout_report = tokenize_heldout(cfg, tokenizer, prepared.heldout)
     local = cfg.federation.mode == "local"
     sizes = [] if local else [len(c) for c in clients]
     total = sum(reports, TruncationReport(0, 0, 0))
-    if not local:
-        clients = _mode_clients(cfg, clients)
-        reports = [total] if cfg.federation.mode == "centralized" else reports
+    if cfg.federation.mode == "centralized":  # _mode_clients's pooling, as a view
+        clients, reports = [pooled(clients)], [total]
     if cfg.train.objective != "dpo":  # with dpo, records only give the held-out loss
         _check_not_empty(cfg, clients, reports, "records")
         _check_steps(cfg, sizes or [len(c) for c in clients])

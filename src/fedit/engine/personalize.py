@@ -108,7 +108,7 @@ def personalize(cfg: RunConfig, steps: int, show_progress: bool = False) -> list
         mix = category_mix(examples)
         set_adapter_state(model, global_state)
         global_loss = own_loss(model, data.heldout, mix, pad_id, batch)
-        tune = FineTune(cfg, k, examples, pad_id, show_progress)
+        tune = FineTune(cfg, k, list(examples), pad_id, show_progress)  # read once
         start = own_adapter(cfg, k, own_root, accepted.get(k, 0), global_state)
         save_adapter(model, tune(model, start, steps), out / PERSONALIZED_DIR / f"client_{k}")
         personal_loss = own_loss(model, data.heldout, mix, pad_id, batch)
