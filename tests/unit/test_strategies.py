@@ -12,6 +12,7 @@ from fedit.client.hooks import ClientHook, FedProxHook, make_hook
 from fedit.config import ConfigError, StrategyConfig
 from fedit.engine.checkpoint import ClientStateStore
 from fedit.server.strategies import STRATEGIES, Strategy, build_strategy, register
+from fedit.server.strategies.scaffold import WEIGHT_KEY
 from fedit.types import AdapterState, ClientUpdate
 
 
@@ -228,10 +229,10 @@ def test_adaptive_second_moment_uses_delta_squared_not_momentum_squared(
 
 def scaffold_with(c: list[float], c_0: list[float], num_clients: int = 4) -> Strategy:
     strategy = build("scaffold", num_clients=num_clients)
-    weights = torch.zeros(num_clients, dtype=torch.float64)
-    weights[0] = 1.0  # client 0 seen, with one example
-    state = {"c.w": torch.tensor(c), "c_k.0.w": torch.tensor(c_0), "client_weights": weights}
-    strategy.load_state_dict(state)
+    state = {"c.w": torch.tensor(c), "c_k.0.w": torch.tensor(c_0)}
+    seen = {"weight_sum": torch.tensor(1.0), "clients_seen": torch.tensor(1)}
+    # client 0 seen, with one example
+    strategy.load_state_dict(state | seen | {f"c_k.0.{WEIGHT_KEY}": torch.tensor(1.0)})
     return strategy
 
 
@@ -341,17 +342,35 @@ def test_scaffold_example_weighted_c_under_partial_participation() -> None:
     # Assert, round 1: w̄ = (1 + 3)/2, so D = 4*2 = 8 (clients 1 and 3 count as holding 2);
     # c = (1*[4, 0] + 3*[0, 8]) / 8
     assert torch.equal(state_1["c.w"], torch.tensor([0.5, 3.0]))
-    assert state_1["client_weights"].tolist() == [1.0, 0.0, 3.0, 0.0]
+    assert weights_in(state_1) == {0: 1.0, 2: 3.0}
+    assert state_1["weight_sum"].item() == 4.0 and state_1["clients_seen"].item() == 2
     # round 2: c_0 = [0, 4], w_0 = 5, D = 4*(5 + 3)/2 = 16; directly, c = (5*[0, 4] +
     # 3*[0, 8]) / 16 = [0, 2.75]; incrementally, [0.5, 3]*8/16 + (5*[-4, 4] + 4*[4, 0])/16
     assert torch.equal(state_2["c_k.0.w"], torch.tensor([0.0, 4.0]))
     assert torch.equal(state_2["c.w"], torch.tensor([0.0, 2.75]))
-    assert state_2["client_weights"].tolist() == [5.0, 0.0, 3.0, 0.0]
+    assert weights_in(state_2) == {0: 5.0, 2: 3.0}
+    assert state_2["weight_sum"].item() == 8.0 and state_2["clients_seen"].item() == 2
 
 
-def test_scaffold_refuses_a_state_without_client_weights() -> None:
-    with pytest.raises(ValueError, match="client_weights"):
-        build("scaffold").load_state_dict({"c.w": torch.zeros(2)})
+def weights_in(state: dict[str, torch.Tensor]) -> dict[int, float]:
+    """w_k by client, from the entries of a SCAFFOLD state dict."""
+    suffix = f".{WEIGHT_KEY}"
+    return {int(k.split(".")[1]): v.item() for k, v in state.items() if k.endswith(suffix)}
+
+
+@pytest.mark.parametrize(
+    ("state", "match"),
+    [
+        ({"c.w": torch.zeros(2)}, "weight_sum"),  # c averaged uniformly, by an older fedit
+        ({"client_weights": torch.zeros(4, dtype=torch.float64)}, "client_weights"),
+        ({"weight_sum": torch.tensor(9.0), "clients_seen": torch.tensor(5)}, "another size"),
+        ({"weight_sum": torch.tensor(1.0), "c_k.0.w": torch.zeros(2)}, "no w_k"),
+        ({f"c_k.7.{WEIGHT_KEY}": torch.tensor(1.0), "c_k.7.w": torch.zeros(2)}, "outside 0..3"),
+    ],
+)
+def test_scaffold_refuses_a_state_it_cannot_resume(state: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        build("scaffold", num_clients=4).load_state_dict(state)
 
 
 def correction_of(hook: ClientHook) -> torch.Tensor:
@@ -386,10 +405,16 @@ def test_scaffold_spills_client_variates_to_the_store(tmp_path: Path) -> None:
     resumed.load_state_dict(strategy.state_dict())
 
     # Assert: c = [65, 130]/65 = [1, 2]; c_7 = [65, 130] in the store, not in the state dict
-    assert sorted(strategy.state_dict()) == ["c.w", "client_weights"]
+    assert sorted(strategy.state_dict()) == ["c.w", "clients_seen", "weight_sum"]
     assert list(pending) == [7] and torch.equal(pending[7]["w"], torch.tensor([65.0, 130.0]))
+    assert pending[7][WEIGHT_KEY].item() == 1.0  # w_7 beside c_7, not in the state dict
     # c − c_7 = [1 - 65, 2 - 130]
     assert torch.equal(correction_of(hook_of(resumed, 7, x)), torch.tensor([-64.0, -128.0]))
+    # client 7 again, now with 3 examples: the resumed strategy knows its old w_7
+    again = scaffold_updates(x, [[1.0, 1.0]], [3], [7], [[0.0, 65.0]])
+    strategy.aggregate(x, again, 1)
+    resumed.aggregate(x, scaffold_updates(x, [[1.0, 1.0]], [3], [7], [[0.0, 65.0]]), 1)
+    assert torch.equal(resumed.state_dict()["c.w"], strategy.state_dict()["c.w"])
 
 
 def test_scaffold_keeps_few_clients_in_memory() -> None:

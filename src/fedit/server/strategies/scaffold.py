@@ -12,6 +12,8 @@ from fedit.server.strategies.base import ClientStore, Strategy
 from fedit.types import AdapterState, ClientInstructions, ClientUpdate
 
 SPILL_THRESHOLD = 64  # more clients than this: c_k go to disk once set_client_store is called
+# w_k's key in a client's entry beside its c_k tensors (no parameter name holds a ':')
+WEIGHT_KEY = "scaffold:w_k"
 
 
 class Scaffold(Strategy):
@@ -52,12 +54,14 @@ class Scaffold(Strategy):
     that fp16 loss scaling skips (non-finite gradients) never reach the hook, so they are
     left out of the mean.
 
-    Storage: c_k live in memory and are saved in ``state_dict`` ("c.<param>",
-    "c_k.<id>.<param>", and the (N,) weights w_k as "client_weights", 0 for clients not
-    seen). With more than ``SPILL_THRESHOLD`` clients, ``set_client_store`` moves the c_k to
-    a store (fedit.engine.checkpoint.ClientStateStore): ``state_dict`` then holds c and the
-    weights only, and the store commits each round's new c_k with that round's checkpoint,
-    so c and every c_k always come from the same round.
+    Storage: a client's entry is its c_k with its w_k beside it (``WEIGHT_KEY``); only the
+    clients seen have one. Entries live in memory and are saved in ``state_dict``
+    ("c.<param>", "c_k.<id>.<param>"), with Σ w_k and the number of clients seen, from which
+    D follows. With more than ``SPILL_THRESHOLD`` clients, ``set_client_store`` moves the
+    entries to a store (fedit.engine.checkpoint.ClientStateStore): ``state_dict`` then holds
+    c and the two scalars only, so it does not grow with the clients, and the store commits
+    each round's new entries with that round's checkpoint, so c and every c_k always come
+    from the same round.
     """
 
     update_extras = frozenset({"control_delta"})
@@ -67,8 +71,9 @@ class Scaffold(Strategy):
     ) -> None:
         super().__init__(config, num_clients, aggregator)
         self._c: AdapterState = {}
-        self._c_k: dict[int, AdapterState] = {}
-        self._weights = torch.zeros(num_clients, dtype=torch.float64)  # w_k; 0: not seen
+        self._c_k: dict[int, AdapterState] = {}  # entries (c_k and w_k) while not in a store
+        self._weight_sum = 0.0  # Σ w_k over the clients seen
+        self._seen = 0  # clients seen
         self._store: ClientStore | None = None
 
     def set_client_store(self, store: ClientStore) -> None:
@@ -77,18 +82,26 @@ class Scaffold(Strategy):
             return
         self._store = store
         in_memory, self._c_k = self._c_k, {}
-        for client_id, c_k in in_memory.items():
-            self._put(client_id, c_k)
+        for client_id, entry in in_memory.items():
+            self._put_entry(client_id, entry)
 
-    def _get(self, client_id: int, like: AdapterState) -> AdapterState:
+    def _get(self, client_id: int, like: AdapterState) -> tuple[AdapterState, float]:
+        """The client's c_k and w_k: zeros and 0 for a client not seen yet."""
         store = self._c_k if self._store is None else self._store
-        return store.get(client_id) or zeros_like(like)
+        entry = store.get(client_id)
+        if entry is None:
+            return zeros_like(like), 0.0
+        c_k = {key: t for key, t in entry.items() if key != WEIGHT_KEY}
+        return c_k, float(entry[WEIGHT_KEY])
 
-    def _put(self, client_id: int, c_k: AdapterState) -> None:
+    def _put(self, client_id: int, c_k: AdapterState, weight: float) -> None:
+        self._put_entry(client_id, c_k | {WEIGHT_KEY: torch.tensor(weight, dtype=torch.float64)})
+
+    def _put_entry(self, client_id: int, entry: AdapterState) -> None:
         if self._store is None:
-            self._c_k[client_id] = c_k
+            self._c_k[client_id] = entry
         else:
-            self._store.put(client_id, c_k)
+            self._store.put(client_id, entry)
 
     def reset(self) -> None:
         super().reset()
@@ -99,7 +112,7 @@ class Scaffold(Strategy):
         """c and this client's c_k (a deployment leaves c_k out when the owner holds it)."""
         tensors = {
             "c": self._c or zeros_like(global_state),
-            "c_k": self._get(client_id, global_state),
+            "c_k": self._get(client_id, global_state)[0],
         }
         return ClientInstructions("scaffold", tensors=tensors)
 
@@ -107,21 +120,21 @@ class Scaffold(Strategy):
         self, global_state: AdapterState, updates: list[ClientUpdate], round_index: int
     ) -> AdapterState:
         delta = self.combined_delta(global_state, updates, round_index)
-        weights = self._weights.clone()
-        for update in updates:
-            weights[self._index(update.client_id)] = self._weight(update)
-        before, after = _total_weight(self._weights), _total_weight(weights)
+        before = self._total_weight()
         change = zeros_like(delta)  # Σ_k (w_k⁺ Δc_k + (w_k⁺ − w_k) c_k)
         for update in updates:
             control_delta = _control_delta(update, delta)
-            c_k = self._get(update.client_id, delta)
-            old, new = float(self._weights[update.client_id]), float(weights[update.client_id])
+            c_k, old = self._get(self._index(update.client_id), delta)
+            new = self._weight(update)
             change = add_scaled(change, control_delta, new)
             if new != old:
                 change = add_scaled(change, c_k, new - old)
-            self._put(update.client_id, add_scaled(c_k, control_delta, 1.0))
+            self._weight_sum += new - old
+            self._seen += int(new > 0) - int(old > 0)  # seen: w_k > 0
+            self._put(update.client_id, add_scaled(c_k, control_delta, 1.0), new)
+        after = self._total_weight()
         c = {key: t * (before / after) for key, t in (self._c or zeros_like(delta)).items()}
-        self._c, self._weights = add_scaled(c, change, 1.0 / after), weights
+        self._c = add_scaled(c, change, 1.0 / after)
         new_state = add_scaled(global_state, delta, self.config.server_lr)
         return self._finish_round(global_state, new_state, updates)
 
@@ -134,36 +147,38 @@ class Scaffold(Strategy):
             raise ValueError(f"client id {client_id} is outside 0..{self.num_clients - 1}")
         return client_id
 
+    def _total_weight(self) -> float:
+        """D = N·w̄: the seen clients' mean weight stands in for each unseen client (0: none)."""
+        return self.num_clients * self._weight_sum / self._seen if self._seen else 0.0
+
     def state_dict(self) -> dict[str, Tensor]:
         state = add_prefix(self._c, "c")
-        for client_id, c_k in self._c_k.items():
-            state |= add_prefix(c_k, f"c_k.{client_id}")
-        return state | {"client_weights": self._weights.clone()}
+        for client_id, entry in self._c_k.items():
+            state |= add_prefix(entry, f"c_k.{client_id}")
+        seen = {"weight_sum": torch.tensor(self._weight_sum, dtype=torch.float64)}
+        return state | seen | {"clients_seen": torch.tensor(self._seen, dtype=torch.int64)}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self._c, self._c_k = take_prefix(state, "c"), {}
-        weights = state.get("client_weights")
-        if weights is None and self._c:
+        if "client_weights" in state or (self._c and "weight_sum" not in state):
             raise ValueError(
-                "SCAFFOLD server state has c but no 'client_weights' (saved by a fedit that "
-                "averaged c uniformly): resume it with that version, or start a new run"
+                "SCAFFOLD server state without 'weight_sum' (saved by a fedit that kept "
+                "client_weights, or averaged c uniformly): resume it with that version, or "
+                "start a new run"
             )
-        if weights is not None and weights.shape != (self.num_clients,):
+        self._weight_sum = float(state.get("weight_sum", torch.tensor(0.0)))
+        self._seen = int(state.get("clients_seen", torch.tensor(0)))
+        if not 0 <= self._seen <= self.num_clients:
             raise ValueError(
-                f"SCAFFOLD client_weights has shape {tuple(weights.shape)}, expected "
-                f"({self.num_clients},): the state is from a federation of another size"
+                f"SCAFFOLD server state has seen {self._seen} clients, more than the "
+                f"federation's {self.num_clients}: the state is from a federation of another size"
             )
-        zeros = torch.zeros(self.num_clients, dtype=torch.float64)
-        self._weights = zeros if weights is None else weights.to(torch.float64).clone()
         client_ids = {int(key.split(".")[1]) for key in state if key.startswith("c_k.")}
         for client_id in sorted(client_ids):
-            self._put(client_id, take_prefix(state, f"c_k.{client_id}"))
-
-
-def _total_weight(weights: Tensor) -> float:
-    """D = N·w̄: the seen clients' mean weight stands in for each unseen client (0: none)."""
-    seen = weights[weights > 0]
-    return len(weights) * float(seen.mean()) if len(seen) else 0.0
+            entry = take_prefix(state, f"c_k.{client_id}")
+            if WEIGHT_KEY not in entry:
+                raise ValueError(f"SCAFFOLD server state: client {client_id}'s c_k has no w_k")
+            self._put_entry(self._index(client_id), entry)
 
 
 def _control_delta(update: ClientUpdate, like: AdapterState) -> AdapterState:
