@@ -17,6 +17,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "bench" / "results"
+W1_CONFIG = REPO / "bench" / "configs" / "w1.toml"
 
 
 def run_child(args: list[str]) -> dict:
@@ -32,8 +33,42 @@ def run_child(args: list[str]) -> dict:
 
 
 def peak_rss_kib() -> int:
-    """This process's peak resident set size (ru_maxrss is KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    """This process's peak resident set size in KiB.
+
+    Linux's VmHWM, not ru_maxrss: Linux carries ru_maxrss across execve, so a child
+    spawned by a parent holding 700 MiB reports at least 700 MiB whatever it used itself.
+    """
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+
+
+def warm_w1_trainer(overrides: list[str]) -> tuple:
+    """fedit's trainer on W1's first client after one warm-up step, for timing or profiling
+    the steps that follow: (config, LoRA model, the client's examples, train_client's
+    keyword arguments). The config is bench/configs/w1.toml with `overrides`, on all cores."""
+    from dataclasses import replace
+
+    import torch
+    from reference_loop import W1_DIR, load_w1  # reference_loop imports this module
+
+    from fedit.client.trainer import train_client
+    from fedit.config import load_config
+    from fedit.models.adapters import attach_lora
+    from fedit.models.loading import load_model, load_tokenizer
+
+    cfg = load_config(W1_CONFIG, [f"train.threads={os.cpu_count()}", *overrides])
+    torch.set_num_threads(cfg.train.threads)
+    tokenizer = load_tokenizer(cfg.model)
+    clients, _ = load_w1(W1_DIR, tokenizer)
+    model = attach_lora(load_model(cfg.model), cfg.lora, cfg.seed)
+    kwargs = {"client_id": 0, "learning_rate": cfg.train.learning_rate}
+    kwargs["pad_id"] = tokenizer.pad_token_id
+    train_client(model, clients[0], replace(cfg.train, max_steps=1), seed=0, **kwargs)
+    return cfg, model, clients[0], kwargs
 
 
 def dir_usage(path: Path) -> tuple[int, int]:
