@@ -11,7 +11,11 @@ workload of ../shared/data/README.md as:
   fedit-amp-cast ... fedit-amp with frozen weights kept in bf16 for each round
                  (half_precision_frozen_weights: one cast per round instead of per forward)
   fedit-cap      ... with only max_tokens_per_forward = 1024 (long batches split in forwards)
-  fedit-all      fedit's defaults (all of the above on) plus max_tokens_per_forward = 1024
+  fedit-mask     ... with only lora.dropout_mask = "per_input" (one LoRA dropout mask per
+                 input tensor: q_proj and v_proj share theirs; fedit.models.lora_dropout)
+  fedit-all      fedit's defaults (all of the above on but the mask) plus
+                 max_tokens_per_forward = 1024
+  fedit-all-mask ... fedit-all with lora.dropout_mask = "per_input"
 fedit variants use bench/configs/w1.toml; every variant uses all cores.
 
 Per variant: wall time (model load, data prep, training, checkpoints; without the final
@@ -70,7 +74,9 @@ VARIANTS: dict[str, dict | None] = {
         "train.half_precision_frozen_weights": True,
     },
     "fedit-cap": {**OFF, "train.max_tokens_per_forward": TOKEN_CAP},
+    "fedit-mask": {**OFF, "lora.dropout_mask": "per_input"},
     "fedit-all": {"train.max_tokens_per_forward": TOKEN_CAP},
+    "fedit-all-mask": {"train.max_tokens_per_forward": TOKEN_CAP, "lora.dropout_mask": "per_input"},
 }
 TOKEN_KEYS = ("step_seconds", "label_tokens", "real_tokens", "computed_tokens")
 
@@ -89,10 +95,10 @@ def fedit_overrides(args: argparse.Namespace, output_dir: str) -> list[str]:
     return [f"{key}={json.dumps(value)}" for key, value in values.items()]
 
 
-def time_checkpoints(simulation) -> list[float]:
+def time_checkpoints(rounds) -> list[float]:
     """Seconds of each checkpoint write: a round's metrics "seconds" stop before it."""
     seconds: list[float] = []
-    save = simulation.save_checkpoint
+    save = rounds.save_checkpoint
 
     def timed_save(*args, **kwargs):
         started = time.perf_counter()
@@ -100,15 +106,15 @@ def time_checkpoints(simulation) -> list[float]:
         seconds.append(time.perf_counter() - started)
         return result
 
-    simulation.save_checkpoint = timed_save
+    rounds.save_checkpoint = timed_save  # the name engine.rounds calls
     return seconds
 
 
 def run_fedit(args: argparse.Namespace) -> dict:
     from fedit.config import load_config
-    from fedit.engine import simulation
+    from fedit.engine import rounds, simulation
 
-    checkpoint_seconds = time_checkpoints(simulation)
+    checkpoint_seconds = time_checkpoints(rounds)
     cfg = load_config(CONFIG, fedit_overrides(args, args.output_dir))
     started = time.perf_counter()
     simulation.Simulation(cfg, show_progress=False).run()

@@ -16,6 +16,7 @@ from peft import PeftModel, get_peft_model
 from transformers import PreTrainedModel
 
 from fedit.config import ConfigError, LoraConfig
+from fedit.models.lora_dropout import share_dropout_masks
 from fedit.types import AdapterState
 
 # exact LoRA aggregation: what a run folded into the frozen base weights, beside the adapter
@@ -48,7 +49,10 @@ def attach_lora(model: PreTrainedModel, cfg: LoraConfig, seed: int) -> PeftModel
         layers_to_transform=layers,
     )
     torch.manual_seed(seed)  # A's random init is part of the run's reproducibility
-    return get_peft_model(model, peft_config)
+    peft_model = get_peft_model(model, peft_config)
+    if cfg.dropout_mask == "per_input":
+        share_dropout_masks(peft_model)
+    return peft_model
 
 
 def decoder_linear_names(model: torch.nn.Module) -> list[str]:
