@@ -1,4 +1,5 @@
-"""W0 benchmark: fedit's framework overhead on the FedIT paper's federation shape.
+"""W0 benchmark: fedit's framework overhead on the FedIT paper's federation shape, beside a
+plain PyTorch loop doing the same client-rounds.
 
 W0 (../shared/data/README.md) is 100 clients (category shards, seed 42) of the first
 2,000 Dolly records, 20 rounds x 5 clients x 1 local epoch of batch 8, fp32, LoRA r8 on
@@ -7,9 +8,12 @@ token vocabulary. The model is so small that the time outside optimizer steps (d
 prep, model load, adapter swaps, aggregation, checkpoints) is what the run measures.
 
 The script writes the tiny model (with the embedded SmolLM2 tokenizer) and the 2,000
-records to a temporary directory, then runs bench/configs/w0.toml in a child process (its
-own peak RSS) and reports wall time, time inside and outside optimizer steps (in all and
-per client-round), computed vs real tokens, files and bytes written, and peak RSS.
+records to a temporary directory, then runs, back to back and each in its own process
+(its own peak RSS), bench/configs/w0.toml in fedit (its defaults) and
+bench/reference_loop.py --w0 (the plain loop: same model, clients, sampled clients and
+steps), and reports for each wall time, time inside and outside optimizer steps (in all
+and per client-round), computed vs real tokens, files and bytes written, and peak RSS,
+with fedit / plain-loop ratios.
 
     .venv/bin/python bench/w0.py            # full W0 (a few minutes on 2 cores)
     .venv/bin/python bench/w0.py --quick    # smoke run: 2 rounds x 2 clients
@@ -64,9 +68,9 @@ def write_first_records(path: Path) -> None:
 # --- child: the fedit run -----------------------------------------------------------------
 
 
-def run_fedit(workdir: Path, rounds: int | None, clients_per_round: int | None) -> dict:
+def w0_config(workdir: Path, rounds: int | None = None, clients_per_round: int | None = None):
+    """bench/configs/w0.toml on the model and records prepared in `workdir`."""
     from fedit.config import load_config
-    from fedit.engine.simulation import Simulation
 
     values = {
         "output_dir": str(workdir / "run"),
@@ -78,7 +82,13 @@ def run_fedit(workdir: Path, rounds: int | None, clients_per_round: int | None) 
         values |= {"federation.rounds": rounds, "eval.every_rounds": rounds}
     if clients_per_round:
         values["federation.clients_per_round"] = clients_per_round
-    cfg = load_config(CONFIG, [f"{k}={json.dumps(v)}" for k, v in values.items()])
+    return load_config(CONFIG, [f"{k}={json.dumps(v)}" for k, v in values.items()])
+
+
+def run_fedit(workdir: Path, rounds: int | None, clients_per_round: int | None) -> dict:
+    from fedit.engine.simulation import Simulation
+
+    cfg = w0_config(workdir, rounds, clients_per_round)
     started = time.perf_counter()
     Simulation(cfg, show_progress=False).run()
     wall = time.perf_counter() - started
@@ -104,27 +114,39 @@ def derived(r: dict) -> dict:
         "outside_steps_seconds": outside,
         "outside_steps_share": outside / r["wall_seconds"],
         "inside_per_client_round": r["step_seconds"] / r["client_rounds"],
-        "outside_per_client_round": outside / r["client_rounds"],
+        "outside_ms_per_client_round": 1000 * outside / r["client_rounds"],
         "padding_share": 1 - r["real_tokens"] / r["computed_tokens"],
+        "peak_rss_mib": r["peak_rss_kib"] / 1024,
     }
 
 
-def table(r: dict) -> str:
-    rows = [
-        ["wall", f"{r['wall_seconds']:.1f} s"],
-        ["rounds / client-rounds / steps", f"{r['rounds']} / {r['client_rounds']} / "
-         f"{r['optimizer_steps']}"],
-        ["inside optimizer steps", f"{r['step_seconds']:.1f} s "
-         f"({r['inside_per_client_round']:.3f} s per client-round)"],
-        ["outside optimizer steps", f"{r['outside_steps_seconds']:.1f} s "
-         f"({r['outside_steps_share']:.0%} of wall; "
-         f"{r['outside_per_client_round']:.3f} s per client-round)"],
-        ["computed / real / label tokens", f"{r['computed_tokens']} / {r['real_tokens']} / "
-         f"{r['label_tokens']} (padding {r['padding_share']:.1%})"],
-        ["files / bytes written", f"{r['files_written']} / {r['bytes_written']:,}"],
-        ["peak RSS", f"{r['peak_rss_kib'] / 1024:.0f} MiB"],
-    ]  # fmt: skip
-    return markdown_table(["W0", "value"], rows)
+ROWS = [  # (label, key, format)
+    ("wall s", "wall_seconds", "{:.1f}"),
+    ("rounds", "rounds", "{}"),
+    ("client-rounds", "client_rounds", "{}"),
+    ("optimizer steps", "optimizer_steps", "{}"),
+    ("inside optimizer steps s", "step_seconds", "{:.1f}"),
+    ("inside steps s per client-round", "inside_per_client_round", "{:.3f}"),
+    ("outside optimizer steps s", "outside_steps_seconds", "{:.1f}"),
+    ("outside steps share of wall", "outside_steps_share", "{:.0%}"),
+    ("outside steps ms per client-round", "outside_ms_per_client_round", "{:.1f}"),
+    ("computed tokens", "computed_tokens", "{:,}"),
+    ("real (non-pad) tokens", "real_tokens", "{:,}"),
+    ("label tokens", "label_tokens", "{:,}"),
+    ("padding share of computed", "padding_share", "{:.1%}"),
+    ("files written", "files_written", "{:,}"),
+    ("bytes written", "bytes_written", "{:,}"),
+    ("peak RSS MiB", "peak_rss_mib", "{:.0f}"),
+]
+
+
+def table(results: dict[str, dict]) -> str:
+    fedit, plain = results["fedit"], results["plain loop"]
+    rows = []
+    for label, key, fmt in ROWS:
+        ratio = f"{fedit[key] / plain[key]:.2f}" if plain[key] else "-"
+        rows.append([label, fmt.format(fedit[key]), fmt.format(plain[key]), ratio])
+    return markdown_table(["W0", "fedit", "plain loop", "fedit / plain"], rows)
 
 
 def parse_args() -> argparse.Namespace:
@@ -145,23 +167,35 @@ def main() -> None:
         print(json.dumps(run_fedit(args.child, args.rounds, args.clients_per_round)))
         return
     warn_if_busy()
+    machine = machine_info()
     workdir = Path(tempfile.mkdtemp(prefix="fedit-w0-"))
+    scale = []
+    for flag in ("rounds", "clients_per_round"):
+        if getattr(args, flag):
+            scale += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    commands = {
+        "fedit": ["bench/w0.py", "--child", str(workdir), *scale],
+        "plain loop": [
+            "bench/reference_loop.py", "--w0", str(workdir), "--output-dir", str(workdir / "run"),
+            "--rounds", str(args.rounds or 20), "--clients-per-round",
+            str(args.clients_per_round or 5),
+        ],
+    }  # fmt: skip
+    results = {}
     try:
         write_tiny_model(workdir / "model")
         write_first_records(workdir / "records.jsonl")
-        command = ["bench/w0.py", "--child", str(workdir)]
-        for flag in ("rounds", "clients_per_round"):
-            if getattr(args, flag):
-                command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-        print("running W0 ...", file=sys.stderr, flush=True)
-        result = run_child(command)
-        result["files_written"], result["bytes_written"] = dir_usage(workdir / "run")
+        for name, command in commands.items():  # back to back, each in its own process
+            print(f"running W0: {name} ...", file=sys.stderr, flush=True)
+            result = run_child(command)
+            result["files_written"], result["bytes_written"] = dir_usage(workdir / "run")
+            results[name] = result | derived(result)
+            shutil.rmtree(workdir / "run")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    result |= derived(result)
-    payload = {"workload": "W0", "machine": machine_info(), "args": vars(args), "result": result}
+    payload = {"workload": "W0", "machine": machine, "args": vars(args), "results": results}
     path = write_results("w0", payload)
-    print(table(result))
+    print(table(results))
     print(f"\nraw results: {path.relative_to(REPO)}")
 
 
