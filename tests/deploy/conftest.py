@@ -239,6 +239,11 @@ def federation(
         fed.run.finish(True, "")
 
 
+def log_tails(children: list[Child], chars: int = 1500) -> str:
+    """The end of each child's log, for an assertion's message: which process stalled."""
+    return "\n".join(f"--- {c.name}:\n{c.log_text()[-chars:]}" for c in children)
+
+
 def timed(children: Children, what: str, call: Callable[[], T]) -> T:
     started = time.monotonic()
     result = call()

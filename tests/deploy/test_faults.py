@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from fedit.config import load_config
 from fedit.engine.simulation import Simulation
-from tests.deploy.conftest import Children, Deployment, Pki
+from tests.deploy.conftest import Children, Deployment, Pki, log_tails
 
 
 @pytest.fixture
@@ -74,9 +74,10 @@ def test_a_killed_coordinator_resumes_to_the_uninterrupted_result(
     coordinator = deployment.coordinator()
     owners = [deployment.owner(k) for k in range(3)]
     first_round = deployment.out / "round_0001"
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 600  # a guard against a hang, not a timing check
     while not first_round.is_dir():
-        assert time.monotonic() < deadline and coordinator.exit_code() is None
+        running = time.monotonic() < deadline and coordinator.exit_code() is None
+        assert running, log_tails([coordinator, *owners])
         time.sleep(0.2)
     coordinator.proc.kill()  # the process only: its SuperLink child is left running
     coordinator.proc.wait()
