@@ -83,11 +83,15 @@ def test_round_start_reference_equals_base_in_the_first_round_only(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     runs = {}
+    # fp32: "base" fixes every pair's log-probs at once and "round_start" those the round
+    # uses, so a pair can land in batches of other padded lengths, and bf16 kernels (AMX)
+    # round such batches differently: equal there up to bf16 rounding, not bit for bit
+    exact = {"lora.dropout": 0.0, "train.mixed_precision": "off"}
     for reference in ("base", "round_start"):
         cfg = dpo_config(
             tiny_model_dir,
             tmp_path / reference,
-            **{"dpo.reference": reference, "federation.rounds": 2, "lora.dropout": 0.0},
+            **{"dpo.reference": reference, "federation.rounds": 2, **exact},
         )
         runs[reference] = run(cfg)
         assert runs[reference][0]["heldout_dpo"]["overall"]["margin"] == 0.0

@@ -110,7 +110,8 @@ def reference_logps(
     engine computes it); "round_start" and "sft": the adapter as loaded (the round's global
     adapter; for "sft" the caller loads the SFT-end model first). Computed under the
     training precision so that, with "round_start", the first step's policy and reference
-    agree up to dropout.
+    agree up to dropout (and, in bf16, up to the rounding of the padded batches each pass
+    puts a pair in).
     """
     adapter_off = model.disable_adapter() if dpo.reference == "base" else contextlib.nullcontext()
     with adapter_off:
