@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from statistics import mean
 
-from harness import REPO, machine_info, markdown_table, warn_if_busy, write_results
+from harness import REPO, machine_info, markdown_table, publish, warn_if_busy
 from w0 import CONFIG, write_first_records, write_tiny_model
 
 OWNERS = 5
@@ -249,9 +249,7 @@ def main() -> None:
         "args": vars(args),
         "result": result,
     }
-    path = write_results("deploy", payload)
-    print(table(result))
-    print(f"\nraw results: {path.relative_to(REPO)}")
+    publish("deploy", payload, table(result))
 
 
 if __name__ == "__main__":

@@ -32,12 +32,11 @@ from dataclasses import replace
 
 import torch
 from harness import (
-    REPO,
     machine_info,
     markdown_table,
+    publish,
     warm_w1_trainer,
     warn_if_busy,
-    write_results,
 )
 
 from fedit.client.precision import autocast_dtype
@@ -135,9 +134,7 @@ def main() -> None:
     rows = [[name, f"{rate / 1e9:.1f}", f"{achieved / rate:.0%}"] for name, rate in rates.items()]
     rows.insert(0, [f"fedit training ({training['compute_dtype']})", f"{achieved / 1e9:.1f}", "-"])
     payload = {"machine": machine, "args": vars(args), "training": training, "rates": rates}
-    path = write_results("flops", payload)
-    print(markdown_table(["what", "GFLOP/s", "training / this"], rows))
-    print(f"\nraw results: {path.relative_to(REPO)}")
+    publish("flops", payload, markdown_table(["what", "GFLOP/s", "training / this"], rows))
 
 
 if __name__ == "__main__":

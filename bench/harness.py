@@ -126,6 +126,13 @@ def write_results(name: str, payload: dict) -> Path:
     return path
 
 
+def publish(name: str, payload: dict, table: str) -> None:
+    """Every script's ending: its results file written, its table and the file's name shown."""
+    path = write_results(name, payload)
+    print(table)
+    print(f"\nraw results: {path.relative_to(REPO)}")
+
+
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]

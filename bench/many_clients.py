@@ -38,14 +38,13 @@ from pathlib import Path
 from statistics import mean
 
 from harness import (
-    REPO,
     dir_usage,
     machine_info,
     markdown_table,
     peak_rss_kib,
+    publish,
     run_child,
     warn_if_busy,
-    write_results,
 )
 from w0 import CONFIG, DOLLY, write_tiny_model
 
@@ -185,9 +184,7 @@ def main() -> None:
         "args": vars(args) | {"records": records},
         "results": results,
     }
-    path = write_results("many_clients", payload)
-    print(table(results))
-    print(f"\nraw results: {path.relative_to(REPO)}")
+    publish("many_clients", payload, table(results))
 
 
 if __name__ == "__main__":

@@ -18,12 +18,11 @@ import argparse
 from dataclasses import replace
 
 from harness import (
-    REPO,
     machine_info,
     markdown_table,
+    publish,
     warm_w1_trainer,
     warn_if_busy,
-    write_results,
 )
 from torch.profiler import ProfilerActivity, profile
 
@@ -60,13 +59,12 @@ def main() -> None:
     warn_if_busy()
     rows, seconds = profiled_steps(args.steps, args.set)
     payload = {"machine": machine_info(), "args": vars(args), "step_seconds": seconds}
-    path = write_results("profile", payload | {"top_ops": rows})
     print(f"{args.steps} steps, {seconds:.1f} s inside steps (under the profiler)\n")
     table = [
         [r["op"], str(r["calls"]), f"{r['self_seconds']:.2f}", f"{r['share']:.1%}"] for r in rows
     ]
-    print(markdown_table(["operator", "calls", "self s", "share"], table))
-    print(f"\nraw results: {path.relative_to(REPO)}")
+    header = ["operator", "calls", "self s", "share"]
+    publish("profile", payload | {"top_ops": rows}, markdown_table(header, table))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from harness import REPO, machine_info, markdown_table, warn_if_busy, write_results
+from harness import REPO, machine_info, markdown_table, publish, warn_if_busy
 
 MODES = ("merged-batched", "unmerged-batched", "unmerged-single")
 
@@ -98,9 +98,7 @@ def main() -> None:
     table = markdown_table(
         ["model", "mode", "batch", "generation s", "exact match", "same answers as 1st mode"], rows
     )
-    print(table)
-    path = write_results("scoring", {"machine": machine_info(), "results": results})
-    print(f"\nraw results: {path}", file=sys.stderr)
+    publish("scoring", {"machine": machine_info(), "results": results}, table)
 
 
 if __name__ == "__main__":

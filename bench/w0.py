@@ -39,9 +39,9 @@ from harness import (
     machine_info,
     markdown_table,
     peak_rss_kib,
+    publish,
     run_child,
     warn_if_busy,
-    write_results,
 )
 
 CONFIG = REPO / "bench" / "configs" / "w0.toml"
@@ -194,9 +194,7 @@ def main() -> None:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     payload = {"workload": "W0", "machine": machine, "args": vars(args), "results": results}
-    path = write_results("w0", payload)
-    print(table(results))
-    print(f"\nraw results: {path.relative_to(REPO)}")
+    publish("w0", payload, table(results))
 
 
 if __name__ == "__main__":

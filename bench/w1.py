@@ -49,9 +49,9 @@ from harness import (
     machine_info,
     markdown_table,
     peak_rss_kib,
+    publish,
     run_child,
     warn_if_busy,
-    write_results,
 )
 
 CONFIG = REPO / "bench" / "configs" / "w1.toml"
@@ -252,9 +252,7 @@ def main() -> None:
         if "error" not in results[name]:
             results[name] |= derived(results[name])
     payload = {"workload": "W1", "machine": machine, "args": vars(args), "variants": results}
-    path = write_results("w1", payload)
-    print(markdown_table(HEADER, [table_row(results, name) for name in results]))
-    print(f"\nraw results: {path.relative_to(REPO)}")
+    publish("w1", payload, markdown_table(HEADER, [table_row(results, name) for name in results]))
 
 
 if __name__ == "__main__":
