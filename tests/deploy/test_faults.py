@@ -24,6 +24,8 @@ from fedit.config import load_config
 from fedit.engine.simulation import Simulation
 from tests.deploy.conftest import Children, Deployment, Pki, log_tails
 
+pytestmark = pytest.mark.deploy  # real processes on 127.0.0.1: -m 'not deploy' skips them
+
 
 @pytest.fixture
 def children():

@@ -25,6 +25,8 @@ from fedit.data.readers import read_records
 from fedit.engine.simulation import Simulation
 from tests.deploy.conftest import ROUNDS, Children, Deployment, Pki
 
+pytestmark = pytest.mark.deploy  # real processes on 127.0.0.1: -m 'not deploy' skips them
+
 REPLY_RECORDS = {"update", "counts", "metrics", "status"}
 
 
