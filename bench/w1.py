@@ -13,9 +13,12 @@ workload of ../shared/data/README.md as:
   fedit-cap      ... with only max_tokens_per_forward = 1024 (long batches split in forwards)
   fedit-mask     ... with only lora.dropout_mask = "per_input" (one LoRA dropout mask per
                  input tensor: q_proj and v_proj share theirs; fedit.models.lora_dropout)
-  fedit-all      fedit's defaults (all of the above on but the mask) plus
+  fedit-all      fedit's defaults (all of the above on but the mask and eager) plus
                  max_tokens_per_forward = 1024
   fedit-all-mask ... fedit-all with lora.dropout_mask = "per_input"
+  fedit-eager    ... fedit-off with only model.attn_implementation = "eager" (transformers'
+                 matmul-and-softmax attention instead of SDPA)
+  fedit-all-eager ... fedit-all with model.attn_implementation = "eager"
 fedit variants use bench/configs/w1.toml; every variant uses all cores.
 
 Per variant: wall time (model load, data prep, training, checkpoints; without the final
@@ -77,6 +80,11 @@ VARIANTS: dict[str, dict | None] = {
     "fedit-mask": {**OFF, "lora.dropout_mask": "per_input"},
     "fedit-all": {"train.max_tokens_per_forward": TOKEN_CAP},
     "fedit-all-mask": {"train.max_tokens_per_forward": TOKEN_CAP, "lora.dropout_mask": "per_input"},
+    "fedit-eager": {**OFF, "model.attn_implementation": "eager"},
+    "fedit-all-eager": {
+        "train.max_tokens_per_forward": TOKEN_CAP,
+        "model.attn_implementation": "eager",
+    },
 }
 TOKEN_KEYS = ("step_seconds", "label_tokens", "real_tokens", "computed_tokens")
 

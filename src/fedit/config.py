@@ -49,6 +49,9 @@ class ModelConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (auto: bf16/fp16 on GPU, fp32 on CPU)
     load_in_bits: int | None = None  # 4 or 8: quantised base weights via bitsandbytes (GPU only)
+    # transformers' attention: "sdpa" (torch's fused kernels) or "eager" (plain matmuls and
+    # softmax; faster to train on a bf16 CPU, where SDPA's backward is a quarter of a step)
+    attn_implementation: str = "sdpa"
 
     def validate(self) -> None:
         _require(bool(self.name_or_path), "model.name_or_path", "must not be empty")
@@ -63,6 +66,11 @@ class ModelConfig:
             f"unknown dtype {self.dtype!r}",
         )
         _require(self.load_in_bits in {None, 4, 8}, "model.load_in_bits", "must be 4, 8 or unset")
+        _require(
+            self.attn_implementation in ATTENTION_IMPLEMENTATIONS,
+            "model.attn_implementation",
+            f"must be one of {', '.join(ATTENTION_IMPLEMENTATIONS)}",
+        )
 
 
 @dataclass
@@ -393,6 +401,7 @@ class FederationConfig:
 RANK_AGGREGATIONS = ("zero_pad", "holders")
 SHARED_FACTORS = ("all", "A")  # lora.shared
 DROPOUT_MASKS = ("per_module", "per_input")  # lora.dropout_mask
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")  # model.attn_implementation
 
 
 @dataclass

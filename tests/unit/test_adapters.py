@@ -126,3 +126,23 @@ def test_a_target_module_matching_nothing_is_refused(tiny_model_dir: Path) -> No
     linear = "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"
     with pytest.raises(ConfigError, match=rf"its decoder Linear layers: {linear};"):
         attach_lora(model, cfg, seed=0)
+
+
+def test_eager_attention_is_loaded_when_asked_and_computes_the_same_logits(
+    tiny_model_dir: Path,
+) -> None:
+    models = {
+        name: load_model(ModelConfig(name_or_path=str(tiny_model_dir), attn_implementation=name))
+        for name in ("sdpa", "eager")
+    }
+    assert {n: m.config._attn_implementation for n, m in models.items()} == {
+        "sdpa": "sdpa",
+        "eager": "eager",
+    }
+    inputs = torch.tensor([[5, 40, 41, 42, 2, 7, 9]])
+    mask = torch.tensor([[0, 1, 1, 1, 1, 1, 1]])  # left padding, as batched generation uses
+    with torch.no_grad():
+        sdpa, eager = (
+            m.eval()(input_ids=inputs, attention_mask=mask).logits for m in models.values()
+        )
+    assert torch.allclose(sdpa[:, 1:], eager[:, 1:], atol=1e-5)

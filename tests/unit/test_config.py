@@ -151,6 +151,11 @@ def test_device_syntax_refused(device: str) -> None:
         load_config(None, ["data.path=x", f"model.device={device}"])
 
 
+def test_an_unknown_attention_implementation_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"model.attn_implementation: must be one of sdpa, eager"):
+        load_config(None, ["data.path=x", 'model.attn_implementation="flash"'])
+
+
 def test_strategy_names_come_from_the_registry() -> None:
     from fedit.server.strategies import STRATEGIES, FedAvg, register
 

@@ -217,6 +217,7 @@ def load_model(cfg: ModelConfig) -> PreTrainedModel:
         dtype=dtype,
         quantization_config=quantization,
         device_map={"": device.index or 0} if quantization else None,
+        attn_implementation=cfg.attn_implementation,
     )
     if quantization is None:
         model.to(device)
