@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -46,7 +45,7 @@ from harness import (
     run_child,
     warn_if_busy,
 )
-from w0 import CONFIG, DOLLY, write_tiny_model
+from w0 import DOLLY, w0_config, write_tiny_model
 
 MAX_PROMPT_TOKENS = 192  # of max_seq_len 256: a response token is always left
 SETUPS = {
@@ -73,25 +72,17 @@ def write_short_records(path: Path) -> int:
 
 
 def run_fedit(workdir: Path, setup: str, num_clients: int, rounds: int) -> dict:
-    from fedit.config import load_config
     from fedit.engine.simulation import Simulation
 
-    values = {
+    extra = {
         **SETUPS[setup],
-        "output_dir": str(workdir / "run"),
-        "model.name_or_path": str(workdir / "model"),
-        "data.path": str(workdir / "records.jsonl"),
         "partition.method": "iid",
         "partition.num_clients": num_clients,
-        "federation.rounds": rounds,
-        "federation.clients_per_round": 5,
-        "eval.every_rounds": rounds,
         "train.max_steps": 2,
         "train.micro_batch_size": 1,  # a one-record client fills its batch too
         "train.grad_accum_steps": 1,
-        "train.threads": os.cpu_count(),
     }
-    cfg = load_config(CONFIG, [f"{k}={json.dumps(v)}" for k, v in values.items()])
+    cfg = w0_config(workdir, rounds, clients_per_round=5, extra=extra)
     started = time.perf_counter()
     Simulation(cfg, show_progress=False).run()
     wall = time.perf_counter() - started

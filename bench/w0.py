@@ -68,11 +68,18 @@ def write_first_records(path: Path) -> None:
 # --- child: the fedit run -----------------------------------------------------------------
 
 
-def w0_config(workdir: Path, rounds: int | None = None, clients_per_round: int | None = None):
-    """bench/configs/w0.toml on the model and records prepared in `workdir`."""
+def w0_config(
+    workdir: Path,
+    rounds: int | None = None,
+    clients_per_round: int | None = None,
+    extra: dict | None = None,
+):
+    """bench/configs/w0.toml on the model and records prepared in `workdir`, with `extra`
+    overrides."""
     from fedit.config import load_config
 
     values = {
+        **(extra or {}),
         "output_dir": str(workdir / "run"),
         "model.name_or_path": str(workdir / "model"),
         "data.path": str(workdir / "records.jsonl"),

@@ -113,8 +113,7 @@ class LocalClient:
                     model, self.pairs, train_cfg, self.dpo, reference=self.reference, **common
                 )
             else:
-                # a list for the round only: stored examples are read once, not per access
-                update = train_client(model, list(self.examples), train_cfg, **common)
+                update = train_client(model, self.examples, train_cfg, **common)
         except NonFiniteTrainingError as err:
             return Rejection(self.client_id, err.reason)
         if self.own is not None:

@@ -181,6 +181,8 @@ def train_client(
 ) -> ClientUpdate:
     """Train the adapter currently in `model` on one client's examples for one round."""
     hook = hook or ClientHook()
+    # read once: stored examples (fedit.data.token_store) build their lists on each access
+    examples = list(examples)
     params = adapter_parameters(model)
     num_steps = steps_per_round(len(examples), cfg)
     lengths = [len(e.input_ids) for e in examples]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -108,7 +109,7 @@ def personalize(cfg: RunConfig, steps: int, show_progress: bool = False) -> list
         mix = category_mix(examples)
         set_adapter_state(model, global_state)
         global_loss = own_loss(model, data.heldout, mix, pad_id, batch)
-        tune = FineTune(cfg, k, list(examples), pad_id, show_progress)  # read once
+        tune = FineTune(cfg, k, examples, pad_id, show_progress)
         start = own_adapter(cfg, k, own_root, accepted.get(k, 0), global_state)
         save_adapter(model, tune(model, start, steps), out / PERSONALIZED_DIR / f"client_{k}")
         personal_loss = own_loss(model, data.heldout, mix, pad_id, batch)
@@ -126,7 +127,7 @@ class FineTune:
 
     cfg: RunConfig
     client_id: int
-    examples: list[TokenizedExample]
+    examples: Sequence[TokenizedExample]  # stored examples: train_client reads them once
     pad_id: int
     show_progress: bool
 
