@@ -118,9 +118,11 @@ def test_pairwise_masks_cancel_in_the_sum() -> None:
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered in cast")
-def test_flowers_quantiser_wraps_at_2_to_the_31_levels_so_fedit_stays_below() -> None:
-    wrapped = quantize([np.array([1.0])], 1.0, 2**31 + 10)[0]
-    assert int(wrapped[0]) < 0
+def test_flowers_quantiser_wraps_at_the_clip_range_so_fedit_quantises_itself() -> None:
+    # (c + c)·R/(2c) rounds above R = 2**31 − 1 for c = 0.003, its ceiling 2**31 wraps
+    assert int(quantize([np.array([0.003])], 0.003, secagg.MAX_LEVELS)[0][0]) == -(2**31)
+    params = RoundParams(bits=32, clip_range=0.003, sampled=2)
+    assert int(secagg.quantise(np.array([0.003]), params, seed=0)[0]) == params.levels
     assert RoundParams(bits=32, clip_range=1.0, sampled=1).levels == secagg.MAX_LEVELS
     assert RoundParams(bits=32, clip_range=1.0, sampled=3).levels == (2**32 - 1) // 3
 
@@ -172,3 +174,30 @@ def test_a_rebuilt_mask_key_is_checked_against_the_advertised_one() -> None:
     secret = secagg.private_bytes(key)
     assert secagg.mask_key_matches(secret, secagg.public_bytes(key))
     assert not secagg.mask_key_matches(secret, secagg.public_bytes(other))
+
+
+CLIP_SWEEP = sorted({*np.geomspace(1e-4, 1e3, 150).tolist(), 0.003, 0.03, 0.06, 1.0})
+
+
+@pytest.mark.parametrize(
+    "bits, sampled",
+    [(16, 3), (20, 2), (31, 1), (32, 1), (32, 2), (32, 3), (33, 4), (34, 5), (40, 7), (62, 16)],
+)
+def test_entries_at_the_clip_range_never_wrap_in_the_sum(bits: int, sampled: int) -> None:
+    """Every client at ±c (or beyond, clipped) for every clip range of the sweep: each
+    quantised entry stays in [0, R] and their sum below 2**bits, so the dequantised mean is
+    ±c within one level (flwr's quantize gives 0.003 at R = 2**31 − 1 the level 2**31,
+    which wraps to −2**31: two clients at +0.003 averaged to −0.003)."""
+    for clip in CLIP_SWEEP:
+        params = RoundParams(bits=bits, clip_range=clip, sampled=sampled)
+        vector = np.array([clip, -clip, 3 * clip, -3 * clip])
+        total = np.zeros(4, dtype=np.uint64)
+        for k in range(sampled):
+            q = secagg.quantise(vector, params, seed=k)
+            assert int(q.max()) <= params.levels, (clip, q)
+            total = secagg.add(total, q, bits)
+        assert int(total.max()) <= params.modulus - 1
+        mean = secagg.dequantise_sum(total, params, sampled) / sampled
+        step = 2 * clip / params.levels
+        expected = np.array([clip, -clip, clip, -clip])
+        assert np.all(np.abs(mean - expected) <= step), (clip, mean)

@@ -4,20 +4,23 @@ Lepoint, Raykova, CCS 2020; SecAgg: Bonawitz et al., CCS 2017), without any tran
 Both ends of a secure round (fedit.deploy.secagg_round, fedit.deploy.secagg_owner) use
 these functions only, so what a client masks is exactly what the coordinator unmasks.
 Flower's maintained primitives are reused where they fit
-(``flwr.common.secure_aggregation``: Shamir shares, Fernet encryption, the stochastic
-quantiser, the share plaintext layout); tests/unit/test_secagg.py pins their edge cases,
-which are this protocol's:
+(``flwr.common.secure_aggregation``: Shamir shares, Fernet encryption, the share plaintext
+layout); tests/unit/test_secagg.py pins their edge cases, which are this protocol's:
 
 - ``generate_shared_key`` takes EC keys only (it calls ``exchange(ECDH(), ...)``), so the
   X25519 agreement and its HKDF are done here with ``cryptography``.
 - ``pseudo_rand_gen`` folds its seed to 32 bits (a coordinator could try every seed) and
   never draws the top value of its range, so the masks come from ChaCha20 here (``prg``).
-- ``quantize`` rounds into int32 (a range of 2**31 or more wraps silently) with numpy's
-  global, unseeded generator; ``quantise`` bounds the range and seeds the draw.
+- ``quantize`` is not used: it takes the ceiling in int32 before any caller could clamp,
+  and (c + c)·R/(2c) rounds above R for ~14% of clip ranges c, so at R = 2**31 − 1 an
+  entry at +c becomes 2**31 and wraps to −2**31 (and below that cap, R + 1 from every
+  client wraps the sum mod 2**bits); it also draws from numpy's global, unseeded generator.
+  ``quantise`` clamps every level into [0, R] and seeds its own draw.
 - ``combine_shares`` with fewer shares than the threshold returns a wrong secret now and
   then instead of failing, and ``create_shares`` with threshold 1 hands out the secret
   itself: every rebuilt secret is checked here (``rebuild``), and thresholds start at 2.
-- ``dequantize`` removes one client's offset: a sum of m inputs needs m (``dequantise_sum``).
+- ``dequantize`` removes one client's offset: a sum of m inputs needs m, so
+  ``dequantise_sum`` does the one line itself, the inverse of ``quantise``.
 """
 
 from __future__ import annotations
@@ -40,12 +43,13 @@ from cryptography.hazmat.primitives.serialization import (
     PublicFormat,
 )
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
-from flwr.common.secure_aggregation.quantization import dequantize, quantize
 
 from fedit.types import AdapterState
 
 KEY_BYTES = 32  # X25519 keys, the self-mask seed b, pairwise seeds
-# Flower's quantize rounds into int32: levels beyond this wrap silently.
+# The most levels R a round uses: a step of 2c/2**31 is far below float32's precision
+# (the aggregate is float32), and R < 2**53 keeps every level exact in float64, which
+# quantise's clamp to R relies on.
 MAX_LEVELS = 2**31 - 1
 SHARE_BYTES = 4 + 48  # create_shares of a 32-byte secret: index + 3 padded 16-byte chunks
 MASK_INFO = b"fedit secagg pairwise mask"
@@ -74,7 +78,8 @@ class RoundParams:
 
     @property
     def levels(self) -> int:
-        """R: a clipped entry x in [-c, c] is quantised into [0, R]."""
+        """R: a clipped entry x in [-c, c] is quantised into [0, R], so a sum of at most m
+        entries is at most m·R = m·⌊(2**bits − 1)/m⌋ ≤ 2**bits − 1: it never wraps."""
         return min((self.modulus - 1) // self.sampled, MAX_LEVELS)
 
     def error_bound(self, survivors: int, total_weight: float) -> float:
@@ -184,22 +189,24 @@ def digest(secret: bytes) -> bytes:
 
 
 def quantise(vector: np.ndarray, params: RoundParams, seed: int) -> np.ndarray:
-    """float64 entries → Z_R (uint64): clipped to [-c, c], shifted and scaled into [0, R],
-    rounded stochastically (unbiased) by flwr's quantize with a seeded draw."""
-    saved = np.random.get_state()
-    np.random.seed(seed % 2**32)
-    try:
-        (quantised,) = quantize([vector], params.clip_range, params.levels)
-    finally:
-        np.random.set_state(saved)
-    return quantised.astype(np.int64).astype(np.uint64)
+    """float64 entries → [0, R] (uint64): clipped to [-c, c], shifted and scaled into
+    [0, R], rounded stochastically (up with the probability of the fraction: unbiased) by
+    a draw seeded with `seed`."""
+    clip, levels = params.clip_range, params.levels
+    scaled = (np.clip(vector, -clip, clip) + clip) * (levels / (2 * clip))
+    # 2c·R/(2c) may come out a rounding error above R: without the clamp an entry at +c
+    # could round up to R + 1, and m such entries exceed 2**bits − 1 (RoundParams.levels)
+    scaled = np.clip(scaled, 0.0, float(levels))
+    floor = np.floor(scaled)
+    up = np.random.default_rng(seed).random(scaled.shape) < scaled - floor
+    return (floor + up).astype(np.uint64)
 
 
 def dequantise_sum(total: np.ndarray, params: RoundParams, count: int) -> np.ndarray:
-    """Σ x_k (float64) from Σ q_k of `count` clients: flwr's dequantize removes one
-    client's offset c, the other count − 1 are removed here."""
-    (values,) = dequantize([total.astype(np.int64)], params.clip_range, params.levels)
-    return values - (count - 1) * params.clip_range
+    """Σ x_k (float64) from Σ q_k of `count` clients: each q_k = (x_k + c)·R/(2c), so
+    Σ x_k = Σ q_k·2c/R − count·c."""
+    clip = params.clip_range
+    return total.astype(np.float64) * (2 * clip / params.levels) - count * clip
 
 
 def flatten(state: AdapterState, shapes: dict[str, tuple[int, ...]]) -> np.ndarray:
