@@ -256,15 +256,16 @@ def timed(children: Children, what: str, call: Callable[[], T]) -> T:
 ROUNDS = 2
 
 
-def owner_files(directory: Path) -> tuple[list[Path], Path]:
-    """Three owners' record files (skills split between them: non-IID) and a held-out file."""
+def owner_files(directory: Path, owners: int = 3) -> tuple[list[Path], Path]:
+    """The owners' record files (the 10 skills split between them: non-IID) and a held-out
+    file."""
     records = generate_records(per_skill=6, seed=3)
     skills = sorted({r.category for r in records})
     heldout = [r for r in records if r.instruction.endswith("0")][:6] or records[:6]
     train = [r for r in records if r not in heldout]
     files = []
-    for k in range(3):
-        mine = {s for i, s in enumerate(skills) if i % 3 == k}
+    for k in range(owners):
+        mine = {s for i, s in enumerate(skills) if i % owners == k}
         path = directory / f"owner_{k}.jsonl"
         write_records_jsonl([r for r in train if r.category in mine], path)
         files.append(path)

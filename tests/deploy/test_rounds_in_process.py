@@ -123,7 +123,7 @@ def owners_for(root: Path, files: list[Path], cfg: RunConfig, tag: str = "") -> 
                 state_dir=root / f"state{tag}_{k}",
             )
         )
-        for k in range(3)
+        for k in range(len(files))
     ]
 
 

@@ -31,6 +31,7 @@ from fedit.deploy.traffic import run_header, task_content
 from fedit.engine.rounds import RoundLoop
 from fedit.engine.simulation import Simulation
 from fedit.models.adapters import get_adapter_state
+from fedit.seeding import Stream, derive_seed
 from tests.deploy.conftest import owner_files, run_overrides
 from tests.deploy.test_rounds_in_process import (
     NODE_BASE,
@@ -84,11 +85,17 @@ class SecureLoopback(LoopbackOwners):
         return answers
 
 
-def secure_configs(root: Path, model_dir: Path, rounds: int = 1, **extra: object):
+def secure_configs(root: Path, model_dir: Path, rounds: int = 1, owners: int = 3, **extra: object):
     """(plain simulation config, secure deployment config, owner files, public keys)."""
-    files, heldout = owner_files(root)
-    keys = [make_node_key(root / f"owner{k}.key", force=False) for k in range(3)]
-    common = {"federation.rounds": rounds, "eval.every_rounds": 1, **extra}
+    files, heldout = owner_files(root, owners)
+    keys = [make_node_key(root / f"owner{k}.key", force=False) for k in range(owners)]
+    common = {
+        "federation.rounds": rounds,
+        "eval.every_rounds": 1,
+        "partition.num_clients": owners,
+        "federation.clients_per_round": owners,
+        **extra,
+    }
     sim = load_config(
         None, run_overrides(model_dir, root / "sim", root, heldout, "fedavg", **common)
     )
@@ -224,6 +231,36 @@ def test_a_client_leaving_after_any_stage_leaves_the_survivors_mean(
     line = metrics(dep)[-1]
     assert [c["id"] for c in line["clients"]] == survivors
     assert line["dropped"] == [{"client": 1, "reason": f"timeout ({STAGE_NAMES[stage]})"}]
+
+
+def test_a_dropped_client_no_survivor_masked_with_needs_no_mask_key(
+    recorded, monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Five clients on a ring (k = 2, t = 2): c's two neighbours leave before sharing, c
+    after sharing. No survivor masked with c, so its mask key is not needed (and nobody
+    holds a share of it): the round sums the two survivors, neighbours of each other."""
+    _, dep, files, keys = secure_configs(
+        tmp_path,
+        tiny_model_dir,
+        owners=5,
+        **{"strategy.weighting": "uniform", "secagg.neighbours": 2},
+    )
+    seed = derive_seed(dep.seed, Stream.SECAGG_GRAPH, 0)
+    graph = secagg.neighbours(list(range(5)), 2, seed)
+    c, (b, d) = 0, graph[0]
+    survivors = sorted({1, 2, 3, 4} - {b, d})
+    leaves = {b: secagg_wire.SHARES, d: secagg_wire.SHARES, c: secagg_wire.MASKED}
+    start = flat(start_adapter(dep))
+    loopback = SecureLoopback(owners_for(tmp_path, files, dep), keys, leaves=leaves)
+    deploy_rounds(monkeypatch, dep, loopback)
+
+    line = metrics(dep)[-1]
+    assert [client["id"] for client in line["clients"]] == survivors
+    assert sorted(gone["client"] for gone in line["dropped"]) == sorted([b, c, d])
+    assert len(recorded) == 2  # the survivors' updates, in client order
+    expected = start + (recorded[0][0] + recorded[1][0]) / 2
+    bound = secagg.RoundParams(BITS, CLIP, 5).error_bound(2, 2)
+    assert_within(flat(adapter(dep, 1)), expected, start, bound)
 
 
 @pytest.mark.parametrize(

@@ -8,8 +8,9 @@ client still in the protocol and its reply, then the unmasking, which yields onl
 Who is in: U1 answered the keys stage, U2 the shares stage (and its shares are with its
 neighbours), U3 sent a masked input (its update is in the sum), U4 answered the unmask
 stage. A client that leaves after U2 has its pairwise masks removed through its mask key,
-rebuilt from t of its neighbours' shares; every client of U3 has its self mask removed
-through b, rebuilt the same way, so a client may also leave after sending its input.
+rebuilt from t of its neighbours' shares (when a survivor masked with it: otherwise none of
+its masks is in the sum); every client of U3 has its self mask removed through b, rebuilt
+the same way, so a client may also leave after sending its input.
 Any step that cannot be completed (fewer than t or deploy.min_replies clients left, a
 secret with fewer than t shares) stops the run with SecureAggregationError before
 anything of the round is committed.
@@ -239,7 +240,7 @@ class SecureRound:
                 u, "self mask", b_shares, lambda s, u=u: secagg.digest(s) == digests[u]
             )
             total = secagg.add(total, secagg.negate(secagg.prg(b, length, bits), bits), bits)
-        for v in sorted(digests.keys() - inputs.keys()):  # left after sharing: pair masks stay
+        for v in self._paired_dropouts(inputs, masked_with):
             secret = self._rebuild(
                 v, "mask key", sk_shares, lambda s, v=v: secagg.mask_key_matches(s, keys[v][1])
             )
@@ -250,6 +251,14 @@ class SecureRound:
                     mask = secagg.pair_mask(seed, w, v, length, bits)
                     total = secagg.add(total, secagg.negate(mask, bits), bits)
         return total
+
+    @staticmethod
+    def _paired_dropouts(inputs, masked_with) -> list[int]:
+        """The clients that left after sharing whose pair masks are in the sum: those some
+        survivor masked with. One that shared but whose neighbours all left is in no
+        survivor's input, so its mask key is not needed (and no survivor holds a share of
+        it: asking for it would stop a round whose sum is computable)."""
+        return sorted({v for w in inputs for v in masked_with[w]} - inputs.keys())
 
     def _rebuild(self, k: int, what: str, shares: dict[int, list[bytes]], check) -> bytes:
         try:
