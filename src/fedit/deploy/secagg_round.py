@@ -253,10 +253,12 @@ class SecureRound:
         return total
 
     @staticmethod
-    def _paired_dropouts(inputs, masked_with) -> list[int]:
+    def _paired_dropouts(
+        inputs: dict[int, np.ndarray], masked_with: dict[int, list[int]]
+    ) -> list[int]:
         """The clients that left after sharing whose pair masks are in the sum: those some
-        survivor masked with. One that shared but whose neighbours all left is in no
-        survivor's input, so its mask key is not needed (and no survivor holds a share of
+        survivor masked with. One that shared but of whose neighbours none survived is in
+        no survivor's input, so its mask key is not needed (and no survivor holds a share of
         it: asking for it would stop a round whose sum is computable)."""
         return sorted({v for w in inputs for v in masked_with[w]} - inputs.keys())
 
