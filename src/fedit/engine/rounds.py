@@ -57,6 +57,7 @@ from fedit.errors import RunStopped
 from fedit.eval.loss import heldout_loss
 from fedit.models.adapters import (
     get_adapter_state,
+    in_base_layout,
     lora_scaling,
     set_adapter_state,
     set_base_residual,
@@ -466,7 +467,7 @@ class RoundLoop:
 
     def _fold_residual(self, residual):
         """Add the aggregation's exact-LoRA residual (if any) into the frozen base weights."""
-        new_residual = self.strategy.take_base_residual()
+        new_residual = in_base_layout(self.model, self.strategy.take_base_residual())
         if new_residual:
             residual = {k: residual.get(k, 0) + v for k, v in new_residual.items()}
             set_base_residual(self.model, self.base_originals, residual)
