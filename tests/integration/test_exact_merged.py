@@ -132,3 +132,20 @@ def test_exact_aggregation_on_gpt2_conv1d_is_the_mean_of_the_clients_merged_mode
     for round_number in (1, 2):
         want = weighted_sum(seen[round_number])
         assert_close(global_merged(cfg, round_number), want, base, 1e-4)
+
+
+def test_an_idle_round_with_mixed_ranks_leaves_the_merged_model_as_it_was(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Round 1 trains ranks 1/2/4 of a rank-4 global adapter; in round 2 every client sends
+    back what it received: the merged model must not move (it did by about half before:
+    the low ranks trained on the truncated adapter)."""
+    seen = record_clients(monkeypatch, idle_from=2)
+    extra = {"lora.client_ranks": [1, 2, 4, 2, 4], "federation.clients_per_round": 5}
+    cfg = exact_config(tiny_model_dir, tmp_path / "idle", **extra)
+    Simulation(cfg, show_progress=False).run()
+    base, first, second = (global_merged(cfg, n) for n in (0, 1, 2))
+    assert_close(first, weighted_sum(seen[1]), base, 1e-4)  # FLoRA's stacked sum in a round
+    for _, client in seen[2]:  # every client started from the global merged model
+        assert_close(client, first, base, 1e-4)
+    assert_close(second, first, base, 1e-4)
