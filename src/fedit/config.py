@@ -950,6 +950,23 @@ class RunConfig:
             "not be the clients' own products: use 'zero_pad' (with 'exact': FLoRA's exact "
             "sum of every client's B_k A_k)",
         )
+        # 'holders' copies the holders' mean of a component into every other client's
+        # update before the aggregator runs, so one client's values enter many updates: sound
+        # for the plain mean only (local DP is sound too: it fills in released updates).
+        _require(
+            not (strategy.rank_aggregation == "holders" and self.privacy.mode == "central"),
+            "strategy.rank_aggregation",
+            "'holders' copies one client's components into the other clients' deltas before "
+            "central DP clips them, so replacing one client moves the sum by up to m·2C, not "
+            "the 2C privacy.mode = 'central' accounts for: use 'zero_pad'",
+        )
+        _require(
+            not (strategy.rank_aggregation == "holders" and strategy.aggregator != "mean"),
+            "strategy.rank_aggregation",
+            f"'holders' copies the holders' plain mean into every update before "
+            f"strategy.aggregator = {strategy.aggregator!r} runs, so one Byzantine holder "
+            "decides a component for all: use 'zero_pad'",
+        )
         _require(
             not self.secagg.enabled,
             "secagg.enabled",

@@ -48,8 +48,18 @@ def test_low_ranks_send_fewer_bytes_resume_bit_for_bit_and_the_aggregations_diff
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
-def test_exact_zero_padding_runs_with_a_residual(tiny_model_dir: Path, tmp_path: Path) -> None:
-    cfg = config(tiny_model_dir, tmp_path / "exact", **{"strategy.lora_aggregation": "exact"})
+def test_exact_zero_padding_runs_with_a_residual_and_resumes_bit_for_bit(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """The residual also holds what each client's truncated start lacked of the merged
+    model (each trains under its own base): a resumed run rebuilds those bases exactly."""
+    exact = {"strategy.lora_aggregation": "exact"}
+    cfg = config(tiny_model_dir, tmp_path / "exact", **exact)
     Simulation(cfg, show_progress=False).run()
     residual = list((tmp_path / "exact").glob("round_0003/*residual*"))
     assert residual  # the base absorbed what the zero-padded factor mean loses
+    resumed = config(tiny_model_dir, tmp_path / "resumed", **exact)
+    Simulation(resumed, show_progress=False).run()
+    shutil.rmtree(tmp_path / "resumed" / "round_0003")
+    Simulation(resumed, show_progress=False).run(resume=True)
+    assert_same_run(tmp_path / "resumed", tmp_path / "exact")

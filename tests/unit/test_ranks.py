@@ -19,7 +19,13 @@ from fedit.config import (
 )
 from fedit.models.adapters import get_adapter_state
 from fedit.server.lora_aggregation import exact_mean_delta_w, fedex_residual
-from fedit.server.ranks import at_rank, client_ranks, for_aggregation, holders_mean
+from fedit.server.ranks import (
+    at_rank,
+    client_ranks,
+    for_aggregation,
+    holders_mean,
+    unseen_product,
+)
 from fedit.types import ClientTask, ClientUpdate
 from tests.conftest import tiny_local_client
 
@@ -85,6 +91,16 @@ def test_zero_padded_exact_aggregation_is_the_hand_computed_delta_w() -> None:
     assert torch.allclose(residual + s * b_mean @ a_mean, expected)
     # zero padding: component 1 is pulled towards 0 by the client without it
     assert torch.equal(b_mean[:, 1], 0.75 * states[1][B][:, 1])
+
+
+def test_what_a_truncated_start_lacks_of_the_global_product() -> None:
+    global_state, s = two_clients()[1], 0.5  # rank 2: component 1 is b1[:, 1] a1[1]ᵀ
+    lacked = torch.outer(torch.tensor([1.0, 2.0, 0.0, 0.0]), torch.tensor([1.0, 0.0, -1.0]))
+    key = "m.base_layer.weight"
+    assert torch.equal(unseen_product(global_state, [1], [1.0], s)[key], s * lacked)
+    mean = unseen_product(global_state, [1, 2], [0.25, 0.75], s)  # only rank 1 lacks it
+    assert torch.equal(mean[key], 0.25 * s * lacked)
+    assert unseen_product(global_state, [2], [1.0], s) == {}  # the global rank lacks nothing
 
 
 def test_holders_average_each_component_over_the_clients_that_have_it() -> None:

@@ -57,6 +57,7 @@ from fedit.errors import RunStopped
 from fedit.eval.loss import heldout_loss
 from fedit.models.adapters import (
     get_adapter_state,
+    in_base_layout,
     lora_scaling,
     set_adapter_state,
     set_base_residual,
@@ -65,7 +66,7 @@ from fedit.privacy import resolve_plan, selection_seed
 from fedit.seeding import Stream, derive_seed
 from fedit.server.aggregation import add_scaled, client_weights
 from fedit.server.aggregators import build_aggregator
-from fedit.server.ranks import at_rank, client_ranks, for_aggregation
+from fedit.server.ranks import at_rank, client_ranks, for_aggregation, unseen_product
 from fedit.server.selection import clients_per_round, highest_losses
 from fedit.server.sharing import with_kept
 from fedit.server.strategies import build_strategy
@@ -94,6 +95,25 @@ class RoundPlan:
     base_residual: dict[str, torch.Tensor] = field(default_factory=dict)
     # power_of_choice: {candidate: its probed loss} the selection ranked (else empty)
     probed: dict[int, float] = field(default_factory=dict)
+    # exact aggregation with mixed ranks: the LoRA scaling s, for start_residual (else None)
+    unseen_scaling: float | None = None
+
+    def start_residual(
+        self, model: torch.nn.Module, global_state: AdapterState, rank: int | None
+    ) -> dict[str, torch.Tensor] | None:
+        """The base residual a client of `rank` must train under, or None where it is
+        base_residual. Exact aggregation with mixed ranks: base_residual plus what the
+        client's truncated global adapter leaves out of the global merged model
+        (fedit.server.ranks.unseen_product), so that every client starts from that model,
+        W0 + R + s·B·A, and a round in which no client changes anything changes nothing
+        (FLoRA's fixed point). The round loop folds the same parts, p-weighted, into R."""
+        if self.unseen_scaling is None or rank is None:
+            return None
+        unseen = unseen_product(global_state, [rank], [1.0], self.unseen_scaling)
+        if not unseen:  # a client at the global rank sees it all
+            return None
+        unseen = in_base_layout(model, unseen)
+        return {k: self.base_residual.get(k, 0.0) + t for k, t in unseen.items()}
 
 
 @dataclass
@@ -340,7 +360,9 @@ class RoundLoop:
             )
             for k in chosen
         ]
-        return RoundPlan(r, objective, train_cfg, lr, tasks, residual, probed)
+        exact = self.ranks is not None and cfg.strategy.lora_aggregation == "exact"
+        scaling = self.strategy.lora_scaling if exact else None
+        return RoundPlan(r, objective, train_cfg, lr, tasks, residual, probed, scaling)
 
     def _round(self, r: int, global_state: AdapterState, residual):
         """Round r + 1: plan → the clients train → aggregate → evaluate → commit."""
@@ -351,11 +373,13 @@ class RoundLoop:
         plan = self.plan(r, global_state, residual)
         replies = self.runner.run_round(plan, global_state)
         updates, rejected, clients = self._accepted(r, plan, replies, global_state)
+        unseen = {}
         if updates:  # none: the simulated devices left nobody this round (_require_replies)
+            unseen = self._unseen(plan, global_state, updates)
             aggregated = self.strategy.aggregate(global_state, updates, r)
             # FedSA-LoRA: the global B stays B = 0 whatever the server step (e.g. DP noise)
             global_state = with_kept(aggregated, global_state, self.cfg.lora.shared)
-        residual = self._fold_residual(residual)
+        residual = self._fold_residual(residual, unseen)
         set_adapter_state(self.model, global_state)
         record: dict[str, Any] = {
             "round": r + 1,
@@ -464,9 +488,23 @@ class RoundLoop:
         if len(updates) < max(1, self.min_replies):
             raise TooFewRepliesError(r + 1, len(updates), self.min_replies, rejected + dropped)
 
-    def _fold_residual(self, residual):
-        """Add the aggregation's exact-LoRA residual (if any) into the frozen base weights."""
+    def _unseen(self, plan: RoundPlan, global_state: AdapterState, updates: list[ClientUpdate]):
+        """Exact aggregation with mixed ranks: Σ_k p_k of what each client's truncated start
+        lacked of the global merged model (RoundPlan.start_residual), which its own merged
+        model held in its base, so that R takes it over; {} otherwise."""
+        if plan.unseen_scaling is None:
+            return {}
+        weights = client_weights(updates, self.cfg.strategy.weighting)
+        own = [self.ranks[u.client_id] for u in updates]
+        return unseen_product(global_state, own, weights, plan.unseen_scaling)
+
+    def _fold_residual(self, residual, unseen):
+        """Add the aggregation's exact-LoRA residual (if any), and with mixed ranks what the
+        clients' bases held beyond R (`unseen`), into the frozen base weights."""
         new_residual = self.strategy.take_base_residual()
+        for key, part in unseen.items():
+            new_residual[key] = new_residual.get(key, 0.0) + part
+        new_residual = in_base_layout(self.model, new_residual)
         if new_residual:
             residual = {k: residual.get(k, 0) + v for k, v in new_residual.items()}
             set_base_residual(self.model, self.base_originals, residual)

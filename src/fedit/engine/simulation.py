@@ -27,7 +27,10 @@ one of them serves both. Held-out preference accuracy and margin (reward
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -234,15 +237,24 @@ class InProcessRunner:
         replies = RoundReplies(updates=[])
         train_cfg = plan.train_cfg
         fates = self._fates(plan, global_state)
-        with half_precision_frozen_weights(
-            self.model, train_cfg.mixed_precision, train_cfg.half_precision_frozen_weights
-        ):  # one cast per round, shared by its clients
+        cast = partial(
+            half_precision_frozen_weights,
+            self.model,
+            train_cfg.mixed_precision,
+            train_cfg.half_precision_frozen_weights,
+        )
+        # One cast per round, shared by its clients, unless each has its own base weights.
+        own_bases = plan.unseen_scaling is not None
+        with nullcontext() if own_bases else cast():
             for task in plan.tasks:
                 client = self.clients[task.client_id]
                 if fates and (why := fates[task.client_id].dropped):
                     replies.dropped.append(Rejection(task.client_id, why))
                     continue
-                update = client.train(self.model, global_state, task, train_cfg, self.show_progress)
+                with self._own_base(plan, global_state, client.rank, cast if own_bases else None):
+                    update = client.train(
+                        self.model, global_state, task, train_cfg, self.show_progress
+                    )
                 replies.traffic[task.client_id] = round_trip_bytes(
                     task, global_state, self.header, update, client.rank, self.cfg.lora.shared
                 )
@@ -253,6 +265,30 @@ class InProcessRunner:
         if self.fleet is not None:
             replies.simulated_seconds = round_seconds(self.cfg, list(fates.values()))
         return replies
+
+    @contextmanager
+    def _own_base(
+        self,
+        plan: RoundPlan,
+        global_state: AdapterState,
+        rank: int | None,
+        cast: Callable[[], AbstractContextManager] | None,
+    ) -> Iterator[None]:
+        """A client's training under its own base weights where it has them
+        (RoundPlan.start_residual), then cast to half precision (`cast`) on their own; the
+        round's base is put back after."""
+        residual = plan.start_residual(self.model, global_state, rank)
+        if residual is not None:
+            set_base_residual(self.model, self.base_originals, residual)
+        try:
+            with nullcontext() if cast is None else cast():
+                yield
+        finally:
+            if residual is not None:
+                back = {
+                    k: plan.base_residual.get(k, torch.zeros_like(t)) for k, t in residual.items()
+                }
+                set_base_residual(self.model, self.base_originals, back)
 
     def probe_losses(
         self, candidates: list[int], global_state: AdapterState, round_index: int

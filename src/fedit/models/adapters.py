@@ -117,6 +117,21 @@ def add_to_base_weights(model: torch.nn.Module, residual: dict[str, torch.Tensor
         params[name].add_(delta.to(params[name].device, params[name].dtype))
 
 
+def in_base_layout(
+    model: torch.nn.Module, delta_w: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Weight updates keyed "<LoRA module>.base_layer.weight", each out × in as B·A is, in
+    the layout of the base weight they are added to: transposed where the LoRA layer has
+    fan_in_fan_out (GPT-2's Conv1D stores its weight in × out, and PEFT's delta is (B·A)ᵀ
+    there), so that W0 + R merges as PEFT merges the adapter."""
+    modules = dict(model.named_modules())
+    out = {}
+    for name, delta in delta_w.items():
+        layer = modules[name.removesuffix(".base_layer.weight")]
+        out[name] = delta.T.contiguous() if getattr(layer, "fan_in_fan_out", False) else delta
+    return out
+
+
 EXACT_DTYPES = (torch.float32, torch.float64)  # base weights that hold W0 + R exactly
 
 

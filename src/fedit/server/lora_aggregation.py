@@ -10,8 +10,10 @@ W0 + R + s·B̄Ā = W0 + Σ_k p_k s·B_k A_k exactly ("exact").
 
 Keys follow PEFT's parameter names: "<prefix>.lora_A.<adapter>.weight" pairs with
 "<prefix>.lora_B.<adapter>.weight", and the frozen weight is "<prefix>.base_layer.weight".
-Only nn.Linear-style layers (W0 is out×in) are covered; LoRA on embeddings
-("lora_embedding_A") is left to ordinary averaging. Products are taken in float32.
+Products are out×in, as B·A is; the engine turns them into the base weight's own layout
+(``fedit.models.adapters.in_base_layout``: transposed for GPT-2's Conv1D, whose LoRA has
+fan_in_fan_out). LoRA on embeddings ("lora_embedding_A") is left to ordinary averaging.
+Products are taken in float32.
 
 Precision. The residual is small beside W0 (1e-4 against weights of 0.03 is typical) and
 stored in the base weights' own dtype, where bfloat16 would round about half of it away
