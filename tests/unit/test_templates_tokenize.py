@@ -221,3 +221,5 @@ def test_response_frame_reads_the_templates_own_turn() -> None:
     llama2 = sentencepiece_tokenizer()
     llama2.chat_template = LLAMA2_TEMPLATE
     assert response_frame("chat", llama2) == ResponseFrame(" ", " ", llama2.eos_token_id)
+    llama2.chat_template = None  # a base model's: no turns, eos ends what it generates
+    assert stop_token_ids("chat", llama2) == [llama2.eos_token_id]

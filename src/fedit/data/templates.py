@@ -154,6 +154,10 @@ def _special_tokens(tokenizer: PreTrainedTokenizerBase) -> list[str]:
 
 
 def stop_token_ids(template: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Where generation stops: the end of a turn under `template`, and eos."""
+    """Where generation stops: the end of a turn under `template`, and eos. A tokenizer
+    without a chat template has no turns to end (`fedit serve`'s raw completions of such a
+    base model), so eos only."""
+    if template == "chat" and not tokenizer.chat_template:
+        return [tokenizer.eos_token_id]
     end = response_frame(template, tokenizer).end_id
     return list(dict.fromkeys([end, tokenizer.eos_token_id]))
