@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import PreTrainedTokenizerFast
 
 from fedit.client.hooks import ClientHook
 from fedit.config import RunConfig, TrainConfig, load_config
-from fedit.models.tiny import make_tiny_model
+from fedit.models.tiny import byte_tokenizer, make_tiny_model
 from fedit.types import ClientUpdate
 
 # Tiny models gain nothing from a second thread, and one thread keeps the suite from
@@ -165,3 +166,54 @@ def check_token_cap_keeps_the_gradient(
     assert tokens[1] < tokens[0]  # the cap split the batch (and cut its padding)
     for name, grad in recorders[0].first.items():
         assert torch.allclose(grad, recorders[1].first[name], rtol=1e-4, atol=1e-7), name
+
+
+# ---- tokenizers whose end of turn is not eos, or that split a text's parts differently
+
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
+    "<start_of_turn>{{ role }}\n{{ m['content'] | trim }}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+def chatml_base_tokenizer() -> PreTrainedTokenizerFast:
+    """Qwen2.5 base's arrangement: ChatML turns end with <|im_end|>, eos is <|endoftext|>."""
+    tokenizer = byte_tokenizer()
+    tokenizer.eos_token = "<|endoftext|>"
+    return tokenizer
+
+
+def gemma_like_tokenizer() -> PreTrainedTokenizerFast:
+    """Gemma instruct's arrangement: turns end with <end_of_turn>, eos is <eos>."""
+    tokenizer = byte_tokenizer()
+    tokenizer.add_special_tokens(
+        {"bos_token": "<bos>", "eos_token": "<eos>"}
+        | {"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]}
+    )
+    tokenizer.chat_template = GEMMA_TEMPLATE
+    return tokenizer
+
+
+def sentencepiece_tokenizer() -> PreTrainedTokenizerFast:
+    """Llama-2's kind: a Metaspace pre-tokenizer that puts ▁ before the first word of any
+    text tokenised on its own (a tiny BPE trained here, offline)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaTokenizerFast
+
+    from fedit.data.records import Record
+    from fedit.data.templates import render_prompt
+
+    core = Tokenizer(models.BPE(unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    core.decoder = decoders.Metaspace(prepend_scheme="first")
+    lines = [*render_prompt(Record("Name a color.", ""), "alpaca", None).splitlines()]
+    lines += ["Red is a color.", "Blue, too."]
+    trainer = trainers.BpeTrainer(
+        vocab_size=150, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=["\n", "▁"]
+    )
+    core.train_from_iterator(lines, trainer)  # line by line: no merge across a newline
+    return LlamaTokenizerFast(
+        tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )

@@ -17,8 +17,10 @@ from fedit.data.preferences import (
     read_preferences,
     tokenize_pairs,
 )
-from fedit.data.records import DataFormatError
+from fedit.data.records import DataFormatError, Record
+from fedit.data.templates import render_prompt
 from fedit.models.tiny import byte_tokenizer
+from tests.conftest import chatml_base_tokenizer, sentencepiece_tokenizer
 
 HH_PROMPT = "\n\nHuman: Hi there.\n\nAssistant: Hello!\n\nHuman: Name a fruit.\n\nAssistant:"
 HH_RECORD = {"chosen": HH_PROMPT + " An apple.", "rejected": HH_PROMPT + " A brick."}
@@ -278,3 +280,30 @@ def test_collate_pairs_puts_chosen_rows_first_and_masks_prompt_and_padding() -> 
 def test_collate_pairs_rejects_an_empty_batch() -> None:
     with pytest.raises(ValueError, match="at least one pair"):
         collate_pairs([], pad_id=0)
+
+
+@pytest.mark.parametrize(
+    ("make", "template", "end_token"),
+    [(chatml_base_tokenizer, "chat", "<|im_end|>"), (sentencepiece_tokenizer, "alpaca", "</s>")],
+)
+def test_tokenize_pairs_ends_responses_as_the_template_ends_a_turn(
+    make, template: str, end_token: str
+) -> None:
+    """Chat responses end with the template's end of turn (<|im_end|>, not eos), and each
+    prompt + response is the tokenisation of the whole text (no ▁ before the response)."""
+    from fedit.config import load_config
+    from fedit.engine.federation_data import tokenize_pairs_for
+
+    tokenizer = make()
+    end = tokenizer.convert_tokens_to_ids(end_token)
+    pair = PreferencePair("Name a color.", "Red is a color.", "Blue, too.")
+    cfg = load_config(None, ["data.path=x.jsonl", f"data.template={template}"])
+    [item], _ = tokenize_pairs_for(cfg, tokenizer, [pair])
+    prompt = render_prompt(Record(pair.prompt, ""), template, tokenizer)
+    for response, response_ids in (
+        (pair.chosen, item.chosen_ids),
+        (pair.rejected, item.rejected_ids),
+    ):
+        assert response_ids[-1] == end
+        whole = tokenizer(prompt + response, add_special_tokens=False)["input_ids"]
+        assert item.prompt_ids + response_ids[:-1] == whole

@@ -7,9 +7,16 @@ from transformers import PreTrainedTokenizerFast
 
 from fedit.config import ConfigError, load_config
 from fedit.data.records import Record
-from fedit.data.templates import render_conversation, render_prompt
+from fedit.data.templates import (
+    ResponseFrame,
+    render_conversation,
+    render_prompt,
+    response_frame,
+    stop_token_ids,
+)
 from fedit.data.tokenize import IGNORE_INDEX, tokenize_prompt, tokenize_records
 from fedit.models.tiny import byte_tokenizer
+from tests.conftest import chatml_base_tokenizer, gemma_like_tokenizer, sentencepiece_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -153,3 +160,66 @@ def test_a_conversation_renders_as_its_training_records(
         render_conversation(chat, "alpaca", tokenizer)
     with pytest.raises(ValueError, match="the last message must be the user's"):
         render_conversation(chat[:3], "chat", tokenizer)
+
+
+# ----------------------------------------------- end of turn and whole-text tokenisation
+
+
+@pytest.mark.parametrize(
+    ("make", "end_token"),
+    [(chatml_base_tokenizer, "<|im_end|>"), (gemma_like_tokenizer, "<end_of_turn>")],
+)
+def test_chat_responses_end_with_the_templates_end_of_turn(make, end_token: str) -> None:
+    tokenizer = make()
+    end = tokenizer.convert_tokens_to_ids(end_token)
+    assert end != tokenizer.eos_token_id
+    (example,), _ = tokenize_records([Record("Hi", "Hello")], tokenizer, "chat", 1024)
+    assert example.labels[-1] == end and example.input_ids[-1] == end
+    assert tokenizer.eos_token_id not in example.input_ids
+    (alpaca,), _ = tokenize_records([Record("Hi", "Hello")], tokenizer, "alpaca", 1024)
+    assert alpaca.labels[-1] == tokenizer.eos_token_id  # no turns: eos ends a response
+
+
+@pytest.mark.parametrize(
+    ("make", "template"),
+    [
+        (sentencepiece_tokenizer, "alpaca"),
+        (byte_tokenizer, "alpaca"),
+        (byte_tokenizer, "chat"),
+        (gemma_like_tokenizer, "chat"),
+    ],
+)
+def test_response_tokens_are_those_of_the_whole_text(make, template: str) -> None:
+    """prompt + response as the tokenizer splits the whole text (no spurious ▁ before the
+    response), with the labels on the response and its end token."""
+    tokenizer = make()
+    record = Record("Name a color.", "Red is a color.")
+    (example,), _ = tokenize_records([record], tokenizer, template, 1024)
+    text = render_prompt(record, template, tokenizer) + record.response
+    whole = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert example.input_ids[:-1] == whole
+    prompt = tokenize_prompt(record, tokenizer, template)
+    assert whole[: len(prompt)] == prompt
+    assert example.labels == [IGNORE_INDEX] * len(prompt) + example.input_ids[len(prompt) :]
+
+
+LLAMA2_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}"
+    "{{ bos_token + '[INST] ' + m['content'] | trim + ' [/INST]' }}"
+    "{% else %}{{ ' ' + m['content'] | trim + ' ' + eos_token }}{% endif %}{% endfor %}"
+)
+
+
+def test_response_frame_reads_the_templates_own_turn() -> None:
+    """What the template writes around an assistant message, and the token ending it."""
+    chatml = chatml_base_tokenizer()
+    im_end = chatml.convert_tokens_to_ids("<|im_end|>")
+    assert response_frame("chat", chatml) == ResponseFrame("", "", im_end)
+    assert stop_token_ids("chat", chatml) == [im_end, chatml.eos_token_id]
+    assert response_frame("alpaca", chatml) == ResponseFrame("", "", chatml.eos_token_id)
+    assert stop_token_ids("alpaca", chatml) == [chatml.eos_token_id]
+    llama2 = sentencepiece_tokenizer()
+    llama2.chat_template = LLAMA2_TEMPLATE
+    assert response_frame("chat", llama2) == ResponseFrame(" ", " ", llama2.eos_token_id)
+    llama2.chat_template = None  # a base model's: no turns, eos ends what it generates
+    assert stop_token_ids("chat", llama2) == [llama2.eos_token_id]

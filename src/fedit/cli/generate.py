@@ -50,6 +50,7 @@ def generate(
     out: Annotated[Path | None, typer.Option("--out", help="Write answers as JSONL")] = None,
 ) -> None:
     """Answer instructions with the configured prompt template (greedy decoding)."""
+    from fedit.data.templates import stop_token_ids
     from fedit.data.tokenize import tokenize_prompt
     from fedit.eval.generate import generate_answers
     from fedit.models.inference import load_for_inference
@@ -60,8 +61,9 @@ def generate(
     prompt_ids = [
         tokenize_prompt(r, tokenizer, cfg.data.template, cfg.data.system_prompt) for r in records
     ]
+    stops = stop_token_ids(cfg.data.template, tokenizer)
     answers = generate_answers(
-        model, tokenizer, prompt_ids, cfg.eval.max_new_tokens, cfg.eval.batch_size
+        model, tokenizer, prompt_ids, stops, cfg.eval.max_new_tokens, cfg.eval.batch_size
     )
     lines = [
         {"instruction": r.instruction, "context": r.context, "answer": a}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 
@@ -13,25 +15,46 @@ def row_loss_sums(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token cross-entropy and label-token count per row.
 
-    With `logits_on_labels_only`, the decoder's hidden states are projected by the LM
-    head only at positions that predict a label: on instruction data most positions are
-    prompt, and the head over a 49k vocabulary is about a fifth of a small model's
-    arithmetic. This path calls the decoder and the output embedding directly, which
-    fits decoder-only models whose logits are lm_head(hidden) (Llama, Mistral, Qwen, ...);
-    switch it off for models that post-process logits (e.g. soft-capping).
+    With `logits_on_labels_only`, the LM head runs only at positions that predict a label:
+    on instruction data most positions are prompt, and the head over a 49k vocabulary is
+    about a fifth of a small model's arithmetic.
     """
     labels = batch["labels"][:, 1:]
     mask = labels != IGNORE_INDEX
-    if logits_on_labels_only:
-        causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-        hidden = causal_lm.get_decoder()(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-        ).last_hidden_state
-        logits = causal_lm.get_output_embeddings()(hidden[:, :-1][mask])
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if logits_on_labels_only and _takes_logits_to_keep(model):
+        logits = _label_logits(model, inputs, mask)
     else:
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        logits = out.logits[:, :-1][mask]
+        logits = model(**inputs).logits[:, :-1][mask]
     token_losses = F.cross_entropy(logits.float(), labels[mask], reduction="none")
     rows = mask.nonzero()[:, 0]
     sums = torch.zeros(labels.shape[0], device=labels.device).index_add(0, rows, token_losses)
     return sums, mask.sum(dim=1)
+
+
+def _takes_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether the causal LM's forward can limit its logits to chosen positions (nearly
+    every decoder-only family in transformers); one that cannot gets the full logits."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(causal_lm.forward).parameters
+
+
+def _label_logits(
+    model: torch.nn.Module, inputs: dict[str, torch.Tensor], mask: torch.Tensor
+) -> torch.Tensor:
+    """Logits at the positions that predict a label, shape (labels, vocab), in row order.
+
+    The model's own forward computes them (a boolean `logits_to_keep` selects the hidden
+    states before the LM head), so each family's final logit processing, such as Gemma's
+    soft-cap, Cohere's `logit_scale` or Granite's `logits_scaling`, is applied as in the
+    model's loss; projecting the decoder's hidden states by hand would skip it.
+    """
+    keep = F.pad(mask, (0, 1))  # position t predicts the label at t + 1
+    logits = model(**inputs, logits_to_keep=keep).logits
+    if logits.shape[:-1] != (int(mask.sum()),):
+        # e.g. remote code that slices with an int only: refuse rather than score wrongly
+        raise ValueError(
+            f"{type(model).__name__}: logits of shape {tuple(logits.shape)} for a boolean "
+            f"logits_to_keep selecting {int(mask.sum())} positions; fedit cannot score this model"
+        )
+    return logits

@@ -29,6 +29,8 @@ from fedit.config import PREFERENCE_FORMATS
 from fedit.data.readers import iter_rows
 from fedit.data.records import DataFormatError
 from fedit.data.synthetic import generate_records, wrong_answer
+from fedit.data.templates import ResponseFrame
+from fedit.data.tokenize import common_prefix_len, split_whole_texts
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -142,14 +144,6 @@ def _parse_plain(row: Row, where: str) -> tuple[str, str, str]:
     return prompt, chosen, rejected
 
 
-def common_prefix_len(first: str, second: str) -> int:
-    """Number of leading characters two strings share."""
-    for index, (a, b) in enumerate(zip(first, second, strict=False)):
-        if a != b:
-            return index
-    return min(len(first), len(second))
-
-
 def _parse_hh(row: Row, where: str) -> tuple[str, str, str]:
     """Split two HH dialogues at the last "\\n\\nAssistant:" of their shared prefix."""
     chosen = _field(row, "chosen", where)
@@ -234,30 +228,33 @@ def tokenize_pairs(
     max_prompt_len: int,
     max_total_len: int,
     render_prompt: Callable[[str], str] | None = None,
+    frame: ResponseFrame | None = None,
 ) -> tuple[list[TokenizedPair], PairTruncationReport]:
     """Tokenise pairs so each prompt ≤ ``max_prompt_len`` and prompt + response ≤ ``max_total_len``.
 
-    The prompt text goes through ``render_prompt`` (a template; identity by default) and is
-    tokenised without special tokens. A long prompt keeps its *last* ``max_prompt_len``
-    tokens: the end of the prompt (the latest turn and the template's response cue) is what
-    the response depends on most. Each response gets eos appended, then is cut from the end
-    to fit the budget left by its prompt; a cut response loses its eos, so the model is not
-    taught to stop where the limit fell. Texts are tokenised in three batched calls.
+    The prompt text goes through ``render_prompt`` (a template; identity by default). Each
+    response is closed by ``frame`` (``fedit.data.templates.response_frame``; default: eos
+    only) and tokenised with its prompt as one text, as SFT records are
+    (``fedit.data.tokenize.split_whole_texts``), without special tokens. A long prompt
+    keeps its *last* ``max_prompt_len`` tokens: the end of the prompt (the latest turn and
+    the template's response cue) is what the response depends on most. Each response is
+    cut from the end to fit the budget left by its prompt; a cut response loses its end
+    token, so the model is not taught to stop where the limit fell.
     """
     if max_prompt_len < 0 or max_total_len < 1:
         limits = f"max_prompt_len={max_prompt_len}, max_total_len={max_total_len}"
         raise ValueError(f"need max_prompt_len >= 0 and max_total_len >= 1, got {limits}")
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos token; responses must end with one")
+    frame = frame or ResponseFrame("", "", tokenizer.eos_token_id)
     render = render_prompt or (lambda text: text)
-    prompts = _batch_ids(tokenizer, [render(pair.prompt) for pair in pairs])
-    chosens = _batch_ids(tokenizer, [pair.chosen for pair in pairs])
-    rejecteds = _batch_ids(tokenizer, [pair.rejected for pair in pairs])
+    prompts = [render(pair.prompt) for pair in pairs]
+    chosens = split_whole_texts(tokenizer, prompts, [_framed(p.chosen, frame) for p in pairs])
+    rejecteds = split_whole_texts(tokenizer, prompts, [_framed(p.rejected, frame) for p in pairs])
     report = PairTruncationReport(total=len(pairs))
     kept: list[TokenizedPair] = []
-    eos = tokenizer.eos_token_id
-    for pair, prompt, chosen, rejected in zip(pairs, prompts, chosens, rejecteds, strict=True):
-        full = TokenizedPair(prompt, [*chosen, eos], [*rejected, eos], pair.category)
+    for pair, chosen, rejected in zip(pairs, chosens, rejecteds, strict=True):
+        full = _shared_prompt(chosen, rejected, frame.end_id, pair.category)
         fitted = fit_lengths(full, max_prompt_len, max_total_len)
         if fitted is None:
             report.dropped += 1
@@ -270,10 +267,26 @@ def tokenize_pairs(
     return kept, report
 
 
-def _batch_ids(tokenizer: Any, texts: list[str]) -> list[list[int]]:
-    if not texts:
-        return []
-    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+def _framed(response: str, frame: ResponseFrame) -> str:
+    return frame.before + response + frame.after
+
+
+def _shared_prompt(
+    chosen: tuple[list[int], list[int]],
+    rejected: tuple[list[int], list[int]],
+    end_id: int,
+    category: str,
+) -> TokenizedPair:
+    """One pair from each response's (prompt ids, response ids) split: the prompt is what
+    both splits share (they differ only when a token spans a join), the rest response."""
+    (chosen_prompt, chosen_ids), (rejected_prompt, rejected_ids) = chosen, rejected
+    n = common_prefix_len(chosen_prompt, rejected_prompt)
+    return TokenizedPair(
+        chosen_prompt[:n],
+        [*chosen_prompt[n:], *chosen_ids, end_id],
+        [*rejected_prompt[n:], *rejected_ids, end_id],
+        category,
+    )
 
 
 def fit_lengths(

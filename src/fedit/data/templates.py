@@ -6,15 +6,22 @@ generation prompt, after a system turn when ``system_prompt`` is given (None: wh
 template itself puts first, e.g. SmolLM2's default system prompt; "": an empty system turn,
 which for SmolLM2 saves ~17 tokens on every record). Training and generation both render
 prompts here, so they always agree.
+
+``response_frame`` says how a response is closed: for "chat", as the template itself closes
+an assistant turn (ChatML's ``<|im_end|>``, Gemma's ``<end_of_turn>``, which differ from eos
+on Qwen2.5 base and Gemma instruct); for "alpaca", with eos. Generation stops on that token.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-
-from transformers import PreTrainedTokenizerBase
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from fedit.data.records import Record
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 ALPACA_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides "
@@ -94,3 +101,63 @@ def render_conversation(
     if system_prompt is not None and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system_prompt}, *messages]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+# A response the template renders verbatim: where it appears shows what surrounds a turn.
+_PROBE_QUESTION, _PROBE_ANSWER = "fedit-probe-question", "fedit-probe-answer"
+
+
+@dataclass(frozen=True)
+class ResponseFrame:
+    """How a training response is written after its prompt: ``before`` + response +
+    ``after`` as text, then the token ``end_id`` that ends the turn (trained, and where
+    generation stops)."""
+
+    before: str
+    after: str
+    end_id: int
+
+
+def response_frame(template: str, tokenizer: PreTrainedTokenizerBase) -> ResponseFrame:
+    """The frame of a response under `template` ("alpaca": eos only).
+
+    For "chat", a one-turn conversation with a probe answer is rendered: the text between
+    the generation prompt and the answer is ``before`` (Llama-2's " "), the text after it up
+    to the template's first special token is ``after``, and that token is ``end_id``. A
+    template that writes no special token after a turn ends it with eos.
+    """
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no eos_token_id; responses must end with one")
+    if template != "chat":
+        return ResponseFrame("", "", eos)
+    question = [{"role": "user", "content": _PROBE_QUESTION}]
+    turn = [*question, {"role": "assistant", "content": _PROBE_ANSWER}]
+    prompt = tokenizer.apply_chat_template(question, tokenize=False, add_generation_prompt=True)
+    rendered = tokenizer.apply_chat_template(turn, tokenize=False)
+    if not rendered.startswith(prompt) or _PROBE_ANSWER not in rendered[len(prompt) :]:
+        raise ValueError(
+            "data.template = 'chat': the tokenizer's chat template does not write an "
+            "assistant turn after its generation prompt, so fedit cannot train on it"
+        )
+    before, after = rendered[len(prompt) :].split(_PROBE_ANSWER, 1)
+    special = [(after.find(t), t) for t in _special_tokens(tokenizer) if t in after]
+    if not special:
+        return ResponseFrame(before, "", eos)
+    position, token = min(special, key=lambda found: (found[0], -len(found[1])))
+    return ResponseFrame(before, after[:position], tokenizer.convert_tokens_to_ids(token))
+
+
+def _special_tokens(tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    added = [t.content for t in tokenizer.added_tokens_decoder.values() if t.special]
+    return [*tokenizer.all_special_tokens, *added]
+
+
+def stop_token_ids(template: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Where generation stops: the end of a turn under `template`, and eos. A tokenizer
+    without a chat template has no turns to end (`fedit serve`'s raw completions of such a
+    base model), so eos only."""
+    if template == "chat" and not tokenizer.chat_template:
+        return [tokenizer.eos_token_id]
+    end = response_frame(template, tokenizer).end_id
+    return list(dict.fromkeys([end, tokenizer.eos_token_id]))

@@ -1,21 +1,27 @@
 """Turn records into token ids and loss labels for supervised fine-tuning.
 
-Each example is ``prompt + response + eos``. Prompt and response are tokenised
-separately so the boundary is exact: labels are -100 (ignored by the loss) on prompt
-tokens unless ``train_on_prompt``, and the token ids on the response and eos. No special
-tokens are added: no BOS for alpaca (kept simple and the same for every tokenizer), and
-the chat template already writes its own specials into the prompt text.
+Each example is ``prompt + response`` closed as the template closes a turn
+(``fedit.data.templates.response_frame``: the chat template's end-of-turn token, or eos),
+tokenised as one text: a tokenizer splits ``prompt + response`` differently from the two
+parts apart (a SentencePiece tokenizer puts ▁ before the first word of any text tokenised
+on its own), and the model must learn the tokens it will see. Labels are -100 (ignored by
+the loss) on prompt tokens unless ``train_on_prompt``, and the token ids on the response
+and its end token. No special tokens are added: no BOS for alpaca (kept simple and the
+same for every tokenizer), and the chat template already writes its own specials into
+the prompt text.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING
 
 from fedit.data.records import Record
-from fedit.data.templates import render_prompt
+from fedit.data.templates import render_prompt, response_frame
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100  # the label torch's cross-entropy skips
 
@@ -58,6 +64,33 @@ def _batch_ids(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[lis
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
+def split_whole_texts(
+    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], continuations: Sequence[str]
+) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, continuation ids) per text pair, which together are the tokenisation
+    of prompt + continuation as one text.
+
+    The boundary is where that tokenisation stops agreeing with the prompt's own: after
+    the whole prompt (the ids generation feeds), or earlier when a token spans the join
+    (it then belongs to the continuation, the part the loss is on).
+    """
+    prompt_ids = _batch_ids(tokenizer, list(prompts))
+    wholes = _batch_ids(tokenizer, [p + c for p, c in zip(prompts, continuations, strict=True)])
+    pieces = []
+    for prompt, whole in zip(prompt_ids, wholes, strict=True):
+        n = common_prefix_len(prompt, whole)
+        pieces.append((whole[:n], whole[n:]))
+    return pieces
+
+
+def common_prefix_len(first: Sequence, second: Sequence) -> int:
+    """How many leading items (characters, token ids) two sequences share."""
+    for index, (a, b) in enumerate(zip(first, second, strict=False)):
+        if a != b:
+            return index
+    return min(len(first), len(second))
+
+
 def tokenize_prompts(
     records: Sequence[Record],
     tokenizer: PreTrainedTokenizerBase,
@@ -92,15 +125,14 @@ def tokenize_records(
     Truncation cuts from the end. A record whose prompt alone fills max_seq_len keeps no
     response token, so it is dropped rather than trained on, and counted in the report.
     """
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ValueError("the tokenizer has no eos_token_id; examples must end with one")
-    prompts = tokenize_prompts(records, tokenizer, template, system_prompt)
-    responses = _batch_ids(tokenizer, [r.response for r in records])
+    frame = response_frame(template, tokenizer)
+    prompts = [render_prompt(r, template, tokenizer, system_prompt) for r in records]
+    responses = [frame.before + r.response + frame.after for r in records]
+    pieces = split_whole_texts(tokenizer, prompts, responses)
     examples: list[TokenizedExample] = []
     truncated = dropped = 0
-    for record, prompt, response in zip(records, prompts, responses, strict=True):
-        input_ids = (prompt + response + [eos])[:max_seq_len]
+    for record, (prompt, response) in zip(records, pieces, strict=True):
+        input_ids = (prompt + response + [frame.end_id])[:max_seq_len]
         if len(input_ids) < len(prompt) + len(response) + 1:
             truncated += 1
         if len(input_ids) <= len(prompt):

@@ -24,7 +24,7 @@ from fedit.data.preferences import (
 )
 from fedit.data.prepare import prepare_preferences, prepare_records
 from fedit.data.records import Record
-from fedit.data.templates import render_prompt
+from fedit.data.templates import render_prompt, response_frame
 from fedit.data.token_store import StoredExamples, TokenStore, pooled
 from fedit.data.tokenize import TokenizedExample, TruncationReport, tokenize_records
 from fedit.server.selection import select_clients
@@ -215,7 +215,9 @@ def tokenize_pairs_for(
             Record(instruction=prompt, response=""), template, tokenizer, cfg.data.system_prompt
         )
 
-    return tokenize_pairs(pairs, tokenizer, cfg.dpo.max_prompt_len, cfg.data.max_seq_len, render)
+    frame = response_frame(template, tokenizer)
+    limits = (cfg.dpo.max_prompt_len, cfg.data.max_seq_len)
+    return tokenize_pairs(pairs, tokenizer, *limits, render, frame)
 
 
 def _tokenize(

@@ -17,6 +17,7 @@ import torch
 from fedit.attacks.data import with_trigger
 from fedit.config import DATA_ATTACKS, AttackConfig, RunConfig
 from fedit.data.records import Record
+from fedit.data.templates import stop_token_ids
 from fedit.data.tokenize import tokenize_prompts
 from fedit.eval.exact_match import exact_match, score_by_category
 from fedit.eval.generate import generate_answers
@@ -28,10 +29,12 @@ def record_generator(model: torch.nn.Module, tokenizer, cfg: RunConfig) -> Gener
     """Greedy answers to records' prompts, rendered with the run's template and batched
     with eval.batch_size."""
 
+    stops = stop_token_ids(cfg.data.template, tokenizer)
+
     def generate(records: Sequence[Record]) -> list[str]:
         prompts = tokenize_prompts(records, tokenizer, cfg.data.template, cfg.data.system_prompt)
         return generate_answers(
-            model, tokenizer, prompts, cfg.eval.max_new_tokens, cfg.eval.batch_size
+            model, tokenizer, prompts, stops, cfg.eval.max_new_tokens, cfg.eval.batch_size
         )
 
     return generate

@@ -13,11 +13,14 @@ def generate_answers(
     model: torch.nn.Module,
     tokenizer,
     prompts: Sequence[Sequence[int]],
+    stop_ids: Sequence[int],
     max_new_tokens: int = 64,
     batch_size: int = 8,
     show_progress: bool = False,
 ) -> list[str]:
-    """Greedy answers (decoded, special tokens dropped) for tokenised prompts, in order."""
+    """Greedy answers (decoded, special tokens dropped) for tokenised prompts, in order,
+    each ending at the first of `stop_ids` (fedit.data.templates.stop_token_ids: the
+    template's end of turn, which training taught, and eos)."""
     model.eval()
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id
@@ -40,7 +43,7 @@ def generate_answers(
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=pad_id,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=list(stop_ids),
         )
         for row, i in enumerate(chunk):
             answers[i] = tokenizer.decode(output[row, width:], skip_special_tokens=True).strip()

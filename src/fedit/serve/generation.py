@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
+from fedit.data.templates import stop_token_ids
 from fedit.serve.models import ModelPool
 
 
@@ -114,6 +115,8 @@ class Generator:
     def _generate(self, name, prompt, sampling, streamer, cancelled, outcome) -> None:
         tokenizer = self.pool.tokenizer
         try:
+            # the end of turn its training taught (fedit.data.templates), and eos
+            stops = stop_token_ids(self.pool.models[name].template, tokenizer)
             with self.lock, self.pool.active(name) as model, torch.no_grad():
                 device = next(model.parameters()).device
                 ids = torch.tensor([prompt], dtype=torch.long, device=device)
@@ -127,14 +130,14 @@ class Generator:
                     attention_mask=torch.ones_like(ids),
                     max_new_tokens=sampling.max_tokens,
                     pad_token_id=tokenizer.pad_token_id,
-                    eos_token_id=tokenizer.eos_token_id,
+                    eos_token_id=stops,
                     streamer=streamer,
                     stopping_criteria=StoppingCriteriaList([_Cancelled(cancelled)]),
                     **options,
                 )
             new = output[0, len(prompt) :]
             outcome.completion_tokens = int(new.numel())
-            ended = bool((new == tokenizer.eos_token_id).any())
+            ended = bool(torch.isin(new, torch.tensor(stops, device=new.device)).any())
             if outcome.completion_tokens >= sampling.max_tokens and not ended:
                 outcome.finish_reason = "length"
         except BaseException as err:  # re-raised in the request's thread
