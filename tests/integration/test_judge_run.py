@@ -229,7 +229,9 @@ def test_a_run_with_other_settings_is_refused_and_nothing_is_lost(
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     if "question" in change:
         questions = [Question("1", change["question"]), *questions[1:]]
-    with pytest.raises(ConfigError, match=re.escape(message) + ".*use another --out"):
+    with pytest.raises(
+        ConfigError, match=re.escape(message) + ".*another directory .--out., or delete"
+    ):
         run_judge(
             questions,
             ["a", "b"],

@@ -256,14 +256,15 @@ def check_settings(out: Path, settings: dict[str, Any]) -> None:
     elif any((out / name).exists() for name in ("answers.jsonl", "judgments.jsonl")):
         raise ConfigError(
             f"{out}: holds saved calls but no {SETTINGS}, so what they were asked with is "
-            "unknown; use another --out"
+            "unknown; judge into another directory (--out)"
         )
     changed = first_change(saved, settings)
     if changed is not None:
         name, before, now = changed
         raise ConfigError(
             f"{out}: its saved answers and verdicts were asked with {name}: {before!r} "
-            f"before, {now!r} now; use another --out (or delete this one to start over)"
+            f"before, {now!r} now; judge into another directory (--out), or delete this one to "
+            "start over"
         )
     merged = {
         k: {**saved.get(k, {}), **v} if isinstance(v, dict) else v for k, v in settings.items()
