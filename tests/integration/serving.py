@@ -37,6 +37,7 @@ def random_adapter(model_dir: Path | str, out: Path, seed: int, scale: float = 1
     }
     set_adapter_state(model, state)
     save_adapter(model, state, out / "round_0003")
+    cfg.save(out / "round_0003" / "config.toml")  # as a run's rounds have it
     return out
 
 

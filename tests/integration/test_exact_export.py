@@ -1,17 +1,26 @@
-"""Exact-aggregation round directories: fedit's loader and `fedit export` give the trained
-model; plain PeftModel.from_pretrained does not (it ignores base_residual.safetensors)."""
+"""`fedit export`: exact-aggregation round directories give the trained model with fedit's
+loader and the export, not with plain PeftModel.from_pretrained (it ignores
+base_residual.safetensors); the exported tokenizer's chat template renders the prompt the
+run trained with."""
 
+import json
 from pathlib import Path
 
+import pytest
 import torch
+from jinja2 import TemplateError
 from peft import PeftModel
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 from fedit.cli.main import app
 from fedit.config import load_config
-from fedit.models.adapters import load_saved_adapter
+from fedit.data.records import Record
+from fedit.data.templates import render_conversation
+from fedit.data.tokenize import tokenize_prompt
+from fedit.models.adapters import attach_lora, get_adapter_state, load_saved_adapter, save_adapter
 from fedit.models.loading import load_model
+from fedit.models.tiny import byte_tokenizer, make_tiny_model
 from tests.conftest import tiny_run_overrides
 
 runner = CliRunner()
@@ -46,3 +55,61 @@ def test_exact_rounds_load_with_fedit_or_export_not_plain_peft(
     plain = logits(PeftModel.from_pretrained(load_model(cfg), str(round_dir)))
     assert (exported - expected).abs().max() < 1e-5
     assert (plain - expected).abs().max() > 1e-4
+
+
+# SmolLM2's chat template: its own system prompt when a conversation has none
+DEFAULT_SYSTEM_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by "
+    "Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + "
+    "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@pytest.mark.parametrize(
+    "template, system_prompt",
+    [
+        ("chat", ""),
+        ("chat", 'Be brief, "exact" {{ and }} {% raw %}.'),
+        ("chat", None),
+        ("alpaca", None),
+    ],
+)
+def test_the_exported_chat_template_gives_the_prompt_fedit_trains_with(
+    tmp_path: Path, template: str, system_prompt: str | None
+) -> None:
+    """Plain transformers used the natural way (apply_chat_template on the export) gets,
+    token for token, the prompt fedit trained and generates with."""
+    tokenizer = byte_tokenizer()
+    tokenizer.chat_template = DEFAULT_SYSTEM_TEMPLATE
+    model_dir = make_tiny_model(tmp_path / "model", tokenizer=tokenizer)
+    overrides = tiny_run_overrides(model_dir, tmp_path / "run", **{"data.template": template})
+    if system_prompt is not None:
+        overrides.append(f"data.system_prompt={json.dumps(system_prompt)}")
+    cfg = load_config(None, overrides)
+    model = attach_lora(load_model(cfg.model), cfg.lora, seed=0)
+    adapter = tmp_path / "run" / "round_0001"
+    save_adapter(model, get_adapter_state(model), adapter)
+    cfg.save(adapter / "config.toml")
+    merged = tmp_path / "merged"
+    result = runner.invoke(app, ["export", "--adapter", str(adapter), "--out", str(merged)])
+    assert result.exit_code == 0, result.output
+
+    exported = AutoTokenizer.from_pretrained(merged)
+    for question in ["Add 2 and 3.", "Name a colour.\n\nRed or blue?"]:
+        fedit_prompt = tokenize_prompt(Record(question, ""), tokenizer, template, system_prompt)
+        messages = [{"role": "user", "content": question}]
+        natural = exported.apply_chat_template(messages, add_generation_prompt=True)
+        assert natural["input_ids"] == fedit_prompt, exported.decode(natural["input_ids"])
+    turns = [("user", "Hi"), ("assistant", "Hello"), ("user", "Add 2 and 3.")]
+    conversation = [{"role": role, "content": text} for role, text in turns]
+    if template == "alpaca":  # one user turn, as `fedit serve` takes it
+        with pytest.raises(TemplateError, match="single user message"):
+            exported.apply_chat_template(conversation, add_generation_prompt=True)
+    else:
+        served = render_conversation(conversation, template, tokenizer, system_prompt)
+        natural = exported.apply_chat_template(
+            conversation, tokenize=False, add_generation_prompt=True
+        )
+        assert natural == served

@@ -5,13 +5,22 @@ scripted judge, wins, ties and position bias come out as the verdicts say."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from fedit.config import ConfigError
 from fedit.eval.judge import parse_rating, parse_verdict
-from fedit.eval.judge_run import Endpoint, JudgeError, read_questions, run_judge
+from fedit.eval.judge_run import (
+    MODES,
+    Endpoint,
+    JudgeError,
+    Question,
+    read_questions,
+    run_judge,
+)
 from tests.conftest import REPO
 
 QUESTIONS = [
@@ -80,9 +89,14 @@ def test_wins_ties_and_a_continued_run(tmp_path: Path) -> None:
             raise AssertionError("asked again")
 
     again = run_judge(
-        questions, ["a", "b", "c"], answerer, Down("x", "scripted"), ["pairwise", "single"], out
+        questions,
+        ["a", "b", "c"],
+        answerer,
+        Down("http://judge.invalid/v1", "scripted"),
+        ["pairwise", "single"],
+        out,
     )
-    assert json.dumps(again) == json.dumps(summary)  # all from the saved calls (NaN too)
+    assert json.dumps(again) == json.dumps(summary)  # all from the saved calls (null too)
 
 
 def test_judging_with_fedit_s_own_server(server: str, tmp_path: Path) -> None:
@@ -165,3 +179,107 @@ def test_judging_with_the_embedded_model_served_by_fedit(tmp_path: Path) -> None
     for j in judgments:  # whatever the judge wrote, the parse is what its text says
         expected = parse_verdict(j["raw"]) if j["mode"] == "pairwise" else parse_rating(j["raw"])
         assert j["parsed"] == expected
+
+
+def strict_json(path: Path):
+    """The file's JSON, refusing NaN and Infinity, which JSON does not have."""
+
+    def refuse(constant: str):
+        raise ValueError(f"{path.name}: {constant} is not JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_the_summary_is_valid_json_with_null_for_what_is_undefined(tmp_path: Path) -> None:
+    """b vs c: the judge never picks either, so no verdict went to a shown-first answer."""
+    questions = read_questions(question_file(tmp_path))
+    judge = ScriptedJudge("http://judge.invalid/v1", "scripted")
+    answerer = lambda model: ScriptedModels("http://models.invalid/v1", model)  # noqa: E731
+    run_judge(questions, ["b", "c"], answerer, judge, ["pairwise"], tmp_path / "judged")
+    summary = strict_json(tmp_path / "judged" / "summary.json")
+    assert summary["pairwise"]["b vs c"]["first_position_share"] is None
+    assert (
+        "| b vs c | 0 | 0 | 3 | 0 | 0.50 (0.50–0.50) | 1.00 | – |"
+        in (tmp_path / "judged" / "summary.md").read_text()
+    )
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"judge": ScriptedJudge("http://judge.invalid/v1", "another")}, "judge model: 'scripted'"),
+        ({"judge": ScriptedJudge("http://other.invalid/v1", "scripted")}, "judge URL: 'http://j"),
+        ({"answers_url": "http://elsewhere.invalid/v1"}, "answers URL of model 'a': 'http://m"),
+        ({"max_tokens": 16}, "answers' max tokens: 512 before, 16 now"),
+        ({"judge_max_tokens": 16}, "judge's max tokens: 1024 before, 16 now"),
+        ({"question": "Add 2 and 4."}, "question '1': 'Add 2 and 3.' before, 'Add 2 and 4.' now"),
+    ],
+)
+def test_a_run_with_other_settings_is_refused_and_nothing_is_lost(
+    tmp_path: Path, change: dict, message: str
+) -> None:
+    questions = read_questions(question_file(tmp_path))
+    judge = ScriptedJudge("http://judge.invalid/v1", "scripted")
+    out = tmp_path / "judged"
+
+    def answerer(url: str):
+        return lambda model: ScriptedModels(url, model)
+
+    run_judge(questions, ["a", "b"], answerer("http://models.invalid/v1"), judge, MODES, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    if "question" in change:
+        questions = [Question("1", change["question"]), *questions[1:]]
+    with pytest.raises(
+        ConfigError, match=re.escape(message) + ".*another directory .--out., or delete"
+    ):
+        run_judge(
+            questions,
+            ["a", "b"],
+            answerer(change.get("answers_url", "http://models.invalid/v1")),
+            change.get("judge", judge),
+            MODES,
+            out,
+            max_tokens=change.get("max_tokens", 512),
+            judge_max_tokens=change.get("judge_max_tokens", 1024),
+        )
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_a_continued_run_may_add_models_and_questions(tmp_path: Path) -> None:
+    questions = read_questions(question_file(tmp_path))
+    judge = ScriptedJudge("http://judge.invalid/v1", "scripted")
+    answerer = lambda model: ScriptedModels("http://models.invalid/v1", model)  # noqa: E731
+    out = tmp_path / "judged"
+    run_judge(questions[:2], ["a", "b"], answerer, judge, ["single"], out)
+    summary = run_judge(questions, ["a", "b", "c"], answerer, judge, ["single"], out)
+    assert summary["single"]["c"]["questions"] == 3
+    assert len(lines(out / "answers.jsonl")) == 3 * 3
+    (out / "settings.json").unlink()  # e.g. an --out an older fedit wrote
+    with pytest.raises(ConfigError, match="no settings.json, so what they were asked with"):
+        run_judge(questions, ["a"], answerer, judge, ["single"], out)
+
+
+def test_the_cli_refuses_another_judge_in_one_line(server: str, tmp_path: Path) -> None:
+    """`fedit judge` again into its --out with another judge model: exit 2, the
+    difference named in one line, and what the first run saved kept as it was."""
+    out = tmp_path / "judged"
+
+    def judge_with(judge_model: str) -> subprocess.CompletedProcess:
+        command = [
+            str(REPO / ".venv" / "bin" / "fedit"),
+            "judge",
+            str(question_file(tmp_path)),
+            *("--model", "a", "--mode", "single", "--judge-key-env", ""),
+            *("--answers-url", f"{server}/v1", "--judge-url", f"{server}/v1"),
+            *("--judge-model", judge_model, "--max-tokens", "4", "--judge-max-tokens", "4"),
+            *("--out", str(out)),
+        ]
+        return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+    assert judge_with("base").returncode == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    done = judge_with("b")
+    assert done.returncode == 2, done.stderr + done.stdout
+    assert "judge model: 'base' before, 'b' now" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -35,6 +35,9 @@ def test_each_client_gets_its_own_adapter_and_three_scores(
     )
     final = load_file(tmp_path / "run" / "round_0003" / "adapter_model.safetensors")
     assert adapter.keys() == final.keys()
+    # self-describing: the run's config beside it (its prompt format, for `fedit serve`)
+    own = load_config(tmp_path / "run" / "personalized" / "client_3" / "config.toml")
+    assert own.to_dict() == cfg.to_dict()
     text = report(scores)
     assert text.count("\n") == 2 + 5 + 2 and "| worst |" in text
 

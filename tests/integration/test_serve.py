@@ -225,3 +225,28 @@ def test_fedit_serve_starts_from_the_command_line(tiny_model_dir: Path, tmp_path
     finally:
         process.send_signal(signal.SIGINT)
         process.wait(timeout=30)
+
+
+def test_each_adapter_is_served_in_its_own_run_s_prompt_format(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """An adapter's template and system prompt are those of the run that trained it (the
+    config.toml beside it, which `fedit personalize` writes too), whatever the order of the
+    adapters; one whose run is unknown is refused by name, not given another's format."""
+    chat = random_adapter(tiny_model_dir, tmp_path / "chat", 1) / "round_0003"
+    alpaca = random_adapter(tiny_model_dir, tmp_path / "alpaca", 2) / "round_0003"
+    overrides = tiny_run_overrides(tiny_model_dir, tmp_path / "x")
+    load_config(None, [*overrides, "data.template=chat", 'data.system_prompt=""']).save(
+        chat / "config.toml"
+    )
+    load_config(None, overrides).save(alpaca / "config.toml")
+    for cfg_path, adapters in [
+        (chat, [("c", chat), ("a", alpaca)]),
+        (alpaca, [("a", alpaca), ("c", chat)]),
+    ]:
+        pool = ModelPool(load_config(cfg_path / "config.toml"), adapters)
+        assert (pool.models["c"].template, pool.models["c"].system_prompt) == ("chat", "")
+        assert (pool.models["a"].template, pool.models["a"].system_prompt) == ("alpaca", None)
+    (alpaca / "config.toml").unlink()  # e.g. what `fedit personalize` wrote before
+    with pytest.raises(ConfigError, match=f"--adapter a={alpaca}: no config.toml"):
+        ModelPool(load_config(chat / "config.toml"), [("c", chat), ("a", alpaca)])

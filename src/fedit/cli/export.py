@@ -2,6 +2,8 @@
 
 With exact LoRA aggregation the round's base_residual.safetensors is folded in too
 (W0 + R + s·BA), so the written model is the trained one and plain transformers loads it.
+The tokenizer's chat template is rewritten to render the run's prompt (its template and
+system prompt), so `apply_chat_template` asks the model as fedit trained it.
 """
 
 from __future__ import annotations
@@ -36,9 +38,14 @@ def export(
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"--out {out}: is not empty; choose a new directory")
     cfg = resolve_config(config, set_, adapter)
+    from fedit.data.templates import exported_chat_template
     from fedit.models.inference import load_for_inference  # torch & co. only now
 
     tokenizer, model = load_for_inference(cfg, adapter)
+    # Plain transformers users prompt with apply_chat_template: make it the run's prompt.
+    tokenizer.chat_template = exported_chat_template(
+        tokenizer, cfg.data.template, cfg.data.system_prompt
+    )
     merged = model.merge_and_unload()
     merged.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))

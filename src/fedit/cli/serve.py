@@ -51,7 +51,9 @@ def serve(
     from fedit.serve.api import create_app
     from fedit.serve.models import ModelPool
 
-    pool = ModelPool(cfg, adapters)
+    # An explicit --config is the run of adapters that have no config.toml of their own;
+    # the first adapter's config only names the base model (served_model).
+    pool = ModelPool(cfg, adapters, cfg if config is not None else None)
     console.print(
         f"serving {', '.join(pool.models)} on http://{host}:{port}/ (chat page) and "
         f"http://{host}:{port}/v1 (OpenAI API)",

@@ -5,7 +5,8 @@
 generation prompt, after a system turn when ``system_prompt`` is given (None: whatever the
 template itself puts first, e.g. SmolLM2's default system prompt; "": an empty system turn,
 which for SmolLM2 saves ~17 tokens on every record). Training and generation both render
-prompts here, so they always agree.
+prompts here, so they always agree, and ``exported_chat_template`` writes the same rendering
+as a chat template for plain transformers.
 
 ``response_frame`` says how a response is closed: for "chat", as the template itself closes
 an assistant turn (ChatML's ``<|im_end|>``, Gemma's ``<end_of_turn>``, which differ from eos
@@ -14,6 +15,7 @@ on Qwen2.5 base and Gemma instruct); for "alpaca", with eos. Generation stops on
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -161,3 +163,35 @@ def stop_token_ids(template: str, tokenizer: PreTrainedTokenizerBase) -> list[in
         return [tokenizer.eos_token_id]
     end = response_frame(template, tokenizer).end_id
     return list(dict.fromkeys([end, tokenizer.eos_token_id]))
+
+
+def exported_chat_template(
+    tokenizer: PreTrainedTokenizerBase, template: str, system_prompt: str | None
+) -> str | None:
+    """A Jinja chat template with which `tokenizer.apply_chat_template(messages,
+    add_generation_prompt=True)` renders what fedit trains and generates with
+    (render_conversation): for "chat" the tokenizer's own, after `system_prompt` when the
+    conversation has no system turn (an empty one too: that is what the run trained
+    with, not the template's default); for "alpaca" the Alpaca prompt of one user message.
+    """
+    if template == "alpaca":
+        before, after = ALPACA_NO_INPUT.split("{instruction}")
+        return (
+            "{% if messages | length != 1 or messages[0]['role'] != 'user' %}"
+            "{{ raise_exception('this model was trained with the alpaca template: send a "
+            "single user message') }}{% endif %}"
+            f"{{{{ {_jinja_string(before)} + messages[0]['content'] + {_jinja_string(after)} }}}}"
+        )
+    own = tokenizer.chat_template
+    if system_prompt is None or not isinstance(own, str):
+        return own
+    system = f"{{'role': 'system', 'content': {_jinja_string(system_prompt)}}}"
+    return (
+        f"{{% if messages[0]['role'] != 'system' %}}{{% set messages = [{system}] + messages %}}"
+        f"{{% endif %}}{own}"
+    )
+
+
+def _jinja_string(text: str) -> str:
+    """`text` as a Jinja string literal: Jinja reads JSON's escapes (\\n, \\", \\uXXXX)."""
+    return json.dumps(text)

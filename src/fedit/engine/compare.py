@@ -250,6 +250,8 @@ def judged_question(record: Record) -> str:
 class StoredAnswers:
     """An answerer that has its answers already: a contender's, by question text."""
 
+    url = "fedit compare"  # no endpoint: the contender's own greedy answers
+
     def __init__(self, model: str, by_question: dict[str, str]) -> None:
         self.model, self.by_question = model, by_question
 

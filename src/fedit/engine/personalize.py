@@ -15,7 +15,8 @@ categories, in its proportions. Three adapters per client:
   that adapter as the federation left it. There the global adapter is the base model;
 - local-only: a fresh LoRA trained on k's records alone for the steps the `local`
   baseline of `fedit compare` would give it (its steps per round × rounds).
-Each personalised adapter is saved (PEFT format) under <output_dir>/personalized/client_<k>/.
+Each personalised adapter is saved (PEFT format) under <output_dir>/personalized/client_<k>/,
+with the run's config.toml beside it (its prompt format, which `fedit serve` reads).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from fedit.engine.checkpoint import (
     round_dir,
 )
 from fedit.engine.federation_data import prepare_data
+from fedit.engine.run_dir import CONFIG
 from fedit.eval.loss import heldout_loss
 from fedit.models.adapters import attach_lora, get_adapter_state, save_adapter, set_adapter_state
 from fedit.models.loading import load_model, load_tokenizer
@@ -111,7 +113,9 @@ def personalize(cfg: RunConfig, steps: int, show_progress: bool = False) -> list
         global_loss = own_loss(model, data.heldout, mix, pad_id, batch)
         tune = FineTune(cfg, k, examples, pad_id, show_progress)
         start = own_adapter(cfg, k, own_root, accepted.get(k, 0), global_state)
-        save_adapter(model, tune(model, start, steps), out / PERSONALIZED_DIR / f"client_{k}")
+        own_dir = out / PERSONALIZED_DIR / f"client_{k}"
+        save_adapter(model, tune(model, start, steps), own_dir)
+        cfg.save(own_dir / CONFIG)  # self-describing: its prompt format, for `fedit serve`
         personal_loss = own_loss(model, data.heldout, mix, pad_id, batch)
         tune(model, fresh, steps_per_round(len(examples), cfg.train) * cfg.federation.rounds)
         local_loss = own_loss(model, data.heldout, mix, pad_id, batch)

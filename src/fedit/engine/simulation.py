@@ -255,9 +255,10 @@ class InProcessRunner:
                     update = client.train(
                         self.model, global_state, task, train_cfg, self.show_progress
                     )
-                replies.traffic[task.client_id] = round_trip_bytes(
-                    task, global_state, self.header, update, client.rank, self.cfg.lora.shared
-                )
+                if self.cfg.federation.mode == "federated":  # a baseline's trainer sends nothing
+                    replies.traffic[task.client_id] = round_trip_bytes(
+                        task, global_state, self.header, update, client.rank, self.cfg.lora.shared
+                    )
                 if isinstance(update, Rejection):
                     replies.rejected.append(update)
                 else:

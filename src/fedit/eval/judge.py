@@ -103,10 +103,10 @@ def _pick(verdict: str, shown_first: str, shown_second: str) -> str:
     return {"A": shown_first, "B": shown_second, "C": "tie"}[verdict]
 
 
-def bootstrap_interval(values: Sequence[float], seed: int = 0) -> tuple[float, float]:
-    """95% percentile bootstrap interval of the mean of `values` (nan when empty)."""
+def bootstrap_interval(values: Sequence[float], seed: int = 0) -> tuple[float, float] | None:
+    """95% percentile bootstrap interval of the mean of `values` (None when empty)."""
     if not values:
-        return (float("nan"), float("nan"))
+        return None
     data = np.asarray(values, dtype=float)
     rng = np.random.default_rng(seed)
     means = data[rng.integers(0, len(data), (BOOTSTRAP_RESAMPLES, len(data)))].mean(axis=1)
@@ -114,36 +114,40 @@ def bootstrap_interval(values: Sequence[float], seed: int = 0) -> tuple[float, f
     return float(low), float(high)
 
 
+def share(part: int, whole: int) -> float | None:
+    """part / whole; None (JSON's null) when there is nothing to divide, not NaN."""
+    return part / whole if whole else None
+
+
 def pairwise_summary(outcomes: Sequence[PairOutcome], seed: int = 0) -> dict[str, object]:
     """Win, loss and tie counts of model a against b, a's win rate (a tie counts half)
-    with its interval, how often the two orders agreed, and the position bias."""
+    with its interval, how often the two orders agreed, and the position bias; None for
+    a rate with nothing to count."""
     decided = [o.result for o in outcomes if o.result is not None]
     score = [1.0 if r == "a" else 0.5 if r == "tie" else 0.0 for r in decided]
     verdicts = [v for o in outcomes for v in (o.a_first, o.b_first) if v in ("A", "B")]
     both = [o for o in outcomes if o.a_first is not None and o.b_first is not None]
     agreed = [o for o in both if _pick(o.a_first, "a", "b") == _pick(o.b_first, "b", "a")]
-    low, high = bootstrap_interval(score, seed)
     return {
         "questions": len(outcomes),
         "unparsed": len(outcomes) - len(decided),
         "a_wins": decided.count("a"),
         "b_wins": decided.count("b"),
         "ties": decided.count("tie"),
-        "a_win_rate": sum(score) / len(score) if score else float("nan"),
-        "a_win_rate_ci95": [low, high],
-        "consistency": len(agreed) / len(both) if both else float("nan"),
+        "a_win_rate": sum(score) / len(score) if score else None,
+        "a_win_rate_ci95": bootstrap_interval(score, seed),
+        "consistency": share(len(agreed), len(both)),
         # share of non-tie verdicts for whichever answer was shown first (0.5: no bias)
-        "first_position_share": (verdicts.count("A") / len(verdicts) if verdicts else float("nan")),
+        "first_position_share": share(verdicts.count("A"), len(verdicts)),
     }
 
 
 def single_summary(ratings: Sequence[float | None], seed: int = 0) -> dict[str, object]:
-    """Mean 1-10 rating with its interval, over the parsed ratings."""
+    """Mean 1-10 rating with its interval, over the parsed ratings (None when none)."""
     parsed = [r for r in ratings if r is not None]
-    low, high = bootstrap_interval(parsed, seed)
     return {
         "questions": len(ratings),
         "unparsed": len(ratings) - len(parsed),
-        "mean_rating": sum(parsed) / len(parsed) if parsed else float("nan"),
-        "mean_rating_ci95": [low, high],
+        "mean_rating": sum(parsed) / len(parsed) if parsed else None,
+        "mean_rating_ci95": bootstrap_interval(parsed, seed),
     }

@@ -4,9 +4,12 @@ another (a hosted model, or fedit's own server), every call saved as it returns.
 The out directory holds answers.jsonl (each model's answer to each question),
 judgments.jsonl (each judge call: its prompt's kind and order, the judge's raw output and
 the parsed verdict or rating), results.jsonl (per question: each pair's result, each
-model's rating) and summary.json / summary.md. A run that stops (a network error, a
-rate limit) keeps what it has, and the same command continues from it: answers and
-judgments already saved are not asked for again.
+model's rating), summary.json / summary.md (null, or "–", for a rate with nothing to
+count) and settings.json (what the saved calls were asked with). A run that stops (a
+network error, a rate limit) keeps what it has, and the same command continues from it:
+answers and judgments already saved are not asked for again. Continuing may add models
+and questions, but a run with another judge, endpoint, token limit or question text
+would mix old calls with new ones under the new judge's name, so it is refused.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from fedit.config import ConfigError
 from fedit.data.readers import jsonl_rows
 from fedit.data.records import DataFormatError
 from fedit.errors import RunStopped
@@ -146,6 +150,7 @@ class Chat(Protocol):
     """What answers or judges: an Endpoint, or answers given beforehand."""
 
     model: str
+    url: str  # where its replies come from, recorded in settings.json
 
     def chat(self, messages: list[dict[str, str]], max_tokens: int) -> str: ...
 
@@ -163,10 +168,18 @@ def run_judge(
 ) -> dict[str, Any]:
     """Answer, judge and summarise (the module docstring); `answerer(model)` is what
     answers as `model`; `pairs` the (a, b) compared pairwise (default: every pair)."""
-    out.mkdir(parents=True, exist_ok=True)
+    answerers = {m: answerer(m) for m in models}  # one each: its client is reused
+    settings = {
+        "judge_model": judge.model,
+        "judge_url": judge.url,
+        "judge_max_tokens": judge_max_tokens,
+        "max_tokens": max_tokens,
+        "answers_url": {m: a.url for m, a in answerers.items()},
+        "questions": {q.id: q.text for q in questions},
+    }
+    check_settings(out, settings)  # before anything is written or asked
     answers = SavedCalls(out / "answers.jsonl", ("model", "question_id"))
     judged = SavedCalls(out / "judgments.jsonl", ("mode", "question_id", "shown"))
-    answerers = {m: answerer(m) for m in models}  # one each: its client is reused
     answer = {
         (m, q.id): answers.get(
             lambda m=m, q=q: {"answer": answerers[m].chat(user(q.text), max_tokens)},
@@ -211,9 +224,66 @@ def run_judge(
                 ratings.append(rating["parsed"])
             summary["single"][m] = single_summary(ratings)
     (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results.values()))
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False))
     (out / "summary.md").write_text(summary_table(summary))
     return summary
+
+
+SETTINGS = "settings.json"
+SETTING_NAMES = {
+    "judge_model": "judge model",
+    "judge_url": "judge URL",
+    "judge_max_tokens": "judge's max tokens",
+    "max_tokens": "answers' max tokens",
+    "answers_url": "answers URL of model {}",
+    "questions": "question {}",
+}
+
+
+def check_settings(out: Path, settings: dict[str, Any]) -> None:
+    """Refuse an `out` whose saved calls were asked with other settings (ConfigError
+    naming the first that differs, with both values); else record `settings` there,
+    merged with the saved ones (a continued run may add models and questions)."""
+    path = out / SETTINGS
+    saved: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            saved = json.loads(read_utf8(path))
+        except json.JSONDecodeError as err:
+            raise DataFormatError(f"{path}: not valid JSON ({err})") from None
+        if not isinstance(saved, dict):
+            raise DataFormatError(f"{path}: expected an object of settings")
+    elif any((out / name).exists() for name in ("answers.jsonl", "judgments.jsonl")):
+        raise ConfigError(
+            f"{out}: holds saved calls but no {SETTINGS}, so what they were asked with is "
+            "unknown; judge into another directory (--out)"
+        )
+    changed = first_change(saved, settings)
+    if changed is not None:
+        name, before, now = changed
+        raise ConfigError(
+            f"{out}: its saved answers and verdicts were asked with {name}: {before!r} "
+            f"before, {now!r} now; judge into another directory (--out), or delete this one to "
+            "start over"
+        )
+    merged = {
+        k: {**saved.get(k, {}), **v} if isinstance(v, dict) else v for k, v in settings.items()
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(merged, indent=2))
+
+
+def first_change(saved: dict[str, Any], settings: dict[str, Any]) -> tuple[str, Any, Any] | None:
+    """The first setting whose saved value differs: (its name, saved value, new value)."""
+    for key, name in SETTING_NAMES.items():
+        old, new = saved.get(key), settings[key]
+        if isinstance(new, dict):  # per model or question: those saved before must match
+            for which, value in new.items():
+                if isinstance(old, dict) and which in old and old[which] != value:
+                    return name.format(repr(which)), old[which], value
+        elif key in saved and old != new:
+            return name, old, new
+    return None
 
 
 def user(text: str) -> list[dict[str, str]]:
@@ -230,18 +300,25 @@ def summary_table(summary: dict[str, Any]) -> str:
             "|---|---:|---:|---:|---:|---|---:|---:|",
         ]
         for pair, s in summary["pairwise"].items():
-            low, high = s["a_win_rate_ci95"]
             lines.append(
                 f"| {pair} | {s['a_wins']} | {s['b_wins']} | {s['ties']} | {s['unparsed']} | "
-                f"{s['a_win_rate']:.2f} ({low:.2f}–{high:.2f}) | {s['consistency']:.2f} | "
-                f"{s['first_position_share']:.2f} |"
+                f"{_with_interval(s['a_win_rate'], s['a_win_rate_ci95'])} | "
+                f"{_number(s['consistency'])} | {_number(s['first_position_share'])} |"
             )
         lines.append("")
     if summary.get("single"):
         lines += ["| model | mean rating (95% CI) | unparsed |", "|---|---|---:|"]
         for model, s in summary["single"].items():
-            low, high = s["mean_rating_ci95"]
-            lines.append(
-                f"| {model} | {s['mean_rating']:.2f} ({low:.2f}–{high:.2f}) | {s['unparsed']} |"
-            )
+            rating = _with_interval(s["mean_rating"], s["mean_rating_ci95"])
+            lines.append(f"| {model} | {rating} | {s['unparsed']} |")
     return "\n".join(lines) + "\n"
+
+
+def _number(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}"
+
+
+def _with_interval(value: float | None, interval: Sequence[float] | None) -> str:
+    if value is None or interval is None:
+        return "–"
+    return f"{value:.2f} ({interval[0]:.2f}–{interval[1]:.2f})"

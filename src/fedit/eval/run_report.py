@@ -2,7 +2,9 @@
 
 For one run (a directory with metrics.jsonl of rounds): held-out loss per category by
 round, each client's train loss by round, who took part in each round (trained, dropped,
-rejected), bytes sent each round, and the final held-out loss per category. For a
+rejected), bytes sent each round, and the final held-out loss per category. A baseline
+(federation.mode "local" or "centralized", e.g. a `fedit compare` contender) has one
+trainer, named as the run, and sends nothing. For a
 `fedit compare` directory: its score tables, every contender's overall held-out loss by
 round on one chart, and a report of each contender's run, linked.
 
@@ -12,6 +14,7 @@ computed again.
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,7 @@ import matplotlib.pyplot as plt
 
 from fedit.data.readers import jsonl_rows
 from fedit.data.records import DataFormatError
+from fedit.textfile import read_utf8
 
 REPORT = "report.md"
 CHARTS = "report"  # the PNGs' directory beside report.md
@@ -88,39 +92,67 @@ def write_run_report(run_dir: Path) -> Path:
         final = {c: dict(s)[last] for c, s in heldout.items() if last in dict(s)}
         lines += [f"After round {last}:\n", "| category | loss |", "|---|---:|"]
         lines += [f"| {c} | {v:.4f} |" for c, v in sorted(final.items())] + [""]
-    if trained:
-        losses = {
-            f"client {k}": [
-                (r["round"], c["train_loss"]) for r in trained for c in r["clients"] if c["id"] == k
-            ]
-            for k in sorted({c["id"] for r in trained for c in r["clients"]})
-        }
-        _line_chart(losses, charts / "train_loss.png", "train loss", "round", marker="o")
-        lines += ["## Clients' train loss\n", f"![train loss]({CHARTS}/train_loss.png)\n"]
-        numbers, ids, codes = participation(rounds)
-        _participation_chart(numbers, ids, codes, charts / "participation.png")
+    mode = federation_mode(run_dir)
+    if trained and mode == "federated":
+        lines += federation_sections(rounds, trained, charts)
+    elif trained:
+        losses = {run_dir.name: [(r["round"], r["clients"][0]["train_loss"]) for r in trained]}
+        _line_chart(losses, charts / "train_loss.png", "train loss", "round")
         lines += [
-            "## Participation\n",
-            "Trained (green), rejected (orange), dropped (red), not selected (white).\n",
-            f"![participation]({CHARTS}/participation.png)\n",
-        ]
-        traffic = {
-            direction: [
-                (r["round"], sum(c.get(f"bytes_{direction}", 0) for c in r["clients"]) / 1e6)
-                for r in trained
-            ]
-            for direction in ("down", "up")
-        }
-        _line_chart(traffic, charts / "bytes.png", "MB per round (all clients)", "round", "o")
-        total = sum(mb for series in traffic.values() for _, mb in series)
-        lines += [
-            "## Bytes per round\n",
-            f"![bytes]({CHARTS}/bytes.png)\n",
-            f"{total:.1f} MB in all, both directions.\n",
+            "## Train loss\n",
+            f"![train loss]({CHARTS}/train_loss.png)\n",
+            f"A baseline (federation.mode = {mode!r}): one trainer and no federation, so "
+            "nothing is sent (0 bytes) and there is no participation to show.\n",
         ]
     path = run_dir / REPORT
     path.write_text("\n".join(lines))
     return path
+
+
+def federation_mode(run_dir: Path) -> str:
+    """The run's federation.mode from its config.toml ("federated" when it has none)."""
+    path = run_dir / "config.toml"
+    if not path.is_file():
+        return "federated"
+    try:
+        saved = tomllib.loads(read_utf8(path))
+    except tomllib.TOMLDecodeError as err:
+        raise DataFormatError(f"{path}: not valid TOML ({err})") from None
+    return str(saved.get("federation", {}).get("mode", "federated"))
+
+
+def federation_sections(rounds: list[dict], trained: list[dict], charts: Path) -> list[str]:
+    """Each client's train loss, who took part in each round, and the bytes sent."""
+    losses = {
+        f"client {k}": [
+            (r["round"], c["train_loss"]) for r in trained for c in r["clients"] if c["id"] == k
+        ]
+        for k in sorted({c["id"] for r in trained for c in r["clients"]})
+    }
+    _line_chart(losses, charts / "train_loss.png", "train loss", "round")
+    lines = ["## Clients' train loss\n", f"![train loss]({CHARTS}/train_loss.png)\n"]
+    numbers, ids, codes = participation(rounds)
+    _participation_chart(numbers, ids, codes, charts / "participation.png")
+    lines += [
+        "## Participation\n",
+        "Trained (green), rejected (orange), dropped (red), not selected (white).\n",
+        f"![participation]({CHARTS}/participation.png)\n",
+    ]
+    traffic = {
+        direction: [
+            (r["round"], sum(c.get(f"bytes_{direction}", 0) for c in r["clients"]) / 1e6)
+            for r in trained
+        ]
+        for direction in ("down", "up")
+    }
+    _line_chart(traffic, charts / "bytes.png", "MB per round (all clients)", "round")
+    total = sum(mb for series in traffic.values() for _, mb in series)
+    lines += [
+        "## Bytes per round\n",
+        f"![bytes]({CHARTS}/bytes.png)\n",
+        f"{total:.1f} MB in all, both directions.\n",
+    ]
+    return lines
 
 
 def write_comparison_report(out_dir: Path) -> Path:
@@ -142,7 +174,7 @@ def write_comparison_report(out_dir: Path) -> Path:
             overall[run.name] = series
         write_run_report(run)
     if overall:
-        _line_chart(overall, charts / "heldout_loss.png", "held-out loss (overall)", "round", "o")
+        _line_chart(overall, charts / "heldout_loss.png", "held-out loss (overall)", "round")
         lines += ["## Held-out loss by round\n", f"![held-out loss]({CHARTS}/heldout_loss.png)\n"]
     lines += ["## Runs\n"] + [f"- [{run.name}]({run.name}/{REPORT})" for run in runs] + [""]
     path = out_dir / REPORT
@@ -158,14 +190,15 @@ def write_report(directory: Path) -> Path:
 
 
 def _line_chart(
-    series: dict[str, list[tuple[int, float]]], path: Path, ylabel: str, xlabel: str, marker=""
+    series: dict[str, list[tuple[int, float]]], path: Path, ylabel: str, xlabel: str
 ) -> None:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for name, points in series.items():
         if points:
             xs, ys = zip(*points, strict=True)
             style = {"color": "black", "linewidth": 2.5} if name == "overall" else {}
-            ax.plot(xs, ys, label=name, marker=marker or None, **style)
+            # markers: a series of one scored round is a point, which a bare line omits
+            ax.plot(xs, ys, label=name, marker="o", markersize=4, **style)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=7, ncols=2 if len(series) > 8 else 1)

@@ -3,8 +3,10 @@
 Each adapter is loaded once as a named PEFT adapter on the one base model, so switching
 between them per request (``ModelPool.active``) costs a pointer change, not a reload. The
 name "base" is the base model with every adapter disabled. Each adapter keeps the prompt
-template and system prompt its run was trained with (the run's config.toml beside its
-round directories), so a chat request is rendered as its training records were.
+template and system prompt its run was trained with (the config.toml beside it, which
+every round directory and `fedit personalize` adapter has), so a chat request is rendered
+as its training records were; an adapter without one takes an explicit --config's, and
+is refused otherwise, never given another adapter's.
 """
 
 from __future__ import annotations
@@ -72,9 +74,12 @@ def comparison_adapters(directory: Path) -> list[tuple[str, Path]]:
     return [parse_adapter(f"{run.name}={run}") for run in runs]
 
 
-def served_model(name: str, directory: Path, fallback: RunConfig) -> ServedModel:
-    """The adapter with the template of the run that trained it (its round's config.toml,
-    else `fallback`'s)."""
+def served_model(
+    name: str, directory: Path, served: RunConfig, default: RunConfig | None = None
+) -> ServedModel:
+    """The adapter with the prompt format of the run that trained it: the config.toml
+    beside it, else `default` (a config the user gave for it), else refused: another
+    adapter's format would be a guess that changes what the model is asked."""
     check_adapter_dir(directory)
     if (directory / BASE_RESIDUAL).exists():
         raise ConfigError(
@@ -83,19 +88,31 @@ def served_model(name: str, directory: Path, fallback: RunConfig) -> ServedModel
             "the base model instead"
         )
     saved = directory / CONFIG
-    run = load_config(saved) if saved.is_file() else fallback
-    if run.model.name_or_path != fallback.model.name_or_path:
+    if saved.is_file():
+        run = load_config(saved)
+    elif default is not None:
+        run = default
+    else:
+        raise ConfigError(
+            f"--adapter {name}={directory}: no {CONFIG} beside it, so the prompt format it "
+            "was trained with (data.template, data.system_prompt) is unknown; put its run's "
+            f"{CONFIG} there, or give that run's config with --config"
+        )
+    if run.model.name_or_path != served.model.name_or_path:
         raise ConfigError(
             f"{saved}: trained on model {run.model.name_or_path!r}, but the served base "
-            f"model is {fallback.model.name_or_path!r}; serve each base model on its own"
+            f"model is {served.model.name_or_path!r}; serve each base model on its own"
         )
     return ServedModel(name, directory, run.data.template, run.data.system_prompt)
 
 
 class ModelPool:
-    """The base model, its tokenizer, and the served adapters loaded on it."""
+    """The base model (cfg.model), its tokenizer, and the served adapters loaded on it;
+    `default` is the run config of adapters without their own (served_model)."""
 
-    def __init__(self, cfg: RunConfig, adapters: list[tuple[str, Path]]) -> None:
+    def __init__(
+        self, cfg: RunConfig, adapters: list[tuple[str, Path]], default: RunConfig | None = None
+    ) -> None:
         from peft import PeftModel
 
         from fedit.models.loading import load_model, load_tokenizer
@@ -104,7 +121,7 @@ class ModelPool:
         if len(set(names)) != len(names):
             raise ConfigError(f"adapter names must differ: {', '.join(names)}")
         self.models = {BASE: ServedModel(BASE, None, "chat", None)}
-        self.models |= {name: served_model(name, d, cfg) for name, d in adapters}
+        self.models |= {name: served_model(name, d, cfg, default) for name, d in adapters}
         self.tokenizer = load_tokenizer(cfg.model)
         model = load_model(cfg.model)
         for i, (name, directory) in enumerate(adapters):
