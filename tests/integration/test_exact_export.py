@@ -113,3 +113,30 @@ def test_the_exported_chat_template_gives_the_prompt_fedit_trains_with(
             conversation, tokenize=False, add_generation_prompt=True
         )
         assert natural == served
+
+
+def test_the_export_stops_generating_where_the_run_s_template_ends_a_turn(tmp_path: Path) -> None:
+    """A chat-trained model whose turns end with another token than eos (Qwen2.5 base:
+    <|im_end|> against <|endoftext|>) stops there under plain transformers' generate too."""
+    from transformers import GenerationConfig
+
+    from fedit.data.templates import stop_token_ids
+    from tests.conftest import chatml_base_tokenizer
+
+    tokenizer = chatml_base_tokenizer()
+    model_dir = make_tiny_model(tmp_path / "model", tokenizer=tokenizer)
+    overrides = tiny_run_overrides(model_dir, tmp_path / "run", **{"data.template": "chat"})
+    cfg = load_config(None, overrides)
+    model = attach_lora(load_model(cfg.model), cfg.lora, seed=0)
+    adapter = tmp_path / "run" / "round_0001"
+    save_adapter(model, get_adapter_state(model), adapter)
+    cfg.save(adapter / "config.toml")
+    merged = tmp_path / "merged"
+    result = runner.invoke(app, ["export", "--adapter", str(adapter), "--out", str(merged)])
+    assert result.exit_code == 0, result.output
+
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert end_of_turn != tokenizer.eos_token_id
+    assert stop_token_ids("chat", tokenizer)[0] == end_of_turn
+    eos = GenerationConfig.from_pretrained(merged).eos_token_id
+    assert end_of_turn in (eos if isinstance(eos, list) else [eos])

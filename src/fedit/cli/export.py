@@ -3,7 +3,8 @@
 With exact LoRA aggregation the round's base_residual.safetensors is folded in too
 (W0 + R + s·BA), so the written model is the trained one and plain transformers loads it.
 The tokenizer's chat template is rewritten to render the run's prompt (its template and
-system prompt), so `apply_chat_template` asks the model as fedit trained it.
+system prompt), so `apply_chat_template` asks the model as fedit trained it, and its
+generation config stops at the end of a turn as `fedit generate` does.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def export(
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"--out {out}: is not empty; choose a new directory")
     cfg = resolve_config(config, set_, adapter)
-    from fedit.data.templates import exported_chat_template
+    from fedit.data.templates import exported_chat_template, stop_token_ids
     from fedit.models.inference import load_for_inference  # torch & co. only now
 
     tokenizer, model = load_for_inference(cfg, adapter)
@@ -47,6 +48,9 @@ def export(
         tokenizer, cfg.data.template, cfg.data.system_prompt
     )
     merged = model.merge_and_unload()
+    # ... and make generate() stop where the run's template ends a turn (Qwen2.5 base's
+    # <|im_end|>, not its eos <|endoftext|>), as fedit generate and serve do.
+    merged.generation_config.eos_token_id = stop_token_ids(cfg.data.template, tokenizer)
     merged.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
     console.print(f"merged model written to {out}", markup=False)
