@@ -1181,6 +1181,18 @@ class RunConfig:
         )
         for condition, where, message in checks:
             _require(condition, where, message)
+        if self.partition.method != "files":  # else the count of clients is the files'
+            fed = self.federation
+            sampled = clients_per_round(
+                self.partition.num_clients, fed.clients_per_round, fed.fraction
+            )
+            levels = (2**self.secagg.bits - 1) // sampled  # fedit.deploy.secagg.RoundParams
+            _require(
+                levels >= 255,
+                "secagg.bits",
+                f"{self.secagg.bits} bits leave the sum of {sampled} clients {levels} "
+                "quantisation levels per entry, fewer than 8-bit quantisation's 255: raise it",
+            )
 
     def _validate_exact_aggregation(self) -> None:
         """Exact LoRA aggregation folds small residuals into the base weights: they must be

@@ -51,6 +51,9 @@ KEY_BYTES = 32  # X25519 keys, the self-mask seed b, pairwise seeds
 # (the aggregate is float32), and R < 2**53 keeps every level exact in float64, which
 # quantise's clamp to R relies on.
 MAX_LEVELS = 2**31 - 1
+# The fewest levels R a round may use: 8-bit quantisation, the coarsest in use; below it
+# (too many clients for secagg.bits) the step 2c/R drowns the update.
+MIN_LEVELS = 255
 SHARE_BYTES = 4 + 48  # create_shares of a 32-byte secret: index + 3 padded 16-byte chunks
 MASK_INFO = b"fedit secagg pairwise mask"
 ENCRYPTION_INFO = b"fedit secagg share encryption"
@@ -71,6 +74,13 @@ class RoundParams:
     bits: int
     clip_range: float
     sampled: int
+
+    def __post_init__(self) -> None:
+        if self.levels < MIN_LEVELS:
+            raise ValueError(
+                f"secagg.bits = {self.bits} leaves {self.sampled} clients of a round "
+                f"{self.levels} quantisation levels each (at least {MIN_LEVELS}): raise secagg.bits"
+            )
 
     @property
     def modulus(self) -> int:
