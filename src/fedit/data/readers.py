@@ -33,6 +33,14 @@ FIELD_MAPS: dict[str, dict[str, str]] = {
 REQUIRED = ("instruction", "response")
 OPTIONAL = ("context", "category")
 FILE_SUFFIXES = (".json", ".jsonl", ".csv")
+# Keys under which conversation layouts keep their turns: OpenAI's and ShareGPT's whole
+# dialogue, Alpaca's earlier turns (LLaMA-Factory's "history"). fedit reads one prompt and
+# one response per record, so such a record is refused rather than read without its turns.
+CONVERSATION_KEYS = ("messages", "conversations", "history")
+CONVERSATIONS_UNSUPPORTED = (
+    "conversation records (OpenAI 'messages', ShareGPT 'conversations', earlier turns) are "
+    "not supported yet; give one prompt and one response per record"
+)
 
 
 def parse_fields(fields: str) -> dict[str, str]:
@@ -89,6 +97,7 @@ def to_record(row: Any, mapping: dict[str, str], where: str) -> Record:
     """Validate one raw row (a dict) and map it onto a Record; `where` prefixes errors."""
     if not isinstance(row, dict):
         raise DataFormatError(f"{where}: expected an object, got {type(row).__name__}")
+    refuse_conversation(row, where, skip=set(mapping.values()))
     values: dict[str, str] = {}
     for name, key in mapping.items():
         value = row.get(key)
@@ -106,6 +115,16 @@ def to_record(row: Any, mapping: dict[str, str], where: str) -> Record:
     if not values.get("category", "").strip():
         values["category"] = "default"
     return Record(**values)
+
+
+def refuse_conversation(row: dict, where: str, skip: set[str] | frozenset = frozenset()) -> None:
+    """Raise DataFormatError naming the field when `row` carries turns under one of
+    CONVERSATION_KEYS (other than the mapped keys in `skip`): read as one prompt and one
+    response, it would lose its other turns and train an answer against the wrong question."""
+    for key in CONVERSATION_KEYS:
+        value = row.get(key)
+        if key not in skip and isinstance(value, list) and value:
+            raise DataFormatError(f"{where}: field {key!r}: {CONVERSATIONS_UNSUPPORTED}")
 
 
 def _read_text(path: Path) -> str:
