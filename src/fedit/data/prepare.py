@@ -18,6 +18,7 @@ import glob
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
@@ -61,6 +62,21 @@ def client_files(pattern: str, num_clients: int) -> list[str]:
             f"partition.num_clients is {num_clients} but data.path matches {len(paths)} files"
         )
     return paths
+
+
+DATA_FILE_KEYS = ("path", "heldout_path", "preference_path", "heldout_preference_path")
+
+
+def data_files(cfg: RunConfig) -> dict[str, list[str]]:
+    """{"data.<key>": the local files it names} for each data source of a run config: the
+    file, a glob's matches (partition.method = "files"), or none (synthetic data, whose
+    generator's parameters are in the config; a Hugging Face dataset name)."""
+    found = {}
+    for key in DATA_FILE_KEYS:
+        source = getattr(cfg.data, key)
+        matches = [] if source in ("", "synthetic") else glob.glob(source)
+        found[f"data.{key}"] = sorted((p for p in matches if Path(p).is_file()), key=_natural_key)
+    return found
 
 
 def _read_source(cfg: RunConfig) -> list[Record]:
