@@ -228,8 +228,11 @@ def test_conversation_pairs_are_refused_naming_file_line_and_field(
 
 def test_single_turn_message_lists_are_still_read(tmp_path: Path) -> None:
     answer_only = {**UF_RECORD, "chosen": [{"role": "assistant", "content": "4"}]}
-    pairs = read_preferences(write_jsonl(tmp_path / "uf.jsonl", [UF_RECORD, answer_only]))
-    assert [(p.prompt, p.chosen, p.rejected) for p in pairs] == [("What is 2+2?", "4", "5")] * 2
+    # UltraFeedback-binarized also has the chosen dialogue as "messages"
+    with_messages = {**UF_RECORD, "messages": UF_RECORD["chosen"]}
+    rows = [UF_RECORD, answer_only, with_messages]
+    pairs = read_preferences(write_jsonl(tmp_path / "uf.jsonl", rows))
+    assert [(p.prompt, p.chosen, p.rejected) for p in pairs] == [("What is 2+2?", "4", "5")] * 3
 
 
 def test_malformed_json_item_and_csv_line_are_located(tmp_path: Path) -> None:

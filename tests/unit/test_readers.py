@@ -107,6 +107,12 @@ def test_conversation_records_are_refused_naming_the_field(
         read_records(path)
 
 
+def test_a_record_with_its_fields_and_a_copy_as_messages_is_read(tmp_path: Path) -> None:
+    messages = [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}]
+    path = write_jsonl(tmp_path / "d.jsonl", [{**DOLLY_ROW, "messages": messages}])
+    assert read_records(path) == [Record("Say hi", "hi", "", "open_qa")]
+
+
 def test_malformed_jsonl_line_names_line(tmp_path: Path) -> None:
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps(DOLLY_ROW) + "\n\n{not json\n")

@@ -112,10 +112,10 @@ def parse_pair(row: Any, format: str, where: str = "record") -> PreferencePair:
     """Turn one raw record into a validated ``PreferencePair`` (``format`` may be "auto")."""
     if not isinstance(row, dict):
         raise _error(where, "(record)", f"expected an object, got {type(row).__name__}")
-    refuse_conversation(row, where)
     if format == "auto":
         format = detect_format(row)
         if not format:
+            refuse_conversation(row, where)  # the likelier reason it has no prompt
             raise _error(where, "prompt", "missing (and chosen is not an HH dialogue)")
     parsers = {"plain": _parse_plain, "hh": _parse_hh, "ultrafeedback": _parse_ultrafeedback}
     prompt, chosen, rejected = parsers[format](row, where)

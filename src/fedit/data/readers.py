@@ -33,10 +33,11 @@ FIELD_MAPS: dict[str, dict[str, str]] = {
 REQUIRED = ("instruction", "response")
 OPTIONAL = ("context", "category")
 FILE_SUFFIXES = (".json", ".jsonl", ".csv")
-# Keys under which conversation layouts keep their turns: OpenAI's and ShareGPT's whole
-# dialogue, Alpaca's earlier turns (LLaMA-Factory's "history"). fedit reads one prompt and
+# Keys under which conversation layouts keep a whole dialogue (OpenAI's, ShareGPT's), and
+# the key of Alpaca's earlier turns (LLaMA-Factory's "history"). fedit reads one prompt and
 # one response per record, so such a record is refused rather than read without its turns.
-CONVERSATION_KEYS = ("messages", "conversations", "history")
+CONVERSATION_KEYS = ("messages", "conversations")
+EARLIER_TURNS_KEY = "history"
 CONVERSATIONS_UNSUPPORTED = (
     "conversation records (OpenAI 'messages', ShareGPT 'conversations', earlier turns) are "
     "not supported yet; give one prompt and one response per record"
@@ -97,12 +98,14 @@ def to_record(row: Any, mapping: dict[str, str], where: str) -> Record:
     """Validate one raw row (a dict) and map it onto a Record; `where` prefixes errors."""
     if not isinstance(row, dict):
         raise DataFormatError(f"{where}: expected an object, got {type(row).__name__}")
-    refuse_conversation(row, where, skip=set(mapping.values()))
+    if EARLIER_TURNS_KEY not in mapping.values():  # read, the record would lose its turns
+        refuse_conversation(row, where, (EARLIER_TURNS_KEY,))
     values: dict[str, str] = {}
     for name, key in mapping.items():
         value = row.get(key)
         if value is None:  # absent key, JSON null, or a short CSV row
             if name in REQUIRED:
+                refuse_conversation(row, where)  # the likelier reason it is missing
                 raise DataFormatError(f"{where}: field {key!r}: missing")
             continue
         if not isinstance(value, str):
@@ -117,13 +120,13 @@ def to_record(row: Any, mapping: dict[str, str], where: str) -> Record:
     return Record(**values)
 
 
-def refuse_conversation(row: dict, where: str, skip: set[str] | frozenset = frozenset()) -> None:
-    """Raise DataFormatError naming the field when `row` carries turns under one of
-    CONVERSATION_KEYS (other than the mapped keys in `skip`): read as one prompt and one
-    response, it would lose its other turns and train an answer against the wrong question."""
-    for key in CONVERSATION_KEYS:
+def refuse_conversation(row: dict, where: str, keys: tuple[str, ...] = CONVERSATION_KEYS) -> None:
+    """Raise DataFormatError naming the field when `row` holds dialogue turns under one of
+    `keys`: fedit cannot read it as one prompt and one response without dropping turns
+    (and training an answer against the wrong question)."""
+    for key in keys:
         value = row.get(key)
-        if key not in skip and isinstance(value, list) and value:
+        if isinstance(value, list) and value:
             raise DataFormatError(f"{where}: field {key!r}: {CONVERSATIONS_UNSUPPORTED}")
 
 
