@@ -1,9 +1,10 @@
 """Content fingerprints of input files, so a resumed run can tell that an input changed.
 
-``file_fingerprint(path)`` is the sha256 of the whole file up to ``FULL_HASH_LIMIT`` bytes
-(data files, configs, tokenizers, small weights), and past it a sampled one: the size, the
-first and last ``EDGE_BYTES`` (the header of a safetensors or GGUF file, the end of a
-pickle) and ``SAMPLES`` evenly spaced chunks. A full hash of a multi-GB safetensors, GGUF
+``content_hash(path)`` is the sha256 of the whole file: data files, whose edits are small
+and anywhere. ``sampled_fingerprint(path)`` is the same up to ``FULL_HASH_LIMIT`` bytes
+(configs, tokenizers, small weights), and past it a sampled one: the size, the first and
+last ``EDGE_BYTES`` (the header of a safetensors or GGUF file, the end of a pickle) and
+``SAMPLES`` evenly spaced chunks. A full hash of a multi-GB safetensors, GGUF
 or .bin file would read all of it at every start and every --resume (tens of seconds per
 model on a network disk); new weights of the same shapes (a re-saved fine-tune) differ in
 nearly every chunk, so the samples see them. What they can miss is an edit of a few bytes
@@ -22,16 +23,23 @@ SAMPLE_BYTES = 64 << 10
 READ_BLOCK = 1 << 20
 
 
-def file_fingerprint(path: Path) -> str:
-    """'sha256:<hex>' of the whole file, or 'sampled:<hex>' past FULL_HASH_LIMIT bytes."""
-    size = path.stat().st_size
+def content_hash(path: Path) -> str:
+    """'sha256:<hex>' of the whole file."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
-        if size <= FULL_HASH_LIMIT:
-            while block := handle.read(READ_BLOCK):
-                digest.update(block)
-            return f"sha256:{digest.hexdigest()}"
-        digest.update(str(size).encode())
+        while block := handle.read(READ_BLOCK):
+            digest.update(block)
+    return f"sha256:{digest.hexdigest()}"
+
+
+def sampled_fingerprint(path: Path) -> str:
+    """content_hash up to FULL_HASH_LIMIT bytes, else 'sampled:<hex>' of the size and the
+    sampled spans (for weight files)."""
+    size = path.stat().st_size
+    if size <= FULL_HASH_LIMIT:
+        return content_hash(path)
+    digest = hashlib.sha256(str(size).encode())
+    with path.open("rb") as handle:
         for offset, length in _sampled_spans(size):
             handle.seek(offset)
             digest.update(handle.read(length))

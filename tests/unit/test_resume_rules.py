@@ -270,14 +270,14 @@ def test_large_weights_are_fingerprinted_by_samples_that_see_a_changed_chunk(
     monkeypatch.setattr(fingerprint, "FULL_HASH_LIMIT", 1024)
     path = tmp_path / "big.safetensors"
     path.write_bytes(os.urandom(1 << 20))
-    before = fingerprint.file_fingerprint(path)
-    assert before.startswith("sampled:") and before == fingerprint.file_fingerprint(path)
+    before = fingerprint.sampled_fingerprint(path)
+    assert before.startswith("sampled:") and before == fingerprint.sampled_fingerprint(path)
     content = bytearray(path.read_bytes())
     content[len(content) // 2] ^= 1  # the middle is sampled
     path.write_bytes(bytes(content))
-    assert fingerprint.file_fingerprint(path) != before
+    assert fingerprint.sampled_fingerprint(path) != before
     path.write_bytes(bytes(content) + b"x")  # the size is part of it
-    assert fingerprint.file_fingerprint(path) != before
+    assert fingerprint.sampled_fingerprint(path) != before
 
 
 def test_resume_of_a_run_dir_without_fingerprints_warns_and_records_them(
@@ -296,3 +296,14 @@ def test_synthetic_data_needs_no_file_fingerprint(tmp_path: Path) -> None:
     saved = json.loads((out / run_dir.INPUTS).read_text())
     assert saved["data.path"] == {}  # its generator's parameters are in the config
     run_dir.check_resume(out, cfg, [1])
+
+
+def test_data_files_are_hashed_whole_whatever_their_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fingerprint, "FULL_HASH_LIMIT", 16)  # every file here is "large"
+    _, cfg = fingerprinted_run(tmp_path)
+    found = run_dir.input_fingerprints(cfg)
+    assert all(v.startswith("sha256:") for v in found["data.path"].values())
+    weights = str(tmp_path / "model" / "model.safetensors")
+    assert found["model.name_or_path"][weights].startswith("sampled:")

@@ -40,7 +40,7 @@ from fedit.deploy.secagg_owner import SecureOwner
 from fedit.deploy.traffic import REFERENCE_GROUP, reply_content
 from fedit.engine.federation_data import tokenize_owner_data
 from fedit.engine.run_dir import INPUTS, input_changes, write_atomic
-from fedit.fingerprint import file_fingerprint
+from fedit.fingerprint import content_hash
 from fedit.models.adapters import attach_lora, get_adapter_state, set_adapter_state
 from fedit.models.loading import base_fingerprint, load_model, load_tokenizer
 from fedit.privacy import client_plan
@@ -204,7 +204,7 @@ def own_fingerprints(inputs: OwnerInputs) -> dict[str, dict[str, str]]:
     """{flag: {file: content fingerprint}} of this owner's --data and --preference-data."""
     files = {"--data": inputs.data, "--preference-data": inputs.preference_data}
     return {
-        flag: {} if path is None else {str(path): file_fingerprint(path)}
+        flag: {} if path is None else {str(path): content_hash(path)}
         for flag, path in files.items()
     }
 

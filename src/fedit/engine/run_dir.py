@@ -25,7 +25,7 @@ from fedit.config import ConfigError, RunConfig, load_config, to_toml
 from fedit.data.prepare import data_files
 from fedit.engine.checkpoint import metrics_record, round_dir
 from fedit.errors import write_error
-from fedit.fingerprint import file_fingerprint
+from fedit.fingerprint import content_hash, sampled_fingerprint
 from fedit.models.loading import model_files
 
 console = Console(stderr=True)
@@ -127,12 +127,14 @@ def check_resume(output_dir: Path, cfg: RunConfig, done: list[int]) -> None:
 
 
 def input_fingerprints(cfg: RunConfig) -> dict[str, dict[str, str]]:
-    """{config key: {file: content fingerprint}} of the files the run reads its data and
-    its base model from."""
-    files = {**data_files(cfg), "model.name_or_path": [str(p) for p in model_files(cfg.model)]}
-    return {
-        key: {name: file_fingerprint(Path(name)) for name in names} for key, names in files.items()
+    """{config key: {file: content fingerprint}} of the files the run reads its data (hashed
+    whole) and its base model (weights sampled: fedit.fingerprint) from."""
+    found = {
+        key: {name: content_hash(Path(name)) for name in names}
+        for key, names in data_files(cfg).items()
     }
+    found["model.name_or_path"] = {str(p): sampled_fingerprint(p) for p in model_files(cfg.model)}
+    return found
 
 
 def _check_inputs(output_dir: Path, cfg: RunConfig) -> None:

@@ -193,7 +193,9 @@ def model_files(cfg: ModelConfig) -> list[Path]:
     return sorted(
         path
         for path in directory.iterdir()
-        if path.is_file() and (path.suffix in MODEL_FILE_SUFFIXES or path.name in MODEL_FILE_NAMES)
+        if path.is_file()
+        and not path.name.startswith(".")
+        and (path.suffix in MODEL_FILE_SUFFIXES or path.name in MODEL_FILE_NAMES)
     )
 
 
