@@ -29,6 +29,7 @@ from fedit.deploy.owner import DataOwner, OwnerInputs
 from fedit.deploy.pki import make_node_key
 from fedit.engine.rounds import completed_run
 from fedit.engine.simulation import Simulation
+from fedit.errors import RunStopped
 from fedit.server.strategies import STRATEGIES
 from tests.deploy.conftest import owner_files, run_overrides
 
@@ -320,3 +321,24 @@ def test_owners_that_lost_their_state_get_it_again(
     assert outcomes[:3] == ["needs_c_k"] * 3  # asked first by digest, as always
     assert outcomes[3:] == ["ok"] * 3
     assert all((tmp_path / f"state_{k}").is_dir() for k in range(3))
+
+
+def test_a_restarted_owner_whose_data_file_changed_refuses_the_run(
+    monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """An owner restarted on another --data file at the same path refuses the rest of the
+    run, naming the file; its client would otherwise train on other records from then on."""
+    _, dep, files, keys = configs(tmp_path, tiny_model_dir, "fedavg")
+    mine = tmp_path / "mine" / "data.jsonl"  # owner 1's own copy, not the config's glob
+    mine.parent.mkdir()
+    shutil.copy(files[1], mine)
+    own = [files[0], mine, files[2]]
+    with pytest.raises(CoordinatorKilled):
+        deploy_rounds(
+            monkeypatch, dep, LoopbackOwners(owners_for(tmp_path, own, dep), keys, crash_at=2)
+        )
+    mine.write_text(mine.read_text().replace('"response": "', '"response": "so: ', 1))
+    restarted = LoopbackOwners(owners_for(tmp_path, own, dep), keys)
+    with pytest.raises(RunStopped, match=rf"client 1: .*--data: {mine} changed"):
+        deploy_rounds(monkeypatch, dep, restarted, resume=True)
+    assert (1, "refused") in restarted.replies

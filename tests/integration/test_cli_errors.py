@@ -87,6 +87,7 @@ def client_emptied_by_max_seq_len(model_dir: Path, tmp: Path) -> list[str]:
         "partition.method": "files",
         "partition.num_clients": 2,
         "data.max_seq_len": 160,
+        "data.heldout_per_category": 0,  # a held-out split would take both clients' prompts
     }
     return train(model_dir, tmp, **extra)
 

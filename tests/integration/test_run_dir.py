@@ -18,6 +18,7 @@ from fedit.engine import checkpoint
 from fedit.engine.simulation import Simulation
 from fedit.models.adapters import attach_lora, get_adapter_state
 from fedit.models.loading import load_model
+from fedit.models.tiny import make_tiny_model
 from tests.conftest import tiny_run_overrides
 from tests.integration.test_crash_resume import STRATEGIES, assert_same_run
 
@@ -86,8 +87,10 @@ def test_resume_with_broken_data_writes_nothing(
     assert snapshot(finished) == before
 
 
-def test_resume_whose_data_file_broke_writes_nothing(tiny_model_dir: Path, tmp_path: Path) -> None:
-    # the same data.path (so the configs agree), but the file now fails to read
+def test_resume_whose_data_file_changed_is_refused_and_writes_nothing(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # the same data.path (so the configs agree), but other records in the file
     data = tmp_path / "data.jsonl"
     rows = [
         {"instruction": f"q{i}", "context": "", "response": f"a{i}", "category": f"c{i % 2}"}
@@ -97,12 +100,24 @@ def test_resume_whose_data_file_broke_writes_nothing(tiny_model_dir: Path, tmp_p
     values = {"data.path": str(data), "federation.rounds": 2}
     assert train(tiny_model_dir, tmp_path / "run", **values).exit_code == 0
     before = snapshot(tmp_path / "run")
-    data.write_text(data.read_text() + '{"instruction": "x", "response": 3}\n')
+    data.write_text(data.read_text().replace('"a3"', '"a three"'))
     result = train(
         tiny_model_dir, tmp_path / "run", "--resume", **{**values, "federation.rounds": 3}
     )
     assert result.exit_code == 2
-    assert "data.jsonl:25" in output(result)
+    assert f"data.path: {data} changed since the run started" in output(result)
+    assert snapshot(tmp_path / "run") == before
+
+
+def test_resume_on_changed_base_weights_is_refused_and_writes_nothing(tmp_path: Path) -> None:
+    model_dir = make_tiny_model(tmp_path / "model")
+    assert train(model_dir, tmp_path / "run", **{"federation.rounds": 2}).exit_code == 0
+    before = snapshot(tmp_path / "run")
+    make_tiny_model(model_dir, seed=1)  # the same path and shapes, other weights
+    result = train(model_dir, tmp_path / "run", "--resume", **{"federation.rounds": 3})
+    assert result.exit_code == 2
+    changed = model_dir / "model.safetensors"
+    assert f"model.name_or_path: {changed} changed since the run started" in output(result)
     assert snapshot(tmp_path / "run") == before
 
 

@@ -55,6 +55,7 @@ def test_files_method_reads_one_preference_file_per_client(tmp_path: Path) -> No
             "train.objective=dpo",
             "partition.method=files",
             "partition.num_clients=2",
+            "data.heldout_per_category=0",  # held out from files: test_partition.py
         ],
     )
     prepared = prepare_preferences(cfg)

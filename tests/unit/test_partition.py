@@ -16,11 +16,11 @@ from fedit.data.partition import (
     PartitionError,
     category_table,
     format_table,
+    heldout_indices,
     partition_records,
     save_heatmap,
-    split_heldout,
 )
-from fedit.data.prepare import cap_records, prepare_records
+from fedit.data.prepare import cap_records, prepare_preferences, prepare_records
 from fedit.data.readers import read_records, write_records_jsonl
 from fedit.data.records import Record
 
@@ -100,16 +100,14 @@ def test_too_few_records() -> None:
         partition_records(make_records()[:3], PartitionConfig(method="iid", num_clients=4), 0)
 
 
-def test_split_heldout_counts_per_category() -> None:
+def test_heldout_indices_count_per_category() -> None:
     records = make_records()
-    train, heldout = split_heldout(records, per_category=5, seed=0)
-    held = {cat: sum(r.category == cat for r in heldout) for cat in SIZES}
+    chosen = heldout_indices(records, per_category=5, seed=0)
+    held = {cat: sum(records[i].category == cat for i in chosen) for cat in SIZES}
     assert held == {"a": 5, "b": 5, "c": 5, "d": 5, "e": 2}  # e keeps one for training
-    assert len(train) + len(heldout) == len(records)
-    assert set(train).isdisjoint(heldout)
-    assert split_heldout(records, 5, 0) == (train, heldout)
-    assert split_heldout(records, 5, 1) != (train, heldout)
-    assert split_heldout(records, 0, 0) == (records, [])
+    assert heldout_indices(records, 5, 0) == chosen
+    assert heldout_indices(records, 5, 1) != chosen
+    assert heldout_indices(records, 0, 0) == set()
 
 
 def test_category_table_and_format() -> None:
@@ -171,6 +169,63 @@ def test_files_method_reads_one_client_per_file(tmp_path: Path) -> None:
     cfg.partition.num_clients = 4
     with pytest.raises(ConfigError, match="matches 3 files"):
         prepare_records(cfg)
+
+
+def write_client_files(records: list, directory: Path, clients: int = 3) -> str:
+    """Deal `records` round-robin into client_K.jsonl files; their glob."""
+    for k in range(clients):
+        write_records_jsonl(records[k::clients], directory / f"client_{k}.jsonl")
+    return str(directory / "client_*.jsonl")
+
+
+def test_files_method_holds_out_records_as_the_other_partitions_do(tmp_path: Path) -> None:
+    records = make_records()
+    cfg = RunConfig()
+    cfg.data.path, cfg.data.heldout_per_category = write_client_files(records, tmp_path), 2
+    cfg.partition.method, cfg.partition.num_clients = "files", 3
+    prepared = prepare_records(cfg)
+    pooled = RunConfig()
+    pooled.data.path = str(write_records_jsonl(records, tmp_path / "all.jsonl"))
+    pooled.data.heldout_per_category, pooled.partition.num_clients = 2, 3
+    pooled.partition.method = "iid"
+    assert len(prepared.heldout) == len(prepare_records(pooled).heldout) == 10
+    trained = [prepared.train[i] for part in prepared.parts for i in part]
+    assert len(trained) == len(records) - len(prepared.heldout)
+    assert not set(prepared.heldout) & set(trained)
+    # each client trains on its own file's records only
+    for k, part in enumerate(prepared.parts):
+        assert {prepared.train[i] for i in part} <= set(records[k::3])
+
+
+def test_files_method_drops_records_repeating_a_heldout_file_prompt(tmp_path: Path) -> None:
+    records = make_records()
+    cfg = RunConfig()
+    cfg.data.path = write_client_files(records, tmp_path)
+    cfg.data.heldout_path = str(write_records_jsonl(records[:4], tmp_path / "test.jsonl"))
+    cfg.partition.method, cfg.partition.num_clients = "files", 3
+    prepared = prepare_records(cfg)
+    trained = [prepared.train[i] for part in prepared.parts for i in part]
+    assert (len(trained), prepared.removed_duplicates) == (len(records) - 4, 4)
+    assert not set(records[:4]) & set(trained)
+
+
+def test_files_method_holds_out_preference_pairs(tmp_path: Path) -> None:
+    rows = [
+        {"prompt": r.instruction, "chosen": "yes", "rejected": "no", "category": r.category}
+        for r in make_records()
+    ]
+    for k in range(3):
+        lines = "".join(json.dumps(row) + "\n" for row in rows[k::3])
+        (tmp_path / f"pairs_{k}.jsonl").write_text(lines, encoding="utf-8")
+    cfg = RunConfig()
+    cfg.data.path, cfg.data.preference_path = "", str(tmp_path / "pairs_*.jsonl")
+    cfg.data.heldout_per_category = 2
+    cfg.partition.method, cfg.partition.num_clients = "files", 3
+    prepared = prepare_preferences(cfg)
+    trained = {prepared.train[i].prompt for part in prepared.parts for i in part}
+    assert len(prepared.heldout) == 10
+    assert len(trained) == len(rows) - 10
+    assert not {p.prompt for p in prepared.heldout} & trained
 
 
 def test_partition_cli_end_to_end(tmp_path: Path) -> None:

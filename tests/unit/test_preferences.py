@@ -176,6 +176,67 @@ def test_malformed_jsonl_record_names_file_line_and_field(
     assert problem in message
 
 
+MULTI_TURN = [
+    {"role": "user", "content": "What is 2+2?"},
+    {"role": "assistant", "content": "4"},
+    {"role": "user", "content": "And 3+3?"},
+    {"role": "assistant", "content": "6"},
+]
+CONVERSATIONS = [
+    # a later question: its answer would be trained against the first one
+    ({**UF_RECORD, "chosen": MULTI_TURN}, "chosen", "multi-turn"),
+    (
+        {**UF_RECORD, "rejected": [*MULTI_TURN[:3], {"role": "assistant", "content": "7"}]},
+        "rejected",
+        "multi-turn",
+    ),
+    # a system turn would be dropped
+    (
+        {**UF_RECORD, "chosen": [{"role": "system", "content": "Be terse."}, *UF_RECORD["chosen"]]},
+        "chosen",
+        "multi-turn",
+    ),
+    # the user turn is not the prompt: which question the answer belongs to is unclear
+    (
+        {**UF_RECORD, "chosen": [{"role": "user", "content": "Other?"}, UF_RECORD["chosen"][1]]},
+        "chosen",
+        "differs from field 'prompt'",
+    ),
+    # TRL's conversational layout: the prompt itself a message list
+    (
+        {
+            "prompt": [{"role": "user", "content": "Hi"}],
+            "chosen": [{"role": "assistant", "content": "a"}],
+            "rejected": [{"role": "assistant", "content": "b"}],
+        },
+        "prompt",
+        "not supported yet",
+    ),
+    ({"messages": MULTI_TURN, "chosen": "6", "rejected": "7"}, "messages", "not supported yet"),
+]
+
+
+@pytest.mark.parametrize(("record", "field", "problem"), CONVERSATIONS)
+def test_conversation_pairs_are_refused_naming_file_line_and_field(
+    tmp_path: Path, record: dict, field: str, problem: str
+) -> None:
+    path = write_jsonl(tmp_path / "conv.jsonl", [UF_RECORD, record])
+    with pytest.raises(DataFormatError) as raised:
+        read_preferences(path)
+    message = str(raised.value)
+    assert message.startswith(f"{path}:2: field '{field}': ")
+    assert problem in message and "\n" not in message
+
+
+def test_single_turn_message_lists_are_still_read(tmp_path: Path) -> None:
+    answer_only = {**UF_RECORD, "chosen": [{"role": "assistant", "content": "4"}]}
+    # UltraFeedback-binarized also has the chosen dialogue as "messages"
+    with_messages = {**UF_RECORD, "messages": UF_RECORD["chosen"]}
+    rows = [UF_RECORD, answer_only, with_messages]
+    pairs = read_preferences(write_jsonl(tmp_path / "uf.jsonl", rows))
+    assert [(p.prompt, p.chosen, p.rejected) for p in pairs] == [("What is 2+2?", "4", "5")] * 3
+
+
 def test_malformed_json_item_and_csv_line_are_located(tmp_path: Path) -> None:
     json_path = tmp_path / "bad.json"
     json_path.write_text(json.dumps([PLAIN_RECORD, PLAIN_RECORD, {"prompt": "p", "chosen": "a"}]))

@@ -78,6 +78,41 @@ def test_bad_jsonl_record_names_line_and_field(tmp_path: Path, row: object, mess
         read_records(path)
 
 
+@pytest.mark.parametrize(
+    ("row", "field"),
+    [
+        (
+            {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]},
+            "conversations",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "Hi"},
+                    {"role": "assistant", "content": "Yo"},
+                ]
+            },
+            "messages",
+        ),
+        # Alpaca with earlier turns (LLaMA-Factory's "history"): they would be dropped
+        ({**DOLLY_ROW, "history": [["Hello", "Hi there"]]}, "history"),
+    ],
+)
+def test_conversation_records_are_refused_naming_the_field(
+    tmp_path: Path, row: dict, field: str
+) -> None:
+    path = write_jsonl(tmp_path / "c.jsonl", [DOLLY_ROW, row])
+    pattern = rf"c\.jsonl:2: field '{field}': conversation records .* not supported yet"
+    with pytest.raises(DataFormatError, match=pattern):
+        read_records(path)
+
+
+def test_a_record_with_its_fields_and_a_copy_as_messages_is_read(tmp_path: Path) -> None:
+    messages = [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}]
+    path = write_jsonl(tmp_path / "d.jsonl", [{**DOLLY_ROW, "messages": messages}])
+    assert read_records(path) == [Record("Say hi", "hi", "", "open_qa")]
+
+
 def test_malformed_jsonl_line_names_line(tmp_path: Path) -> None:
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps(DOLLY_ROW) + "\n\n{not json\n")

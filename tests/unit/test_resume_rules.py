@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fedit.config import load_config
+from fedit import fingerprint
+from fedit.config import ConfigError, load_config
 from fedit.engine import run_dir
 from fedit.engine.checkpoint import ClientStateStore
 from fedit.engine.run_dir import rebuild_metrics, resume_conflicts, write_atomic
@@ -194,3 +195,115 @@ def test_write_atomic_on_a_full_disk_keeps_the_old_file(
     assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(path)
     assert [p.name for p in tmp_path.iterdir()] == ["config.toml"]
     assert path.read_text() == "old"
+
+
+# ---------------------------------------------------------------------------- input fingerprints
+
+
+def fingerprinted_run(tmp_path: Path, *extra: str) -> tuple[Path, object]:
+    """A run dir prepared (config, input fingerprints) for a config reading a data file, a
+    held-out file and a model directory of fake weights; (run dir, config)."""
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"instruction": "q", "response": "a"}\n')
+    (tmp_path / "heldout.jsonl").write_text('{"instruction": "h", "response": "b"}\n')
+    model = tmp_path / "model"
+    model.mkdir(exist_ok=True)
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(bytes(range(256)) * 64)
+    (model / "README.md").write_text("notes")
+    cfg = load_config(
+        None,
+        [
+            f"output_dir={tmp_path / 'run'}",
+            f"data.path={data}",
+            f"data.heldout_path={tmp_path / 'heldout.jsonl'}",
+            f"model.name_or_path={model}",
+            *extra,
+        ],
+    )
+    run_dir.prepare_run_dir(tmp_path / "run", cfg, [])
+    return tmp_path / "run", cfg
+
+
+def test_resume_with_unchanged_inputs_is_accepted(tmp_path: Path) -> None:
+    out, cfg = fingerprinted_run(tmp_path)
+    assert (out / run_dir.INPUTS).is_file()
+    os.utime(tmp_path / "model" / "model.safetensors", (0, 0))  # a copy's new mtime: no change
+    (tmp_path / "model" / "README.md").write_text("other notes")  # not the model
+    run_dir.check_resume(out, cfg, [1])
+
+
+@pytest.mark.parametrize(
+    ("changed", "key"),
+    [
+        ("data.jsonl", "data.path"),
+        ("heldout.jsonl", "data.heldout_path"),
+        ("model/model.safetensors", "model.name_or_path"),
+        ("model/config.json", "model.name_or_path"),
+    ],
+)
+def test_resume_refuses_a_changed_input_file_naming_it(
+    tmp_path: Path, changed: str, key: str
+) -> None:
+    out, cfg = fingerprinted_run(tmp_path)
+    path = tmp_path / changed
+    content = bytearray(path.read_bytes())
+    content[len(content) // 2] ^= 1  # one bit, same size
+    path.write_bytes(bytes(content))
+    with pytest.raises(ConfigError) as raised:
+        run_dir.check_resume(out, cfg, [1])
+    message = str(raised.value)
+    assert f"cannot resume {out}: {key}: {path} changed" in message
+    assert "\n" not in message
+
+
+def test_resume_refuses_a_file_gone_from_or_added_to_the_model(tmp_path: Path) -> None:
+    out, cfg = fingerprinted_run(tmp_path)
+    (tmp_path / "model" / "model-00002.safetensors").write_bytes(b"more weights")
+    with pytest.raises(ConfigError, match=r"model-00002\.safetensors .*added"):
+        run_dir.check_resume(out, cfg, [1])
+
+
+def test_large_weights_are_fingerprinted_by_samples_that_see_a_changed_chunk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fingerprint, "FULL_HASH_LIMIT", 1024)
+    path = tmp_path / "big.safetensors"
+    path.write_bytes(os.urandom(1 << 20))
+    before = fingerprint.sampled_fingerprint(path)
+    assert before.startswith("sampled:") and before == fingerprint.sampled_fingerprint(path)
+    content = bytearray(path.read_bytes())
+    content[len(content) // 2] ^= 1  # the middle is sampled
+    path.write_bytes(bytes(content))
+    assert fingerprint.sampled_fingerprint(path) != before
+    path.write_bytes(bytes(content) + b"x")  # the size is part of it
+    assert fingerprint.sampled_fingerprint(path) != before
+
+
+def test_resume_of_a_run_dir_without_fingerprints_warns_and_records_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out, cfg = fingerprinted_run(tmp_path)
+    (out / run_dir.INPUTS).unlink()  # as an older fedit left it
+    run_dir.check_resume(out, cfg, [1])
+    assert "no input fingerprints" in capsys.readouterr().err
+    run_dir.prepare_run_dir(out, cfg, [1])
+    assert (out / run_dir.INPUTS).is_file()
+
+
+def test_synthetic_data_needs_no_file_fingerprint(tmp_path: Path) -> None:
+    out, cfg = fingerprinted_run(tmp_path, "data.path=synthetic")
+    saved = json.loads((out / run_dir.INPUTS).read_text())
+    assert saved["data.path"] == {}  # its generator's parameters are in the config
+    run_dir.check_resume(out, cfg, [1])
+
+
+def test_data_files_are_hashed_whole_whatever_their_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fingerprint, "FULL_HASH_LIMIT", 16)  # every file here is "large"
+    _, cfg = fingerprinted_run(tmp_path)
+    found = run_dir.input_fingerprints(cfg)
+    assert all(v.startswith("sha256:") for v in found["data.path"].values())
+    weights = str(tmp_path / "model" / "model.safetensors")
+    assert found["model.name_or_path"][weights].startswith("sampled:")

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Protocol
 
 import numpy as np
 
@@ -29,7 +29,6 @@ class Categorized(Protocol):
 
 
 Items = Sequence[Categorized]
-Item = TypeVar("Item", bound=Categorized)
 Partitioner = Callable[[Items, PartitionConfig, int], list[list[int]]]
 PARTITIONERS: dict[str, Partitioner] = {}
 MAX_DIRICHLET_TRIES = 1000
@@ -162,13 +161,10 @@ def quantity_skew(records: Items, config: PartitionConfig, seed: int) -> list[li
     return [sorted(p) for p in parts]
 
 
-def split_heldout(
-    records: Sequence[Item], per_category: int, seed: int
-) -> tuple[list[Item], list[Item]]:
-    """Set aside `per_category` random records of each category as the global test set.
+def heldout_indices(records: Items, per_category: int, seed: int) -> set[int]:
+    """The indices of `per_category` random records of each category: the global test set.
 
     A category with too few records gives fewer, always leaving at least one to train on.
-    Both lists keep the input order. Returns (train, heldout).
     """
     by_category: dict[str, list[int]] = {}
     for i, record in enumerate(records):
@@ -179,9 +175,7 @@ def split_heldout(
         members = by_category[category]
         take = min(per_category, len(members) - 1)
         chosen.update(rng.choice(members, size=take, replace=False).tolist())
-    train = [r for i, r in enumerate(records) if i not in chosen]
-    heldout = [r for i, r in enumerate(records) if i in chosen]
-    return train, heldout
+    return chosen
 
 
 def category_table(records: Items, parts: list[list[int]]) -> tuple[list[str], list[list[int]]]:

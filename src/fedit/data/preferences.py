@@ -7,8 +7,13 @@ Three record formats, detected per record with ``format="auto"``:
   ``"\\n\\nHuman: ...\\n\\nAssistant: ..."`` that share their opening turns; the prompt is
   their longest shared prefix up to and including the last ``"\\n\\nAssistant:"`` both share.
 * ``ultrafeedback`` (UltraFeedback-binarized): ``prompt`` is a string, ``chosen`` and
-  ``rejected`` are lists of ``{"role", "content"}`` messages whose final assistant message
-  is the response.
+  ``rejected`` are lists of ``{"role", "content"}`` messages: the prompt as a user turn,
+  then the response as an assistant turn (or the assistant turn alone).
+
+Conversations (more turns than one question and its answer, a system turn, a prompt given
+as a message list, OpenAI ``messages`` or ShareGPT ``conversations``) are refused, naming
+the field: read as one prompt and one response they would train the last answer against
+another question.
 
 Responses are stripped of surrounding whitespace in every format; prompts are kept verbatim
 (the prompt template, applied at tokenisation, decides what separates prompt and response).
@@ -26,7 +31,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fedit.config import PREFERENCE_FORMATS
-from fedit.data.readers import iter_rows
+from fedit.data.readers import CONVERSATIONS_UNSUPPORTED, iter_rows, refuse_conversation
 from fedit.data.records import DataFormatError
 from fedit.data.synthetic import generate_records, wrong_answer
 from fedit.data.templates import ResponseFrame
@@ -112,6 +117,7 @@ def parse_pair(row: Any, format: str, where: str = "record") -> PreferencePair:
     if format == "auto":
         format = detect_format(row)
         if not format:
+            refuse_conversation(row, where)  # the likelier reason it has no prompt
             raise _error(where, "prompt", "missing (and chosen is not an HH dialogue)")
     parsers = {"plain": _parse_plain, "hh": _parse_hh, "ultrafeedback": _parse_ultrafeedback}
     prompt, chosen, rejected = parsers[format](row, where)
@@ -132,6 +138,8 @@ def _field(row: Row, name: str, where: str, default: str | None = None) -> str:
         if default is None:
             raise _error(where, name, "missing")
         return default
+    if isinstance(value, list):  # e.g. TRL's conversational prompt: a message list
+        raise _error(where, name, f"a message list: {CONVERSATIONS_UNSUPPORTED}")
     if not isinstance(value, str):
         raise _error(where, name, f"expected a string, got {type(value).__name__}")
     return value
@@ -158,13 +166,14 @@ def _parse_hh(row: Row, where: str) -> tuple[str, str, str]:
 
 def _parse_ultrafeedback(row: Row, where: str) -> tuple[str, str, str]:
     prompt = _field(row, "prompt", where)
-    chosen = _final_assistant(row, "chosen", where)
-    rejected = _final_assistant(row, "rejected", where)
+    chosen = _final_assistant(row, "chosen", prompt, where)
+    rejected = _final_assistant(row, "rejected", prompt, where)
     return prompt, chosen, rejected
 
 
-def _final_assistant(row: Row, name: str, where: str) -> str:
-    """Content of the final message of an UltraFeedback list; it must be the assistant's."""
+def _final_assistant(row: Row, name: str, prompt: str, where: str) -> str:
+    """Content of the final message of an UltraFeedback list; it must be the assistant's,
+    after nothing but the prompt as the user's turn."""
     messages = row.get(name)
     if messages is None:
         raise _error(where, name, "missing")
@@ -176,7 +185,22 @@ def _final_assistant(row: Row, name: str, where: str) -> str:
     content = last.get("content")
     if not isinstance(content, str):
         raise _error(where, name, "final assistant message has no string content")
+    _check_single_turn(messages[:-1], name, prompt, where)
     return content.strip()
+
+
+def _check_single_turn(before: list, name: str, prompt: str, where: str) -> None:
+    """The turns before the response may only be the prompt, as one user turn."""
+    if len(before) > 1 or (before and not isinstance(before[0], dict)):
+        raise _error(where, name, f"multi-turn message list: {CONVERSATIONS_UNSUPPORTED}")
+    if not before:
+        return
+    first = before[0]
+    if first.get("role") != "user":
+        raise _error(where, name, f"multi-turn message list: {CONVERSATIONS_UNSUPPORTED}")
+    content = first.get("content")
+    if not isinstance(content, str) or content.strip() != prompt.strip():
+        raise _error(where, name, "the user turn differs from field 'prompt'")
 
 
 # ---------------------------------------------------------------------------- tokenising

@@ -4,7 +4,8 @@
 sets aside the global held-out set and partitions the rest over clients. The
 ``partition`` command, the engine and the comparison driver all call it, so they always
 see the same split. With ``partition.method = "files"`` the clients come pre-partitioned:
-``data.path`` is a glob and every matching file is one client's records.
+``data.path`` is a glob and every matching file is one client's records, less the held-out
+set, which is set aside and removed exactly as for the other partitions.
 
 ``prepare_preferences(cfg)`` does the same for DPO preference pairs (``data.preference_path``):
 the same cap, per-category held-out split and partitioner, so the two sets are split alike
@@ -15,13 +16,15 @@ from __future__ import annotations
 
 import glob
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
 
 from fedit.config import ConfigError, RunConfig
-from fedit.data.partition import partition_records, split_heldout
+from fedit.data.partition import heldout_indices, partition_records
 from fedit.data.preferences import PreferencePair, read_preferences, synthetic_pairs
 from fedit.data.readers import read_records
 from fedit.data.records import Record
@@ -61,6 +64,21 @@ def client_files(pattern: str, num_clients: int) -> list[str]:
     return paths
 
 
+DATA_FILE_KEYS = ("path", "heldout_path", "preference_path", "heldout_preference_path")
+
+
+def data_files(cfg: RunConfig) -> dict[str, list[str]]:
+    """{"data.<key>": the local files it names} for each data source of a run config: the
+    file, a glob's matches (partition.method = "files"), or none (synthetic data, whose
+    generator's parameters are in the config; a Hugging Face dataset name)."""
+    found = {}
+    for key in DATA_FILE_KEYS:
+        source = getattr(cfg.data, key)
+        matches = [] if source in ("", "synthetic") else glob.glob(source)
+        found[f"data.{key}"] = sorted((p for p in matches if Path(p).is_file()), key=_natural_key)
+    return found
+
+
 def _read_source(cfg: RunConfig) -> list[Record]:
     if cfg.data.path == "synthetic":
         from fedit.data.synthetic import generate_records
@@ -69,11 +87,63 @@ def _read_source(cfg: RunConfig) -> list[Record]:
     return read_records(cfg.data.path, cfg.data.fields, cfg.data.split)
 
 
-def drop_heldout_duplicates(train: list[Record], heldout: list[Record]) -> tuple[list[Record], int]:
-    """Training records whose prompt equals a held-out prompt would leak the test set."""
-    seen = {(r.instruction, r.context) for r in heldout}
-    kept = [r for r in train if (r.instruction, r.context) not in seen]
-    return kept, len(train) - len(kept)
+def hold_out(
+    items: Sequence[T], heldout_file: list[T] | None, cfg: RunConfig, prompt: Callable[[T], object]
+) -> tuple[list[int], list[T], int]:
+    """(indices of `items` left to train on, the held-out set, duplicates removed).
+
+    The held-out set is `heldout_file`, or data.heldout_per_category items of each category
+    split off `items`; a training item whose prompt is a held-out prompt is removed too,
+    since it would leak the test set.
+    """
+    if heldout_file is None:
+        chosen = heldout_indices(items, cfg.data.heldout_per_category, cfg.seed)
+        heldout = [items[i] for i in sorted(chosen)]
+    else:
+        chosen, heldout = set(), heldout_file
+    prompts = {prompt(item) for item in heldout}
+    rest = [i for i in range(len(items)) if i not in chosen]
+    kept = [i for i in rest if prompt(items[i]) not in prompts]
+    return kept, heldout, len(rest) - len(kept)
+
+
+def _read_client_files(pattern: str, cfg: RunConfig, read: Callable[[str], list[T]]):
+    """(every client file's items, in client order; the client owning each item)."""
+    items: list[T] = []
+    owners: list[int] = []
+    for k, path in enumerate(client_files(pattern, cfg.partition.num_clients)):
+        found = read(path)
+        items += found
+        owners += [k] * len(found)
+    return items, owners
+
+
+def _split(
+    items: list[T],
+    owners: list[int] | None,
+    heldout_file: list[T] | None,
+    cfg: RunConfig,
+    prompt: Callable[[T], object],
+) -> tuple[list[T], list[T], list[list[int]], int]:
+    """(train, held-out, per-client indices into train, duplicates removed): the held-out
+    set goes first, then the rest is partitioned, or stays with its file's client
+    (`owners`, partition.method = "files"), the same held-out removal either way."""
+    kept, heldout, removed = hold_out(items, heldout_file, cfg, prompt)
+    train = [items[i] for i in kept]
+    if owners is None:
+        return train, heldout, partition_records(train, cfg.partition, cfg.seed), removed
+    parts: list[list[int]] = [[] for _ in range(cfg.partition.num_clients)]
+    for position, i in enumerate(kept):
+        parts[owners[i]].append(position)
+    return train, heldout, parts, removed
+
+
+def _record_prompt(record: Record) -> tuple[str, str]:
+    return record.instruction, record.context
+
+
+def _pair_prompt(pair: PreferencePair) -> str:
+    return pair.prompt
 
 
 def prepare_records(cfg: RunConfig) -> PreparedRecords:
@@ -82,21 +152,14 @@ def prepare_records(cfg: RunConfig) -> PreparedRecords:
     if not data.path:  # a DPO-only config: its pairs come from prepare_preferences
         raise ConfigError("data.path: not set, so this run has no instruction records")
     heldout_file = read_records(data.heldout_path, data.fields) if data.heldout_path else None
+    owners = None
     if cfg.partition.method == "files":
-        files = client_files(data.path, cfg.partition.num_clients)
-        per_client = [read_records(f, data.fields) for f in files]
-        train = [r for records in per_client for r in records]
-        bounds = np.cumsum([0] + [len(r) for r in per_client])
-        parts = [list(range(bounds[i], bounds[i + 1])) for i in range(len(per_client))]
-        return PreparedRecords(train, heldout_file or [], parts, 0)
-    records = cap_records(_read_source(cfg), data.max_records, cfg.seed)
-    if heldout_file is None:
-        train, heldout = split_heldout(records, data.heldout_per_category, cfg.seed)
+        records, owners = _read_client_files(
+            data.path, cfg, lambda path: read_records(path, data.fields)
+        )
     else:
-        train, heldout = records, heldout_file
-    train, removed = drop_heldout_duplicates(train, heldout)
-    parts = partition_records(train, cfg.partition, cfg.seed)
-    return PreparedRecords(train, heldout, parts, removed)
+        records = cap_records(_read_source(cfg), data.max_records, cfg.seed)
+    return PreparedRecords(*_split(records, owners, heldout_file, cfg, _record_prompt))
 
 
 def load_heldout(cfg: RunConfig) -> list[Record]:
@@ -125,10 +188,11 @@ def prepare_preferences(cfg: RunConfig) -> PreparedPreferences:
     """(train, held-out, per-client index lists) of the preference pairs of a run config.
 
     Mirrors ``prepare_records``: ``data.max_records`` caps the pairs, ``data.heldout_per_category``
-    pairs per category are held out, training pairs whose prompt is a held-out prompt are
-    dropped, and the configured partitioner splits the rest. With ``partition.method =
-    "files"``, ``data.preference_path`` is a glob of one file per client and nothing is held
-    out; ``data.heldout_preference_path`` names a held-out pairs file instead of a split.
+    pairs per category are held out (``data.heldout_preference_path`` names a held-out pairs
+    file instead), training pairs whose prompt is a held-out prompt are dropped, and the
+    configured partitioner splits the rest. With ``partition.method = "files"``,
+    ``data.preference_path`` is a glob of one file per client, and each client keeps what
+    the held-out set leaves of its file.
     """
     data = cfg.data
     heldout_file = (
@@ -136,21 +200,13 @@ def prepare_preferences(cfg: RunConfig) -> PreparedPreferences:
         if data.heldout_preference_path
         else None
     )
+    owners = None
     if cfg.partition.method == "files":
-        files = client_files(data.preference_path, cfg.partition.num_clients)
-        per_client = [_read_preference_source(cfg, f) for f in files]
-        train = [p for pairs in per_client for p in pairs]
-        bounds = np.cumsum([0] + [len(p) for p in per_client])
-        parts = [list(range(bounds[i], bounds[i + 1])) for i in range(len(per_client))]
-        return PreparedPreferences(train, heldout_file or [], parts, 0)
-    pairs = cap_records(
-        _read_preference_source(cfg, data.preference_path), data.max_records, cfg.seed
-    )
-    if heldout_file is None:
-        train, heldout = split_heldout(pairs, data.heldout_per_category, cfg.seed)
+        pairs, owners = _read_client_files(
+            data.preference_path, cfg, lambda path: _read_preference_source(cfg, path)
+        )
     else:
-        train, heldout = pairs, heldout_file
-    prompts = {p.prompt for p in heldout}
-    kept = [p for p in train if p.prompt not in prompts]
-    parts = partition_records(kept, cfg.partition, cfg.seed)
-    return PreparedPreferences(kept, heldout, parts, len(train) - len(kept))
+        pairs = cap_records(
+            _read_preference_source(cfg, data.preference_path), data.max_records, cfg.seed
+        )
+    return PreparedPreferences(*_split(pairs, owners, heldout_file, cfg, _pair_prompt))

@@ -33,6 +33,15 @@ FIELD_MAPS: dict[str, dict[str, str]] = {
 REQUIRED = ("instruction", "response")
 OPTIONAL = ("context", "category")
 FILE_SUFFIXES = (".json", ".jsonl", ".csv")
+# Keys under which conversation layouts keep a whole dialogue (OpenAI's, ShareGPT's), and
+# the key of Alpaca's earlier turns (LLaMA-Factory's "history"). fedit reads one prompt and
+# one response per record, so such a record is refused rather than read without its turns.
+CONVERSATION_KEYS = ("messages", "conversations")
+EARLIER_TURNS_KEY = "history"
+CONVERSATIONS_UNSUPPORTED = (
+    "conversation records (OpenAI 'messages', ShareGPT 'conversations', earlier turns) are "
+    "not supported yet; give one prompt and one response per record"
+)
 
 
 def parse_fields(fields: str) -> dict[str, str]:
@@ -89,11 +98,14 @@ def to_record(row: Any, mapping: dict[str, str], where: str) -> Record:
     """Validate one raw row (a dict) and map it onto a Record; `where` prefixes errors."""
     if not isinstance(row, dict):
         raise DataFormatError(f"{where}: expected an object, got {type(row).__name__}")
+    if EARLIER_TURNS_KEY not in mapping.values():  # read, the record would lose its turns
+        refuse_conversation(row, where, (EARLIER_TURNS_KEY,))
     values: dict[str, str] = {}
     for name, key in mapping.items():
         value = row.get(key)
         if value is None:  # absent key, JSON null, or a short CSV row
             if name in REQUIRED:
+                refuse_conversation(row, where)  # the likelier reason it is missing
                 raise DataFormatError(f"{where}: field {key!r}: missing")
             continue
         if not isinstance(value, str):
@@ -106,6 +118,16 @@ def to_record(row: Any, mapping: dict[str, str], where: str) -> Record:
     if not values.get("category", "").strip():
         values["category"] = "default"
     return Record(**values)
+
+
+def refuse_conversation(row: dict, where: str, keys: tuple[str, ...] = CONVERSATION_KEYS) -> None:
+    """Raise DataFormatError naming the field when `row` holds dialogue turns under one of
+    `keys`: fedit cannot read it as one prompt and one response without dropping turns
+    (and training an answer against the wrong question)."""
+    for key in keys:
+        value = row.get(key)
+        if isinstance(value, list) and value:
+            raise DataFormatError(f"{where}: field {key!r}: {CONVERSATIONS_UNSUPPORTED}")
 
 
 def _read_text(path: Path) -> str:

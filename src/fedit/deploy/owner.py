@@ -17,6 +17,7 @@ leave it at all.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,8 @@ from fedit.deploy import secagg_wire, wire
 from fedit.deploy.secagg_owner import SecureOwner
 from fedit.deploy.traffic import REFERENCE_GROUP, reply_content
 from fedit.engine.federation_data import tokenize_owner_data
+from fedit.engine.run_dir import INPUTS, input_changes, write_atomic
+from fedit.fingerprint import content_hash
 from fedit.models.adapters import attach_lora, get_adapter_state, set_adapter_state
 from fedit.models.loading import base_fingerprint, load_model, load_tokenizer
 from fedit.privacy import client_plan
@@ -105,8 +108,17 @@ class RunSession:
     base model with its adapter, the records and the LocalClient (the records tokenised
     once the first task names the owner's client id)."""
 
-    def __init__(self, inputs: OwnerInputs, header: wire.RunHeader, records, pairs) -> None:
+    def __init__(
+        self,
+        inputs: OwnerInputs,
+        header: wire.RunHeader,
+        records,
+        pairs,
+        fingerprints: dict[str, dict[str, str]],
+    ) -> None:
         self.cfg = owner_config(header.config_toml, inputs)
+        self.state_root = inputs.state_dir / header.config_sha256[:12]
+        check_own_inputs(self.state_root, fingerprints)  # before the model: a refusal is cheap
         if inputs.threads:
             torch.set_num_threads(inputs.threads)
         self.tokenizer = load_tokenizer(self.cfg.model)
@@ -115,7 +127,6 @@ class RunSession:
         self.fingerprint = base_fingerprint(self.model)
         self.shapes = wire.shapes_of(get_adapter_state(self.model))
         self.header = header
-        self.state_root = inputs.state_dir / header.config_sha256[:12]
         self.client: LocalClient | None = None  # built once the first task names our id
         self.ranks = client_ranks(self.cfg, self.cfg.partition.num_clients)  # or None
         self.pad_id = self.tokenizer.pad_token_id
@@ -189,6 +200,33 @@ class RunSession:
         return True
 
 
+def own_fingerprints(inputs: OwnerInputs) -> dict[str, dict[str, str]]:
+    """{flag: {file: content fingerprint}} of this owner's --data and --preference-data."""
+    files = {"--data": inputs.data, "--preference-data": inputs.preference_data}
+    return {
+        flag: {} if path is None else {str(path): content_hash(path)}
+        for flag, path in files.items()
+    }
+
+
+def check_own_inputs(state_root: Path, fingerprints: dict[str, dict[str, str]]) -> None:
+    """Record this owner's data fingerprints at its first task of a run (in the run's state
+    dir), and refuse the run's tasks once its files changed: a restarted owner would train
+    its client on other records from then on, beside state (c_k, DPO reference log-probs)
+    computed from the old ones."""
+    path = state_root / INPUTS
+    if not path.is_file():
+        state_root.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, json.dumps(fingerprints, indent=1))
+        return
+    changes = input_changes(json.loads(path.read_text()), fingerprints)
+    if changes:
+        raise ConfigError(
+            f"this owner's {'; '.join(changes)}: its client cannot continue the run on other "
+            f"records; restore the file, or remove {state_root} to join the run afresh"
+        )
+
+
 def owner_config(config_toml: str, inputs: OwnerInputs) -> RunConfig:
     """The run's config with this owner's own files (and how they are laid out) in place of
     the coordinator's blanks."""
@@ -226,6 +264,7 @@ class DataOwner:
             if inputs.preference_data
             else []
         )
+        self.fingerprints = own_fingerprints(inputs)  # of the files as just read
         self.session: RunSession | None = None
         self.secure = SecureOwner(self)  # secure aggregation's per-round secrets
         self.model_loads = 0
@@ -302,7 +341,7 @@ class DataOwner:
         session = self.session
         if session is None or session.header.config_sha256 != header.config_sha256:
             self.session = session = None  # release the old run's model first
-            session = RunSession(self.inputs, header, self.records, self.pairs)
+            session = RunSession(self.inputs, header, self.records, self.pairs, self.fingerprints)
             self.model_loads += 1
             log.info("base model loads: %d", self.model_loads)
             self.session = session

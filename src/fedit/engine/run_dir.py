@@ -4,6 +4,10 @@ cleaned before a run writes anything.
 The checkpoints (fedit.engine.checkpoint) are the source of truth: each round directory
 holds everything the round produced, its metrics line included, and metrics.jsonl is a
 view rebuilt from them, so a crash at any point leaves one line per committed round.
+
+inputs.json holds the content fingerprints (fedit.fingerprint) of the files the run read
+its data and its base model from, written when it starts; --resume refuses a run whose
+files changed since, though their paths (in the config) did not.
 """
 
 from __future__ import annotations
@@ -14,12 +18,20 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+from rich.markup import escape
+
 from fedit.config import ConfigError, RunConfig, load_config, to_toml
+from fedit.data.prepare import data_files
 from fedit.engine.checkpoint import metrics_record, round_dir
 from fedit.errors import write_error
+from fedit.fingerprint import content_hash, sampled_fingerprint
+from fedit.models.loading import model_files
 
+console = Console(stderr=True)
 METRICS = "metrics.jsonl"
 CONFIG = "config.toml"
+INPUTS = "inputs.json"
 LEGACY_CLIENT_STATE = "client_state"  # c_k of older fedit, written before the round committed
 
 # Keys a resumed run may change: they cannot alter the maths of the rounds already trained
@@ -110,6 +122,57 @@ def check_resume(output_dir: Path, cfg: RunConfig, done: list[int]) -> None:
             f"{', '.join(conflicts)}. Only {', '.join(sorted(RESUMABLE_KEYS))} may change on "
             "--resume; use another output_dir for a new run"
         )
+    if done:
+        _check_inputs(output_dir, cfg)
+
+
+def input_fingerprints(cfg: RunConfig) -> dict[str, dict[str, str]]:
+    """{config key: {file: content fingerprint}} of the files the run reads its data (hashed
+    whole) and its base model (weights sampled: fedit.fingerprint) from."""
+    found = {
+        key: {name: content_hash(Path(name)) for name in names}
+        for key, names in data_files(cfg).items()
+    }
+    found["model.name_or_path"] = {str(p): sampled_fingerprint(p) for p in model_files(cfg.model)}
+    return found
+
+
+def _check_inputs(output_dir: Path, cfg: RunConfig) -> None:
+    """Refuse to resume when a data file or the base model's files changed since the run
+    started; an older run dir without inputs.json resumes unchecked, with a warning."""
+    path = output_dir / INPUTS
+    if not path.is_file():
+        console.print(
+            f"[bold yellow]warning[/]: {escape(str(output_dir))} has no input fingerprints "
+            f"({INPUTS}, written since fedit checks them): the data files and base weights "
+            "cannot be checked against those the saved rounds trained on"
+        )
+        return
+    try:
+        saved = json.loads(path.read_text())
+    except ValueError as err:
+        raise ConfigError(f"{path}: not valid JSON ({err}); restore it or start afresh") from None
+    changes = input_changes(saved, input_fingerprints(cfg))
+    if changes:
+        raise ConfigError(
+            f"cannot resume {output_dir}: {'; '.join(changes)}, so the rounds to come would "
+            "train on other inputs than the saved ones; restore them, or start a new run in "
+            "another output_dir"
+        )
+
+
+def input_changes(saved: dict[str, dict[str, str]], now: dict[str, dict[str, str]]) -> list[str]:
+    """'<key>: <file> changed|added|removed since the run started' for each file whose
+    fingerprint differs between two input_fingerprints answers."""
+    changes = []
+    for key in sorted(saved.keys() | now.keys()):
+        old, new = saved.get(key, {}), now.get(key, {})
+        for name in sorted(old.keys() | new.keys()):
+            if old.get(name) == new.get(name):
+                continue
+            what = "added" if name not in old else "removed" if name not in new else "changed"
+            changes.append(f"{key}: {name} {what} since the run started")
+    return changes
 
 
 def prepare_run_dir(output_dir: Path, cfg: RunConfig, done: list[int]) -> None:
@@ -119,7 +182,8 @@ def prepare_run_dir(output_dir: Path, cfg: RunConfig, done: list[int]) -> None:
     Leftovers of an interrupted write are removed; a fresh start (no committed round)
     also removes an earlier attempt's metrics and client state, so none of it leaks in.
     config.toml is (re)written only when it differs from the run's config (a resume may
-    have changed RESUMABLE_KEYS), and metrics.jsonl is rebuilt from the committed rounds.
+    have changed RESUMABLE_KEYS), inputs.json at a fresh start (or on the first resume of
+    an older run dir), and metrics.jsonl is rebuilt from the committed rounds.
     """
     output_dir.mkdir(parents=True, exist_ok=True)
     stale = list(output_dir.glob(".tmp-*"))
@@ -132,6 +196,8 @@ def prepare_run_dir(output_dir: Path, cfg: RunConfig, done: list[int]) -> None:
     text = to_toml(cfg.to_dict())
     if not config.is_file() or config.read_text() != text:
         write_atomic(config, text)
+    if not done or not (output_dir / INPUTS).is_file():  # a resume checked them
+        write_atomic(output_dir / INPUTS, json.dumps(input_fingerprints(cfg), indent=1))
     rebuild_metrics(output_dir, done)
 
 

