@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from fedit.client import session
 from fedit.config import RunConfig, load_config
 from fedit.engine.simulation import Simulation
-from fedit.privacy import resolve_plan
+from fedit.privacy import accountant, resolve_plan
 from fedit.seeding import Stream, derive_seed
 from fedit.server.selection import select_clients
 from tests.conftest import tiny_run_overrides
@@ -117,3 +117,18 @@ def test_central_mode_clients_add_no_noise(
     Simulation(cfg, show_progress=False).run()
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(line["aggregator"]["denominator"] == 2 for line in lines[1:])
+
+
+@pytest.mark.parametrize("method", ["pld", "rdp"])
+def test_each_round_reports_epsilon_by_the_configured_accountant(
+    method: str, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    cfg = dp_config(tiny_model_dir, tmp_path / "run", "central", **{"privacy.accountant": method})
+    Simulation(cfg, show_progress=False).run()
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    n, m = cfg.partition.num_clients, cfg.federation.clients_per_round
+    delta = 1 / n**2
+    assert [line["privacy"]["accountant"] for line in lines[1:]] == [method] * 3
+    assert epsilons(tmp_path / "run") == [
+        accountant.epsilon(0.7, r, delta, m, n, method) for r in (1, 2, 3)
+    ]

@@ -544,7 +544,11 @@ class RoundLoop:
             if key in record.get("attack", {}):
                 text += f" {key.replace('_', ' ')} {record['attack'][key]:.2f}"
         if "privacy" in record:
-            text += f" ε {record['privacy']['epsilon']:.3g} (δ {record['privacy']['delta']:.2g})"
+            privacy = record["privacy"]
+            text += (
+                f" ε {privacy['epsilon']:.3g} ({privacy['accountant'].upper()}, "
+                f"δ {privacy['delta']:.2g})"
+            )
         if record.get("dropped"):
             text += f" dropped {[d['client'] for d in record['dropped']]}"
         console.print(text + (f" ({record['seconds']:.1f}s)" if "seconds" in record else ""))

@@ -35,6 +35,7 @@ class PrivacyPlan:
     releases: tuple[int, ...]  # index r = rounds done
     run_seed: int
     reproducible_noise: bool
+    accountant: str = "pld"  # "pld" | "rdp", see fedit.privacy.accountant
     target_epsilon: float | None = None
 
     @property
@@ -43,16 +44,20 @@ class PrivacyPlan:
         return self.noise_multiplier * self.clip_norm
 
     def epsilon(self, rounds_done: int) -> float:
-        """ε at δ after ``rounds_done`` rounds (see fedit.privacy.accountant)."""
+        """ε at δ after ``rounds_done`` rounds by the plan's accountant (see
+        fedit.privacy.accountant)."""
         sampled, population = (self.sampled, self.population) if self.mode == "central" else (1, 1)
         releases = self.releases[rounds_done]
-        return accountant.epsilon(self.noise_multiplier, releases, self.delta, sampled, population)
+        return accountant.epsilon(
+            self.noise_multiplier, releases, self.delta, sampled, population, self.accountant
+        )
 
     def record(self, rounds_done: int) -> dict[str, Any]:
         """The "privacy" entry of a round's metrics line."""
         return {
             "mode": self.mode,
             "epsilon": self.epsilon(rounds_done),
+            "accountant": self.accountant,
             "delta": self.delta,
             "noise_multiplier": self.noise_multiplier,
             "clip_norm": self.clip_norm,
@@ -66,7 +71,8 @@ class PrivacyPlan:
         """One line for the console at the start of a run."""
         text = (
             f"privacy: {self.mode} DP-FedAvg, clip norm C = {self.clip_norm:g}, noise "
-            f"multiplier σ = {self.noise_multiplier:.4g}, δ = {self.delta:.3g}"
+            f"multiplier σ = {self.noise_multiplier:.4g}, δ = {self.delta:.3g}, ε by "
+            f"{self.accountant.upper()}"
         )
         if self.target_epsilon is not None:
             rounds = len(self.releases) - 1
@@ -96,7 +102,7 @@ def resolve_plan(cfg: RunConfig, num_clients: int) -> PrivacyPlan | None:
     if sigma is None:
         try:
             sigma = accountant.noise_for_target(
-                privacy.target_epsilon, releases[-1], delta, *accounted
+                privacy.target_epsilon, releases[-1], delta, *accounted, privacy.accountant
             )
         except ValueError as err:
             raise ConfigError(f"privacy.target_epsilon: {err}") from None
@@ -110,6 +116,7 @@ def resolve_plan(cfg: RunConfig, num_clients: int) -> PrivacyPlan | None:
         releases=releases,
         run_seed=cfg.seed,
         reproducible_noise=privacy.reproducible_noise,
+        accountant=privacy.accountant,
         target_epsilon=privacy.target_epsilon,
     )
 
