@@ -20,8 +20,9 @@ from fedit.privacy import accountant
 from fedit.privacy.mechanism import (
     dp_mean,
     gaussian_noise,
+    local_release,
     noise_seed,
-    privatize,
+    released_update,
 )
 from fedit.privacy.plan import (
     PrivacyPlan,
@@ -118,11 +119,11 @@ def test_noise_seed_is_secret_unless_reproducible() -> None:
     )
 
 
-def test_privatize_sends_x_plus_clipped_delta_plus_the_seeded_noise() -> None:
+def test_a_local_release_is_x_plus_clipped_delta_plus_the_seeded_noise() -> None:
     x = {"w": torch.tensor([1.0, 1.0])}
     y = {"w": torch.tensor([4.0, 5.0])}  # Δ = (3, 4), ‖Δ‖ = 5; C = 2: (1.2, 1.6)
     update = ClientUpdate(3, y, 10, 2, 0.1, metrics={"train_loss": 1.0})
-    sent = privatize(update, x, 2.0, 0.5, seed=9)
+    sent = released_update(update, x, local_release(update, x, 2.0, 0.5, seed=9))
     noise = gaussian_noise(x, 0.5, 9)["w"]
     assert torch.allclose(sent.state["w"], torch.tensor([2.2, 2.6]) + noise)
     assert torch.equal(update.state["w"], torch.tensor([4.0, 5.0]))  # the input is untouched
@@ -240,6 +241,7 @@ def test_plan_defaults_delta_to_one_over_n_squared_and_reports_epsilon() -> None
     assert resolved.record(2) == {
         "mode": "central",
         "epsilon": accountant.epsilon(1.0, 2, 0.01, 3, 10, "pld"),
+        "releases": 2,
         "accountant": "pld",
         "delta": 0.01,
         "noise_multiplier": 1.0,
@@ -272,7 +274,10 @@ def test_local_releases_count_the_most_rounds_one_client_was_selected_for() -> N
     assert local_releases(5, cfg) == tuple(expected)
     resolved = resolve_plan(cfg, 5)
     assert resolved is not None
-    assert resolved.epsilon(6) == accountant.epsilon(1.0, expected[-1], 0.04, 1, 1)
+    assert resolved.epsilon(expected[-1]) == accountant.epsilon(1.0, expected[-1], 0.04, 1, 1)
+    # the ε a run reports composes the releases made: the most rounds one client was asked
+    assert resolved.releases_made(6, {0: 2, 3: 4}) == 4
+    assert resolve_plan(dp_config(), 5).releases_made(6, {0: 2}) == 6  # central: every round
 
 
 def test_central_selection_is_secret_unless_noise_is_reproducible() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,11 +20,11 @@ class PrivacyPlan:
     """What the server and the clients need of ``[privacy]`` (fedit.config.PrivacyConfig),
     with δ and σ resolved.
 
-    ``releases[r]`` is the most updates of any one client the accountant composes after r
-    rounds: r in central mode (every round is a release of the whole federation); in local
-    mode the most rounds any one client was selected for among the first r (the selection
-    is seeded by the run seed, so this is known in advance; a client that was dropped or
-    rejected released less, so it is an upper bound).
+    ``releases[r]`` is the plan's most releases of any one client after r rounds, what σ
+    is searched for: r in central mode (every round is a release of the whole federation);
+    in local mode the most rounds any one client is selected for among the first r (the
+    selection is seeded by the run seed, so this is known in advance). The ε a run reports
+    composes the releases made instead (``releases_made``).
     """
 
     mode: str  # "central" | "local"
@@ -43,20 +44,28 @@ class PrivacyPlan:
         """σC: the std of the noise on a sum (central) or on one client's update (local)."""
         return self.noise_multiplier * self.clip_norm
 
-    def epsilon(self, rounds_done: int) -> float:
-        """ε at δ after ``rounds_done`` rounds by the plan's accountant (see
-        fedit.privacy.accountant)."""
+    def releases_made(self, rounds_done: int, asked: Mapping[int, int]) -> int:
+        """The releases ε composes after ``rounds_done`` rounds: each round in central mode;
+        in local mode the most rounds any one client was asked to train in (``asked``:
+        {client: rounds}). A client releases at most once per round (fedit.client.releases)
+        and only when asked, so this bounds what any one client released; a client that
+        dropped or was rejected released less."""
+        return rounds_done if self.mode == "central" else max(asked.values(), default=0)
+
+    def epsilon(self, releases: int) -> float:
+        """ε at δ after ``releases`` releases (``releases_made``) by the plan's accountant
+        (see fedit.privacy.accountant)."""
         sampled, population = (self.sampled, self.population) if self.mode == "central" else (1, 1)
-        releases = self.releases[rounds_done]
         return accountant.epsilon(
             self.noise_multiplier, releases, self.delta, sampled, population, self.accountant
         )
 
-    def record(self, rounds_done: int) -> dict[str, Any]:
-        """The "privacy" entry of a round's metrics line."""
+    def record(self, releases: int) -> dict[str, Any]:
+        """The "privacy" entry of a round's metrics line, after ``releases`` releases."""
         return {
             "mode": self.mode,
-            "epsilon": self.epsilon(rounds_done),
+            "epsilon": self.epsilon(releases),
+            "releases": releases,
             "accountant": self.accountant,
             "delta": self.delta,
             "noise_multiplier": self.noise_multiplier,
