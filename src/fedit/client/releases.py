@@ -22,6 +22,7 @@ from pathlib import Path
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from fedit.client.store import VERSION_FILE
 from fedit.config import RunConfig
 from fedit.server.aggregation import add_scaled
 from fedit.types import AdapterState, ClientUpdate
@@ -38,14 +39,16 @@ class Releases:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
 
-    def load(self, round_number: int, global_state: AdapterState, client_id: int):
+    def load(
+        self, round_number: int, global_state: AdapterState, client_id: int
+    ) -> ClientUpdate | None:
         """The update this client released for `round_number`, on `global_state`, or None
         when it made none (or no longer holds it)."""
         path = self._path(round_number)
         if not path.is_file():
             return None
         with safe_open(str(path), framework="pt") as f:
-            release = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
+            release = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (not a dict)
             scalars = json.loads(f.metadata()["update"])
         shapes = {k: tuple(v.shape) for k, v in global_state.items()}
         if {k: tuple(v.shape) for k, v in release.items()} != shapes:
@@ -65,9 +68,13 @@ class Releases:
         tensors = {k: v.contiguous() for k, v in release.items()}
         save_file(tensors, str(partial), metadata={"update": json.dumps(scalars)})
         os.replace(partial, path)
-        kept = sorted(self.directory.glob("round_*.safetensors"))
+        kept = sorted(
+            int(m.group(1))
+            for f in self.directory.iterdir()
+            if (m := VERSION_FILE.fullmatch(f.name))
+        )
         for old in kept[:-KEPT_RELEASES]:
-            old.unlink(missing_ok=True)
+            self._path(old).unlink(missing_ok=True)
 
     def released(self) -> list[int]:
         """The rounds of every release made, one entry each."""

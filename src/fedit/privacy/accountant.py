@@ -115,9 +115,9 @@ def noise_for_target(
     )
     if method == "rdp":
         return rdp_sigma
-    # PLD's ε is below RDP's (tests/unit/test_privacy.py checks a grid), so RDP's σ meets the
-    # target and bounds the search from above; halving finds a σ below (a PLD of small σ is
-    # large: its losses span a wide grid, so the search avoids starting at SIGMA_SEARCH_START).
+    # PLD's ε is below RDP's (tests/unit/test_pld_accountant.py checks a grid), so RDP's σ
+    # meets the target and bounds the search from above; halving finds a σ below (a PLD of
+    # small σ is large: its losses span a wide grid, so the search avoids SIGMA_SEARCH_START).
     floor = max(rdp_sigma / 2, lower)
     while epsilon(floor, rounds, delta, sampled, population) <= target_epsilon:
         if floor <= lower:
