@@ -546,6 +546,7 @@ class EvalConfig:
 
 
 PRIVACY_MODES = ("off", "central", "local")
+PRIVACY_ACCOUNTANTS = ("pld", "rdp")
 
 
 @dataclass
@@ -559,7 +560,9 @@ class PrivacyConfig:
     searched so that ε after federation.rounds rounds is at most the target at ``delta``).
     ``delta`` unset: 1/N² for N clients. ``reproducible_noise`` derives the noise seed
     (and, central, the client selection) from the run seed: anyone who has the config can
-    then subtract the noise, so it is for experiments and tests only.
+    then subtract the noise, so it is for experiments and tests only. ``accountant`` computes
+    ε (and σ for a target): "pld", privacy loss distributions, the tighter valid bound, or
+    "rdp", Rényi DP (fedit.privacy.accountant).
     """
 
     mode: str = "off"  # off | central | local
@@ -568,10 +571,16 @@ class PrivacyConfig:
     target_epsilon: float | None = None
     delta: float | None = None  # unset: 1 / N² (N = number of clients)
     reproducible_noise: bool = False
+    accountant: str = "pld"  # pld | rdp
 
     def validate(self) -> None:
         _require(
             self.mode in PRIVACY_MODES, "privacy.mode", f"must be one of {', '.join(PRIVACY_MODES)}"
+        )
+        _require(
+            self.accountant in PRIVACY_ACCOUNTANTS,
+            "privacy.accountant",
+            f"must be one of {', '.join(PRIVACY_ACCOUNTANTS)}",
         )
         _require(self.clip_norm > 0, "privacy.clip_norm", "must be positive")
         _require(

@@ -20,8 +20,9 @@ from fedit.privacy import accountant
 from fedit.privacy.mechanism import (
     dp_mean,
     gaussian_noise,
+    local_release,
     noise_seed,
-    privatize,
+    released_update,
 )
 from fedit.privacy.plan import (
     PrivacyPlan,
@@ -118,11 +119,11 @@ def test_noise_seed_is_secret_unless_reproducible() -> None:
     )
 
 
-def test_privatize_sends_x_plus_clipped_delta_plus_the_seeded_noise() -> None:
+def test_a_local_release_is_x_plus_clipped_delta_plus_the_seeded_noise() -> None:
     x = {"w": torch.tensor([1.0, 1.0])}
     y = {"w": torch.tensor([4.0, 5.0])}  # Δ = (3, 4), ‖Δ‖ = 5; C = 2: (1.2, 1.6)
     update = ClientUpdate(3, y, 10, 2, 0.1, metrics={"train_loss": 1.0})
-    sent = privatize(update, x, 2.0, 0.5, seed=9)
+    sent = released_update(update, x, local_release(update, x, 2.0, 0.5, seed=9))
     noise = gaussian_noise(x, 0.5, 9)["w"]
     assert torch.allclose(sent.state["w"], torch.tensor([2.2, 2.6]) + noise)
     assert torch.equal(update.state["w"], torch.tensor([4.0, 5.0]))  # the input is untouched
@@ -189,7 +190,9 @@ def direct_epsilon(sigma: float, rounds: int, delta: float, m: int, n: int) -> f
 )
 def test_epsilon_matches_dp_accounting(sigma, rounds, delta, m, n) -> None:
     expected = direct_epsilon(sigma, rounds, delta, m, n)
-    assert accountant.epsilon(sigma, rounds, delta, m, n) == pytest.approx(expected, rel=1e-12)
+    assert accountant.epsilon(sigma, rounds, delta, m, n, "rdp") == pytest.approx(
+        expected, rel=1e-12
+    )
 
 
 def test_epsilon_of_one_unsampled_round_is_the_gaussian_rdp_bound() -> None:
@@ -199,8 +202,9 @@ def test_epsilon_of_one_unsampled_round_is_the_gaussian_rdp_bound() -> None:
     classic = min(
         a * 2 / sigma**2 + math.log(1 / delta) / (a - 1) for a in accountant.new_accountant().orders
     )
-    assert accountant.epsilon(sigma, 1, delta, 1, 1) <= classic
-    assert accountant.epsilon(sigma, 0, delta, 1, 1) == 0.0
+    assert accountant.epsilon(sigma, 1, delta, 1, 1, "rdp") <= classic
+    assert accountant.epsilon(sigma, 0, delta, 1, 1, "rdp") == 0.0
+    assert accountant.epsilon(sigma, 0, delta, 1, 1, "pld") == 0.0
 
 
 def test_epsilon_grows_with_rounds_and_shrinks_with_noise_and_sampling() -> None:
@@ -212,9 +216,9 @@ def test_epsilon_grows_with_rounds_and_shrinks_with_noise_and_sampling() -> None
 
 
 @pytest.mark.parametrize(("target", "rounds", "m", "n"), [(3.0, 20, 1, 1), (8.0, 3, 2, 5)])
-def test_the_target_epsilon_search_gives_the_smallest_sigma_that_meets_it(target, rounds, m, n):
+def test_the_rdp_search_gives_the_smallest_sigma_that_meets_it(target, rounds, m, n):
     delta = 1e-3
-    sigma = accountant.noise_for_target(target, rounds, delta, m, n)
+    sigma = accountant.noise_for_target(target, rounds, delta, m, n, "rdp")
     assert direct_epsilon(sigma, rounds, delta, m, n) <= target
     smaller = sigma - 2 * accountant.SIGMA_TOLERANCE
     assert direct_epsilon(smaller, rounds, delta, m, n) > target
@@ -236,7 +240,9 @@ def test_plan_defaults_delta_to_one_over_n_squared_and_reports_epsilon() -> None
     assert resolved.releases == (0, 1, 2, 3, 4)
     assert resolved.record(2) == {
         "mode": "central",
-        "epsilon": direct_epsilon(1.0, 2, 0.01, 3, 10),
+        "epsilon": accountant.epsilon(1.0, 2, 0.01, 3, 10, "pld"),
+        "releases": 2,
+        "accountant": "pld",
         "delta": 0.01,
         "noise_multiplier": 1.0,
         "clip_norm": 1.0,
@@ -268,7 +274,10 @@ def test_local_releases_count_the_most_rounds_one_client_was_selected_for() -> N
     assert local_releases(5, cfg) == tuple(expected)
     resolved = resolve_plan(cfg, 5)
     assert resolved is not None
-    assert resolved.epsilon(6) == pytest.approx(direct_epsilon(1.0, expected[-1], 0.04, 1, 1))
+    assert resolved.epsilon(expected[-1]) == accountant.epsilon(1.0, expected[-1], 0.04, 1, 1)
+    # the ε a run reports composes the releases made: the most rounds one client was asked
+    assert resolved.releases_made(6, {0: 2, 3: 4}) == 4
+    assert resolve_plan(dp_config(), 5).releases_made(6, {0: 2}) == 6  # central: every round
 
 
 def test_central_selection_is_secret_unless_noise_is_reproducible() -> None:
@@ -301,6 +310,7 @@ def test_a_client_refuses_a_central_plan() -> None:
     ("values", "field", "words"),
     [
         ({"privacy.mode": "secret"}, "privacy.mode", "must be one of"),
+        ({"privacy.accountant": "moments"}, "privacy.accountant", "must be one of pld, rdp"),
         ({"privacy.clip_norm": 0}, "privacy.clip_norm", "positive"),
         ({"privacy.noise_multiplier": -1}, "privacy.noise_multiplier", "positive"),
         ({"privacy.delta": 1.0}, "privacy.delta", r"\(0, 1\)"),

@@ -18,6 +18,7 @@ from fedit.attacks.model import ModelAttack, attack_update
 from fedit.client.dpo_trainer import reference_logps, train_client_dpo
 from fedit.client.hooks import make_hook
 from fedit.client.own_factors import OwnFactors
+from fedit.client.releases import Releases
 from fedit.client.trainer import NonFiniteTrainingError, train_client
 from fedit.compression.feedback import UploadCompressor
 from fedit.config import DPOConfig, TrainConfig
@@ -25,7 +26,7 @@ from fedit.data.preferences import TokenizedPair
 from fedit.data.tokenize import TokenizedExample
 from fedit.models.adapters import set_adapter_state
 from fedit.privacy import PrivacyPlan
-from fedit.privacy.mechanism import privatize
+from fedit.privacy.mechanism import local_release, released_update
 from fedit.seeding import Stream
 from fedit.server.ranks import global_at
 from fedit.server.validation import Rejection
@@ -36,7 +37,9 @@ class LocalClient:
     """A client's data and its local round: ``train`` = load x, build the hook the
     strategy asked for, run the SFT or DPO trainer on its own records or pairs, and, with
     local differential privacy (``privacy.mode = "local"``), clip its delta and add the
-    noise before anything leaves (fedit.privacy.mechanism.privatize). ``privacy`` is
+    noise before anything leaves (fedit.privacy.mechanism.local_release), once per round:
+    ``releases`` (fedit.client.releases.local_releases's) keeps what it released, and a
+    round asked for again gets that release back. ``privacy`` is
     fedit.privacy.client_plan's answer (None: no local DP), ``attack`` is
     fedit.attacks.model.client_attack's (None: an honest client, the default of every
     run), ``compressor`` fedit.compression.feedback.client_compressor's (None: float32
@@ -59,11 +62,15 @@ class LocalClient:
         compressor: UploadCompressor | None,
         own: OwnFactors | None,
         rank: int | None = None,
+        releases: Releases | None = None,
     ) -> None:
         self.client_id = client_id
         if privacy is not None and privacy.mode != "local":
             raise ValueError(f"a client adds noise in local mode only, not {privacy.mode!r}")
-        self.privacy, self.attack, self.compressor = privacy, attack, compressor
+        if (privacy is None) != (releases is None):
+            raise ValueError("local DP needs a client's releases kept, and only local DP")
+        self.privacy, self.releases = privacy, releases
+        self.attack, self.compressor = attack, compressor
         self.own = own
         self.rank = rank  # mixed LoRA ranks: this client's r_k (None: the global rank)
         self.examples, self.pairs = examples, pairs
@@ -89,14 +96,45 @@ class LocalClient:
         """One local round from the global adapter; a Rejection (left out of the aggregate)
         if the loss or the gradients went non-finite. Local DP privatises the update: its
         adapter is then x + clip(y − x) + noise; its metrics and record count are sent as
-        they are (they are outside the guarantee). A malicious client (``attack``) then
-        replaces the adapter by its attack's (fedit.attacks.model.attack_update): last,
-        after local DP, because the attacker controls what it sends and would not add the
-        noise honestly, so Δ is the delta local DP left (the trained one without it). A
+        they are (they are outside the guarantee). A round this client released already is
+        not trained again: it gets the same release back (fedit.client.releases). A
+        malicious client (``attack``) then replaces the adapter by its attack's
+        (fedit.attacks.model.attack_update): last, after local DP, because the attacker
+        controls what it sends and would not add the noise honestly, so Δ is the delta
+        local DP left (the trained one without it). A
         compressed upload encodes last what the client sends (fedit.compression). Under
         FedSA-LoRA (``own``) it trains from its own B factors and keeps the trained ones,
         first, so that all after sees the shared factors only."""
         global_state = global_at(global_state, self.rank)
+        update = self._released(global_state, task)
+        if update is None:
+            update = self._train(model, global_state, task, train_cfg, show_progress)
+            if isinstance(update, Rejection):
+                return update
+        if self.attack is not None:
+            seed = self.attack.seed(task.round_number - 1, self.client_id)
+            update = attack_update(update, global_state, self.attack.config, seed)
+        if self.compressor is not None:
+            update = self.compressor.apply(update, global_state, task, self.rank)
+        return update
+
+    def _released(self, global_state: AdapterState, task: ClientTask) -> ClientUpdate | None:
+        """Local DP: this round's release if this client made it already (see
+        fedit.client.releases), else None."""
+        if self.releases is None:
+            return None
+        return self.releases.load(task.round_number, global_state, self.client_id)
+
+    def _train(
+        self,
+        model: torch.nn.Module,
+        global_state: AdapterState,
+        task: ClientTask,
+        train_cfg: TrainConfig,
+        show_progress: bool,
+    ) -> ClientUpdate | Rejection:
+        """Train from the global adapter (or FedSA-LoRA's own start); local DP's release of
+        the trained delta, kept before it is sent."""
         start = global_state if self.own is None else self.own.start(global_state, task)
         set_adapter_state(model, start)
         common = {
@@ -118,13 +156,10 @@ class LocalClient:
             return Rejection(self.client_id, err.reason)
         if self.own is not None:
             update = self.own.keep(update, global_state, task)
-        if self.privacy is not None:
+        if self.privacy is not None and self.releases is not None:
             plan = self.privacy
             seed = plan.noise_seed(Stream.LOCAL_NOISE, task.round_number - 1, self.client_id)
-            update = privatize(update, global_state, plan.clip_norm, plan.noise_std, seed)
-        if self.attack is not None:
-            seed = self.attack.seed(task.round_number - 1, self.client_id)
-            update = attack_update(update, global_state, self.attack.config, seed)
-        if self.compressor is not None:
-            update = self.compressor.apply(update, global_state, task, self.rank)
+            release = local_release(update, global_state, plan.clip_norm, plan.noise_std, seed)
+            self.releases.save(task.round_number, release, update)
+            update = released_update(update, global_state, release)
         return update

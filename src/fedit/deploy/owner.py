@@ -12,7 +12,9 @@ SCAFFOLD's c_k lives on the owner (``OwnerState``): the coordinator names the ve
 holds by its sha256 and sends the tensors only when the owner lacks them (a new disk), so
 the per-client state stays on the owner's machine across rounds and restarts. So do the
 error-feedback memories of compressed uploads (fedit.compression.feedback), which never
-leave it at all.
+leave it at all, and local DP's releases (fedit.client.releases): a round asked for again,
+after a restart too, gets the release already made, and the owner logs the ε of the
+releases it counted itself.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from fedit.attacks.model import client_attack
 from fedit.client.own_factors import OWN_FACTORS_DIR, own_factors
 from fedit.client.precision import half_precision_frozen_weights
+from fedit.client.releases import RELEASES_DIR, local_releases
 from fedit.client.session import LocalClient
 from fedit.compression.feedback import FEEDBACK_DIR, client_compressor
 from fedit.config import ConfigError, RunConfig, config_from_toml
@@ -152,6 +155,7 @@ class RunSession:
                 compressor=client_compressor(cfg, client_id, self.state_root / FEEDBACK_DIR),
                 own=own_factors(cfg, client_id, self.state_root / OWN_FACTORS_DIR),
                 rank=None if self.ranks is None else self.ranks[client_id],
+                releases=local_releases(cfg, client_id, self.state_root / RELEASES_DIR),
             )
         if self.client.client_id != client_id:
             raise wire.WireError(
@@ -330,6 +334,16 @@ class DataOwner:
             update = client.train(session.model, global_state, task, train_cfg)
         if isinstance(update, Rejection):
             return update
+        if client.privacy is not None and client.releases is not None:
+            # this owner's own count: what it released, whatever the coordinator reports
+            made = len(client.releases.released())
+            epsilon = client.privacy.epsilon(made)
+            log.info(
+                "local DP: %d release(s) made, ε %.3g at δ %.2g",
+                made,
+                epsilon,
+                client.privacy.delta,
+            )
         if "c_k" in task.instructions.tensors:  # SCAFFOLD: c_k⁺ = c_k + Δc_k, kept here
             delta = update.extras["control_delta"]
             state.put(add_scaled(task.instructions.tensors["c_k"], delta, 1.0))

@@ -82,6 +82,13 @@ def accepted_rounds(records: dict[int, dict[str, Any]]) -> dict[int, int]:
     }
 
 
+def asked_clients(record: dict[str, Any]) -> set[int]:
+    """Every client a round's metrics line names: aggregated, rejected or dropped, so every
+    client the round asked to train."""
+    left_out = record.get("rejected", []) + record.get("dropped", [])
+    return {c["id"] for c in record["clients"]} | {r["client"] for r in left_out}
+
+
 def completed_rounds(output_dir: Path) -> list[int]:
     if not output_dir.is_dir():
         return []

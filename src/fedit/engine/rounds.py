@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -36,6 +37,7 @@ from fedit.engine.checkpoint import (
     Checkpoint,
     ClientStateStore,
     accepted_rounds,
+    asked_clients,
     committed_records,
     completed_rounds,
     load_checkpoint,
@@ -274,6 +276,8 @@ class RoundLoop:
         # {client: the last round that aggregated its update}: where its error feedback
         # continues from (fedit.compression.feedback), rebuilt from the records on resume
         self.accepted: dict[int, int] = {}
+        # {client: the rounds it was asked to train in}: local DP's releases (PrivacyPlan)
+        self.asked: Counter[int] = Counter()
         self.ranks = client_ranks(cfg, num_clients)  # mixed LoRA ranks, or None
         self.clock = 0.0  # [system]: the simulated seconds of the rounds so far
         if cfg.lora.shared != "all":
@@ -295,6 +299,14 @@ class RoundLoop:
         self.strategy.set_client_store(self.client_state)
         records = committed_records(out, done)
         self.accepted = accepted_rounds(records)
+        self.asked = Counter()
+        for n in done:  # a round an older fedit saved without a record: its schedule
+            named = records.get(n)
+            self.asked.update(
+                asked_clients(named)
+                if named is not None
+                else round_candidates(cfg, self.num_clients, self.selection_seed, n - 1)
+            )
         if done and done[-1] in records:
             self.clock = records[done[-1]].get("simulated_clock", 0.0)
         start, global_state, residual = self._restore(done)
@@ -394,14 +406,15 @@ class RoundLoop:
             record["secure_aggregation"] = replies.aggregate.record
         if updates and (aggregator_metrics := self.strategy.aggregator.metrics()):
             record["aggregator"] = aggregator_metrics
-        if self.privacy is not None:  # ε is a function of the rounds done: resumes agree
-            record["privacy"] = self.privacy.record(r + 1)
         if self.attack:
             record["attack"] = dict(self.attack)
         if rejected:
             record["rejected"] = [rejection.as_record() for rejection in rejected]
         if replies.dropped:
             record["dropped"] = [rejection.as_record() for rejection in replies.dropped]
+        self.asked.update(asked_clients(record))
+        if self.privacy is not None:  # ε of the releases made: a repeated round makes none
+            record["privacy"] = self.privacy.record(self.privacy.releases_made(r + 1, self.asked))
         if replies.simulated_seconds is not None:
             self.clock += replies.simulated_seconds
             record["simulated_seconds"] = replies.simulated_seconds
@@ -582,7 +595,11 @@ class RoundLoop:
             if key in record.get("attack", {}):
                 text += f" {key.replace('_', ' ')} {record['attack'][key]:.2f}"
         if "privacy" in record:
-            text += f" ε {record['privacy']['epsilon']:.3g} (δ {record['privacy']['delta']:.2g})"
+            privacy = record["privacy"]
+            text += (
+                f" ε {privacy['epsilon']:.3g} ({privacy['accountant'].upper()}, "
+                f"δ {privacy['delta']:.2g})"
+            )
         if record.get("dropped"):
             text += f" dropped {[d['client'] for d in record['dropped']]}"
         console.print(text + (f" ({record['seconds']:.1f}s)" if "seconds" in record else ""))

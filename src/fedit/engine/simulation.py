@@ -41,6 +41,7 @@ from rich.markup import escape
 from fedit.attacks.model import client_attack
 from fedit.client.own_factors import OWN_FACTORS_DIR, own_factors
 from fedit.client.precision import half_precision_frozen_weights
+from fedit.client.releases import RELEASES_DIR, local_releases
 from fedit.client.session import LocalClient
 from fedit.client.trainer import steps_per_round
 from fedit.compression.feedback import FEEDBACK_DIR, client_compressor
@@ -195,6 +196,7 @@ def local_clients(cfg: RunConfig, data: FederationData, pad_id: int) -> list[Loc
             compressor=client_compressor(cfg, k, out / FEEDBACK_DIR),
             own=own_factors(cfg, k, out / OWN_FACTORS_DIR),
             rank=None if ranks is None else ranks[k],
+            releases=local_releases(cfg, k, out / RELEASES_DIR),
         )
         for k, (examples, pairs) in enumerate(client_data(data))
     ]

@@ -3,7 +3,8 @@
 ``mechanism``: clipping and Gaussian noise as pure functions over adapter states, shared by
 the server's central aggregator (fedit.server.aggregators.dp_fedavg) and the client's local
 noise (fedit.client.session.LocalClient), so it sits below both. ``accountant``: ε from
-Google's dp-accounting. ``plan``: a run's ``[privacy]`` resolved (δ, σ) once.
+Google's dp-accounting, by privacy loss distributions (``pld``, fixed-size sampling under
+replace-one) or Rényi DP. ``plan``: a run's ``[privacy]`` resolved (δ, σ) once.
 """
 
 from fedit.privacy.plan import PrivacyPlan, client_plan, resolve_plan, selection_seed

@@ -5,7 +5,7 @@ each client's round delta Δ_k = y_k − x is clipped to L2 norm at most C, take
 over all adapter tensors (fedit.server.aggregation.clip_to_norm, the clip the
 norm-clipping aggregators use too), and Gaussian noise N(0, σ²C²·I) is added, to the sum
 of the clipped deltas by the server (``dp_mean``, central) or to each clipped delta by its
-client (``privatize``, local). The noise is drawn by ``gaussian_noise`` from a seed that
+client (``local_release``, local). The noise is drawn by ``gaussian_noise`` from a seed that
 ``noise_seed`` takes from the operating system unless the run asks for reproducible noise.
 
 torch's normal sampler is a floating-point sampler, not one hardened against the
@@ -52,11 +52,16 @@ def dp_mean(clipped: list[AdapterState], noise: AdapterState, denominator: int) 
     return {key: (sum(c[key] for c in clipped) + z) / denominator for key, z in noise.items()}
 
 
-def privatize(
+def local_release(
     update: ClientUpdate, global_state: AdapterState, clip_norm: float, std: float, seed: int
-) -> ClientUpdate:
-    """Local DP: a copy of the update whose adapter is x + clip(y_k − x) + N(0, std²) (in
-    x's dtype) instead of y_k."""
+) -> AdapterState:
+    """Local DP's release: clip(y_k − x) + N(0, std²)."""
     clipped, _ = clip_to_norm(subtract(update.state, global_state), clip_norm)
-    noisy = add_scaled(clipped, gaussian_noise(clipped, std, seed), 1.0)
-    return replace(update, state=add_scaled(global_state, noisy, 1.0))
+    return add_scaled(clipped, gaussian_noise(clipped, std, seed), 1.0)
+
+
+def released_update(
+    update: ClientUpdate, global_state: AdapterState, release: AdapterState
+) -> ClientUpdate:
+    """A copy of the update whose adapter is x + the release (in x's dtype) instead of y_k."""
+    return replace(update, state=add_scaled(global_state, release, 1.0))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,11 +20,11 @@ class PrivacyPlan:
     """What the server and the clients need of ``[privacy]`` (fedit.config.PrivacyConfig),
     with δ and σ resolved.
 
-    ``releases[r]`` is the most updates of any one client the accountant composes after r
-    rounds: r in central mode (every round is a release of the whole federation); in local
-    mode the most rounds any one client was selected for among the first r (the selection
-    is seeded by the run seed, so this is known in advance; a client that was dropped or
-    rejected released less, so it is an upper bound).
+    ``releases[r]`` is the plan's most releases of any one client after r rounds, what σ
+    is searched for: r in central mode (every round is a release of the whole federation);
+    in local mode the most rounds any one client is selected for among the first r (the
+    selection is seeded by the run seed, so this is known in advance). The ε a run reports
+    composes the releases made instead (``releases_made``).
     """
 
     mode: str  # "central" | "local"
@@ -35,6 +36,7 @@ class PrivacyPlan:
     releases: tuple[int, ...]  # index r = rounds done
     run_seed: int
     reproducible_noise: bool
+    accountant: str = "pld"  # "pld" | "rdp", see fedit.privacy.accountant
     target_epsilon: float | None = None
 
     @property
@@ -42,17 +44,29 @@ class PrivacyPlan:
         """σC: the std of the noise on a sum (central) or on one client's update (local)."""
         return self.noise_multiplier * self.clip_norm
 
-    def epsilon(self, rounds_done: int) -> float:
-        """ε at δ after ``rounds_done`` rounds (see fedit.privacy.accountant)."""
-        sampled, population = (self.sampled, self.population) if self.mode == "central" else (1, 1)
-        releases = self.releases[rounds_done]
-        return accountant.epsilon(self.noise_multiplier, releases, self.delta, sampled, population)
+    def releases_made(self, rounds_done: int, asked: Mapping[int, int]) -> int:
+        """The releases ε composes after ``rounds_done`` rounds: each round in central mode;
+        in local mode the most rounds any one client was asked to train in (``asked``:
+        {client: rounds}). A client releases at most once per round (fedit.client.releases)
+        and only when asked, so this bounds what any one client released; a client that
+        dropped or was rejected released less."""
+        return rounds_done if self.mode == "central" else max(asked.values(), default=0)
 
-    def record(self, rounds_done: int) -> dict[str, Any]:
-        """The "privacy" entry of a round's metrics line."""
+    def epsilon(self, releases: int) -> float:
+        """ε at δ after ``releases`` releases (``releases_made``) by the plan's accountant
+        (see fedit.privacy.accountant)."""
+        sampled, population = (self.sampled, self.population) if self.mode == "central" else (1, 1)
+        return accountant.epsilon(
+            self.noise_multiplier, releases, self.delta, sampled, population, self.accountant
+        )
+
+    def record(self, releases: int) -> dict[str, Any]:
+        """The "privacy" entry of a round's metrics line, after ``releases`` releases."""
         return {
             "mode": self.mode,
-            "epsilon": self.epsilon(rounds_done),
+            "epsilon": self.epsilon(releases),
+            "releases": releases,
+            "accountant": self.accountant,
             "delta": self.delta,
             "noise_multiplier": self.noise_multiplier,
             "clip_norm": self.clip_norm,
@@ -66,7 +80,8 @@ class PrivacyPlan:
         """One line for the console at the start of a run."""
         text = (
             f"privacy: {self.mode} DP-FedAvg, clip norm C = {self.clip_norm:g}, noise "
-            f"multiplier σ = {self.noise_multiplier:.4g}, δ = {self.delta:.3g}"
+            f"multiplier σ = {self.noise_multiplier:.4g}, δ = {self.delta:.3g}, ε by "
+            f"{self.accountant.upper()}"
         )
         if self.target_epsilon is not None:
             rounds = len(self.releases) - 1
@@ -96,7 +111,7 @@ def resolve_plan(cfg: RunConfig, num_clients: int) -> PrivacyPlan | None:
     if sigma is None:
         try:
             sigma = accountant.noise_for_target(
-                privacy.target_epsilon, releases[-1], delta, *accounted
+                privacy.target_epsilon, releases[-1], delta, *accounted, privacy.accountant
             )
         except ValueError as err:
             raise ConfigError(f"privacy.target_epsilon: {err}") from None
@@ -110,6 +125,7 @@ def resolve_plan(cfg: RunConfig, num_clients: int) -> PrivacyPlan | None:
         releases=releases,
         run_seed=cfg.seed,
         reproducible_noise=privacy.reproducible_noise,
+        accountant=privacy.accountant,
         target_epsilon=privacy.target_epsilon,
     )
 
