@@ -67,6 +67,21 @@ DEFAULT_SYSTEM_TEMPLATE = (
 )
 
 
+def exported_tiny_run(tmp_path: Path, tokenizer, template: str, overrides: list[str]) -> Path:
+    """`fedit export` of a tiny model with `tokenizer`, trained under `template`: its dir."""
+    model_dir = make_tiny_model(tmp_path / "model", tokenizer=tokenizer)
+    run = tiny_run_overrides(model_dir, tmp_path / "run", **{"data.template": template})
+    cfg = load_config(None, [*run, *overrides])
+    model = attach_lora(load_model(cfg.model), cfg.lora, seed=0)
+    adapter = tmp_path / "run" / "round_0001"
+    save_adapter(model, get_adapter_state(model), adapter)
+    cfg.save(adapter / "config.toml")
+    merged = tmp_path / "merged"
+    result = runner.invoke(app, ["export", "--adapter", str(adapter), "--out", str(merged)])
+    assert result.exit_code == 0, result.output
+    return merged
+
+
 @pytest.mark.parametrize(
     "template, system_prompt",
     [
@@ -83,18 +98,8 @@ def test_the_exported_chat_template_gives_the_prompt_fedit_trains_with(
     token for token, the prompt fedit trained and generates with."""
     tokenizer = byte_tokenizer()
     tokenizer.chat_template = DEFAULT_SYSTEM_TEMPLATE
-    model_dir = make_tiny_model(tmp_path / "model", tokenizer=tokenizer)
-    overrides = tiny_run_overrides(model_dir, tmp_path / "run", **{"data.template": template})
-    if system_prompt is not None:
-        overrides.append(f"data.system_prompt={json.dumps(system_prompt)}")
-    cfg = load_config(None, overrides)
-    model = attach_lora(load_model(cfg.model), cfg.lora, seed=0)
-    adapter = tmp_path / "run" / "round_0001"
-    save_adapter(model, get_adapter_state(model), adapter)
-    cfg.save(adapter / "config.toml")
-    merged = tmp_path / "merged"
-    result = runner.invoke(app, ["export", "--adapter", str(adapter), "--out", str(merged)])
-    assert result.exit_code == 0, result.output
+    extra = [] if system_prompt is None else [f"data.system_prompt={json.dumps(system_prompt)}"]
+    merged = exported_tiny_run(tmp_path, tokenizer, template, extra)
 
     exported = AutoTokenizer.from_pretrained(merged)
     for question in ["Add 2 and 3.", "Name a colour.\n\nRed or blue?"]:
@@ -124,16 +129,7 @@ def test_the_export_stops_generating_where_the_run_s_template_ends_a_turn(tmp_pa
     from tests.conftest import chatml_base_tokenizer
 
     tokenizer = chatml_base_tokenizer()
-    model_dir = make_tiny_model(tmp_path / "model", tokenizer=tokenizer)
-    overrides = tiny_run_overrides(model_dir, tmp_path / "run", **{"data.template": "chat"})
-    cfg = load_config(None, overrides)
-    model = attach_lora(load_model(cfg.model), cfg.lora, seed=0)
-    adapter = tmp_path / "run" / "round_0001"
-    save_adapter(model, get_adapter_state(model), adapter)
-    cfg.save(adapter / "config.toml")
-    merged = tmp_path / "merged"
-    result = runner.invoke(app, ["export", "--adapter", str(adapter), "--out", str(merged)])
-    assert result.exit_code == 0, result.output
+    merged = exported_tiny_run(tmp_path, tokenizer, "chat", [])
 
     end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert end_of_turn != tokenizer.eos_token_id
