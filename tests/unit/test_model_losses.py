@@ -8,6 +8,8 @@ number. Each tiny random model below sets such a value far from neutral, and lar
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from transformers import (
@@ -113,10 +115,52 @@ class _IgnoresKeep(_NoKeep):
         return self.inner(input_ids=input_ids, attention_mask=attention_mask)
 
 
+class _SlicesPositions(_NoKeep):
+    """Remote code (or a transformers release before boolean masks) that slices as
+    hidden[:, logits_to_keep, :]: a (batch, length) mask does not index that."""
+
+    def forward(self, input_ids, attention_mask, logits_to_keep=0):  # type: ignore[override]
+        logits = self.inner(input_ids=input_ids, attention_mask=attention_mask).logits
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        return type("Out", (), {"logits": logits[:, keep, :]})
+
+
+class _OddShape(_NoKeep):
+    def forward(self, input_ids, attention_mask, logits_to_keep=None):  # type: ignore[override]
+        return type("Out", (), {"logits": torch.zeros(3, 5, 7, VOCAB)})
+
+
+@pytest.mark.parametrize("wrapper", [_NoKeep, _IgnoresKeep, _SlicesPositions])
 @torch.no_grad()
-def test_a_forward_without_logits_to_keep_is_scored_on_full_logits() -> None:
+def test_a_forward_that_cannot_keep_label_logits_is_scored_on_full_logits(wrapper) -> None:
     inner, batch = _model("cohere"), _batch()
-    sums, counts = row_loss_sums(_NoKeep(inner), batch, logits_on_labels_only=True)
+    sums, counts = row_loss_sums(wrapper(inner), batch, logits_on_labels_only=True)
     assert float(sums.sum() / counts.sum()) == pytest.approx(_model_loss(inner, batch), rel=1e-5)
-    with pytest.raises(ValueError, match="_IgnoresKeep: logits of shape"):
-        row_loss_sums(_IgnoresKeep(inner), batch, logits_on_labels_only=True)
+
+
+@torch.no_grad()
+def test_logits_of_an_unknown_shape_are_refused() -> None:
+    with pytest.raises(ValueError, match="_OddShape: logits of shape"):
+        row_loss_sums(_OddShape(_model("cohere")), _batch(), logits_on_labels_only=True)
+
+
+@torch.no_grad()
+def test_a_transformers_without_boolean_logits_to_keep_gets_no_mask(monkeypatch) -> None:
+    """transformers releases before slice_logits_to_keep slice every family's hidden states
+    by position: fedit then asks for the full logits instead of passing a mask."""
+    import transformers.modeling_utils
+
+    monkeypatch.delattr(transformers.modeling_utils, "slice_logits_to_keep")
+    inner, batch = _model("llama"), _batch()
+    asked = []
+    original = type(inner).forward
+
+    @functools.wraps(original)  # keeps the signature fedit reads
+    def spy(self, **kw):
+        asked.append(kw)
+        return original(self, **kw)
+
+    monkeypatch.setattr(type(inner), "forward", spy)
+    sums, counts = row_loss_sums(inner, batch, logits_on_labels_only=True)
+    assert asked and all("logits_to_keep" not in kw for kw in asked)
+    assert float(sums.sum() / counts.sum()) == pytest.approx(_model_loss(inner, batch), rel=1e-5)

@@ -33,8 +33,13 @@ def row_loss_sums(
 
 
 def _takes_logits_to_keep(model: torch.nn.Module) -> bool:
-    """Whether the causal LM's forward can limit its logits to chosen positions (nearly
-    every decoder-only family in transformers); one that cannot gets the full logits."""
+    """Whether the causal LM's forward can limit its logits to chosen positions: transformers
+    releases with slice_logits_to_keep take a boolean (batch, length) mask in nearly every
+    decoder-only family; earlier ones slice by position only, so they get the full logits."""
+    from transformers import modeling_utils
+
+    if not hasattr(modeling_utils, "slice_logits_to_keep"):
+        return False
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     return "logits_to_keep" in inspect.signature(causal_lm.forward).parameters
 
@@ -47,12 +52,18 @@ def _label_logits(
     The model's own forward computes them (a boolean `logits_to_keep` selects the hidden
     states before the LM head), so each family's final logit processing, such as Gemma's
     soft-cap, Cohere's `logit_scale` or Granite's `logits_scaling`, is applied as in the
-    model's loss; projecting the decoder's hidden states by hand would skip it.
+    model's loss; projecting the decoder's hidden states by hand would skip it. A forward
+    that slices by position only (remote code) or ignores the mask is scored on its full
+    logits: slower, still the model's own.
     """
     keep = F.pad(mask, (0, 1))  # position t predicts the label at t + 1
-    logits = model(**inputs, logits_to_keep=keep).logits
+    try:
+        logits = model(**inputs, logits_to_keep=keep).logits
+    except IndexError:  # hidden[:, keep, :]: a (batch, length) mask indexes no such slice
+        logits = model(**inputs).logits
+    if logits.shape[:-1] == keep.shape:  # every position's logits
+        return logits[:, :-1][mask]
     if logits.shape[:-1] != (int(mask.sum()),):
-        # e.g. remote code that slices with an int only: refuse rather than score wrongly
         raise ValueError(
             f"{type(model).__name__}: logits of shape {tuple(logits.shape)} for a boolean "
             f"logits_to_keep selecting {int(mask.sum())} positions; fedit cannot score this model"
