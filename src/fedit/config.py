@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
+from fedit import plugins
+from fedit.plugins import CODECS
 from fedit.server.selection import clients_per_round
 from fedit.textfile import NotUTF8Error, read_utf8
 
@@ -434,22 +436,23 @@ class StrategyConfig:
     centered_clip_tau: float | None = None  # centered_clip: tau (unset: median distance)
     centered_clip_iters: int = 1  # centered_clip: L clipping steps per round
 
-    def validate(self) -> None:
-        # The registry is the one list of names (a strategy registered at run time counts);
-        # imported here, not at the top, because it imports torch and the strategies import
-        # this module.
-        from fedit.server.aggregators import AGGREGATORS
-        from fedit.server.strategies import STRATEGIES
+    @property
+    def client_state(self) -> bool:
+        """Whether the strategy keeps state per client (fedit.plugins.StrategyTraits)."""
+        return plugins.STRATEGIES[self.name].client_state
 
+    def validate(self) -> None:
+        # fedit.plugins is the one list of names (a part registered at run time counts)
+        strategies, aggregators = plugins.STRATEGIES, plugins.AGGREGATORS
         _require(
-            self.name in STRATEGIES,
+            self.name in strategies,
             "strategy.name",
-            f"unknown strategy {self.name!r} (known: {', '.join(sorted(STRATEGIES))})",
+            f"unknown strategy {self.name!r} (known: {', '.join(sorted(strategies))})",
         )
         _require(
-            self.aggregator in AGGREGATORS,
+            self.aggregator in aggregators,
             "strategy.aggregator",
-            f"unknown aggregator {self.aggregator!r} (known: {', '.join(sorted(AGGREGATORS))})",
+            f"unknown aggregator {self.aggregator!r} (known: {', '.join(sorted(aggregators))})",
         )
         _require(
             self.rank_aggregation in RANK_AGGREGATIONS,
@@ -477,8 +480,6 @@ class StrategyConfig:
     def _validate_robust(self) -> None:
         """The robust rules' settings, and the strategies they cannot protect (see
         fedit.server.aggregators)."""
-        from fedit.server.aggregators import ROBUST_AGGREGATORS
-
         _require(self.byzantine_clients >= 0, "strategy.byzantine_clients", "must be >= 0")
         _require(
             self.krum_selected is None or self.krum_selected >= 1,
@@ -495,12 +496,12 @@ class StrategyConfig:
             value = getattr(self, name)
             _require(value is None or value > 0, f"strategy.{name}", "must be positive or unset")
         _require(self.centered_clip_iters >= 1, "strategy.centered_clip_iters", "must be >= 1")
-        if self.aggregator not in ROBUST_AGGREGATORS:
+        if not plugins.AGGREGATORS[self.aggregator].robust:
             return
         _require(
-            self.name != "scaffold",
+            not self.client_state,
             "strategy.aggregator",
-            f"{self.aggregator!r} cannot protect strategy.name = 'scaffold': its control "
+            f"{self.aggregator!r} cannot protect strategy.name = {self.name!r}: its control "
             "variate c is the plain mean of the clients' control deltas, which no rule on the "
             "updates filters, and every client adds c to each local gradient, so one "
             "Byzantine client still steers all of them; use fedavg, fedprox or fedavgm",
@@ -658,9 +659,6 @@ class AttackConfig:
         _require(0 < self.poison_fraction <= 1, "attack.poison_fraction", "must be in (0, 1]")
         _require(bool(self.target.strip()), "attack.target", "must not be empty")
         _require(bool(self.trigger.strip()), "attack.trigger", "must not be empty")
-
-
-CODECS = ("none", "bf16", "int8", "topk")  # see fedit.compression.codecs
 
 
 @dataclass
@@ -947,10 +945,10 @@ class RunConfig:
             f"mixed ranks are a federation's, not the {self.federation.mode!r} baseline's",
         )
         _require(
-            strategy.name != "scaffold",
+            not strategy.client_state,
             "strategy.name",
-            "scaffold cannot be used with mixed LoRA ranks: its control variates would move "
-            "the components a client does not have",
+            f"{strategy.name} cannot be used with mixed LoRA ranks: its per-client state "
+            "(SCAFFOLD's control variates) would move the components a client does not have",
         )
         _require(
             not (strategy.rank_aggregation == "holders" and strategy.lora_aggregation == "exact"),
@@ -1005,9 +1003,9 @@ class RunConfig:
                 "'A' the server never sees a B_k: use 'separate'",
             ),
             "strategy.name": (
-                self.strategy.name == "scaffold",
-                "scaffold's control variates would correct the B factors each client keeps "
-                "under lora.shared = 'A'",
+                self.strategy.client_state,
+                f"{self.strategy.name}'s per-client state (SCAFFOLD's control variates) would "
+                "correct the B factors each client keeps under lora.shared = 'A'",
             ),
             "lora.client_ranks": (
                 bool(self.lora.client_ranks or self.lora.rank_tiers),
@@ -1116,10 +1114,11 @@ class RunConfig:
             "sensitivity the noise is calibrated to)",
         )
         _require(
-            strategy.name != "scaffold",
+            not strategy.client_state,
             "strategy.name",
-            f"scaffold cannot be used with {where}: its control variates are a second, "
-            "unclipped and un-noised release of every client's gradients",
+            f"{strategy.name} cannot be used with {where}: its per-client state (SCAFFOLD's "
+            "control variates) is a second, unclipped and un-noised release of every "
+            "client's gradients",
         )
         if mode != "central":
             return
@@ -1154,9 +1153,10 @@ class RunConfig:
                 f"must be 'mean' {why}, and {strategy.aggregator!r} needs the single updates",
             ),
             (
-                strategy.name != "scaffold",
+                not strategy.client_state,
                 "strategy.name",
-                f"scaffold cannot be used {why}: it needs each client's control variate",
+                f"{strategy.name} cannot be used {why}: it needs each client's own state "
+                "(SCAFFOLD's control variate)",
             ),
             (
                 strategy.lora_aggregation == "separate",

@@ -156,9 +156,11 @@ def test_an_unknown_attention_implementation_is_refused() -> None:
         load_config(None, ["data.path=x", 'model.attn_implementation="flash"'])
 
 
-def test_strategy_names_come_from_the_registry() -> None:
+def test_strategy_names_come_from_the_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedit import plugins
     from fedit.server.strategies import STRATEGIES, FedAvg, register
 
+    monkeypatch.setattr(plugins, "STRATEGIES", dict(plugins.STRATEGIES))
     with pytest.raises(ConfigError, match="unknown strategy 'my_avg'"):
         load_config(None, ["data.path=x", "strategy.name=my_avg"])
     register("my_avg")(FedAvg)  # a strategy registered by user code is accepted at once

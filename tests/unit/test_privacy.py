@@ -12,6 +12,7 @@ from dp_accounting import dp_event
 from dp_accounting.privacy_accountant import NeighboringRelation
 from dp_accounting.rdp.rdp_privacy_accountant import RdpAccountant
 
+from fedit import plugins
 from fedit.client.session import LocalClient
 from fedit.config import ConfigError, DPOConfig, RunConfig, load_config
 from fedit.engine.compare import Contender
@@ -342,6 +343,7 @@ def test_config_refusals_name_the_field(values, field, words) -> None:
 
 def test_central_dp_refuses_another_aggregator(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(AGGREGATORS, "other", lambda cfg, n: MeanAggregator())
+    monkeypatch.setitem(plugins.AGGREGATORS, "other", plugins.AggregatorTraits())
     with pytest.raises(ConfigError, match="strategy.aggregator: must be 'mean'.*own aggregator"):
         dp_config(**{"strategy.aggregator": "other"})
     # local DP: the server only post-processes noised updates, so any rule is sound

@@ -32,7 +32,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from fedit.config import CODECS
+from fedit.plugins import CODECS
 from fedit.types import AdapterState
 
 INT8_LEVELS = 127  # symmetric: −127..127, so that −q decodes to −v

@@ -56,6 +56,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from fedit import plugins
 from fedit.config import ConfigError, RunConfig, StrategyConfig
 from fedit.privacy.plan import resolve_plan
 from fedit.server.aggregators.base import Aggregator, MeanAggregator
@@ -70,14 +71,20 @@ from fedit.server.selection import clients_per_round
 
 AGGREGATORS: dict[str, Callable[[RunConfig, int], Aggregator]] = {}
 # The rules refused with SCAFFOLD and exact LoRA aggregation (see above, and
-# StrategyConfig.validate).
-ROBUST_AGGREGATORS = ("median", "trimmed_mean", "krum", "multi_krum", "norm_clip", "centered_clip")
+# StrategyConfig.validate): the robust trait of fedit.plugins.
+ROBUST_AGGREGATORS = plugins.robust_aggregators()
 
 
-def register_aggregator(name: str, factory: Callable[[RunConfig, int], Aggregator]) -> None:
-    """Add an aggregator factory (run config, number of clients) → Aggregator under ``name``."""
+def register_aggregator(
+    name: str,
+    factory: Callable[[RunConfig, int], Aggregator],
+    traits: plugins.AggregatorTraits | None = None,
+) -> None:
+    """Add an aggregator factory (run config, number of clients) → Aggregator under ``name``,
+    with the traits the config's rules read (None: a built-in's, declared in fedit.plugins)."""
     if name in AGGREGATORS:
         raise ValueError(f"aggregator {name!r} is already registered")
+    plugins.declare_aggregator(name, traits)
     AGGREGATORS[name] = factory
 
 
