@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from fedit.types import ClientUpdate
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
+# The CLI of the fedit these tests import, wherever it is installed (not REPO/.venv's)
+FEDIT = [sys.executable, "-m", "fedit.cli.main"]
 DOLLY = REPO.parent / "shared" / "data" / "databricks-dolly-15k.jsonl"
 
 

@@ -21,7 +21,7 @@ from fedit.eval.judge_run import (
     read_questions,
     run_judge,
 )
-from tests.conftest import REPO
+from tests.conftest import FEDIT
 
 QUESTIONS = [
     {"question_id": 1, "question": "Add 2 and 3."},
@@ -103,7 +103,7 @@ def test_judging_with_fedit_s_own_server(server: str, tmp_path: Path) -> None:
     """The CLI against the tiny model served on 127.0.0.1, as answerer and judge."""
     out = tmp_path / "judged"
     command = [
-        str(REPO / ".venv" / "bin" / "fedit"),
+        *FEDIT,
         "judge",
         str(question_file(tmp_path)),
         "--model",
@@ -266,7 +266,7 @@ def test_the_cli_refuses_another_judge_in_one_line(server: str, tmp_path: Path) 
 
     def judge_with(judge_model: str) -> subprocess.CompletedProcess:
         command = [
-            str(REPO / ".venv" / "bin" / "fedit"),
+            *FEDIT,
             "judge",
             str(question_file(tmp_path)),
             *("--model", "a", "--mode", "single", "--judge-key-env", ""),

@@ -16,7 +16,7 @@ import pytest
 
 from fedit.config import ConfigError, load_config
 from fedit.serve.models import ModelPool, parse_adapter
-from tests.conftest import REPO, tiny_run_overrides
+from tests.conftest import FEDIT, tiny_run_overrides
 from tests.integration.serving import random_adapter
 
 
@@ -200,7 +200,7 @@ def test_fedit_serve_starts_from_the_command_line(tiny_model_dir: Path, tmp_path
     run = random_adapter(tiny_model_dir, tmp_path / "mine", 4)
     port = free_port()
     command = [
-        str(REPO / ".venv" / "bin" / "fedit"),
+        *FEDIT,
         "serve",
         "--set",
         f'model.name_or_path="{tiny_model_dir}"',
