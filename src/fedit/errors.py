@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+from pathlib import Path
 
 
 class RunStopped(ValueError):
@@ -58,3 +59,14 @@ def describe(err: OSError) -> str:
         return str(err)
     prefix = "cannot write " if err.errno in WRITE_ERRNOS else ""
     return f"{prefix}{err.filename}: {err.strerror}"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` in one step: a crash leaves the old file or the new one."""
+    temporary = path.with_name(f".tmp-{path.name}")
+    try:
+        temporary.write_text(text)
+        os.replace(temporary, path)
+    except OSError as err:
+        temporary.unlink(missing_ok=True)
+        raise write_error(path, err, "the file is as it was before") from err

@@ -15,7 +15,8 @@ from fedit import fingerprint
 from fedit.config import ConfigError, load_config
 from fedit.engine import run_dir
 from fedit.engine.checkpoint import ClientStateStore
-from fedit.engine.run_dir import rebuild_metrics, resume_conflicts, write_atomic
+from fedit.engine.run_dir import rebuild_metrics, resume_conflicts
+from fedit.errors import write_atomic
 
 SAVED = [
     "data.path=synthetic",
@@ -189,7 +190,7 @@ def test_write_atomic_on_a_full_disk_keeps_the_old_file(
     def full(source, target):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(run_dir.os, "replace", full)
+    monkeypatch.setattr(os, "replace", full)
     with pytest.raises(OSError, match="the file is as it was before") as raised:
         write_atomic(path, "new")
     assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(path)

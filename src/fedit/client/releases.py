@@ -15,15 +15,14 @@ than a round) is a new release, counted as one.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from fedit.client.store import VERSION_FILE
+from fedit.client.store import round_file, save_round, saved_rounds
 from fedit.config import RunConfig
+from fedit.errors import write_atomic
 from fedit.server.aggregation import add_scaled
 from fedit.types import AdapterState, ClientUpdate
 
@@ -61,19 +60,10 @@ class Releases:
         the two counts a release that was never sent, never the reverse)."""
         self.directory.mkdir(parents=True, exist_ok=True)
         ledger = [*self.released(), round_number]
-        _write_atomic(self.directory / LEDGER, json.dumps(ledger).encode())
+        write_atomic(self.directory / LEDGER, json.dumps(ledger))
         scalars = {k: v for k, v in asdict(update).items() if k in SCALARS}
-        path = self._path(round_number)
-        partial = path.with_suffix(".partial")
-        tensors = {k: v.contiguous() for k, v in release.items()}
-        save_file(tensors, str(partial), metadata={"update": json.dumps(scalars)})
-        os.replace(partial, path)
-        kept = sorted(
-            int(m.group(1))
-            for f in self.directory.iterdir()
-            if (m := VERSION_FILE.fullmatch(f.name))
-        )
-        for old in kept[:-KEPT_RELEASES]:
+        save_round(self._path(round_number), release, {"update": json.dumps(scalars)})
+        for old in saved_rounds(self.directory)[:-KEPT_RELEASES]:
             self._path(old).unlink(missing_ok=True)
 
     def released(self) -> list[int]:
@@ -82,13 +72,7 @@ class Releases:
         return json.loads(path.read_text()) if path.is_file() else []
 
     def _path(self, round_number: int) -> Path:
-        return self.directory / f"round_{round_number:04d}.safetensors"
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    partial = path.with_suffix(".partial")
-    partial.write_bytes(data)
-    os.replace(partial, path)
+        return round_file(self.directory, round_number)
 
 
 def local_releases(cfg: RunConfig, client_id: int, root: Path) -> Releases | None:

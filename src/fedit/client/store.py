@@ -25,6 +25,24 @@ log = logging.getLogger("fedit.client")
 VERSION_FILE = re.compile(r"round_(\d{4,})\.safetensors")
 
 
+def round_file(directory: Path, round_number: int) -> Path:
+    return directory / f"round_{round_number:04d}.safetensors"
+
+
+def saved_rounds(directory: Path) -> list[int]:
+    """The round numbers of the round_NNNN.safetensors files in `directory`, ascending."""
+    return sorted(
+        int(m.group(1)) for f in directory.iterdir() if (m := VERSION_FILE.fullmatch(f.name))
+    )
+
+
+def save_round(path: Path, tensors: AdapterState, metadata: dict[str, str] | None = None) -> None:
+    """Write `tensors` to `path` atomically (a crash leaves no partial file under its name)."""
+    partial = path.with_suffix(".partial")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(partial), metadata=metadata)
+    os.replace(partial, path)
+
+
 class RoundStore:
     """One client's tensors of one kind (`what`, for messages): round_NNNN.safetensors."""
 
@@ -57,18 +75,10 @@ class RoundStore:
         the last update it accepted, and a round it did not accept is trained again (and
         saved again) before it can accept it."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        path = self._path(round_number)
-        partial = path.with_suffix(".partial")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(partial))
-        os.replace(partial, path)
-        versions = sorted(
-            int(m.group(1))
-            for f in self.directory.iterdir()
-            if (m := VERSION_FILE.fullmatch(f.name))
-        )
-        for old in versions:
+        save_round(self._path(round_number), tensors)
+        for old in saved_rounds(self.directory):
             if old not in (named, round_number):
                 self._path(old).unlink(missing_ok=True)
 
     def _path(self, round_number: int) -> Path:
-        return self.directory / f"round_{round_number:04d}.safetensors"
+        return round_file(self.directory, round_number)

@@ -42,7 +42,8 @@ from fedit.deploy import secagg_wire, wire
 from fedit.deploy.secagg_owner import SecureOwner
 from fedit.deploy.traffic import REFERENCE_GROUP, reply_content
 from fedit.engine.federation_data import tokenize_owner_data
-from fedit.engine.run_dir import INPUTS, input_changes, write_atomic
+from fedit.engine.run_dir import INPUTS, input_changes
+from fedit.errors import write_atomic
 from fedit.fingerprint import content_hash
 from fedit.models.adapters import attach_lora, get_adapter_state, set_adapter_state
 from fedit.models.loading import base_fingerprint, load_model, load_tokenizer

@@ -49,9 +49,8 @@ from fedit.deploy.traffic import run_header
 from fedit.engine.checkpoint import round_dir
 from fedit.engine.federation_data import prepare_data
 from fedit.engine.rounds import completed_run, finished, refuse_in_process_only
-from fedit.engine.run_dir import write_atomic
 from fedit.engine.simulation import local_clients
-from fedit.errors import RunStopped
+from fedit.errors import RunStopped, write_atomic
 from fedit.models.adapters import attach_lora, get_adapter_state, set_adapter_state
 from fedit.models.loading import load_model, load_tokenizer
 from fedit.server.ranks import client_ranks

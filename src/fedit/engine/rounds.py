@@ -53,9 +53,8 @@ from fedit.engine.run_dir import (
     check_resume,
     prepare_run_dir,
     rebuild_metrics,
-    write_atomic,
 )
-from fedit.errors import RunStopped
+from fedit.errors import RunStopped, write_atomic
 from fedit.eval.loss import heldout_loss
 from fedit.models.adapters import (
     get_adapter_state,

@@ -13,7 +13,6 @@ files changed since, though their paths (in the config) did not.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from rich.markup import escape
 from fedit.config import ConfigError, RunConfig, load_config, to_toml
 from fedit.data.prepare import data_files
 from fedit.engine.checkpoint import metrics_record, round_dir
-from fedit.errors import write_error
+from fedit.errors import write_atomic, write_error
 from fedit.fingerprint import content_hash, sampled_fingerprint
 from fedit.models.loading import model_files
 
@@ -247,14 +246,3 @@ def append_metrics(output_dir: Path, line: str) -> None:
             f.write(line + "\n")
     except OSError as err:
         raise write_error(path, err, "the round is saved; --resume rebuilds the file") from err
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Replace `path` with `text` in one step: a crash leaves the old file or the new one."""
-    temporary = path.with_name(f".tmp-{path.name}")
-    try:
-        temporary.write_text(text)
-        os.replace(temporary, path)
-    except OSError as err:
-        temporary.unlink(missing_ok=True)
-        raise write_error(path, err, "the file is as it was before") from err
