@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -41,7 +42,12 @@ def _takes_logits_to_keep(model: torch.nn.Module) -> bool:
     if not hasattr(modeling_utils, "slice_logits_to_keep"):
         return False
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(causal_lm.forward).parameters
+    return _forward_takes_logits_to_keep(type(causal_lm))
+
+
+@functools.cache  # asked on every micro-batch: read each class's signature once
+def _forward_takes_logits_to_keep(cls: type) -> bool:
+    return "logits_to_keep" in inspect.signature(cls.forward).parameters
 
 
 def _label_logits(
