@@ -365,9 +365,6 @@ def side_plan(cfg: RunConfig, side: CoordinatorSide):
         runner=None,  # only the plan is asked for
         num_clients=3,
         train_cfgs={"sft": cfg.train, "dpo": cfg.train},
-        heldout=[],
-        heldout_pairs=[],
-        pad_id=side.pad_id,
         base_originals={},
     )
     return loop.plan(2, get_adapter_state(side.model), {})

@@ -49,6 +49,7 @@ from fedit.deploy.secagg_round import SecureRound
 from fedit.deploy.traffic import REFERENCE_GROUP, run_header, task_content
 from fedit.engine.checkpoint import load_global_adapter, round_dir
 from fedit.engine.federation_data import tokenize_heldout, tokenize_pairs_for
+from fedit.engine.heldout import HeldOutSet
 from fedit.engine.rounds import (
     RoundLoop,
     RoundPlan,
@@ -336,10 +337,8 @@ class CoordinatorSide:
             FlowerRunner(cfg, self.model, run, self.header, nodes_by_client),
             num_clients=cfg.partition.num_clients,  # == len(deploy.clients) in a deployment
             train_cfgs={"sft": cfg.train, "dpo": cfg.train},
-            heldout=self.heldout,
-            heldout_pairs=self.heldout_pairs,
-            pad_id=self.pad_id,
             base_originals={},  # exact aggregation is refused: no residual to fold
+            held_out=HeldOutSet(self.heldout, self.heldout_pairs, self.pad_id),
             min_replies=cfg.deploy.min_replies,
             show_progress=show_progress,
         )

@@ -9,6 +9,11 @@ exact-aggregation residual into the base → evaluate on the held-out set → co
 fedit.engine.checkpoint) → append its metrics line to metrics.jsonl. ``--resume`` restores
 the last committed round's adapter, server state and residual. Nothing here knows how
 clients are reached, so both engines train, aggregate and save bit for bit the same way.
+
+``RoundLoop._round`` reads plan → run → accept → aggregate → commit; what a feature adds
+to a round lives beside it: the transforms of the clients' updates
+(fedit.engine.update_transforms), the metrics line and its console line
+(fedit.engine.round_record), the held-out scoring (fedit.engine.heldout).
 """
 
 from __future__ import annotations
@@ -16,8 +21,8 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -27,12 +32,8 @@ from rich.markup import escape
 from tqdm.auto import tqdm
 
 from fedit import attacks
-from fedit.client.dpo import preference_scores
-from fedit.client.dpo_trainer import pair_logps
 from fedit.client.trainer import round_learning_rate, steps_per_round
 from fedit.config import ConfigError, RunConfig, TrainConfig
-from fedit.data.preferences import TokenizedPair
-from fedit.data.tokenize import TokenizedExample
 from fedit.engine.checkpoint import (
     Checkpoint,
     ClientStateStore,
@@ -47,6 +48,8 @@ from fedit.engine.checkpoint import (
 )
 from fedit.engine.devices import round_candidates
 from fedit.engine.federation_data import round_objective
+from fedit.engine.heldout import HeldOutScorer, HeldOutSet
+from fedit.engine.round_record import round_line, round_record
 from fedit.engine.run_dir import (
     METRICS,
     append_metrics,
@@ -54,8 +57,8 @@ from fedit.engine.run_dir import (
     prepare_run_dir,
     rebuild_metrics,
 )
+from fedit.engine.update_transforms import apply, unseen_part, update_transforms
 from fedit.errors import RunStopped, write_atomic
-from fedit.eval.loss import heldout_loss
 from fedit.models.adapters import (
     get_adapter_state,
     in_base_layout,
@@ -65,9 +68,9 @@ from fedit.models.adapters import (
 )
 from fedit.privacy import resolve_plan, selection_seed
 from fedit.seeding import Stream, derive_seed
-from fedit.server.aggregation import add_scaled, client_weights
+from fedit.server.aggregation import add_scaled
 from fedit.server.aggregators import build_aggregator
-from fedit.server.ranks import at_rank, client_ranks, for_aggregation, unseen_product
+from fedit.server.ranks import client_ranks, unseen_product
 from fedit.server.selection import clients_per_round, highest_losses
 from fedit.server.sharing import with_kept
 from fedit.server.strategies import build_strategy
@@ -218,12 +221,22 @@ def finished(cfg: RunConfig, done: list[int]) -> bool:
     return True
 
 
+@dataclass
+class AcceptedUpdates:
+    """A round's replies once checked: what the strategy aggregates and what the record
+    says of the clients."""
+
+    updates: list[ClientUpdate]  # sorted by client id, transformed for aggregation
+    rejected: list[Rejection]
+    clients: list[dict[str, Any]]  # one record per aggregated client
+
+
 class RoundLoop:
     """Runs the rounds of one configured federation (or baseline) against a ClientRunner.
 
     ``model`` is the coordinator's model (in the simulation, also the clients'): it holds
-    the global adapter for evaluation and checkpoints. ``heldout`` and ``heldout_pairs``
-    are the coordinator's held-out set, tokenised.
+    the global adapter for evaluation and checkpoints. ``held_out`` is the coordinator's
+    held-out set, tokenised (None: nothing held out).
     """
 
     def __init__(
@@ -234,10 +247,8 @@ class RoundLoop:
         *,
         num_clients: int,
         train_cfgs: dict[str, TrainConfig],
-        heldout: Sequence[TokenizedExample],
-        heldout_pairs: Sequence[TokenizedPair],
-        pad_id: int,
         base_originals: dict[str, torch.Tensor],
+        held_out: HeldOutSet | None = None,
         min_replies: int = 1,
         show_progress: bool = True,
         final_eval: Callable[[torch.nn.Module], dict[str, Any]] | None = None,
@@ -246,7 +257,6 @@ class RoundLoop:
         self.cfg, self.model, self.runner = cfg, model, runner
         self.output_dir = Path(cfg.output_dir)
         self.num_clients, self.train_cfgs = num_clients, train_cfgs
-        self.heldout, self.heldout_pairs, self.pad_id = heldout, heldout_pairs, pad_id
         self.base_originals = base_originals  # W0 of weights with a residual, shared
         self.min_replies, self.show_progress = min_replies, show_progress
         self.final_eval = final_eval  # the attack's success after the last round, or None
@@ -270,7 +280,7 @@ class RoundLoop:
             self.attack = {"kind": cfg.attack.kind, "clients": malicious}
             console.print(escape(attacks.describe(cfg, malicious)))
         # Before _restore folds any exact-aggregation residual into the base: π_ref = W0.
-        self.heldout_reference = self._base_logps(heldout_pairs)
+        self.scorer = HeldOutScorer(model, held_out or HeldOutSet(), cfg)
         self.client_state = ClientStateStore([])
         # {client: the last round that aggregated its update}: where its error feedback
         # continues from (fedit.compression.feedback), rebuilt from the records on resume
@@ -278,6 +288,7 @@ class RoundLoop:
         # {client: the rounds it was asked to train in}: local DP's releases (PrivacyPlan)
         self.asked: Counter[int] = Counter()
         self.ranks = client_ranks(cfg, num_clients)  # mixed LoRA ranks, or None
+        self.transforms = update_transforms(cfg, self.ranks)
         self.clock = 0.0  # [system]: the simulated seconds of the rounds so far
         if cfg.lora.shared != "all":
             console.print(
@@ -376,67 +387,31 @@ class RoundLoop:
         return RoundPlan(r, objective, train_cfg, lr, tasks, residual, probed, scaling)
 
     def _round(self, r: int, global_state: AdapterState, residual):
-        """Round r + 1: plan → the clients train → aggregate → evaluate → commit."""
+        """Round r + 1: plan → the clients train → accept → aggregate → commit."""
         started = time.perf_counter()
-        objective = round_objective(self.cfg, r)
-        if r > 0 and objective != round_objective(self.cfg, r - 1):
+        if r > 0 and round_objective(self.cfg, r) != round_objective(self.cfg, r - 1):
             self.strategy.reset()  # sft_then_dpo: see Strategy.reset
         plan = self.plan(r, global_state, residual)
         replies = self.runner.run_round(plan, global_state)
-        updates, rejected, clients = self._accepted(r, plan, replies, global_state)
-        unseen = {}
-        if updates:  # none: the simulated devices left nobody this round (_require_replies)
-            unseen = self._unseen(plan, global_state, updates)
-            aggregated = self.strategy.aggregate(global_state, updates, r)
-            # FedSA-LoRA: the global B stays B = 0 whatever the server step (e.g. DP noise)
-            global_state = with_kept(aggregated, global_state, self.cfg.lora.shared)
-        residual = self._fold_residual(residual, unseen)
-        set_adapter_state(self.model, global_state)
-        record: dict[str, Any] = {
-            "round": r + 1,
-            "objective": objective,
-            "learning_rate": plan.learning_rate,
-            "clients": [{**c, **replies.traffic.get(c["id"], {})} for c in clients],
-            "strategy": self.strategy.metrics() if updates else {},
-        }
-        if plan.probed:  # JSON keys are strings: the candidates' ids
-            record["selection"] = {"probed_loss": {str(k): v for k, v in plan.probed.items()}}
-        if replies.aggregate is not None:
-            record["secure_aggregation"] = replies.aggregate.record
-        if updates and (aggregator_metrics := self.strategy.aggregator.metrics()):
-            record["aggregator"] = aggregator_metrics
-        if self.attack:
-            record["attack"] = dict(self.attack)
-        if rejected:
-            record["rejected"] = [rejection.as_record() for rejection in rejected]
-        if replies.dropped:
-            record["dropped"] = [rejection.as_record() for rejection in replies.dropped]
-        self.asked.update(asked_clients(record))
-        if self.privacy is not None:  # ε of the releases made: a repeated round makes none
-            record["privacy"] = self.privacy.record(self.privacy.releases_made(r + 1, self.asked))
-        if replies.simulated_seconds is not None:
-            self.clock += replies.simulated_seconds
-            record["simulated_seconds"] = replies.simulated_seconds
-            record["simulated_clock"] = self.clock
-        if r + 1 == self.cfg.federation.rounds or (r + 1) % self.cfg.eval.every_rounds == 0:
-            record.update(self._evaluate())
-        if r + 1 == self.cfg.federation.rounds and self.final_eval is not None:
-            record["attack"].update(self.final_eval(self.model))
+        accepted = self._accept(r, plan, replies, global_state)
+        global_state, residual = self._aggregate(r, plan, accepted.updates, global_state, residual)
+        record = self._record(plan, replies, accepted)
         record["seconds"] = time.perf_counter() - started
         self._commit(record, global_state, residual)
-        self.accepted.update({client["id"]: r + 1 for client in clients})
+        self.accepted.update({client["id"]: r + 1 for client in accepted.clients})
         return global_state, residual
 
-    def _accepted(self, r: int, plan: RoundPlan, replies: RoundReplies, global_state):
-        """(updates for the strategy, rejections, per-client records): the validated
-        updates, sorted, or under secure aggregation the one pseudo-update of the sum,
-        whose clients are recorded without their counts (weights are what it hides)."""
+    def _accept(
+        self, r: int, plan: RoundPlan, replies: RoundReplies, global_state: AdapterState
+    ) -> AcceptedUpdates:
+        """The validated updates, sorted, or under secure aggregation the one pseudo-update
+        of the sum, whose clients are recorded without their counts (weights are what it
+        hides); before any server state changes."""
         if replies.aggregate is not None:
             update = replies.aggregate.update(global_state, plan.learning_rate)
             clients = [{"id": k, **metrics} for k, metrics in replies.aggregate.clients]
-            return [update], replies.rejected, clients
-        # before any server state changes
-        arrived = self._at_own_ranks(self._shared_only(replies.updates, global_state), global_state)
+            return AcceptedUpdates([update], replies.rejected, clients)
+        arrived = apply(self.transforms.on_arrival, replies.updates, global_state)
         updates, refused = validate_updates(arrived, self._expectations(plan, global_state))
         rejected = replies.rejected + refused
         self._require_replies(r, updates, rejected, replies.dropped)
@@ -444,37 +419,57 @@ class RoundLoop:
         clients = [
             {"id": u.client_id, "num_examples": u.num_examples, **u.metrics} for u in updates
         ]
-        if self.ranks is not None and updates:
-            weights = client_weights(updates, self.cfg.strategy.weighting)
-            own = [self.ranks[u.client_id] for u in updates]
-            states = [u.state for u in updates]
-            mode = self.cfg.strategy.rank_aggregation
-            states = for_aggregation(states, own, weights, mode, global_state)
-            updates = [replace(u, state=state) for u, state in zip(updates, states, strict=True)]
-        return updates, rejected, clients
+        updates = apply(self.transforms.for_aggregation, updates, global_state)
+        return AcceptedUpdates(updates, rejected, clients)
 
-    def _shared_only(self, updates: list[ClientUpdate], global_state: AdapterState):
-        """FedSA-LoRA: each update's kept factors set to the global's (Δ = 0 there),
-        whatever a client sent for them, so the server aggregates the shared ones only."""
-        shared = self.cfg.lora.shared
-        if shared == "all":
-            return updates
-        return [replace(u, state=with_kept(u.state, global_state, shared)) for u in updates]
+    def _aggregate(
+        self,
+        r: int,
+        plan: RoundPlan,
+        updates: list[ClientUpdate],
+        global_state: AdapterState,
+        residual: dict[str, torch.Tensor],
+    ) -> tuple[AdapterState, dict[str, torch.Tensor]]:
+        """The strategy's step and the base residual it (and mixed ranks) leave, both set
+        on the coordinator's model. No updates (the simulated devices left nobody this
+        round; _require_replies) changes nothing."""
+        unseen = {}
+        if updates:
+            if plan.unseen_scaling is not None:
+                weighting = self.cfg.strategy.weighting
+                unseen = unseen_part(
+                    updates, global_state, self.ranks, weighting, plan.unseen_scaling
+                )
+            aggregated = self.strategy.aggregate(global_state, updates, r)
+            # FedSA-LoRA: the global B stays B = 0 whatever the server step (e.g. DP noise)
+            global_state = with_kept(aggregated, global_state, self.cfg.lora.shared)
+        residual = self._fold_residual(residual, unseen)
+        set_adapter_state(self.model, global_state)
+        return global_state, residual
 
-    def _at_own_ranks(self, updates: list[ClientUpdate], global_state: AdapterState):
-        """Mixed ranks: each update beyond its client's rank set to the global's own values
-        (Δ = 0 there: it has no such components), so validation and its norm bound see
-        what it trained. A malformed update is left as it came, for validation to refuse."""
-        if self.ranks is None:
-            return updates
-        shapes = {k: t.shape for k, t in global_state.items()}
-        fixed = []
-        for u in updates:
-            formed = {k: t.shape for k, t in u.state.items()} == shapes
-            if formed and 0 <= u.client_id < len(self.ranks):
-                u = replace(u, state=at_rank(u.state, self.ranks[u.client_id], global_state))
-            fixed.append(u)
-        return fixed
+    def _record(
+        self, plan: RoundPlan, replies: RoundReplies, accepted: AcceptedUpdates
+    ) -> dict[str, Any]:
+        """The round's metrics line (fedit.engine.round_record), with what the run has
+        spent so far (privacy, simulated time) and, when due, the held-out scores."""
+        aggregated_by = self.strategy if accepted.updates else None
+        record = round_record(
+            plan, replies, accepted.clients, accepted.rejected, aggregated_by, self.attack
+        )
+        round_number, last = plan.round_index + 1, self.cfg.federation.rounds
+        self.asked.update(asked_clients(record))
+        if self.privacy is not None:  # ε of the releases made: a repeated round makes none
+            releases = self.privacy.releases_made(round_number, self.asked)
+            record["privacy"] = self.privacy.record(releases)
+        if replies.simulated_seconds is not None:
+            self.clock += replies.simulated_seconds
+            record["simulated_seconds"] = replies.simulated_seconds
+            record["simulated_clock"] = self.clock
+        if round_number == last or round_number % self.cfg.eval.every_rounds == 0:
+            record.update(self.scorer.score())
+        if round_number == last and self.final_eval is not None:
+            record["attack"].update(self.final_eval(self.model))
+        return record
 
     def _expectations(self, plan: RoundPlan, global_state: AdapterState) -> RoundExpectations:
         """What the round's updates must be, from the coordinator's own knowledge."""
@@ -499,16 +494,6 @@ class RoundLoop:
             raise AllUpdatesRejectedError(r + 1, rejected)
         if len(updates) < max(1, self.min_replies):
             raise TooFewRepliesError(r + 1, len(updates), self.min_replies, rejected + dropped)
-
-    def _unseen(self, plan: RoundPlan, global_state: AdapterState, updates: list[ClientUpdate]):
-        """Exact aggregation with mixed ranks: Σ_k p_k of what each client's truncated start
-        lacked of the global merged model (RoundPlan.start_residual), which its own merged
-        model held in its base, so that R takes it over; {} otherwise."""
-        if plan.unseen_scaling is None:
-            return {}
-        weights = client_weights(updates, self.cfg.strategy.weighting)
-        own = [self.ranks[u.client_id] for u in updates]
-        return unseen_product(global_state, own, weights, plan.unseen_scaling)
 
     def _fold_residual(self, residual, unseen):
         """Add the aggregation's exact-LoRA residual (if any), and with mixed ranks what the
@@ -541,64 +526,11 @@ class RoundLoop:
 
     def _commit_start(self) -> None:
         """Round 0's line, the starting model: its own record file, then metrics.jsonl."""
-        record = {"round": 0, **self._evaluate()}
+        record = {"round": 0, **self.scorer.score()}
         write_atomic(metrics_record(self.output_dir, 0), json.dumps(record))
         self._write_metrics(record)
-
-    def _evaluate(self) -> dict[str, Any]:
-        """Held-out loss and preference scores per category, and how long they took (kept
-        apart from training)."""
-        if (not self.heldout and not self.heldout_pairs) or self.cfg.lora.shared != "all":
-            return {}  # FedSA-LoRA: the global adapter (B = 0) is the base; fedit personalize
-        started = time.perf_counter()
-        record: dict[str, Any] = {}
-        batch_size = self.cfg.eval.batch_size
-        if self.heldout:
-            record["heldout"] = heldout_loss(self.model, self.heldout, self.pad_id, batch_size)
-        if self.heldout_pairs:
-            policy = self._logps(self.heldout_pairs)
-            categories = [p.category for p in self.heldout_pairs]
-            record["heldout_dpo"] = preference_scores(
-                policy, self.heldout_reference, categories, self.cfg.dpo.beta
-            )
-        record["eval_seconds"] = time.perf_counter() - started
-        return record
-
-    def _logps(self, pairs: Sequence[TokenizedPair]) -> torch.Tensor:
-        """(N, 2) log-probs of held-out pairs in full precision, as heldout_loss computes."""
-        return pair_logps(self.model, pairs, self.pad_id, batch_size=self.cfg.eval.batch_size)
-
-    def _base_logps(self, pairs: Sequence[TokenizedPair]) -> torch.Tensor | None:
-        if not pairs:
-            return None
-        with self.model.disable_adapter():
-            return self._logps(pairs)
 
     def _write_metrics(self, record: dict[str, Any]) -> None:
         """Append a committed round's line to metrics.jsonl and report it."""
         append_metrics(self.output_dir, json.dumps(record))
-        text = f"round {record['round']}:"
-        if record.get("clients"):
-            losses = [c["train_loss"] for c in record["clients"]]
-            name = "dpo loss" if record.get("objective") == "dpo" else "train loss"
-            text += f" {name} {sum(losses) / len(losses):.4f}"
-        if "heldout" in record:
-            text += f" held-out loss {record['heldout']['overall']['loss']:.4f}"
-        if "heldout_dpo" in record:
-            overall = record["heldout_dpo"]["overall"]
-            text += (
-                f" held-out preference accuracy {overall['accuracy']:.3f}"
-                f" margin {overall['margin']:.4f}"
-            )
-        for key in ("attack_success", "trigger_success"):
-            if key in record.get("attack", {}):
-                text += f" {key.replace('_', ' ')} {record['attack'][key]:.2f}"
-        if "privacy" in record:
-            privacy = record["privacy"]
-            text += (
-                f" ε {privacy['epsilon']:.3g} ({privacy['accountant'].upper()}, "
-                f"δ {privacy['delta']:.2g})"
-            )
-        if record.get("dropped"):
-            text += f" dropped {[d['client'] for d in record['dropped']]}"
-        console.print(text + (f" ({record['seconds']:.1f}s)" if "seconds" in record else ""))
+        console.print(round_line(record))

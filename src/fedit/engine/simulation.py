@@ -63,6 +63,7 @@ from fedit.engine.federation_data import (
     prepare_data,
     round_objective,
 )
+from fedit.engine.heldout import HeldOutSet
 from fedit.engine.rounds import RoundLoop, RoundPlan, RoundReplies, completed_run, finished
 from fedit.eval.attack import final_attack_eval
 from fedit.eval.loss import heldout_loss
@@ -128,10 +129,8 @@ class Simulation:
             runner,
             num_clients=data.num_clients,
             train_cfgs=train_cfgs,
-            heldout=data.heldout,
-            heldout_pairs=data.heldout_pairs,
-            pad_id=tokenizer.pad_token_id,
             base_originals=base_originals,
+            held_out=HeldOutSet(data.heldout, data.heldout_pairs, tokenizer.pad_token_id),
             show_progress=self.show_progress,
             final_eval=final_attack_eval(cfg, tokenizer, data.heldout_records)
             if self.score_attack
