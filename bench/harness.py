@@ -20,10 +20,16 @@ RESULTS_DIR = REPO / "bench" / "results"
 W1_CONFIG = REPO / "bench" / "configs" / "w1.toml"
 
 
-def run_child(args: list[str]) -> dict:
-    """Run `python <args>` from the repo root; return the JSON of its last stdout line."""
+def run_child(args: list[str], src: str | Path | None = None) -> dict:
+    """Run `python <args>` from the repo root; return the JSON of its last stdout line.
+    `src`: a source tree (a checkout's src/) the child imports fedit from, in place of the
+    installed one (bench/before_after.py measures two trees this way)."""
+    env = dict(os.environ)
+    if src is not None:
+        paths = [str(Path(src).resolve()), env.get("PYTHONPATH")]  # children run in REPO
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, paths))
     proc = subprocess.run(
-        [sys.executable, *args], cwd=REPO, capture_output=True, text=True, check=False
+        [sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, check=False
     )
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:

@@ -17,6 +17,7 @@ with fedit / plain-loop ratios.
 
     .venv/bin/python bench/w0.py            # full W0 (a few minutes on 2 cores)
     .venv/bin/python bench/w0.py --quick    # smoke run: 2 rounds x 2 clients
+    .venv/bin/python bench/w0.py --src ../other/src   # fedit imported from another tree
 
 Prints a markdown table to stdout; raw results go to bench/results/w0-<UTC time>.json.
 """
@@ -115,6 +116,24 @@ def run_fedit(workdir: Path, rounds: int | None, clients_per_round: int | None) 
 # --- parent ---------------------------------------------------------------------------------
 
 
+def fedit_command(workdir: Path, rounds: int | None, clients_per_round: int | None) -> list[str]:
+    """The child that runs W0 in fedit on the model and records prepared in `workdir`."""
+    scale = []
+    for flag, value in (("--rounds", rounds), ("--clients-per-round", clients_per_round)):
+        if value:
+            scale += [flag, str(value)]
+    return ["bench/w0.py", "--child", str(workdir), *scale]
+
+
+def measure(command: list[str], workdir: Path, src: str | Path | None = None) -> dict:
+    """One child's result with what its run left on disk (then deleted) and the derived
+    figures; `src`: the source tree it imports fedit from (run_child)."""
+    result = run_child(command, src)
+    result["files_written"], result["bytes_written"] = dir_usage(workdir / "run")
+    shutil.rmtree(workdir / "run")
+    return result | derived(result)
+
+
 def derived(r: dict) -> dict:
     outside = r["wall_seconds"] - r["step_seconds"]
     return {
@@ -161,6 +180,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, help="override federation rounds (W0: 20)")
     parser.add_argument("--clients-per-round", type=int, help="override (W0: 5)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 rounds x 2 clients")
+    parser.add_argument("--src", help="import fedit from this src/ (default: the installed)")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)  # prepared workdir
     args = parser.parse_args()
     if args.quick:
@@ -176,12 +196,8 @@ def main() -> None:
     warn_if_busy()
     machine = machine_info()
     workdir = Path(tempfile.mkdtemp(prefix="fedit-w0-"))
-    scale = []
-    for flag in ("rounds", "clients_per_round"):
-        if getattr(args, flag):
-            scale += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     commands = {
-        "fedit": ["bench/w0.py", "--child", str(workdir), *scale],
+        "fedit": fedit_command(workdir, args.rounds, args.clients_per_round),
         "plain loop": [
             "bench/reference_loop.py", "--w0", str(workdir), "--output-dir", str(workdir / "run"),
             "--rounds", str(args.rounds or 20), "--clients-per-round",
@@ -194,10 +210,7 @@ def main() -> None:
         write_first_records(workdir / "records.jsonl")
         for name, command in commands.items():  # back to back, each in its own process
             print(f"running W0: {name} ...", file=sys.stderr, flush=True)
-            result = run_child(command)
-            result["files_written"], result["bytes_written"] = dir_usage(workdir / "run")
-            results[name] = result | derived(result)
-            shutil.rmtree(workdir / "run")
+            results[name] = measure(command, workdir, args.src)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     payload = {"workload": "W0", "machine": machine, "args": vars(args), "results": results}

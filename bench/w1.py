@@ -30,6 +30,7 @@ ratios against the reference (wall, RSS) and fedit-off (held-out loss).
     .venv/bin/python bench/w1.py                 # full W1, ~40 min on a quiet 2-core machine
     .venv/bin/python bench/w1.py --quick         # smoke run: 1 round, 1 client, 1 step
     .venv/bin/python bench/w1.py --variants reference,fedit-all --rounds 2
+    .venv/bin/python bench/w1.py --src ../other/src   # fedit imported from another tree
 
 Prints a markdown table to stdout; raw results go to bench/results/w1-<UTC time>.json.
 """
@@ -158,9 +159,11 @@ def variant_command(name: str, args: argparse.Namespace, output_dir: Path) -> li
 
 
 def run_variant(name: str, args: argparse.Namespace) -> dict:
+    """One variant in its own process, fedit imported from args.src (None: the installed
+    one); {"error": ...} where it failed."""
     workdir = Path(tempfile.mkdtemp(prefix=f"fedit-w1-{name}-"))
     try:
-        result = run_child(variant_command(name, args, workdir / "run"))
+        result = run_child(variant_command(name, args, workdir / "run"), args.src)
         result["files_written"], result["bytes_written"] = dir_usage(workdir / "run")
         return result
     except RuntimeError as err:
@@ -168,6 +171,14 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
         return {"error": str(err)}
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def convert_embedded_model() -> None:
+    """De-quantise the embedded GGUF now (cached), outside every variant's timing."""
+    from fedit.config import ModelConfig
+    from fedit.models.loading import model_source
+
+    model_source(ModelConfig())
 
 
 def derived(r: dict) -> dict:
@@ -231,6 +242,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--clients-per-round", type=int, help="override (W1: 2)")
     parser.add_argument("--steps", type=int, help="steps per client per round (W1: 1 epoch = 5)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 round, 1 client, 1 step")
+    parser.add_argument("--src", help="import fedit from this src/ (default: the installed)")
     parser.add_argument("--child", choices=[v for v in VARIANTS if v != "reference"])
     parser.add_argument("--output-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -247,10 +259,7 @@ def main() -> None:
     if args.child:
         print(json.dumps(run_fedit(args)))
         return
-    from fedit.config import ModelConfig
-    from fedit.models.loading import model_source
-
-    model_source(ModelConfig())  # de-quantise the embedded GGUF now, outside every timing
+    convert_embedded_model()
     warn_if_busy()
     machine = machine_info()
     results: dict[str, dict] = {}
