@@ -90,13 +90,13 @@ class LoraConfig:
     # stops below them: 10 of SmolLM2's 30 layers take 0.63x the step time on an AVX2 CPU
     # (bench/step_cost.py).
     last_layers: int | None = None
-    # Mixed ranks (fedit.server.ranks): client k trains only the first r_k components of the
+    # Mixed ranks (fedit.ops.ranks): client k trains only the first r_k components of the
     # rank-r global adapter. Per client, or tiers: ranks with the share of clients at each
     # (assigned by a permutation seeded by the run seed). Neither: every client at r.
     client_ranks: list[int] = field(default_factory=list)
     rank_tiers: list[int] = field(default_factory=list)
     tier_shares: list[float] = field(default_factory=list)
-    # Which factors the clients share (fedit.server.sharing): "all", or "A": FedSA-LoRA,
+    # Which factors the clients share (fedit.ops.sharing): "all", or "A": FedSA-LoRA,
     # each client keeps its own B factors on its disk and the server averages A only.
     shared: str = "all"
 
@@ -412,8 +412,8 @@ class StrategyConfig:
 
     name: str = "fedavg"
     weighting: str = "examples"  # examples (p_k = n_k / sum n) | uniform
-    lora_aggregation: str = "separate"  # separate | exact (see fedit.server.lora_aggregation)
-    # mixed LoRA ranks (lora.client_ranks / rank_tiers; fedit.server.ranks): zero_pad
+    lora_aggregation: str = "separate"  # separate | exact (see fedit.ops.lora_aggregation)
+    # mixed LoRA ranks (lora.client_ranks / rank_tiers; fedit.ops.ranks): zero_pad
     # (HetLoRA: a component a client lacks counts as 0) | holders (averaged over the
     # clients that have it)
     rank_aggregation: str = "zero_pad"
@@ -1205,7 +1205,7 @@ class RunConfig:
 
     def _validate_exact_aggregation(self) -> None:
         """Exact LoRA aggregation folds small residuals into the base weights: they must be
-        stored in full precision (see fedit.server.lora_aggregation)."""
+        stored in full precision (see fedit.ops.lora_aggregation)."""
         if self.strategy.lora_aggregation != "exact":
             return
         _require(

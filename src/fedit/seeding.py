@@ -23,7 +23,7 @@ class Stream(IntEnum):
     SECAGG_GRAPH = 6  # (round,): secure aggregation's masking graph (fedit.deploy.secagg)
     # [system] (fedit.engine.devices): (): every client's device; (round,): who is online
     DEVICES = 7
-    RANKS = 8  # (): which client gets which rank tier (fedit.server.ranks)
+    RANKS = 8  # (): which client gets which rank tier (fedit.ops.ranks)
     PERSONALIZE = 9  # (client, steps): batch order of fedit personalize's fine-tuning
 
 

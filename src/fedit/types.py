@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import Tensor
 
@@ -51,3 +52,15 @@ class ClientTask:
     # the round of this client's last update the coordinator accepted (0: none), whose
     # error-feedback memory the client starts from (fedit.compression.feedback)
     feedback_round: int = 0
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A client left out of a round's aggregate, and why."""
+
+    client_id: int
+    reason: str
+
+    def as_record(self) -> dict[str, Any]:
+        """The entry under "rejected" in the round's metrics line."""
+        return {"client": self.client_id, "reason": self.reason}

@@ -11,8 +11,8 @@ import pytest
 from fedit.config import ConfigError, DataConfig, PartitionConfig, RunConfig, SystemConfig
 from fedit.engine import devices
 from fedit.engine.devices import Device, Fate
+from fedit.ops.ranks import rank_shapes
 from fedit.seeding import Stream, derive_seed
-from fedit.server.ranks import rank_shapes
 from fedit.server.selection import highest_losses, select_clients
 
 

@@ -17,6 +17,7 @@ from fedit.client.session import LocalClient
 from fedit.config import ConfigError, DPOConfig, RunConfig, load_config
 from fedit.engine.compare import Contender
 from fedit.engine.run_dir import resume_conflicts
+from fedit.ops.aggregation import clip_to_norm
 from fedit.privacy import accountant
 from fedit.privacy.mechanism import (
     dp_mean,
@@ -33,7 +34,6 @@ from fedit.privacy.plan import (
     selection_seed,
 )
 from fedit.seeding import Stream, derive_seed
-from fedit.server.aggregation import clip_to_norm
 from fedit.server.aggregators import AGGREGATORS, MeanAggregator, build_aggregator
 from fedit.server.aggregators.dp_fedavg import DPFedAvgAggregator
 from fedit.server.selection import select_clients

@@ -22,7 +22,7 @@ from fedit.config import (
 from fedit.deploy import wire
 from fedit.deploy.traffic import reply_content
 from fedit.models.adapters import get_adapter_state
-from fedit.server.sharing import kept_part, shared_part, with_kept, with_zero_kept
+from fedit.ops.sharing import kept_part, shared_part, with_kept, with_zero_kept
 from fedit.types import ClientTask, ClientUpdate
 from tests.conftest import tiny_local_client
 

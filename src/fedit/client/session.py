@@ -25,12 +25,11 @@ from fedit.config import DPOConfig, TrainConfig
 from fedit.data.preferences import TokenizedPair
 from fedit.data.tokenize import TokenizedExample
 from fedit.models.adapters import set_adapter_state
+from fedit.ops.ranks import global_at
 from fedit.privacy import PrivacyPlan
 from fedit.privacy.mechanism import local_release, released_update
 from fedit.seeding import Stream
-from fedit.server.ranks import global_at
-from fedit.server.validation import Rejection
-from fedit.types import AdapterState, ClientTask, ClientUpdate
+from fedit.types import AdapterState, ClientTask, ClientUpdate, Rejection
 
 
 class LocalClient:
@@ -45,7 +44,7 @@ class LocalClient:
     run), ``compressor`` fedit.compression.feedback.client_compressor's (None: float32
     uploads), all required so that no engine can build a client that forgets them.
     ``own`` (fedit.client.own_factors.own_factors's; None unless lora.shared = "A") holds
-    the B factors it keeps under FedSA-LoRA. ``rank`` (fedit.server.ranks.client_ranks)
+    the B factors it keeps under FedSA-LoRA. ``rank`` (fedit.ops.ranks.client_ranks)
     truncates the global adapter it trains from to its first r_k components; everything
     after works from that truncated x."""
 

@@ -60,12 +60,11 @@ from fedit.engine.rounds import (
 from fedit.errors import DeployError
 from fedit.models.adapters import attach_lora, get_adapter_state, set_adapter_state
 from fedit.models.loading import load_model, load_tokenizer
-from fedit.server.ranks import client_ranks, shrink
+from fedit.ops.ranks import client_ranks, shrink
+from fedit.ops.sharing import shared_part, with_zero_kept
 from fedit.server.selection import clients_per_round
-from fedit.server.sharing import shared_part, with_zero_kept
 from fedit.server.strategies import STRATEGIES
-from fedit.server.validation import Rejection
-from fedit.types import AdapterState, ClientTask
+from fedit.types import AdapterState, ClientTask, Rejection
 
 console = Console(stderr=True)
 CONNECTION = "coordinator"

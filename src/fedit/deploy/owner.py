@@ -47,12 +47,11 @@ from fedit.errors import write_atomic
 from fedit.fingerprint import content_hash
 from fedit.models.adapters import attach_lora, get_adapter_state, set_adapter_state
 from fedit.models.loading import base_fingerprint, load_model, load_tokenizer
+from fedit.ops.aggregation import add_scaled, zeros_like
+from fedit.ops.ranks import client_ranks
+from fedit.ops.sharing import shared_part, with_zero_kept
 from fedit.privacy import client_plan
-from fedit.server.aggregation import add_scaled, zeros_like
-from fedit.server.ranks import client_ranks
-from fedit.server.sharing import shared_part, with_zero_kept
-from fedit.server.validation import Rejection
-from fedit.types import AdapterState, ClientTask, ClientUpdate
+from fedit.types import AdapterState, ClientTask, ClientUpdate, Rejection
 
 log = logging.getLogger("fedit.join")
 KEPT_VERSIONS = 2  # c_k files per client: the newest, and the one before (a lost reply)

@@ -31,7 +31,7 @@ from fedit.deploy import secagg, secagg_wire, wire
 from fedit.deploy.secagg import RoundParams, SecAggError
 from fedit.deploy.secagg_wire import KEYS, MASKED, SHARES, UNMASK, Request
 from fedit.deploy.traffic import reply_content
-from fedit.server.validation import Rejection
+from fedit.types import Rejection
 
 if TYPE_CHECKING:
     from fedit.deploy.owner import DataOwner, RunSession

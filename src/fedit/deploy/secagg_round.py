@@ -32,8 +32,7 @@ from fedit.deploy.traffic import task_content
 from fedit.engine.rounds import RoundPlan, RoundReplies, SecureAggregate
 from fedit.errors import RunStopped
 from fedit.seeding import Stream, derive_seed
-from fedit.server.validation import Rejection
-from fedit.types import AdapterState, ClientTask
+from fedit.types import AdapterState, ClientTask, Rejection
 
 if TYPE_CHECKING:
     from fedit.deploy.coordinator import FlowerRunner

@@ -53,7 +53,7 @@ from fedit.engine.simulation import local_clients
 from fedit.errors import RunStopped, write_atomic
 from fedit.models.adapters import attach_lora, get_adapter_state, set_adapter_state
 from fedit.models.loading import load_model, load_tokenizer
-from fedit.server.ranks import client_ranks
+from fedit.ops.ranks import client_ranks
 
 console = Console(stderr=True)
 log = logging.getLogger("fedit.simulate_ray")

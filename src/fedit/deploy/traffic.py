@@ -16,10 +16,9 @@ from flwr.app import RecordDict
 from fedit.config import RunConfig, to_toml
 from fedit.deploy import wire
 from fedit.models.loading import base_fingerprint
-from fedit.server.ranks import shrink
-from fedit.server.sharing import shared_part
-from fedit.server.validation import Rejection
-from fedit.types import AdapterState, ClientTask, ClientUpdate
+from fedit.ops.ranks import shrink
+from fedit.ops.sharing import shared_part
+from fedit.types import AdapterState, ClientTask, ClientUpdate, Rejection
 
 # Per-client tensor groups the owner keeps itself (design §2.6): sent by digest, not in full.
 HELD_BY_OWNER = ("c_k",)

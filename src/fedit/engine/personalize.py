@@ -10,7 +10,7 @@ categories, in its proportions. Three adapters per client:
 - personalised: the global adapter after `steps` more optimizer steps on k's records
   (local fine-tuning, the simplest personalisation; Wang et al. 2019, "Federated
   Evaluation of On-device Personalization"). Under FedSA-LoRA (lora.shared = "A",
-  fedit.server.sharing) it starts from the client's own adapter made during federation,
+  fedit.ops.sharing) it starts from the client's own adapter made during federation,
   (Ā, B_k) with B_k kept on its disk as of its last accepted round, and `steps` may be 0:
   that adapter as the federation left it. There the global adapter is the base model;
 - local-only: a fresh LoRA trained on k's records alone for the steps the `local`

@@ -63,21 +63,20 @@ from fedit.models.adapters import (
     set_adapter_state,
     set_base_residual,
 )
+from fedit.ops.aggregation import add_scaled, client_weights
+from fedit.ops.ranks import at_rank, client_ranks, for_aggregation, unseen_product
+from fedit.ops.sharing import with_kept
 from fedit.privacy import resolve_plan, selection_seed
 from fedit.seeding import Stream, derive_seed
-from fedit.server.aggregation import add_scaled, client_weights
 from fedit.server.aggregators import build_aggregator
-from fedit.server.ranks import at_rank, client_ranks, for_aggregation, unseen_product
 from fedit.server.selection import clients_per_round, highest_losses
-from fedit.server.sharing import with_kept
 from fedit.server.strategies import build_strategy
 from fedit.server.validation import (
     AllUpdatesRejectedError,
-    Rejection,
     RoundExpectations,
     validate_updates,
 )
-from fedit.types import AdapterState, ClientTask, ClientUpdate
+from fedit.types import AdapterState, ClientTask, ClientUpdate, Rejection
 
 console = Console(stderr=True)
 
@@ -105,7 +104,7 @@ class RoundPlan:
         """The base residual a client of `rank` must train under, or None where it is
         base_residual. Exact aggregation with mixed ranks: base_residual plus what the
         client's truncated global adapter leaves out of the global merged model
-        (fedit.server.ranks.unseen_product), so that every client starts from that model,
+        (fedit.ops.ranks.unseen_product), so that every client starts from that model,
         W0 + R + s·B·A, and a round in which no client changes anything changes nothing
         (FLoRA's fixed point). The round loop folds the same parts, p-weighted, into R."""
         if self.unseen_scaling is None or rank is None:

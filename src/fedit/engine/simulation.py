@@ -73,11 +73,10 @@ from fedit.models.adapters import (
     set_base_residual,
 )
 from fedit.models.loading import load_model, load_tokenizer
+from fedit.ops.ranks import client_ranks, rank_shapes
 from fedit.privacy import client_plan
 from fedit.seeding import Stream, derive_seed
-from fedit.server.ranks import client_ranks, rank_shapes
-from fedit.server.validation import Rejection
-from fedit.types import AdapterState
+from fedit.types import AdapterState, Rejection
 
 console = Console(stderr=True)
 
