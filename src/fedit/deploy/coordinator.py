@@ -58,11 +58,11 @@ from fedit.engine.rounds import (
     refuse_in_process_only,
 )
 from fedit.errors import DeployError
+from fedit.fleet.selection import clients_per_round
 from fedit.models.adapters import attach_lora, get_adapter_state, set_adapter_state
 from fedit.models.loading import load_model, load_tokenizer
 from fedit.ops.ranks import client_ranks, shrink
 from fedit.ops.sharing import shared_part, with_zero_kept
-from fedit.server.selection import clients_per_round
 from fedit.server.strategies import STRATEGIES
 from fedit.types import AdapterState, ClientTask, Rejection
 

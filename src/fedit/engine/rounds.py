@@ -45,7 +45,6 @@ from fedit.engine.checkpoint import (
     round_dir,
     save_checkpoint,
 )
-from fedit.engine.devices import round_candidates
 from fedit.engine.federation_data import round_objective
 from fedit.engine.run_dir import (
     METRICS,
@@ -56,6 +55,8 @@ from fedit.engine.run_dir import (
 )
 from fedit.errors import RunStopped, write_atomic
 from fedit.eval.loss import heldout_loss
+from fedit.fleet.devices import round_candidates
+from fedit.fleet.selection import clients_per_round, highest_losses
 from fedit.models.adapters import (
     get_adapter_state,
     in_base_layout,
@@ -69,7 +70,6 @@ from fedit.ops.sharing import with_kept
 from fedit.privacy import resolve_plan, selection_seed
 from fedit.seeding import Stream, derive_seed
 from fedit.server.aggregators import build_aggregator
-from fedit.server.selection import clients_per_round, highest_losses
 from fedit.server.strategies import build_strategy
 from fedit.server.validation import (
     AllUpdatesRejectedError,
@@ -148,7 +148,7 @@ class RoundReplies:
     traffic: dict[int, dict[str, int]] = field(default_factory=dict)
     # secure aggregation: the sum in place of `updates` (checked by its protocol)
     aggregate: SecureAggregate | None = None
-    # [system]: the round's simulated duration (fedit.engine.devices), else None
+    # [system]: the round's simulated duration (fedit.fleet.devices), else None
     simulated_seconds: float | None = None
 
 

@@ -4,7 +4,7 @@ The rounds are fedit.engine.rounds.RoundLoop's, shared with the deployment engin
 the simulation's own is here: every client's records prepared and tokenised once in this
 process, and ``InProcessRunner``, which trains the round's clients one after the other on
 the one shared model (each a fedit.client.session.LocalClient), drops those its simulated
-devices leave out ([system], fedit.engine.devices) and probes candidates' losses for
+devices leave out ([system], fedit.fleet.devices) and probes candidates' losses for
 power-of-choice selection. Nothing is written to
 output_dir before the config, the data and the model are ready, and --resume continues a
 run only with a config that cannot change the rounds already trained
@@ -49,14 +49,6 @@ from fedit.config import ConfigError, RunConfig, TrainConfig
 from fedit.deploy.traffic import round_trip_bytes, run_header
 from fedit.deploy.wire import RunHeader, shapes_of
 from fedit.engine.checkpoint import load_checkpoint, round_dir
-from fedit.engine.devices import (
-    Fate,
-    devices,
-    fate,
-    online_clients,
-    round_seconds,
-    transfer_bytes,
-)
 from fedit.engine.federation_data import (
     FederationData,
     centralized_steps,
@@ -66,6 +58,14 @@ from fedit.engine.federation_data import (
 from fedit.engine.rounds import RoundLoop, RoundPlan, RoundReplies, completed_run, finished
 from fedit.eval.attack import final_attack_eval
 from fedit.eval.loss import heldout_loss
+from fedit.fleet.devices import (
+    Fate,
+    devices,
+    fate,
+    online_clients,
+    round_seconds,
+    transfer_bytes,
+)
 from fedit.models.adapters import (
     attach_lora,
     require_full_precision_base,

@@ -29,8 +29,8 @@ import numpy as np
 
 from fedit.compression.codecs import state_layout
 from fedit.config import RunConfig
+from fedit.fleet.selection import clients_per_round, select_clients
 from fedit.seeding import Stream, derive_seed
-from fedit.server.selection import clients_per_round, select_clients
 
 BITS_PER_BYTE = 8
 BITS_PER_MEGABIT = 10**6
