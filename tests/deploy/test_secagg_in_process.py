@@ -27,10 +27,10 @@ from fedit.deploy import secagg, secagg_wire
 from fedit.deploy.coordinator import CoordinatorSide
 from fedit.deploy.pki import make_node_key
 from fedit.deploy.secagg_round import STAGE_NAMES, SecureAggregationError
-from fedit.deploy.traffic import run_header, task_content
 from fedit.engine.rounds import RoundLoop
 from fedit.engine.simulation import Simulation
 from fedit.models.adapters import get_adapter_state
+from fedit.protocol.traffic import run_header, task_content
 from fedit.seeding import Stream, derive_seed
 from tests.deploy.conftest import owner_files, run_overrides
 from tests.deploy.test_rounds_in_process import (

@@ -26,10 +26,10 @@ from fedit.config import CompressionConfig, DPOConfig, LoraConfig, ModelConfig, 
 from fedit.data.preferences import synthetic_pairs, tokenize_pairs
 from fedit.data.synthetic import generate_records
 from fedit.data.tokenize import tokenize_records
-from fedit.deploy import wire
-from fedit.deploy.wire import ReplyStatus, RunHeader, WireError
 from fedit.models.adapters import attach_lora
 from fedit.models.loading import load_model
+from fedit.protocol import wire
+from fedit.protocol.wire import ReplyStatus, RunHeader, WireError
 from fedit.types import ClientInstructions, ClientTask, ClientUpdate
 
 FINGERPRINT = "ab" * 32

@@ -10,7 +10,7 @@ a simulation writes, and ``--resume`` continues it after a crash.
 
 Client ids are positions in ``deploy.clients`` (a roster of public keys): each round, the
 online nodes are mapped to ids by the key they authenticate with, never by a name or a node
-id they could choose. Whatever comes back is decoded and checked (fedit.deploy.wire, then
+id they could choose. Whatever comes back is decoded and checked (fedit.protocol.wire, then
 fedit.server.validation in the shared round) before the strategy sees it; a client that does
 not answer in ``deploy.round_timeout`` is listed as dropped and the round goes on with the
 others if at least ``deploy.min_replies`` valid updates came.
@@ -32,7 +32,6 @@ from rich.markup import escape
 from fedit.config import ConfigError, RunConfig
 from fedit.data.preferences import read_preferences
 from fedit.data.readers import read_records
-from fedit.deploy import wire
 from fedit.deploy.flower_io import ServerRun, acquire_server_run, exchange, online_nodes
 from fedit.deploy.front import FleetFront
 from fedit.deploy.pki import load_public_key, load_public_key_file
@@ -46,7 +45,6 @@ from fedit.deploy.processes import (
     write_connection,
 )
 from fedit.deploy.secagg_round import SecureRound
-from fedit.deploy.traffic import REFERENCE_GROUP, run_header, task_content
 from fedit.engine.checkpoint import load_global_adapter, round_dir
 from fedit.engine.federation_data import tokenize_heldout, tokenize_pairs_for
 from fedit.engine.rounds import (
@@ -63,6 +61,8 @@ from fedit.models.adapters import attach_lora, get_adapter_state, set_adapter_st
 from fedit.models.loading import load_model, load_tokenizer
 from fedit.ops.ranks import client_ranks, shrink
 from fedit.ops.sharing import shared_part, with_zero_kept
+from fedit.protocol import wire
+from fedit.protocol.traffic import REFERENCE_GROUP, run_header, task_content
 from fedit.server.strategies import STRATEGIES
 from fedit.types import AdapterState, ClientTask, Rejection
 

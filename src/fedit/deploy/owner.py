@@ -3,7 +3,7 @@
 The owner process reads and validates its own records at start, then serves the rounds its
 SuperNode receives (fedit.deploy.flower_io.serve_client_tasks) from this one process, so
 the base model is loaded once per run and stays resident. Each round's message is checked
-like any peer's input (fedit.deploy.wire): a task for another base model, a config that does
+like any peer's input (fedit.protocol.wire): a task for another base model, a config that does
 not validate or tensors of the wrong shape are refused with a reason and never trained on.
 Training is fedit.client.session.LocalClient's, the very code the simulation runs, and the
 reply holds the adapter, the record count and scalar metrics only.
@@ -38,9 +38,8 @@ from fedit.config import ConfigError, RunConfig, config_from_toml
 from fedit.data.preferences import PreferencePair, read_preferences
 from fedit.data.readers import read_records
 from fedit.data.records import Record
-from fedit.deploy import secagg_wire, wire
+from fedit.deploy import secagg_wire
 from fedit.deploy.secagg_owner import SecureOwner
-from fedit.deploy.traffic import REFERENCE_GROUP, reply_content
 from fedit.engine.federation_data import tokenize_owner_data
 from fedit.engine.run_dir import INPUTS, input_changes
 from fedit.errors import write_atomic
@@ -51,6 +50,8 @@ from fedit.ops.aggregation import add_scaled, zeros_like
 from fedit.ops.ranks import client_ranks
 from fedit.ops.sharing import shared_part, with_zero_kept
 from fedit.privacy import client_plan
+from fedit.protocol import wire
+from fedit.protocol.traffic import REFERENCE_GROUP, reply_content
 from fedit.types import AdapterState, ClientTask, ClientUpdate, Rejection
 
 log = logging.getLogger("fedit.join")

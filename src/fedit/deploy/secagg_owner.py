@@ -27,10 +27,11 @@ from flwr.common.secure_aggregation.secaggplus_utils import (
 )
 
 from fedit.config import ConfigError
-from fedit.deploy import secagg, secagg_wire, wire
+from fedit.deploy import secagg, secagg_wire
 from fedit.deploy.secagg import RoundParams, SecAggError
 from fedit.deploy.secagg_wire import KEYS, MASKED, SHARES, UNMASK, Request
-from fedit.deploy.traffic import reply_content
+from fedit.protocol import wire
+from fedit.protocol.traffic import reply_content
 from fedit.types import Rejection
 
 if TYPE_CHECKING:

@@ -25,12 +25,13 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from flwr.app import RecordDict
 
-from fedit.deploy import secagg, secagg_wire, wire
+from fedit.deploy import secagg, secagg_wire
 from fedit.deploy.secagg import RoundParams, SecAggError
 from fedit.deploy.secagg_wire import KEYS, MASKED, SHARES, UNMASK
-from fedit.deploy.traffic import task_content
 from fedit.engine.rounds import RoundPlan, RoundReplies, SecureAggregate
 from fedit.errors import RunStopped
+from fedit.protocol import wire
+from fedit.protocol.traffic import task_content
 from fedit.seeding import Stream, derive_seed
 from fedit.types import AdapterState, ClientTask, Rejection
 

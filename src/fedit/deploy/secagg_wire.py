@@ -4,7 +4,7 @@ Each stage is one message each way with its own message_type; a coordinator mess
 the run header ("run", as every task) and a "secagg" ConfigRecord of the stage's fields;
 the masked-input stage adds the round's usual task records ("global", "round"). A reply
 holds fedit's "status" record and, when "ok", the stage's own records. As in
-fedit.deploy.wire (whose checks these reuse) every field is checked for name, type, length
+fedit.protocol.wire (whose checks these reuse) every field is checked for name, type, length
 and range before it is used, and a WireError names the first that is wrong.
 
 Coordinator → owner, the "secagg" record's fields (besides round and client_id):
@@ -26,7 +26,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.common.constant import SType
 
 from fedit.deploy import secagg
-from fedit.deploy.wire import (
+from fedit.protocol.wire import (
     GLOBAL,
     METRICS,
     NPY_HEADER_ROOM,

@@ -4,7 +4,7 @@
 The same two sides as a deployment, on one machine. The ServerApp is the coordinator's:
 ``CoordinatorSide.run_rounds`` (fedit's RoundLoop over a FlowerRunner) on the runtime's
 Grid, so tasks and replies are the deployment's messages, encoded, decoded and checked the
-same way (fedit.deploy.wire). The ClientApp is a data owner's: ``DataOwner.handle`` with a
+same way (fedit.protocol.wire). The ClientApp is a data owner's: ``DataOwner.handle`` with a
 session that holds every client's records, prepared and partitioned the way the
 simulation prepares them (fedit.engine.federation_data.prepare_data), so any Ray worker
 can train any client the task names. Each worker process loads the base model once and
@@ -41,11 +41,9 @@ from rich.console import Console
 
 from fedit.client.session import LocalClient
 from fedit.config import ConfigError, RunConfig, to_toml
-from fedit.deploy import wire
 from fedit.deploy.coordinator import CoordinatorSide
 from fedit.deploy.flower_io import reply_for
 from fedit.deploy.owner import DataOwner, RunSession
-from fedit.deploy.traffic import run_header
 from fedit.engine.checkpoint import round_dir
 from fedit.engine.federation_data import prepare_data
 from fedit.engine.rounds import completed_run, finished, refuse_in_process_only
@@ -54,6 +52,8 @@ from fedit.errors import RunStopped, write_atomic
 from fedit.models.adapters import attach_lora, get_adapter_state, set_adapter_state
 from fedit.models.loading import load_model, load_tokenizer
 from fedit.ops.ranks import client_ranks
+from fedit.protocol import wire
+from fedit.protocol.traffic import run_header
 
 console = Console(stderr=True)
 log = logging.getLogger("fedit.simulate_ray")

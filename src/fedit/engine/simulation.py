@@ -46,8 +46,6 @@ from fedit.client.session import LocalClient
 from fedit.client.trainer import steps_per_round
 from fedit.compression.feedback import FEEDBACK_DIR, client_compressor
 from fedit.config import ConfigError, RunConfig, TrainConfig
-from fedit.deploy.traffic import round_trip_bytes, run_header
-from fedit.deploy.wire import RunHeader, shapes_of
 from fedit.engine.checkpoint import load_checkpoint, round_dir
 from fedit.engine.federation_data import (
     FederationData,
@@ -75,6 +73,8 @@ from fedit.models.adapters import (
 from fedit.models.loading import load_model, load_tokenizer
 from fedit.ops.ranks import client_ranks, rank_shapes
 from fedit.privacy import client_plan
+from fedit.protocol.traffic import round_trip_bytes, run_header
+from fedit.protocol.wire import RunHeader, shapes_of
 from fedit.seeding import Stream, derive_seed
 from fedit.types import AdapterState, Rejection
 

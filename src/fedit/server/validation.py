@@ -12,7 +12,7 @@ goes on with the rest, and no rejected update touches the global adapter or serv
 What each update must be comes from the coordinator's own knowledge (``RoundExpectations``:
 the global adapter's keys, shapes and dtypes, the round's sampled clients and learning rate,
 the steps a client of n records takes), never from the update itself. The wire decoder
-(fedit.deploy.wire) checks the same structure earlier, as it must to build tensors at all;
+(fedit.protocol.wire) checks the same structure earlier, as it must to build tensors at all;
 these checks hold for updates that never crossed a wire too.
 """
 

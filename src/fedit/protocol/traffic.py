@@ -14,10 +14,10 @@ import torch
 from flwr.app import RecordDict
 
 from fedit.config import RunConfig, to_toml
-from fedit.deploy import wire
 from fedit.models.loading import base_fingerprint
 from fedit.ops.ranks import shrink
 from fedit.ops.sharing import shared_part
+from fedit.protocol import wire
 from fedit.types import AdapterState, ClientTask, ClientUpdate, Rejection
 
 # Per-client tensor groups the owner keeps itself (design §2.6): sent by digest, not in full.
