@@ -50,7 +50,7 @@ class ClientTask:
     seed: int  # derive_seed(run seed, Stream.CLIENT_DATA, round index, client id)
     instructions: ClientInstructions = field(default_factory=ClientInstructions)
     # the round of this client's last update the coordinator accepted (0: none), whose
-    # error-feedback memory the client starts from (fedit.compression.feedback)
+    # error-feedback memory the client starts from (fedit.client.feedback)
     feedback_round: int = 0
 
 

@@ -16,11 +16,11 @@ from torch import Tensor
 
 from fedit.attacks.model import ModelAttack, attack_update
 from fedit.client.dpo_trainer import reference_logps, train_client_dpo
+from fedit.client.feedback import UploadCompressor
 from fedit.client.hooks import make_hook
 from fedit.client.own_factors import OwnFactors
 from fedit.client.releases import Releases
 from fedit.client.trainer import NonFiniteTrainingError, train_client
-from fedit.compression.feedback import UploadCompressor
 from fedit.config import DPOConfig, TrainConfig
 from fedit.data.preferences import TokenizedPair
 from fedit.data.tokenize import TokenizedExample
@@ -41,7 +41,7 @@ class LocalClient:
     round asked for again gets that release back. ``privacy`` is
     fedit.privacy.client_plan's answer (None: no local DP), ``attack`` is
     fedit.attacks.model.client_attack's (None: an honest client, the default of every
-    run), ``compressor`` fedit.compression.feedback.client_compressor's (None: float32
+    run), ``compressor`` fedit.client.feedback.client_compressor's (None: float32
     uploads), all required so that no engine can build a client that forgets them.
     ``own`` (fedit.client.own_factors.own_factors's; None unless lora.shared = "A") holds
     the B factors it keeps under FedSA-LoRA. ``rank`` (fedit.ops.ranks.client_ranks)

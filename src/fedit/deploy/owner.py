@@ -11,7 +11,7 @@ reply holds the adapter, the record count and scalar metrics only.
 SCAFFOLD's c_k lives on the owner (``OwnerState``): the coordinator names the version it
 holds by its sha256 and sends the tensors only when the owner lacks them (a new disk), so
 the per-client state stays on the owner's machine across rounds and restarts. So do the
-error-feedback memories of compressed uploads (fedit.compression.feedback), which never
+error-feedback memories of compressed uploads (fedit.client.feedback), which never
 leave it at all, and local DP's releases (fedit.client.releases): a round asked for again,
 after a restart too, gets the release already made, and the owner logs the ε of the
 releases it counted itself.
@@ -29,11 +29,11 @@ from flwr.app import Message, RecordDict
 from safetensors.torch import load_file, save_file
 
 from fedit.attacks.model import client_attack
+from fedit.client.feedback import FEEDBACK_DIR, client_compressor
 from fedit.client.own_factors import OWN_FACTORS_DIR, own_factors
 from fedit.client.precision import half_precision_frozen_weights
 from fedit.client.releases import RELEASES_DIR, local_releases
 from fedit.client.session import LocalClient
-from fedit.compression.feedback import FEEDBACK_DIR, client_compressor
 from fedit.config import ConfigError, RunConfig, config_from_toml
 from fedit.data.preferences import PreferencePair, read_preferences
 from fedit.data.readers import read_records

@@ -272,7 +272,7 @@ class RoundLoop:
         self.heldout_reference = self._base_logps(heldout_pairs)
         self.client_state = ClientStateStore([])
         # {client: the last round that aggregated its update}: where its error feedback
-        # continues from (fedit.compression.feedback), rebuilt from the records on resume
+        # continues from (fedit.client.feedback), rebuilt from the records on resume
         self.accepted: dict[int, int] = {}
         # {client: the rounds it was asked to train in}: local DP's releases (PrivacyPlan)
         self.asked: Counter[int] = Counter()

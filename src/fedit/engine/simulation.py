@@ -39,12 +39,12 @@ from rich.console import Console
 from rich.markup import escape
 
 from fedit.attacks.model import client_attack
+from fedit.client.feedback import FEEDBACK_DIR, client_compressor
 from fedit.client.own_factors import OWN_FACTORS_DIR, own_factors
 from fedit.client.precision import half_precision_frozen_weights
 from fedit.client.releases import RELEASES_DIR, local_releases
 from fedit.client.session import LocalClient
 from fedit.client.trainer import steps_per_round
-from fedit.compression.feedback import FEEDBACK_DIR, client_compressor
 from fedit.config import ConfigError, RunConfig, TrainConfig
 from fedit.engine.checkpoint import load_checkpoint, round_dir
 from fedit.engine.federation_data import (

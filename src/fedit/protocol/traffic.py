@@ -72,7 +72,7 @@ def reply_content(
 ) -> RecordDict:
     """What an owner replies for a trained round (a non-finite one is a status); mixed
     LoRA ranks: its tensors at the client's `rank` (a compressed update's parts already
-    are, fedit.compression.feedback); FedSA-LoRA (`shared`): its shared factors only."""
+    are, fedit.client.feedback); FedSA-LoRA (`shared`): its shared factors only."""
     if isinstance(answer, Rejection):
         return wire.encode_status("non_finite", answer.reason)
     answer = replace(answer, state=shared_part(answer.state, shared))
