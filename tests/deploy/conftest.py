@@ -24,13 +24,13 @@ pytest.importorskip("flwr", reason="the deploy tests need flwr (pip install 'flw
 import fedit
 from fedit.data.readers import write_records_jsonl
 from fedit.data.synthetic import generate_records
-from fedit.deploy import processes
+from fedit.deploy.flower import processes
+from fedit.deploy.flower.processes import Child, SuperLink, SuperNode
 from fedit.deploy.pki import make_ca, make_node_key
-from fedit.deploy.processes import Child, SuperLink, SuperNode
 from tests.conftest import tiny_run_overrides
 
 if TYPE_CHECKING:
-    from fedit.deploy.flower_io import ServerRun
+    from fedit.deploy.flower.flower_io import ServerRun
 
 C = TypeVar("C", bound=Child)
 T = TypeVar("T")
@@ -208,7 +208,7 @@ def federation(
     this process (`federation.run`)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from fedit.deploy import flower_io
+    from fedit.deploy.flower import flower_io
 
     directory = tmp_path_factory.mktemp("federation")
     secret = processes.ensure_secret(directory / "superexec.secret")

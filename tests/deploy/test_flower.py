@@ -27,10 +27,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedit.deploy import flower_io, processes
-from fedit.deploy.flower_io import exchange, online_nodes
-from fedit.deploy.front import FleetFront
-from fedit.deploy.processes import (
+from fedit.deploy.flower import flower_io, processes
+from fedit.deploy.flower.flower_io import exchange, online_nodes
+from fedit.deploy.flower.front import FleetFront
+from fedit.deploy.flower.processes import (
     ActivationRefused,
     FederationError,
     SuperLink,

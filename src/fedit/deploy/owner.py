@@ -1,7 +1,7 @@
 """A data owner's side of a deployment (`fedit join`): its records, its model, its rounds.
 
 The owner process reads and validates its own records at start, then serves the rounds its
-SuperNode receives (fedit.deploy.flower_io.serve_client_tasks) from this one process, so
+SuperNode receives (fedit.deploy.flower.flower_io.serve_client_tasks) from this one process, so
 the base model is loaded once per run and stays resident. Each round's message is checked
 like any peer's input (fedit.deploy.wire): a task for another base model, a config that does
 not validate or tensors of the wrong shape are refused with a reason and never trained on.

@@ -43,7 +43,7 @@ from fedit.client.session import LocalClient
 from fedit.config import ConfigError, RunConfig, to_toml
 from fedit.deploy import wire
 from fedit.deploy.coordinator import CoordinatorSide
-from fedit.deploy.flower_io import reply_for
+from fedit.deploy.flower.flower_io import reply_for
 from fedit.deploy.owner import DataOwner, RunSession
 from fedit.deploy.traffic import run_header
 from fedit.engine.checkpoint import round_dir
