@@ -24,7 +24,7 @@ pytest.importorskip("flwr", reason="the deploy tests need flwr (pip install 'flw
 import fedit
 from fedit.data.readers import write_records_jsonl
 from fedit.data.synthetic import generate_records
-from fedit.deploy.flower import processes
+from fedit.deploy.flower import flwr_cli, processes
 from fedit.deploy.flower.processes import Child, SuperLink, SuperNode
 from fedit.deploy.pki import make_ca, make_node_key
 from tests.conftest import tiny_run_overrides
@@ -168,7 +168,7 @@ class Federation:
         """Register a new key, start its SuperNode (activated) and its executor; with
         `secret`, the two share a SuperExec secret (no other process can take the tasks)."""
         key, pub = self.pki.node(name)
-        processes.register_node(self.flwr_home, "fedit", pub, name)
+        flwr_cli.register_node(self.flwr_home, "fedit", pub, name)
         directory = self.directory / name
         secret_file = processes.ensure_secret(directory / "superexec.secret") if secret else None
         node = SuperNode(
@@ -216,7 +216,7 @@ def federation(
     children.add(link)
     timed(children, "superlink start", link.start)
     flwr_home = directory / "flwr-cli"
-    processes.write_connection(flwr_home, "fedit", link.address, pki.ca, False)
+    flwr_cli.write_connection(flwr_home, "fedit", link.address, pki.ca, False)
     fed = Federation(link, flwr_home, pki, children, directory)
     with ThreadPoolExecutor(3) as pool:
         starts = [pool.submit(fed.start_owner, f"owner{k}", d) for k, d in enumerate([1, 2, 4])]
@@ -224,7 +224,7 @@ def federation(
     timed(
         children,
         "flwr run (submit)",
-        lambda: processes.submit_run(flwr_home, processes.APP_DIR, "fedit", {"config-sha256": "t"}),
+        lambda: flwr_cli.submit_run(flwr_home, flwr_cli.APP_DIR, "fedit", {"config-sha256": "t"}),
     )
     fed.run = timed(
         children,

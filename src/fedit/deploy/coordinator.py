@@ -34,16 +34,9 @@ from fedit.data.preferences import read_preferences
 from fedit.data.readers import read_records
 from fedit.deploy import wire
 from fedit.deploy.flower.flower_io import ServerRun, acquire_server_run, exchange, online_nodes
+from fedit.deploy.flower.flwr_cli import APP_DIR, register_node, submit_run, write_connection
 from fedit.deploy.flower.front import FleetFront
-from fedit.deploy.flower.processes import (
-    APP_DIR,
-    SuperLink,
-    ensure_secret,
-    free_port,
-    register_node,
-    submit_run,
-    write_connection,
-)
+from fedit.deploy.flower.processes import SuperLink, ensure_secret, free_port
 from fedit.deploy.pki import load_public_key, load_public_key_file
 from fedit.deploy.secagg_round import SecureRound
 from fedit.deploy.traffic import REFERENCE_GROUP, run_header, task_content
