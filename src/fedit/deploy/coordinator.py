@@ -38,7 +38,7 @@ from fedit.deploy.flower.flwr_cli import APP_DIR, register_node, submit_run, wri
 from fedit.deploy.flower.front import FleetFront
 from fedit.deploy.flower.processes import SuperLink, ensure_secret, free_port
 from fedit.deploy.pki import load_public_key, load_public_key_file
-from fedit.deploy.secagg_round import SecureRound
+from fedit.deploy.secagg.coordinator import SecureRound
 from fedit.deploy.traffic import REFERENCE_GROUP, run_header, task_content
 from fedit.engine.checkpoint import load_global_adapter, round_dir
 from fedit.engine.federation_data import tokenize_heldout, tokenize_pairs_for

@@ -38,8 +38,9 @@ from fedit.config import ConfigError, RunConfig, config_from_toml
 from fedit.data.preferences import PreferencePair, read_preferences
 from fedit.data.readers import read_records
 from fedit.data.records import Record
-from fedit.deploy import secagg_wire, wire
-from fedit.deploy.secagg_owner import SecureOwner
+from fedit.deploy import wire
+from fedit.deploy.secagg import stages
+from fedit.deploy.secagg.owner import SecureOwner
 from fedit.deploy.traffic import REFERENCE_GROUP, reply_content
 from fedit.engine.federation_data import tokenize_owner_data
 from fedit.engine.run_dir import INPUTS, input_changes
@@ -276,9 +277,9 @@ class DataOwner:
         self.rounds_trained = 0
 
     def handle(self, message: Message) -> RecordDict:
-        """One round, or one stage of a secure round (fedit.deploy.secagg_owner): check the
+        """One round, or one stage of a secure round (fedit.deploy.secagg.owner): check the
         task, train, reply (a refusal is a status reply)."""
-        if message.metadata.message_type in secagg_wire.STAGES:
+        if message.metadata.message_type in stages.STAGES:
             return self.secure.handle(message.metadata.message_type, message.content)
         answer = self.train(message.content, secure=False)
         if isinstance(answer, RecordDict):
