@@ -19,12 +19,13 @@ anything of the round is committed.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from flwr.app import RecordDict
 
+from fedit.config import RunConfig
 from fedit.deploy import wire
 from fedit.deploy.secagg import crypto, stages
 from fedit.deploy.secagg.crypto import RoundParams, SecAggError
@@ -35,9 +36,6 @@ from fedit.errors import RunStopped
 from fedit.seeding import Stream, derive_seed
 from fedit.server.validation import Rejection
 from fedit.types import AdapterState, ClientTask
-
-if TYPE_CHECKING:
-    from fedit.deploy.coordinator import FlowerRunner
 
 STAGE_NAMES = {KEYS: "secagg keys", SHARES: "secagg shares", MASKED: "secagg masked input"}
 STAGE_NAMES[UNMASK] = "secagg unmask"
@@ -55,12 +53,33 @@ class SecureAggregationError(RunStopped):
         )
 
 
+class StageRunner(Protocol):
+    """What a secure round needs of the coordinator's runner (FlowerRunner), declared here
+    so this side never imports the role that drives it: the run's config, adapter shapes
+    and header, and the delivery of one stage's messages to the online clients' nodes."""
+
+    cfg: RunConfig
+    shapes: dict[str, tuple[int, ...]]
+    header: wire.RunHeader
+
+    def deliver(
+        self,
+        contents: dict[int, RecordDict],
+        nodes: dict[int, int],
+        message_type: str,
+        round_number: int,
+        deadline: float,
+        replies: RoundReplies,
+        stage: str = "",
+    ) -> dict[int, RecordDict]: ...
+
+
 class SecureRound:
     """One secure round for the clients of `plan` that are online (`nodes`)."""
 
     def __init__(
         self,
-        runner: FlowerRunner,
+        runner: StageRunner,
         plan: RoundPlan,
         global_state: AdapterState,
         nodes: dict[int, int],

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 from cryptography.fernet import InvalidToken
@@ -26,16 +26,14 @@ from flwr.common.secure_aggregation.secaggplus_utils import (
     share_keys_plaintext_separate,
 )
 
-from fedit.config import ConfigError
+from fedit.config import ConfigError, RunConfig
 from fedit.deploy import wire
 from fedit.deploy.secagg import crypto, stages
 from fedit.deploy.secagg.crypto import RoundParams, SecAggError
 from fedit.deploy.secagg.stages import KEYS, MASKED, SHARES, UNMASK, Request
 from fedit.deploy.traffic import reply_content
 from fedit.server.validation import Rejection
-
-if TYPE_CHECKING:
-    from fedit.deploy.owner import DataOwner, RunSession
+from fedit.types import ClientUpdate
 
 log = logging.getLogger("fedit.join")
 BEFORE = {SHARES: KEYS, MASKED: SHARES, UNMASK: MASKED}  # the stage each one follows
@@ -57,10 +55,31 @@ class RoundSecrets:
     self_mask: bytes = b""  # b
 
 
-class SecureOwner:
-    """Answers the four stages for a DataOwner (which trains the masked-input stage)."""
+class OwnerSession(Protocol):
+    """What a stage needs of the owner's session for its run (fedit.deploy.owner's
+    RunSession): the run's config, the adapter's shapes, and its check that a client id is
+    this owner's (a WireError otherwise)."""
 
-    def __init__(self, owner: DataOwner) -> None:
+    cfg: RunConfig
+    shapes: dict[str, tuple[int, ...]]
+
+    def client_for(self, client_id: int) -> object: ...
+
+
+class TrainingOwner(Protocol):
+    """What SecureOwner needs of its data owner (fedit.deploy.owner's DataOwner), declared
+    here so this side never imports the role it serves: the session a task's header names,
+    and training on a task's content as any round does."""
+
+    def session_for(self, header: wire.RunHeader) -> OwnerSession: ...
+
+    def train(self, content: RecordDict, secure: bool) -> ClientUpdate | Rejection | RecordDict: ...
+
+
+class SecureOwner:
+    """Answers the four stages for a data owner (which trains the masked-input stage)."""
+
+    def __init__(self, owner: TrainingOwner) -> None:
         self.owner = owner
         self.secrets: RoundSecrets | None = None
 
@@ -95,7 +114,7 @@ class SecureOwner:
         secrets.answered = request.stage
         return secrets
 
-    def _keys(self, session: RunSession, request: Request) -> RecordDict:
+    def _keys(self, session: OwnerSession, request: Request) -> RecordDict:
         cfg, sampled = session.cfg, request.fields["sampled"]
         if sampled > cfg.partition.num_clients:
             raise SecAggError(f"secagg.sampled: {sampled} clients, the run has fewer")
@@ -104,7 +123,7 @@ class SecureOwner:
         enc, mask = crypto.public_bytes(secrets.enc), crypto.public_bytes(secrets.mask)
         return stages.encode_reply(KEYS, enc_key=enc, mask_key=mask)
 
-    def _shares(self, session: RunSession, secrets: RoundSecrets, request: Request) -> RecordDict:
+    def _shares(self, session: OwnerSession, secrets: RoundSecrets, request: Request) -> RecordDict:
         """Shamir shares of b and of the mask secret key among the neighbours and this
         owner (k + 1 holders, any t rebuild), each neighbour's encrypted to it."""
         ids, me = request.fields["neighbours"], secrets.client_id
@@ -132,7 +151,7 @@ class SecureOwner:
         )
 
     def _masked(
-        self, session: RunSession, secrets: RoundSecrets, request: Request, content: RecordDict
+        self, session: OwnerSession, secrets: RoundSecrets, request: Request, content: RecordDict
     ) -> RecordDict:
         """Train as in any round, then send q + PRG(b) ± PRG(s_uv) for the neighbours
         whose shares arrived (mod 2**bits)."""
