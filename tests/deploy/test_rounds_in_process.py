@@ -24,7 +24,7 @@ from fedit.config import RunConfig, load_config
 from fedit.data.preferences import synthetic_pairs
 from fedit.deploy import coordinator
 from fedit.deploy.coordinator import CoordinatorSide, check_deployable
-from fedit.deploy.flower_io import NodeInfo
+from fedit.deploy.flower.flower_io import NodeInfo
 from fedit.deploy.owner import DataOwner, OwnerInputs
 from fedit.deploy.pki import make_node_key
 from fedit.engine.rounds import completed_run

@@ -15,8 +15,8 @@ from dp_accounting.rdp.rdp_privacy_accountant import RdpAccountant
 from fedit import plugins
 from fedit.client.session import LocalClient
 from fedit.config import ConfigError, DPOConfig, RunConfig, load_config
-from fedit.engine.compare import Contender
 from fedit.engine.run_dir import resume_conflicts
+from fedit.experiments.compare import Contender
 from fedit.fleet.selection import select_clients
 from fedit.ops.aggregation import clip_to_norm
 from fedit.privacy import accountant

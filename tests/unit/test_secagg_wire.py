@@ -1,4 +1,4 @@
-"""Secure aggregation's stage messages (fedit.deploy.secagg_wire): round trips through
+"""Secure aggregation's stage messages (fedit.deploy.secagg.stages): round trips through
 Flower's serialisation, and every malformed field refused with a reason naming it."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ pytest.importorskip("flwr", reason="the stage messages are Flower records")
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 
-from fedit.deploy import secagg_wire as sw
+from fedit.deploy.secagg import stages as sw
 from fedit.protocol.wire import ReplyStatus, RunHeader, WireError, encode_status, encode_task
 from fedit.types import ClientTask
 

@@ -2,9 +2,9 @@
 
 One long-lived process: it starts Flower's SuperLink as a child on 127.0.0.1 (TLS, node
 authentication, ``--isolation process``), puts the fleet-only front on
-``deploy.fleet_address`` (the only address bound beyond loopback; fedit.deploy.front),
+``deploy.fleet_address`` (the only address bound beyond loopback; fedit.deploy.flower.front),
 registers the roster's public keys, creates the Flower run, takes its ServerApp task
-itself (fedit.deploy.flower_io) and drives it with fedit's own round loop
+itself (fedit.deploy.flower.flower_io) and drives it with fedit's own round loop
 (fedit.engine.rounds.RoundLoop) through ``FlowerRunner``. It writes the same run directory
 a simulation writes, and ``--resume`` continues it after a crash.
 
@@ -32,19 +32,12 @@ from rich.markup import escape
 from fedit.config import ConfigError, RunConfig
 from fedit.data.preferences import read_preferences
 from fedit.data.readers import read_records
-from fedit.deploy.flower_io import ServerRun, acquire_server_run, exchange, online_nodes
-from fedit.deploy.front import FleetFront
+from fedit.deploy.flower.flower_io import ServerRun, acquire_server_run, exchange, online_nodes
+from fedit.deploy.flower.flwr_cli import APP_DIR, register_node, submit_run, write_connection
+from fedit.deploy.flower.front import FleetFront
+from fedit.deploy.flower.processes import SuperLink, ensure_secret, free_port
 from fedit.deploy.pki import load_public_key, load_public_key_file
-from fedit.deploy.processes import (
-    APP_DIR,
-    SuperLink,
-    ensure_secret,
-    free_port,
-    register_node,
-    submit_run,
-    write_connection,
-)
-from fedit.deploy.secagg_round import SecureRound
+from fedit.deploy.secagg.coordinator import SecureRound
 from fedit.engine.checkpoint import load_global_adapter, round_dir
 from fedit.engine.federation_data import tokenize_heldout, tokenize_pairs_for
 from fedit.engine.rounds import (

@@ -1,7 +1,7 @@
 """A data owner's side of a deployment (`fedit join`): its records, its model, its rounds.
 
 The owner process reads and validates its own records at start, then serves the rounds its
-SuperNode receives (fedit.deploy.flower_io.serve_client_tasks) from this one process, so
+SuperNode receives (fedit.deploy.flower.flower_io.serve_client_tasks) from this one process, so
 the base model is loaded once per run and stays resident. Each round's message is checked
 like any peer's input (fedit.protocol.wire): a task for another base model, a config that does
 not validate or tensors of the wrong shape are refused with a reason and never trained on.
@@ -38,8 +38,8 @@ from fedit.config import ConfigError, RunConfig, config_from_toml
 from fedit.data.preferences import PreferencePair, read_preferences
 from fedit.data.readers import read_records
 from fedit.data.records import Record
-from fedit.deploy import secagg_wire
-from fedit.deploy.secagg_owner import SecureOwner
+from fedit.deploy.secagg import stages
+from fedit.deploy.secagg.owner import SecureOwner
 from fedit.engine.federation_data import tokenize_owner_data
 from fedit.engine.run_dir import INPUTS, input_changes
 from fedit.errors import write_atomic
@@ -276,9 +276,9 @@ class DataOwner:
         self.rounds_trained = 0
 
     def handle(self, message: Message) -> RecordDict:
-        """One round, or one stage of a secure round (fedit.deploy.secagg_owner): check the
+        """One round, or one stage of a secure round (fedit.deploy.secagg.owner): check the
         task, train, reply (a refusal is a status reply)."""
-        if message.metadata.message_type in secagg_wire.STAGES:
+        if message.metadata.message_type in stages.STAGES:
             return self.secure.handle(message.metadata.message_type, message.content)
         answer = self.train(message.content, secure=False)
         if isinstance(answer, RecordDict):

@@ -42,7 +42,7 @@ from rich.console import Console
 from fedit.client.session import LocalClient
 from fedit.config import ConfigError, RunConfig, to_toml
 from fedit.deploy.coordinator import CoordinatorSide
-from fedit.deploy.flower_io import reply_for
+from fedit.deploy.flower.flower_io import reply_for
 from fedit.deploy.owner import DataOwner, RunSession
 from fedit.engine.checkpoint import round_dir
 from fedit.engine.federation_data import prepare_data

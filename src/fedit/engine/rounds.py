@@ -118,7 +118,7 @@ class RoundPlan:
 
 @dataclass
 class SecureAggregate:
-    """All a secure-aggregation round reveals (fedit.deploy.secagg_round): the weighted
+    """All a secure-aggregation round reveals (fedit.deploy.secagg.coordinator): the weighted
     mean Δ = Σ w_k Δ_k / Σ w_k of its surviving clients, not one of their updates."""
 
     delta: AdapterState
