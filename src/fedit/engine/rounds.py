@@ -30,7 +30,7 @@ from fedit import attacks
 from fedit.client.dpo import preference_scores
 from fedit.client.dpo_trainer import pair_logps
 from fedit.client.trainer import round_learning_rate, steps_per_round
-from fedit.config import ConfigError, RunConfig, TrainConfig
+from fedit.config import ConfigError, RunConfig, TrainConfig, clients_per_round
 from fedit.data.preferences import TokenizedPair
 from fedit.data.tokenize import TokenizedExample
 from fedit.engine.checkpoint import (
@@ -68,7 +68,7 @@ from fedit.seeding import Stream, derive_seed
 from fedit.server.aggregation import add_scaled, client_weights
 from fedit.server.aggregators import build_aggregator
 from fedit.server.ranks import at_rank, client_ranks, for_aggregation, unseen_product
-from fedit.server.selection import clients_per_round, highest_losses
+from fedit.server.selection import highest_losses
 from fedit.server.sharing import with_kept
 from fedit.server.strategies import build_strategy
 from fedit.server.validation import (
