@@ -40,148 +40,174 @@ class Case:
 
 
 CASES: dict[str, Case] = {
-    "robust aggregator x client state": Case(
+    "strategy.aggregator x strategy.name": Case(
         [*SCAFFOLD, "strategy.aggregator=median"], ["strategy.aggregator=mean"]
     ),
-    "robust aggregator x exact": Case(
+    "strategy.aggregator x strategy.lora_aggregation": Case(
         [*EXACT, "strategy.aggregator=median"], ["strategy.lora_aggregation=separate"]
     ),
-    "local client": Case(
+    "federation.local_client x partition.num_clients": Case(
         ["federation.mode=local", "federation.local_client=4"], ["federation.local_client=3"]
     ),
-    "clients per round": Case(
+    "federation.clients_per_round x partition.num_clients": Case(
         ["federation.clients_per_round=5"], ["federation.clients_per_round=4"]
     ),
-    "compression x baseline": Case(
+    "compression.upload x federation.mode": Case(
         ["compression.upload=int8", "federation.mode=centralized"], ["compression.upload=none"]
     ),
-    "system.speeds per client": Case(
+    "system.speeds x partition.num_clients": Case(
         ["system.speeds=[1.0, 2.0]"], ["system.speeds=[1.0, 2.0, 1.0, 1.0]"]
     ),
-    "system.bandwidths_mbps per client": Case(
+    "system.bandwidths_mbps x partition.num_clients": Case(
         ["system.bandwidths_mbps=[20.0]"], ["system.bandwidths_mbps=[20.0, 20.0, 5.0, 5.0]"]
     ),
-    "system.availabilities per client": Case(
+    "system.availabilities x partition.num_clients": Case(
         ["system.availabilities=[0.5]"], ["system.availabilities=[0.5, 1.0, 1.0, 1.0]"]
     ),
-    "available without devices": Case(["federation.selection=available"], ["system.enabled=true"]),
-    "devices x baseline": Case(
+    "federation.selection x system.enabled": Case(
+        ["federation.selection=available"], ["system.enabled=true"]
+    ),
+    "system.enabled x federation.mode": Case(
         ["system.enabled=true", "federation.mode=centralized"], ["federation.mode=federated"]
     ),
-    "power of choice x baseline": Case(
+    "federation.selection x federation.mode": Case(
         [*POC, "federation.mode=local"], ["federation.mode=federated"]
     ),
-    "power of choice x objective": Case([*POC, *DPO], ["train.objective=sft"]),
+    "federation.selection x train.objective": Case([*POC, *DPO], ["train.objective=sft"]),
     "power of choice x privacy": Case([*POC, *LOCAL_DP], ["privacy.mode=off"]),
-    "power of choice candidates": Case(
+    "federation.candidates x federation.clients_per_round": Case(
         [*POC, "federation.clients_per_round=3", "federation.candidates=2"],
         ["federation.candidates=3"],
     ),
-    "lora.client_ranks per client": Case(
+    "lora.client_ranks x partition.num_clients": Case(
         ["lora.client_ranks=[4, 8]"], ["lora.client_ranks=[4, 8, 8, 4]"]
     ),
-    "mixed ranks x baseline": Case(
+    "lora.client_ranks x federation.mode": Case(
         [*MIXED, "federation.mode=local"], ["federation.mode=federated"]
     ),
-    "mixed ranks x client state": Case([*MIXED, *SCAFFOLD], ["strategy.name=fedavg"]),
-    "holders x exact": Case(
+    "strategy.name x lora.client_ranks": Case([*MIXED, *SCAFFOLD], ["strategy.name=fedavg"]),
+    "strategy.rank_aggregation x strategy.lora_aggregation": Case(
         [*MIXED, "strategy.rank_aggregation=holders", *EXACT],
         ["strategy.rank_aggregation=zero_pad"],
     ),
-    "holders x central privacy": Case(
+    "strategy.rank_aggregation x privacy.mode": Case(
         [*MIXED, "strategy.rank_aggregation=holders", *CENTRAL_DP],
         ["strategy.rank_aggregation=zero_pad"],
     ),
-    "holders x per-update aggregator": Case(
+    "strategy.rank_aggregation x strategy.aggregator": Case(
         [*MIXED, "strategy.rank_aggregation=holders", "strategy.aggregator=median"],
         ["strategy.aggregator=mean"],
     ),
-    "mixed ranks x secagg": Case([*MIXED, *SECAGG], ["secagg.enabled=false"]),
-    "mixed ranks x objective": Case([*MIXED, *DPO], ["train.objective=sft"]),
-    "shared A x baseline": Case(
+    "secagg.enabled x lora.client_ranks": Case([*MIXED, *SECAGG], ["secagg.enabled=false"]),
+    "train.objective x lora.client_ranks": Case([*MIXED, *DPO], ["train.objective=sft"]),
+    "federation.mode x lora.shared": Case(
         [*SHARED, "federation.mode=centralized"], ["federation.mode=federated"]
     ),
-    "shared A x exact": Case([*SHARED, *EXACT], ["strategy.lora_aggregation=separate"]),
-    "shared A x client state": Case([*SHARED, *SCAFFOLD], ["strategy.name=fedavg"]),
-    "shared A x mixed ranks": Case([*SHARED, *MIXED], ["lora.shared=all"]),
-    "shared A x secagg": Case([*SHARED, *SECAGG], ["secagg.enabled=false"]),
-    "shared A x compression": Case(
+    "strategy.lora_aggregation x lora.shared": Case(
+        [*SHARED, *EXACT], ["strategy.lora_aggregation=separate"]
+    ),
+    "strategy.name x lora.shared": Case([*SHARED, *SCAFFOLD], ["strategy.name=fedavg"]),
+    "lora.client_ranks x lora.shared": Case([*SHARED, *MIXED], ["lora.shared=all"]),
+    "secagg.enabled x lora.shared": Case([*SHARED, *SECAGG], ["secagg.enabled=false"]),
+    "compression.upload x lora.shared": Case(
         [*SHARED, "compression.upload=int8"], ["compression.upload=none"]
     ),
-    "shared A x objective": Case([*SHARED, *DPO], ["train.objective=sft"]),
-    "objective needs records": Case(
+    "train.objective x lora.shared": Case([*SHARED, *DPO], ["train.objective=sft"]),
+    "data.path x train.objective": Case(
         ['data.path=""', "data.preference_path=synthetic"], ["train.objective=dpo"]
     ),
-    "objective needs pairs": Case(["train.objective=dpo"], ["data.preference_path=synthetic"]),
-    "sft rounds": Case(
+    "data.preference_path x train.objective": Case(
+        ["train.objective=dpo"], ["data.preference_path=synthetic"]
+    ),
+    "dpo.sft_rounds x federation.rounds x train.objective": Case(
         [*DPO, "train.objective=sft_then_dpo", "federation.rounds=3", "dpo.sft_rounds=3"],
         ["dpo.sft_rounds=2"],
     ),
-    "sft rounds unused": Case(["dpo.sft_rounds=2"], ["dpo.sft_rounds=0"]),
-    "prompt length": Case(
+    "dpo.sft_rounds x train.objective": Case(["dpo.sft_rounds=2"], ["dpo.sft_rounds=0"]),
+    "dpo.max_prompt_len x data.max_seq_len": Case(
         ["data.preference_path=synthetic", "dpo.max_prompt_len=256"], ["dpo.max_prompt_len=128"]
     ),
-    "exact x quantised base": Case([*EXACT, "model.load_in_bits=4"], ["model.load_in_bits="]),
-    "exact x half precision": Case([*EXACT, "model.dtype=bfloat16"], ["model.dtype=float32"]),
-    "secagg x per-update aggregator": Case(
+    "model.load_in_bits x strategy.lora_aggregation": Case(
+        [*EXACT, "model.load_in_bits=4"], ["model.load_in_bits="]
+    ),
+    "model.dtype x strategy.lora_aggregation": Case(
+        [*EXACT, "model.dtype=bfloat16"], ["model.dtype=float32"]
+    ),
+    "strategy.aggregator x secagg.enabled": Case(
         [*SECAGG, "strategy.aggregator=median"], ["strategy.aggregator=mean"]
     ),
-    "secagg x client state": Case([*SECAGG, *SCAFFOLD], ["strategy.name=fedavg"]),
-    "secagg x exact": Case([*SECAGG, *EXACT], ["strategy.lora_aggregation=separate"]),
-    "secagg x update bound": Case(
+    "strategy.name x secagg.enabled": Case([*SECAGG, *SCAFFOLD], ["strategy.name=fedavg"]),
+    "strategy.lora_aggregation x secagg.enabled": Case(
+        [*SECAGG, *EXACT], ["strategy.lora_aggregation=separate"]
+    ),
+    "validation.max_update_norm x secagg.enabled": Case(
         [*SECAGG, "validation.max_update_norm=1.0"], ["validation.max_update_norm="]
     ),
-    "secagg x central privacy": Case([*SECAGG, *CENTRAL_DP], ["privacy.mode=local"]),
-    "secagg x baseline": Case(
+    "privacy.mode x secagg.enabled": Case([*SECAGG, *CENTRAL_DP], ["privacy.mode=local"]),
+    "federation.mode x secagg.enabled": Case(
         [*SECAGG, "federation.mode=centralized"], ["federation.mode=federated"]
     ),
-    "secagg x compression": Case([*SECAGG, "compression.upload=int8"], ["compression.upload=none"]),
-    "secagg levels": Case(
+    "compression.upload x secagg.enabled": Case(
+        [*SECAGG, "compression.upload=int8"], ["compression.upload=none"]
+    ),
+    "secagg.bits": Case(
         [*SECAGG, "partition.num_clients=300", "secagg.bits=16"], ["secagg.bits=32"]
     ),
     "DP aggregator without DP": Case(["strategy.aggregator=dp_fedavg"], CENTRAL_DP),
-    "DP delta of one client": Case([*LOCAL_DP, "partition.num_clients=1"], ["privacy.delta=1e-5"]),
-    "DP x baseline": Case(
+    "privacy.delta": Case([*LOCAL_DP, "partition.num_clients=1"], ["privacy.delta=1e-5"]),
+    "privacy.mode x federation.mode": Case(
         [*LOCAL_DP, "federation.mode=centralized"], ["federation.mode=federated"]
     ),
-    "DP x weighting": Case(
+    "strategy.weighting x privacy.mode": Case(
         [*LOCAL_DP, "strategy.weighting=examples"], ["strategy.weighting=uniform"]
     ),
-    "DP x client state": Case([*LOCAL_DP, *SCAFFOLD], ["strategy.name=fedavg"]),
-    "central DP x selection": Case(
+    "strategy.name x privacy.mode": Case([*LOCAL_DP, *SCAFFOLD], ["strategy.name=fedavg"]),
+    "federation.selection x privacy.mode": Case(
         [*CENTRAL_DP, "federation.selection=available", "system.enabled=true"],
         ["federation.selection=uniform"],
     ),
-    "central DP x aggregator": Case(
+    "strategy.aggregator x privacy.mode": Case(
         [*CENTRAL_DP, "strategy.aggregator=median"], ["strategy.aggregator=mean"]
     ),
-    "central DP x exact": Case([*CENTRAL_DP, *EXACT], ["strategy.lora_aggregation=separate"]),
-    "attack x baseline": Case(
+    "strategy.lora_aggregation x privacy.mode": Case(
+        [*CENTRAL_DP, *EXACT], ["strategy.lora_aggregation=separate"]
+    ),
+    "attack.kind x federation.mode": Case(
         ["attack.kind=sign_flip", "attack.clients=[0]", "federation.mode=centralized"],
         ["federation.mode=federated"],
     ),
-    "data attack x DPO": Case(
+    "attack.kind x train.objective": Case(
         ["attack.kind=backdoor", "attack.clients=[0]", *DPO], ["train.objective=sft"]
     ),
-    "attack ids": Case(["attack.kind=sign_flip", "attack.clients=[4]"], ["attack.clients=[3]"]),
-    "deployment roster": Case([], ROSTER),
-    "deployment roster size": Case(['deploy.clients=["k0", "k1"]'], ROSTER),
-    "baseline outside train": Case(
+    "attack.clients x partition.num_clients": Case(
+        ["attack.kind=sign_flip", "attack.clients=[4]"], ["attack.clients=[3]"]
+    ),
+    "deploy.clients [coordinate]": Case([], ROSTER),
+    "deploy.clients x partition.num_clients [coordinate]": Case(
+        ['deploy.clients=["k0", "k1"]'], ROSTER
+    ),
+    "federation.mode [coordinate, simulate-ray]": Case(
         [*ROSTER, "federation.mode=local"], ["federation.mode=federated"]
     ),
-    "Ray runtime x exact": Case(EXACT, ["strategy.lora_aggregation=separate"]),
-    "Ray runtime x secagg": Case(SECAGG, ["secagg.enabled=false"]),
-    "power of choice outside train": Case([*ROSTER, *POC], ["federation.selection=uniform"]),
-    "devices outside train": Case([*ROSTER, "system.enabled=true"], ["system.enabled=false"]),
-    "deployment x exact": Case([*ROSTER, *EXACT], ["strategy.lora_aggregation=separate"]),
-    "deployment secagg of one client": Case(
+    "strategy.lora_aggregation [simulate-ray]": Case(EXACT, ["strategy.lora_aggregation=separate"]),
+    "secagg.enabled [simulate-ray]": Case(SECAGG, ["secagg.enabled=false"]),
+    "federation.selection [coordinate, simulate-ray]": Case(
+        [*ROSTER, *POC], ["federation.selection=uniform"]
+    ),
+    "system.enabled [coordinate, simulate-ray]": Case(
+        [*ROSTER, "system.enabled=true"], ["system.enabled=false"]
+    ),
+    "strategy.lora_aggregation [coordinate]": Case(
+        [*ROSTER, *EXACT], ["strategy.lora_aggregation=separate"]
+    ),
+    "federation.clients_per_round x secagg.enabled [coordinate]": Case(
         [*ROSTER, *SECAGG, "federation.clients_per_round=1"], ["federation.clients_per_round=2"]
     ),
-    "in-process secagg": Case(SECAGG, ["secagg.enabled=false"]),
-    "personalize baseline": Case(["federation.mode=local"], ["federation.mode=federated"]),
-    "personalize objective": Case(DPO, ["train.objective=sft"]),
-    "personalize exact": Case(EXACT, ["strategy.lora_aggregation=separate"]),
-    "personalize mixed ranks": Case(MIXED, NO_MIXED),
+    "secagg.enabled [train]": Case(SECAGG, ["secagg.enabled=false"]),
+    "federation.mode [personalize]": Case(["federation.mode=local"], ["federation.mode=federated"]),
+    "train.objective [personalize]": Case(DPO, ["train.objective=sft"]),
+    "strategy.lora_aggregation [personalize]": Case(EXACT, ["strategy.lora_aggregation=separate"]),
+    "lora.client_ranks [personalize]": Case(MIXED, NO_MIXED),
 }
 
 
@@ -206,14 +232,14 @@ def passes(cfg: RunConfig, rule: Rule) -> None:
 
 
 def test_every_rule_has_a_case() -> None:
-    names = [rule.name for rule in rules.RULES]
-    assert len(names) == len(set(names)), "two rules share a name"
-    assert sorted(names) == sorted(CASES)
+    ids = [rule.id for rule in rules.RULES]
+    assert len(ids) == len(set(ids)), "two rules share an id"
+    assert sorted(ids) == sorted(CASES)
 
 
-@pytest.mark.parametrize("rule", rules.RULES, ids=lambda rule: rule.name)
+@pytest.mark.parametrize("rule", rules.RULES, ids=lambda rule: rule.id)
 def test_each_rule_refuses_its_case_naming_its_fields(rule: Rule) -> None:
-    case = CASES[rule.name]
+    case = CASES[rule.id]
     cfg = config(case.refused)
     assert rule.applies(cfg)
     for error in refusal(cfg, rule):
@@ -251,10 +277,10 @@ def test_a_strategy_with_client_state_is_refused_exactly_as_scaffold(monkeypatch
         for name, case in scaffold_cases.items():
             made_up = [o.replace("=scaffold", "=made_up") for o in case.refused]
             as_scaffold, as_made_up = config(case.refused), config(made_up)
-            assert rule.applies(as_made_up) == rule.applies(as_scaffold), (rule.name, name)
-        if rule.name in scaffold_cases:
-            scaffold_error = refusal(config(CASES[rule.name].refused), rule)
-            made_up = [o.replace("=scaffold", "=made_up") for o in CASES[rule.name].refused]
+            assert rule.applies(as_made_up) == rule.applies(as_scaffold), (rule.id, name)
+        if rule.id in scaffold_cases:
+            scaffold_error = refusal(config(CASES[rule.id].refused), rule)
+            made_up = [o.replace("=scaffold", "=made_up") for o in CASES[rule.id].refused]
             expected = [e.replace("scaffold", "made_up") for e in scaffold_error]
             assert refusal(config(made_up), rule) == expected
 

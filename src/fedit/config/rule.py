@@ -23,11 +23,17 @@ ENGINES: tuple[str, ...] = get_args(Engine)
 class Rule:
     """One refusal: when `applies` holds of a config, it is refused because of `why`."""
 
-    name: str
     keys: tuple[str, ...]  # the fields its error names, the first where it is reported
     applies: Callable[[RunConfig], bool]
     why: str | Callable[[RunConfig], str]
     engines: frozenset[str] = frozenset()  # none: every run
+    name: str = ""  # only where two rules name the same fields for the same engines
+
+    @property
+    def id(self) -> str:
+        """What tells it from every other rule: its fields and engines, or its name."""
+        engines = f" [{', '.join(sorted(self.engines))}]" if self.engines else ""
+        return self.name or " x ".join(self.keys) + engines
 
     def error(self, cfg: RunConfig) -> ConfigError:
         why = self.why if isinstance(self.why, str) else self.why(cfg)
@@ -78,7 +84,6 @@ def one_per_client(key: str) -> Rule:
         return getattr(getattr(c, section), name)
 
     return Rule(
-        f"{key} per client",
         (key, "partition.num_clients"),
         lambda c: (
             known_clients(c) and bool(values(c)) and len(values(c)) != c.partition.num_clients

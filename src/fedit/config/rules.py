@@ -49,19 +49,17 @@ MESSAGING = frozenset({"coordinate", "simulate-ray"})  # engines reaching client
 RULES: tuple[Rule, ...] = (
     # What the robust aggregators cannot protect (fedit.server.aggregators).
     Rule(
-        "robust aggregator x client state",
         ("strategy.aggregator", "strategy.name"),
         lambda c: c.strategy.aggregator_traits.robust and c.strategy.client_state,
         lambda c: (
-            f"{c.strategy.aggregator!r} cannot protect strategy.name = "
-            f"{c.strategy.name!r}: its control variate c is the plain mean of the clients' control "
-            "deltas, which no rule on the updates filters, and every client adds c to each local "
-            "gradient, so one Byzantine client still steers all of them; use a strategy without "
-            "per-client state (fedavg, fedprox or fedavgm)"
+            f"{c.strategy.aggregator!r} cannot protect strategy.name = {c.strategy.name!r}: its "
+            "per-client state (SCAFFOLD's control variate c, the plain mean of the clients' "
+            "control deltas) passes no rule on the updates, and every client applies it to each "
+            "local gradient, so one Byzantine client still steers all of them; use a strategy "
+            "without per-client state (fedavg, fedprox or fedavgm)"
         ),
     ),
     Rule(
-        "robust aggregator x exact",
         ("strategy.aggregator", "strategy.lora_aggregation"),
         lambda c: c.strategy.aggregator_traits.robust and exact(c),
         lambda c: (
@@ -72,7 +70,6 @@ RULES: tuple[Rule, ...] = (
     ),
     # The population.
     Rule(
-        "local client",
         ("federation.local_client", "partition.num_clients"),
         lambda c: (
             c.federation.mode == "local" and c.federation.local_client >= c.partition.num_clients
@@ -80,7 +77,6 @@ RULES: tuple[Rule, ...] = (
         lambda c: f"must be < partition.num_clients ({c.partition.num_clients})",
     ),
     Rule(
-        "clients per round",
         ("federation.clients_per_round", "partition.num_clients"),
         lambda c: (
             c.federation.clients_per_round is not None
@@ -89,7 +85,6 @@ RULES: tuple[Rule, ...] = (
         lambda c: f"must be <= partition.num_clients ({c.partition.num_clients})",
     ),
     Rule(
-        "compression x baseline",
         ("compression.upload", "federation.mode"),
         lambda c: c.compression.encoded and baseline(c),
         lambda c: (
@@ -102,13 +97,11 @@ RULES: tuple[Rule, ...] = (
     one_per_client("system.bandwidths_mbps"),
     one_per_client("system.availabilities"),
     Rule(
-        "available without devices",
         ("federation.selection", "system.enabled"),
         lambda c: c.federation.selection == "available" and not c.system.enabled,
         "'available' selects among the simulated devices online: set system.enabled",
     ),
     Rule(
-        "devices x baseline",
         ("system.enabled", "federation.mode"),
         lambda c: c.system.enabled and baseline(c),
         lambda c: (
@@ -118,7 +111,6 @@ RULES: tuple[Rule, ...] = (
     ),
     # Power-of-choice selection: its loss probe reads SFT records, outside any DP analysis.
     Rule(
-        "power of choice x baseline",
         ("federation.selection", "federation.mode"),
         lambda c: c.federation.selection == "power_of_choice" and baseline(c),
         lambda c: (
@@ -127,22 +119,20 @@ RULES: tuple[Rule, ...] = (
         ),
     ),
     Rule(
-        "power of choice x objective",
         ("federation.selection", "train.objective"),
         lambda c: c.federation.selection == "power_of_choice" and c.train.objective != "sft",
         "'power_of_choice' ranks clients by their SFT loss: train.objective must be 'sft'",
     ),
     Rule(
-        "power of choice x privacy",
         ("federation.selection", "privacy.mode"),
         lambda c: c.federation.selection == "power_of_choice" and c.privacy.mode != "off",
         (
             "'power_of_choice' cannot be used with privacy.mode: each candidate's loss on "
             "its records reaches the server outside the DP analysis"
         ),
+        name="power of choice x privacy",
     ),
     Rule(
-        "power of choice candidates",
         ("federation.candidates", "federation.clients_per_round"),
         lambda c: (
             c.federation.selection == "power_of_choice"
@@ -159,7 +149,6 @@ RULES: tuple[Rule, ...] = (
     # per-client state or server step would move the components a client lacks.
     one_per_client("lora.client_ranks"),
     Rule(
-        "mixed ranks x baseline",
         ("lora.client_ranks", "federation.mode"),
         lambda c: mixed_ranks(c) and baseline(c),
         lambda c: (
@@ -168,7 +157,6 @@ RULES: tuple[Rule, ...] = (
         ),
     ),
     Rule(
-        "mixed ranks x client state",
         ("strategy.name", "lora.client_ranks"),
         lambda c: mixed_ranks(c) and c.strategy.client_state,
         lambda c: (
@@ -177,7 +165,6 @@ RULES: tuple[Rule, ...] = (
         ),
     ),
     Rule(
-        "holders x exact",
         ("strategy.rank_aggregation", "strategy.lora_aggregation"),
         lambda c: holders(c) and exact(c),
         (
@@ -190,7 +177,6 @@ RULES: tuple[Rule, ...] = (
     # before the aggregator runs, so one client's values enter many updates: sound for the
     # plain mean only (local DP is sound too: it fills in released updates).
     Rule(
-        "holders x central privacy",
         ("strategy.rank_aggregation", "privacy.mode"),
         lambda c: holders(c) and c.privacy.mode == "central",
         (
@@ -200,7 +186,6 @@ RULES: tuple[Rule, ...] = (
         ),
     ),
     Rule(
-        "holders x per-update aggregator",
         ("strategy.rank_aggregation", "strategy.aggregator"),
         lambda c: holders(c) and c.strategy.aggregator_traits.needs_plain_updates,
         lambda c: (
@@ -210,22 +195,17 @@ RULES: tuple[Rule, ...] = (
         ),
     ),
     Rule(
-        "mixed ranks x secagg",
         ("secagg.enabled", "lora.client_ranks"),
         lambda c: mixed_ranks(c) and c.secagg.enabled,
-        lambda c: f"{MIXED} need each client's update to know which components it holds",
+        f"{MIXED} need each client's update to know which components it holds",
     ),
     Rule(
-        "mixed ranks x objective",
         ("train.objective", "lora.client_ranks"),
         lambda c: mixed_ranks(c) and c.train.objective != "sft",
-        lambda c: (
-            f"{MIXED} train SFT only: a DPO reference model at each client's rank is not built yet"
-        ),
+        f"{MIXED} train SFT only: a DPO reference model at each client's rank is not built yet",
     ),
     # FedSA-LoRA (lora.shared = "A"): the server step and messages need no client's B.
     Rule(
-        "shared A x baseline",
         ("federation.mode", "lora.shared"),
         lambda c: shared_a(c) and baseline(c),
         lambda c: (
@@ -234,7 +214,6 @@ RULES: tuple[Rule, ...] = (
         ),
     ),
     Rule(
-        "shared A x exact",
         ("strategy.lora_aggregation", "lora.shared"),
         lambda c: shared_a(c) and exact(c),
         (
@@ -243,7 +222,6 @@ RULES: tuple[Rule, ...] = (
         ),
     ),
     Rule(
-        "shared A x client state",
         ("strategy.name", "lora.shared"),
         lambda c: shared_a(c) and c.strategy.client_state,
         lambda c: (
@@ -252,19 +230,16 @@ RULES: tuple[Rule, ...] = (
         ),
     ),
     Rule(
-        "shared A x mixed ranks",
         ("lora.client_ranks", "lora.shared"),
         lambda c: shared_a(c) and mixed_ranks(c),
         "mixed LoRA ranks with lora.shared = 'A' are not built yet",
     ),
     Rule(
-        "shared A x secagg",
         ("secagg.enabled", "lora.shared"),
         lambda c: shared_a(c) and c.secagg.enabled,
         "secure aggregation masks whole adapters; with lora.shared = 'A' not built yet",
     ),
     Rule(
-        "shared A x compression",
         ("compression.upload", "lora.shared"),
         lambda c: shared_a(c) and c.compression.encoded,
         (
@@ -273,7 +248,6 @@ RULES: tuple[Rule, ...] = (
         ),
     ),
     Rule(
-        "shared A x objective",
         ("train.objective", "lora.shared"),
         lambda c: shared_a(c) and c.train.objective != "sft",
         (
@@ -283,7 +257,6 @@ RULES: tuple[Rule, ...] = (
     ),
     # Which data each objective needs, and the DPO limits that depend on other sections.
     Rule(
-        "objective needs records",
         ("data.path", "train.objective"),
         lambda c: c.train.objective in ("sft", "sft_then_dpo") and not c.data.path,
         lambda c: (
@@ -292,7 +265,6 @@ RULES: tuple[Rule, ...] = (
         ),
     ),
     Rule(
-        "objective needs pairs",
         ("data.preference_path", "train.objective"),
         lambda c: c.train.objective in ("dpo", "sft_then_dpo") and not c.data.preference_path,
         lambda c: (
@@ -301,7 +273,6 @@ RULES: tuple[Rule, ...] = (
         ),
     ),
     Rule(
-        "sft rounds",
         ("dpo.sft_rounds", "federation.rounds", "train.objective"),
         lambda c: (
             c.train.objective == "sft_then_dpo" and not 1 <= c.dpo.sft_rounds < c.federation.rounds
@@ -312,13 +283,11 @@ RULES: tuple[Rule, ...] = (
         ),
     ),
     Rule(
-        "sft rounds unused",
         ("dpo.sft_rounds", "train.objective"),
         lambda c: c.train.objective != "sft_then_dpo" and c.dpo.sft_rounds != 0,
         "is only used with train.objective = 'sft_then_dpo'; leave it at 0",
     ),
     Rule(
-        "prompt length",
         ("dpo.max_prompt_len", "data.max_seq_len"),
         lambda c: bool(c.data.preference_path) and c.dpo.max_prompt_len >= c.data.max_seq_len,
         lambda c: f"must be < data.max_seq_len ({c.data.max_seq_len}) to leave room for responses",
@@ -326,7 +295,6 @@ RULES: tuple[Rule, ...] = (
     # Exact LoRA aggregation folds small residuals into the base weights: they must be
     # stored in full precision (fedit.server.lora_aggregation).
     Rule(
-        "exact x quantised base",
         ("model.load_in_bits", "strategy.lora_aggregation"),
         lambda c: exact(c) and c.model.load_in_bits is not None,
         (
@@ -335,7 +303,6 @@ RULES: tuple[Rule, ...] = (
         ),
     ),
     Rule(
-        "exact x half precision",
         ("model.dtype", "strategy.lora_aggregation"),
         lambda c: exact(c) and c.model.dtype in ("bfloat16", "float16"),
         lambda c: (
@@ -346,7 +313,6 @@ RULES: tuple[Rule, ...] = (
     ),
     # Secure aggregation: the coordinator sees the sum of the updates only.
     Rule(
-        "secagg x per-update aggregator",
         ("strategy.aggregator", "secagg.enabled"),
         lambda c: c.secagg.enabled and c.strategy.aggregator_traits.needs_plain_updates,
         lambda c: (
@@ -354,7 +320,6 @@ RULES: tuple[Rule, ...] = (
         ),
     ),
     Rule(
-        "secagg x client state",
         ("strategy.name", "secagg.enabled"),
         lambda c: c.secagg.enabled and c.strategy.client_state,
         lambda c: (
@@ -363,31 +328,27 @@ RULES: tuple[Rule, ...] = (
         ),
     ),
     Rule(
-        "secagg x exact",
         ("strategy.lora_aggregation", "secagg.enabled"),
         lambda c: c.secagg.enabled and exact(c),
-        lambda c: f"must be 'separate' {SECAGG}: 'exact' needs each client's factors",
+        f"must be 'separate' {SECAGG}: 'exact' needs each client's factors",
     ),
     Rule(
-        "secagg x update bound",
         ("validation.max_update_norm", "secagg.enabled"),
         lambda c: c.secagg.enabled and c.validation.max_update_norm is not None,
-        lambda c: (
+        (
             f"must be unset {SECAGG}: the bound needs each plaintext update (the "
             "quantiser clips every entry to secagg.clip_range instead)"
         ),
     ),
     Rule(
-        "secagg x central privacy",
         ("privacy.mode", "secagg.enabled"),
         lambda c: c.secagg.enabled and c.privacy.mode == "central",
-        lambda c: (
+        (
             f"'central' cannot be used {SECAGG}: its clipping of each update is the "
             "server's, so it would have to trust every client's; use 'local'"
         ),
     ),
     Rule(
-        "secagg x baseline",
         ("federation.mode", "secagg.enabled"),
         lambda c: c.secagg.enabled and baseline(c),
         lambda c: (
@@ -396,16 +357,14 @@ RULES: tuple[Rule, ...] = (
         ),
     ),
     Rule(
-        "secagg x compression",
         ("compression.upload", "secagg.enabled"),
         lambda c: c.secagg.enabled and c.compression.encoded,
-        lambda c: (
+        (
             f"must be 'none' {SECAGG}: each client sends its masked, quantised vector "
             "(secagg.bits per entry) in place of an encoded update"
         ),
     ),
     Rule(
-        "secagg levels",
         ("secagg.bits",),
         lambda c: c.secagg.enabled and known_clients(c) and secagg_levels(c) < 255,
         lambda c: (
@@ -416,15 +375,14 @@ RULES: tuple[Rule, ...] = (
     ),
     # Differential privacy: the combinations whose releases its analysis does not cover.
     Rule(
-        "DP aggregator without DP",
         ("strategy.aggregator", "privacy.mode"),
         lambda c: c.privacy.mode == "off" and c.strategy.aggregator_traits.central_dp,
         lambda c: (
             f"{c.strategy.aggregator!r} is chosen by privacy.mode = 'central'; set that instead"
         ),
+        name="DP aggregator without DP",
     ),
     Rule(
-        "DP delta of one client",
         ("privacy.delta",),
         lambda c: (
             c.privacy.mode != "off"
@@ -435,13 +393,11 @@ RULES: tuple[Rule, ...] = (
         "the default 1/N² is 1 with one client; set delta",
     ),
     Rule(
-        "DP x baseline",
         ("privacy.mode", "federation.mode"),
         lambda c: c.privacy.mode != "off" and baseline(c),
         lambda c: f"applies to federation.mode = 'federated' only, not {c.federation.mode!r}",
     ),
     Rule(
-        "DP x weighting",
         ("strategy.weighting", "privacy.mode"),
         lambda c: c.privacy.mode != "off" and c.strategy.weighting != "uniform",
         lambda c: (
@@ -451,7 +407,6 @@ RULES: tuple[Rule, ...] = (
         ),
     ),
     Rule(
-        "DP x client state",
         ("strategy.name", "privacy.mode"),
         lambda c: c.privacy.mode != "off" and c.strategy.client_state,
         lambda c: (
@@ -461,7 +416,6 @@ RULES: tuple[Rule, ...] = (
         ),
     ),
     Rule(
-        "central DP x selection",
         ("federation.selection", "privacy.mode"),
         lambda c: c.privacy.mode == "central" and c.federation.selection != "uniform",
         (
@@ -470,7 +424,6 @@ RULES: tuple[Rule, ...] = (
         ),
     ),
     Rule(
-        "central DP x aggregator",
         ("strategy.aggregator", "privacy.mode"),
         lambda c: (
             c.privacy.mode == "central"
@@ -483,7 +436,6 @@ RULES: tuple[Rule, ...] = (
         ),
     ),
     Rule(
-        "central DP x exact",
         ("strategy.lora_aggregation", "privacy.mode"),
         lambda c: c.privacy.mode == "central" and exact(c),
         (
@@ -493,7 +445,6 @@ RULES: tuple[Rule, ...] = (
     ),
     # Attacks need a federation to attack, and data to poison.
     Rule(
-        "attack x baseline",
         ("attack.kind", "federation.mode"),
         lambda c: c.attack.kind != "none" and baseline(c),
         lambda c: (
@@ -502,7 +453,6 @@ RULES: tuple[Rule, ...] = (
         ),
     ),
     Rule(
-        "data attack x DPO",
         ("attack.kind", "train.objective"),
         lambda c: c.attack.kind in DATA_ATTACKS and c.train.objective == "dpo",
         lambda c: (
@@ -511,21 +461,18 @@ RULES: tuple[Rule, ...] = (
         ),
     ),
     Rule(
-        "attack ids",
         ("attack.clients", "partition.num_clients"),
         lambda c: known_clients(c) and any(k >= c.partition.num_clients for k in c.attack.clients),
         lambda c: f"ids must be < partition.num_clients ({c.partition.num_clients})",
     ),
     # The engines' limits.
     Rule(
-        "deployment roster",
         ("deploy.clients",),
         lambda c: not c.deploy.clients,
         "list the data owners' public keys (one file each)",
         engines=frozenset({"coordinate"}),
     ),
     Rule(
-        "deployment roster size",
         ("deploy.clients", "partition.num_clients"),
         lambda c: len(c.deploy.clients) != c.partition.num_clients,
         lambda c: (
@@ -535,14 +482,12 @@ RULES: tuple[Rule, ...] = (
         engines=frozenset({"coordinate"}),
     ),
     Rule(
-        "baseline outside train",
         ("federation.mode",),
         baseline,
         lambda c: f"{c.federation.mode!r} is a baseline of one client; run it with `fedit train`",
         engines=MESSAGING,
     ),
     Rule(
-        "Ray runtime x exact",
         ("strategy.lora_aggregation",),
         exact,
         (
@@ -553,7 +498,6 @@ RULES: tuple[Rule, ...] = (
         engines=frozenset({"simulate-ray"}),
     ),
     Rule(
-        "Ray runtime x secagg",
         ("secagg.enabled",),
         lambda c: c.secagg.enabled,
         (
@@ -566,7 +510,6 @@ RULES: tuple[Rule, ...] = (
     # Only `fedit train`'s engine measures a candidate's loss (no engine that messages its
     # clients sends a loss query yet), and simulated devices stand in for real ones.
     Rule(
-        "power of choice outside train",
         ("federation.selection",),
         lambda c: c.federation.selection == "power_of_choice",
         (
@@ -576,7 +519,6 @@ RULES: tuple[Rule, ...] = (
         engines=MESSAGING,
     ),
     Rule(
-        "devices outside train",
         ("system.enabled",),
         lambda c: c.system.enabled,
         (
@@ -586,7 +528,6 @@ RULES: tuple[Rule, ...] = (
         engines=MESSAGING,
     ),
     Rule(
-        "deployment x exact",
         ("strategy.lora_aggregation",),
         exact,
         (
@@ -596,7 +537,6 @@ RULES: tuple[Rule, ...] = (
         engines=frozenset({"coordinate"}),
     ),
     Rule(
-        "deployment secagg of one client",
         ("federation.clients_per_round", "secagg.enabled"),
         lambda c: c.secagg.enabled and sampled(c, len(c.deploy.clients)) < 2,
         (
@@ -606,7 +546,6 @@ RULES: tuple[Rule, ...] = (
         engines=frozenset({"coordinate"}),
     ),
     Rule(
-        "in-process secagg",
         ("secagg.enabled",),
         lambda c: c.secagg.enabled,
         (
@@ -619,21 +558,18 @@ RULES: tuple[Rule, ...] = (
     ),
     # `fedit personalize` covers an SFT federation whose adapter holds the model.
     Rule(
-        "personalize baseline",
         ("federation.mode",),
         baseline,
         lambda c: f"{c.federation.mode!r} has no clients to personalise",
         engines=frozenset({"personalize"}),
     ),
     Rule(
-        "personalize objective",
         ("train.objective",),
         lambda c: c.train.objective != "sft",
         "`fedit personalize` fine-tunes SFT federations only",
         engines=frozenset({"personalize"}),
     ),
     Rule(
-        "personalize exact",
         ("strategy.lora_aggregation",),
         exact,
         (
@@ -643,7 +579,6 @@ RULES: tuple[Rule, ...] = (
         engines=frozenset({"personalize"}),
     ),
     Rule(
-        "personalize mixed ranks",
         ("lora.client_ranks",),
         mixed_ranks,
         "personalising mixed-rank clients is not built yet",
