@@ -233,7 +233,7 @@ class RoundLoop:
         self.base_originals = base_originals  # W0 of weights with a residual, shared
         self.min_replies, self.show_progress = min_replies, show_progress
         self.final_eval = final_eval  # the attack's success after the last round, or None
-        self.loss_probe = loss_probe  # None: an engine the rules refuse power_of_choice
+        self.loss_probe = loss_probe  # None where fedit.config.rules refuses power_of_choice
         self.strategy = build_strategy(
             cfg.strategy, num_clients, build_aggregator(cfg, num_clients)
         )
