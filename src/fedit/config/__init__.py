@@ -7,6 +7,7 @@ resolved config is saved beside every checkpoint so each result can be traced ba
 Validating imports no torch and none of the parts it names (fedit.plugins holds those).
 """
 
+from fedit.config import rules
 from fedit.config.data import PARTITION_METHODS, PREFERENCE_FORMATS, DataConfig, PartitionConfig
 from fedit.config.deployment import DeployConfig, SecAggConfig
 from fedit.config.federation import (
@@ -70,5 +71,6 @@ __all__ = [
     "config_from_toml",
     "load_config",
     "parse_override",
+    "rules",
     "to_toml",
 ]
