@@ -379,20 +379,18 @@ def test_engines_without_a_coordinator_across_the_network_refuse_it(
     """`fedit train` and `fedit simulate-ray` refuse secagg.enabled (nothing to hide in one
     machine; the runtime's workers could not keep a client's secrets between stages), and
     a deployment needs two clients a round."""
-    from fedit.config import ConfigError
-    from fedit.deploy.coordinator import check_deployable
-    from fedit.deploy.simulation_runtime import check_simulatable
+    from fedit.config import ConfigError, rules
 
     _, dep, _, _ = secure_configs(tmp_path, tiny_model_dir)
     with pytest.raises(ConfigError, match="secagg.enabled: secure aggregation hides"):
         Simulation(dep, show_progress=False).run()
     assert not Path(dep.output_dir).exists()
     with pytest.raises(ConfigError, match="secagg.enabled: the runtime's workers"):
-        check_simulatable(dep)
-    check_deployable(dep)
+        rules.check(dep, "simulate-ray")
+    rules.check(dep, "coordinate")
     one = replace(dep, federation=replace(dep.federation, clients_per_round=1))
     with pytest.raises(ConfigError, match="federation.clients_per_round: secure aggregation"):
-        check_deployable(one)
+        rules.check(one, "coordinate")
 
 
 def test_owners_that_insist_refuse_a_run_without_secure_aggregation(

@@ -29,7 +29,7 @@ from flwr.app import Message, RecordDict
 from rich.console import Console
 from rich.markup import escape
 
-from fedit.config import ConfigError, RunConfig
+from fedit.config import ConfigError, DeployConfig, RunConfig, rules
 from fedit.data.preferences import read_preferences
 from fedit.data.readers import read_records
 from fedit.deploy.flower.flower_io import ServerRun, acquire_server_run, exchange, online_nodes
@@ -46,10 +46,8 @@ from fedit.engine.rounds import (
     RoundReplies,
     completed_run,
     finished,
-    refuse_in_process_only,
 )
 from fedit.errors import DeployError
-from fedit.fleet.selection import clients_per_round
 from fedit.models.adapters import attach_lora, get_adapter_state, set_adapter_state
 from fedit.models.loading import load_model, load_tokenizer
 from fedit.ops.ranks import client_ranks, shrink
@@ -63,41 +61,16 @@ console = Console(stderr=True)
 CONNECTION = "coordinator"
 
 
-# Per-client tensors the owner keeps itself (SCAFFOLD's c_k): sent by digest, and in full
-# only when the owner answers that it lacks them.
-def check_deployable(cfg: RunConfig) -> None:
-    """What a deployment needs of a config beyond what every run needs."""
-    deploy = cfg.deploy
-    if not deploy.clients:
-        raise ConfigError("deploy.clients: list the data owners' public keys (one file each)")
-    if len(deploy.clients) != cfg.partition.num_clients:
-        raise ConfigError(
-            f"deploy.clients: {len(deploy.clients)} keys, but partition.num_clients is "
-            f"{cfg.partition.num_clients}; they are the same federation"
-        )
-    if cfg.federation.mode != "federated":
-        raise ConfigError(
-            f"federation.mode: {cfg.federation.mode!r} is a baseline, run it as a simulation"
-        )
-    refuse_in_process_only(cfg, "a deployment")
-    if cfg.strategy.lora_aggregation == "exact":
-        raise ConfigError(
-            "strategy.lora_aggregation: 'exact' folds a dense residual into every owner's "
-            "base weights each round (model-sized traffic); deployments use 'separate'"
-        )
-    if cfg.secagg.enabled:
-        fed = cfg.federation
-        if clients_per_round(len(deploy.clients), fed.clients_per_round, fed.fraction) < 2:
-            raise ConfigError(
-                "federation.clients_per_round: secure aggregation needs at least 2 clients a "
-                "round (the sum of one client's update is that update)"
-            )
+def check_roster(deploy: DeployConfig) -> None:
+    """Every data owner's public-key file in deploy.clients exists and loads."""
     for path in deploy.clients:
         if not Path(path).is_file():
             raise ConfigError(f"deploy.clients: {path}: no such file")
         load_public_key_file(Path(path))
 
 
+# Per-client tensors the owner keeps itself (SCAFFOLD's c_k): sent by digest, and in full
+# only when the owner answers that it lacks them.
 RESENT_FOR = ("needs_c_k", "needs_reference")  # owner replies answered by a full resend
 
 
@@ -346,7 +319,8 @@ class CoordinatorSide:
 
 def coordinate(cfg: RunConfig, resume: bool = False, show_progress: bool = True) -> Path:
     """Run the configured federation across machines; the final round's directory."""
-    check_deployable(cfg)
+    rules.check(cfg, "coordinate")
+    check_roster(cfg.deploy)
     done = completed_run(cfg, resume)
     if finished(cfg, done):
         return round_dir(Path(cfg.output_dir), cfg.federation.rounds)

@@ -40,13 +40,13 @@ from flwr.serverapp import Grid, ServerApp
 from rich.console import Console
 
 from fedit.client.session import LocalClient
-from fedit.config import ConfigError, RunConfig, to_toml
+from fedit.config import ConfigError, RunConfig, rules, to_toml
 from fedit.deploy.coordinator import CoordinatorSide
 from fedit.deploy.flower.flower_io import reply_for
 from fedit.deploy.owner import DataOwner, RunSession
 from fedit.engine.checkpoint import round_dir
 from fedit.engine.federation_data import prepare_data
-from fedit.engine.rounds import completed_run, finished, refuse_in_process_only
+from fedit.engine.rounds import completed_run, finished
 from fedit.engine.simulation import local_clients
 from fedit.errors import RunStopped, write_atomic
 from fedit.models.adapters import attach_lora, get_adapter_state, set_adapter_state
@@ -123,39 +123,16 @@ class RayResources:
         return max(1, int(self.cpus_per_client))
 
 
-def check_simulatable(cfg: RunConfig) -> None:
-    """What the simulation runtime needs of a config beyond what every run needs."""
-    if cfg.federation.mode != "federated":
-        raise ConfigError(
-            f"federation.mode: {cfg.federation.mode!r} is a baseline of one client; run it "
-            "with `fedit train`"
-        )
-    if cfg.strategy.lora_aggregation == "exact":
-        raise ConfigError(
-            "strategy.lora_aggregation: 'exact' folds a dense residual into the base weights "
-            "each round, which the runtime's workers (fed as a deployment's owners, with "
-            "adapters only) never receive; use 'separate', or `fedit train`"
-        )
-    if cfg.secagg.enabled:
-        raise ConfigError(
-            "secagg.enabled: the runtime's workers answer any client's messages, so no "
-            "client could keep its secrets from one stage of a secure round to the next, and "
-            "in one machine the coordinator holds every update anyway; run secure "
-            "aggregation with `fedit coordinate`"
-        )
-    refuse_in_process_only(cfg, "the Ray runtime")
-    if importlib.util.find_spec("ray") is None:
-        raise ConfigError(
-            "fedit simulate-ray needs Ray: pip install 'fedit[ray]' (flwr[simulation])"
-        )
-
-
 def simulate_ray(
     cfg: RunConfig, resources: RayResources, resume: bool = False, show_progress: bool = True
 ) -> Path:
     """Run the configured federation under Flower's simulation runtime; the final round's
     directory (the same run directory `fedit train` writes)."""
-    check_simulatable(cfg)
+    rules.check(cfg, "simulate-ray")
+    if importlib.util.find_spec("ray") is None:
+        raise ConfigError(
+            "fedit simulate-ray needs Ray: pip install 'fedit[ray]' (flwr[simulation])"
+        )
     resources.check()
     done = completed_run(cfg, resume)
     if finished(cfg, done):

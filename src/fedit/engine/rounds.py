@@ -30,7 +30,7 @@ from fedit import attacks
 from fedit.client.dpo import preference_scores
 from fedit.client.dpo_trainer import pair_logps
 from fedit.client.trainer import round_learning_rate, steps_per_round
-from fedit.config import ConfigError, RunConfig, TrainConfig
+from fedit.config import ConfigError, RunConfig, TrainConfig, clients_per_round
 from fedit.data.preferences import TokenizedPair
 from fedit.data.tokenize import TokenizedExample
 from fedit.engine.checkpoint import (
@@ -56,7 +56,7 @@ from fedit.engine.run_dir import (
 from fedit.errors import RunStopped, write_atomic
 from fedit.eval.loss import heldout_loss
 from fedit.fleet.devices import round_candidates
-from fedit.fleet.selection import clients_per_round, highest_losses
+from fedit.fleet.selection import highest_losses
 from fedit.models.adapters import (
     get_adapter_state,
     in_base_layout,
@@ -163,23 +163,6 @@ class ClientRunner(Protocol):
 LossProbe = Callable[[list[int], AdapterState, int], dict[int, float]]
 
 
-def refuse_in_process_only(cfg: RunConfig, engine: str) -> None:
-    """Refuse what only `fedit train`'s in-process engine runs, before `engine` (one that
-    reaches its clients as messages) starts: the loss probe of power-of-choice selection,
-    which needs a loss-query message no engine sends yet, and the simulated devices, which
-    stand in for the real ones those engines have."""
-    if cfg.federation.selection == "power_of_choice":
-        raise ConfigError(
-            "federation.selection: 'power_of_choice' needs each candidate's loss before the "
-            f"round, which only `fedit train`'s engine measures, not {engine}; use 'uniform'"
-        )
-    if cfg.system.enabled:
-        raise ConfigError(
-            "system.enabled: simulated devices drop and time clients in `fedit train`'s "
-            f"engine only; {engine} has real ones (deploy.round_timeout is its deadline)"
-        )
-
-
 class TooFewRepliesError(RunStopped):
     """Fewer valid updates than deploy.min_replies: the round is not committed."""
 
@@ -249,12 +232,7 @@ class RoundLoop:
         self.base_originals = base_originals  # W0 of weights with a residual, shared
         self.min_replies, self.show_progress = min_replies, show_progress
         self.final_eval = final_eval  # the attack's success after the last round, or None
-        if cfg.federation.selection == "power_of_choice" and loss_probe is None:
-            raise ConfigError(
-                "federation.selection: 'power_of_choice' needs each candidate's loss, which "
-                "only `fedit train`'s engine measures; use 'uniform' here"
-            )
-        self.loss_probe = loss_probe
+        self.loss_probe = loss_probe  # None where fedit.config.rules refuses power_of_choice
         self.strategy = build_strategy(
             cfg.strategy, num_clients, build_aggregator(cfg, num_clients)
         )

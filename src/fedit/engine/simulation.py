@@ -45,7 +45,7 @@ from fedit.client.precision import half_precision_frozen_weights
 from fedit.client.releases import RELEASES_DIR, local_releases
 from fedit.client.session import LocalClient
 from fedit.client.trainer import steps_per_round
-from fedit.config import ConfigError, RunConfig, TrainConfig
+from fedit.config import RunConfig, TrainConfig, rules
 from fedit.engine.checkpoint import load_checkpoint, round_dir
 from fedit.engine.federation_data import (
     FederationData,
@@ -99,13 +99,7 @@ class Simulation:
         adapter are ready: a command that fails on bad input leaves the directory as it was.
         """
         cfg = self.cfg
-        if cfg.secagg.enabled:
-            raise ConfigError(
-                "secagg.enabled: secure aggregation hides each update from a coordinator on "
-                "another machine; a simulation trains and aggregates every client in this "
-                "process, so it has nothing to hide: run it with `fedit coordinate`, or "
-                "simulate the same config with secagg.enabled = false"
-            )
+        rules.check(cfg, "train")
         done = completed_run(cfg, resume)
         if finished(cfg, done):
             return round_dir(Path(cfg.output_dir), cfg.federation.rounds)

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedit.compression.codecs import state_layout
-from fedit.config import RunConfig
-from fedit.fleet.selection import clients_per_round, select_clients
+from fedit.config import RunConfig, clients_per_round
+from fedit.fleet.selection import select_clients
 from fedit.seeding import Stream, derive_seed
 
 BITS_PER_BYTE = 8

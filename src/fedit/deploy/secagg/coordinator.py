@@ -132,7 +132,7 @@ class SecureRound:
         return stages.encode_request(stage, header, self.round_number, k, **fields)
 
     def _decoded(self, stage: str, k: int, content: RecordDict, decode=None) -> object | None:
-        """A reply's fields (`decode`, by default secagg_wire.decode_reply of the stage), or
+        """A reply's fields (`decode`, by default stages.decode_reply of the stage), or
         None with the client listed as rejected."""
         try:
             answer = decode(content) if decode else stages.decode_reply(stage, content)

@@ -57,8 +57,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from fedit import plugins
-from fedit.config import ConfigError, RunConfig, StrategyConfig
-from fedit.fleet.selection import clients_per_round
+from fedit.config import ConfigError, RunConfig, StrategyConfig, clients_per_round
 from fedit.privacy.plan import resolve_plan
 from fedit.server.aggregators.base import Aggregator, MeanAggregator
 from fedit.server.aggregators.centered_clip import CenteredClipAggregator
