@@ -106,7 +106,7 @@ def simulate(workdir: Path, rounds: int) -> float:
 def deploy(workdir: Path, keys: list[Path], rounds: int) -> tuple[float, list[int]]:
     """`fedit coordinate` and the owners' `fedit join`s; wall time (coordinator start to
     exit) and each owner's base model load count."""
-    from fedit.deploy.processes import Child, free_port
+    from fedit.deploy.flower.processes import Child, free_port
 
     front = f"127.0.0.1:{free_port()}"
     deploy_sets = {

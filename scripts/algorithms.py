@@ -16,8 +16,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from fedit.config import RunConfig, load_config
-from fedit.engine.compare import Contender, compare_configs
 from fedit.engine.simulation import console
+from fedit.experiments.compare import Contender, compare_configs
 
 # name -> strategy overrides (server learning rates for the adaptive methods follow
 # Reddi et al.'s practice of a server lr well below 1 with tau = 1e-3).

@@ -18,8 +18,8 @@ from pathlib import Path
 from experiment_cli import experiment_config
 
 from fedit.config import CompressionConfig, RunConfig
-from fedit.engine.compare import compare_configs, generation_metric
 from fedit.engine.simulation import console
+from fedit.experiments.compare import compare_configs, generation_metric
 
 # name -> [compression] settings; top-k with and without error feedback
 CODECS: dict[str, dict] = {

@@ -18,8 +18,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from fedit.config import PrivacyConfig, RunConfig, load_config
-from fedit.engine.compare import compare_configs, generation_metric
 from fedit.engine.simulation import console
+from fedit.experiments.compare import compare_configs, generation_metric
 
 TARGET_EPSILONS = (8.0, 3.0, 1.0)
 

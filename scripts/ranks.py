@@ -20,8 +20,8 @@ from pathlib import Path
 from experiment_cli import experiment_config
 
 from fedit.config import RunConfig
-from fedit.engine.compare import compare_configs, generation_metric
 from fedit.engine.simulation import console
+from fedit.experiments.compare import compare_configs, generation_metric
 
 TIERS = {"rank_tiers": [4, 8, 16], "tier_shares": [0.3, 0.4, 0.3]}
 RUNS: dict[str, tuple[int, dict, str]] = {  # name -> (global rank, [lora] extras, aggregation)

@@ -20,8 +20,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from fedit.config import AttackConfig, RunConfig, load_config
-from fedit.engine.compare import compare_configs, generation_metric
 from fedit.engine.simulation import console
+from fedit.experiments.compare import compare_configs, generation_metric
 
 MALICIOUS_FRACTION = 0.2
 # attack name -> [attack] settings. "clean": nobody attacks, but the backdoor's metrics are

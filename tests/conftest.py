@@ -20,6 +20,8 @@ from fedit.types import ClientUpdate
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
+# Every fedit config the repository ships: the experiments' and the benchmarks'
+SHIPPED_CONFIGS = sorted([*REPO.glob("configs/**/*.toml"), *REPO.glob("bench/configs/*.toml")])
 # The CLI of the fedit these tests import, wherever it is installed (not REPO/.venv's)
 FEDIT = [sys.executable, "-m", "fedit.cli.main"]
 DOLLY = REPO.parent / "shared" / "data" / "databricks-dolly-15k.jsonl"

@@ -28,6 +28,13 @@ class AggregatorTraits:
     # A Byzantine-robust rule: it reads each client's update on its own to bound one
     # client's influence (fedit.server.aggregators lists where that bound holds).
     robust: bool = False
+    # It reads each client's update on its own (clips, ranks or filters it), so it cannot
+    # run on secure aggregation's masked sum, nor after 'holders' rank aggregation has
+    # copied one client's components into the others' updates. Only a plain weighted mean
+    # does not; a new aggregator is assumed to, until it declares otherwise.
+    needs_plain_updates: bool = True
+    # Central DP's clipped, noised mean: the aggregator privacy.mode = "central" chooses.
+    central_dp: bool = False
 
 
 STRATEGIES: dict[str, StrategyTraits] = {
@@ -42,8 +49,8 @@ STRATEGIES: dict[str, StrategyTraits] = {
 
 _ROBUST = AggregatorTraits(robust=True)
 AGGREGATORS: dict[str, AggregatorTraits] = {
-    "mean": AggregatorTraits(),
-    "dp_fedavg": AggregatorTraits(),  # central DP's clipped, noised mean (privacy.mode)
+    "mean": AggregatorTraits(needs_plain_updates=False),
+    "dp_fedavg": AggregatorTraits(central_dp=True),  # central DP's (privacy.mode)
     "median": _ROBUST,
     "trimmed_mean": _ROBUST,
     "krum": _ROBUST,

@@ -21,9 +21,9 @@ class Stream(IntEnum):
     # which of its records a data attack poisons; (round, client): gaussian attack noise
     ATTACK = 5
     SECAGG_GRAPH = 6  # (round,): secure aggregation's masking graph (fedit.deploy.secagg)
-    # [system] (fedit.engine.devices): (): every client's device; (round,): who is online
+    # [system] (fedit.fleet.devices): (): every client's device; (round,): who is online
     DEVICES = 7
-    RANKS = 8  # (): which client gets which rank tier (fedit.server.ranks)
+    RANKS = 8  # (): which client gets which rank tier (fedit.ops.ranks)
     PERSONALIZE = 9  # (client, steps): batch order of fedit personalize's fine-tuning
 
 

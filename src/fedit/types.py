@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import Tensor
 
@@ -49,5 +50,17 @@ class ClientTask:
     seed: int  # derive_seed(run seed, Stream.CLIENT_DATA, round index, client id)
     instructions: ClientInstructions = field(default_factory=ClientInstructions)
     # the round of this client's last update the coordinator accepted (0: none), whose
-    # error-feedback memory the client starts from (fedit.compression.feedback)
+    # error-feedback memory the client starts from (fedit.client.feedback)
     feedback_round: int = 0
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A client left out of a round's aggregate, and why."""
+
+    client_id: int
+    reason: str
+
+    def as_record(self) -> dict[str, Any]:
+        """The entry under "rejected" in the round's metrics line."""
+        return {"client": self.client_id, "reason": self.reason}

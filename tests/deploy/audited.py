@@ -5,7 +5,7 @@
 With FEDIT_TEST_CRASH_AT_ROUND=N in the environment the owner kills itself (SIGKILL) when
 round N's task arrives, as a machine that goes down mid-round.
 
-Wraps fedit.deploy.flower_io.send_reply (every Message an owner sends goes through it) so
+Wraps fedit.deploy.flower.flower_io.send_reply (every Message an owner sends goes through it) so
 that each reply is described in AUDIT_FILE, one JSON line each: its record names and, per
 record, the arrays' dtypes and shapes (and a secure round's masked vector itself), the
 metric keys and values, the config items. The
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 
-from fedit.deploy import flower_io
+from fedit.deploy.flower import flower_io
 from fedit.deploy.owner import DataOwner
 
 

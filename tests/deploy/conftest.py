@@ -24,13 +24,13 @@ pytest.importorskip("flwr", reason="the deploy tests need flwr (pip install 'flw
 import fedit
 from fedit.data.readers import write_records_jsonl
 from fedit.data.synthetic import generate_records
-from fedit.deploy import processes
+from fedit.deploy.flower import flwr_cli, processes
+from fedit.deploy.flower.processes import Child, SuperLink, SuperNode
 from fedit.deploy.pki import make_ca, make_node_key
-from fedit.deploy.processes import Child, SuperLink, SuperNode
 from tests.conftest import tiny_run_overrides
 
 if TYPE_CHECKING:
-    from fedit.deploy.flower_io import ServerRun
+    from fedit.deploy.flower.flower_io import ServerRun
 
 C = TypeVar("C", bound=Child)
 T = TypeVar("T")
@@ -168,7 +168,7 @@ class Federation:
         """Register a new key, start its SuperNode (activated) and its executor; with
         `secret`, the two share a SuperExec secret (no other process can take the tasks)."""
         key, pub = self.pki.node(name)
-        processes.register_node(self.flwr_home, "fedit", pub, name)
+        flwr_cli.register_node(self.flwr_home, "fedit", pub, name)
         directory = self.directory / name
         secret_file = processes.ensure_secret(directory / "superexec.secret") if secret else None
         node = SuperNode(
@@ -208,7 +208,7 @@ def federation(
     this process (`federation.run`)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from fedit.deploy import flower_io
+    from fedit.deploy.flower import flower_io
 
     directory = tmp_path_factory.mktemp("federation")
     secret = processes.ensure_secret(directory / "superexec.secret")
@@ -216,7 +216,7 @@ def federation(
     children.add(link)
     timed(children, "superlink start", link.start)
     flwr_home = directory / "flwr-cli"
-    processes.write_connection(flwr_home, "fedit", link.address, pki.ca, False)
+    flwr_cli.write_connection(flwr_home, "fedit", link.address, pki.ca, False)
     fed = Federation(link, flwr_home, pki, children, directory)
     with ThreadPoolExecutor(3) as pool:
         starts = [pool.submit(fed.start_owner, f"owner{k}", d) for k, d in enumerate([1, 2, 4])]
@@ -224,7 +224,7 @@ def federation(
     timed(
         children,
         "flwr run (submit)",
-        lambda: processes.submit_run(flwr_home, processes.APP_DIR, "fedit", {"config-sha256": "t"}),
+        lambda: flwr_cli.submit_run(flwr_home, flwr_cli.APP_DIR, "fedit", {"config-sha256": "t"}),
     )
     fed.run = timed(
         children,

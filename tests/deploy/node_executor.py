@@ -24,7 +24,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.supercore.runtime import RuntimeHttpClient
 
-from fedit.deploy import flower_io
+from fedit.deploy.flower import flower_io
 
 LOADS = 1  # the stand-in for the base model: loaded once, when the process starts
 

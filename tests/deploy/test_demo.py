@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from fedit.config import load_config
+from fedit.config import load_config, rules
 from fedit.data.prepare import client_files
-from fedit.deploy.coordinator import check_deployable
+from fedit.deploy.coordinator import check_roster
 from tests.conftest import REPO
 from tests.deploy.conftest import FEDIT_SRC
 
@@ -65,7 +65,8 @@ def test_the_demo_config_names_the_files_the_script_makes(
 
     monkeypatch.chdir(tmp_path)
     cfg = load_config(CONFIG)
-    check_deployable(cfg)  # the roster's keys exist and load; three of them, three clients
+    rules.check(cfg, "coordinate")  # three keys in the roster, three clients
+    check_roster(cfg.deploy)  # the roster's keys exist and load
     for name in ("ca.pem", "server.pem", "server.key"):
         assert (Path(cfg.deploy.certs_dir) / name).is_file()
     assert Path(cfg.data.heldout_path).is_file()

@@ -27,10 +27,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedit.deploy import flower_io, processes
-from fedit.deploy.flower_io import exchange, online_nodes
-from fedit.deploy.front import FleetFront
-from fedit.deploy.processes import (
+from fedit.deploy.flower import flower_io, flwr_cli, processes
+from fedit.deploy.flower.flower_io import exchange, online_nodes
+from fedit.deploy.flower.front import FleetFront
+from fedit.deploy.flower.processes import (
     ActivationRefused,
     FederationError,
     SuperLink,
@@ -172,7 +172,7 @@ def test_a_wrong_root_certificate_is_a_tls_error_at_once(
     """(c) A SuperNode that does not trust the SuperLink's certificate: a TLS error,
     reported at once (retrying cannot help)."""
     key, pub = federation.pki.node("wrong-ca")
-    processes.register_node(federation.flwr_home, "fedit", pub, "wrong-ca")
+    flwr_cli.register_node(federation.flwr_home, "fedit", pub, "wrong-ca")
     said: list[str] = []
 
     def make() -> SuperNode:
@@ -289,7 +289,7 @@ def test_the_keeper_restarts_a_supernode_that_dies(federation: Federation, tmp_p
     with SIGTERM it deactivates first, so the restart activates at once; after a SIGKILL
     the same restart waits out Flower's ~60 s online window.)"""
     key, pub = federation.pki.node("kept")
-    processes.register_node(federation.flwr_home, "fedit", pub, "kept")
+    flwr_cli.register_node(federation.flwr_home, "fedit", pub, "kept")
     port = processes.free_port()  # the executor's address stays the same across restarts
     said: list[str] = []
 
@@ -328,11 +328,11 @@ def test_a_plain_http_federation_works_end_to_end(
     link = children.add(SuperLink(tmp_path / "link", processes.free_port(), None, False, secret))
     link.start()
     home = tmp_path / "flwr-cli"
-    processes.write_connection(home, "plain", link.address, None, True)
+    flwr_cli.write_connection(home, "plain", link.address, None, True)
     node = SuperNode(tmp_path / "node", link.address, None, None, processes.free_port(), True)
     children.add(node).start()
     executor = children.executor(tmp_path / "node", node.runtime_address, 0.5)
-    processes.submit_run(home, processes.APP_DIR, "plain", {"config-sha256": "plain"})
+    flwr_cli.submit_run(home, flwr_cli.APP_DIR, "plain", {"config-sha256": "plain"})
     run = flower_io.acquire_server_run(link.address, secret.read_bytes(), None)
     try:
         owner = Owner("plain", node, executor, tmp_path / "none.pub")

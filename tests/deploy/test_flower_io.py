@@ -17,8 +17,8 @@ pytest.importorskip("flwr")
 
 from flwr.proto.runtime_pb2 import SendTaskHeartbeatResponse
 
-from fedit.deploy import flower_io
-from fedit.deploy.processes import free_port
+from fedit.deploy.flower import flower_io
+from fedit.deploy.flower.processes import free_port
 
 
 @pytest.fixture

@@ -20,11 +20,11 @@ from flwr.app import Message
 from flwr.supercore.task_identity import TaskIdentity
 from safetensors.torch import load_file
 
-from fedit.config import RunConfig, load_config
+from fedit.config import RunConfig, load_config, rules
 from fedit.data.preferences import synthetic_pairs
 from fedit.deploy import coordinator
-from fedit.deploy.coordinator import CoordinatorSide, check_deployable
-from fedit.deploy.flower_io import NodeInfo
+from fedit.deploy.coordinator import CoordinatorSide
+from fedit.deploy.flower.flower_io import NodeInfo
 from fedit.deploy.owner import DataOwner, OwnerInputs
 from fedit.deploy.pki import make_node_key
 from fedit.engine.rounds import completed_run
@@ -137,7 +137,7 @@ def deploy_rounds(
         monkeypatch.setattr(TaskIdentity, field, value)
     monkeypatch.setattr(coordinator, "online_nodes", loopback.online_nodes)
     monkeypatch.setattr(coordinator, "exchange", loopback.exchange)
-    check_deployable(cfg)
+    rules.check(cfg, "coordinate")
     done = completed_run(cfg, resume)
     run = FakeRun()
     CoordinatorSide.prepare(cfg).run_rounds(cfg, run, done, show_progress=False)

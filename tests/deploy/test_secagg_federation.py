@@ -21,8 +21,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fedit.config import load_config
-from fedit.deploy import secagg
 from fedit.deploy.coordinator import CoordinatorSide
+from fedit.deploy.secagg import crypto
 from fedit.engine.simulation import Simulation
 from fedit.models.adapters import get_adapter_state
 from tests.deploy.conftest import ROUNDS, Children, Deployment, Pki
@@ -34,7 +34,7 @@ EPS32 = torch.finfo(torch.float32).eps
 
 def flat(path: Path) -> np.ndarray:
     state = load_file(path)
-    return secagg.flatten(state, {k: tuple(v.shape) for k, v in state.items()})
+    return crypto.flatten(state, {k: tuple(v.shape) for k, v in state.items()})
 
 
 def adapter(out: Path, n: int) -> np.ndarray:
@@ -77,7 +77,7 @@ def test_a_secure_deployment_uploads_masks_and_learns_the_simulations_mean(
     assert np.max(np.abs(last_dep - last_sim)) <= 0.01 * step
 
     # what each owner uploaded in round 1, as the coordinator received it
-    params = secagg.RoundParams(BITS, CLIP, 3)
+    params = crypto.RoundParams(BITS, CLIP, 3)
     mean_delta = sim1 - start
     for k in range(3):
         replies = [json.loads(x) for x in (tmp_path / f"audit_{k}.jsonl").read_text().splitlines()]
@@ -85,7 +85,7 @@ def test_a_secure_deployment_uploads_masks_and_learns_the_simulations_mean(
         assert len(uploads) == ROUNDS
         values = np.array(uploads[0]["values"], dtype=np.uint64)
         assert uploads[0]["arrays"]["vector"][:2] == ["uint64", [mean_delta.size + 1]]
-        as_update = secagg.dequantise_sum(values[:-1], params, 1)  # the count entry last
+        as_update = crypto.dequantise_sum(values[:-1], params, 1)  # the count entry last
         # an update would be a small vector near the round's mean; this is uniform noise
         # in [-c, c]: its mean |entry| is about c / 2, and it does not point anywhere
         assert np.mean(np.abs(as_update)) > CLIP / 4

@@ -23,14 +23,14 @@ from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from safetensors.torch import load_file
 
 from fedit.config import RunConfig, load_config
-from fedit.deploy import secagg, secagg_wire
 from fedit.deploy.coordinator import CoordinatorSide
 from fedit.deploy.pki import make_node_key
-from fedit.deploy.secagg_round import STAGE_NAMES, SecureAggregationError
-from fedit.deploy.traffic import run_header, task_content
+from fedit.deploy.secagg import crypto, stages
+from fedit.deploy.secagg.coordinator import STAGE_NAMES, SecureAggregationError
 from fedit.engine.rounds import RoundLoop
 from fedit.engine.simulation import Simulation
 from fedit.models.adapters import get_adapter_state
+from fedit.protocol.traffic import run_header, task_content
 from fedit.seeding import Stream, derive_seed
 from tests.deploy.conftest import owner_files, run_overrides
 from tests.deploy.test_rounds_in_process import (
@@ -117,14 +117,14 @@ def secure_configs(root: Path, model_dir: Path, rounds: int = 1, owners: int = 3
 def recorded(monkeypatch: pytest.MonkeyPatch) -> list[tuple[np.ndarray, np.ndarray]]:
     """Every (w_k·Δ_k, its quantised vector) an owner computes, in order."""
     seen = []
-    quantise = secagg.quantise
+    quantise = crypto.quantise
 
     def recording(vector, params, seed):
         q = quantise(vector, params, seed)
         seen.append((vector.copy(), q.copy()))
         return q
 
-    monkeypatch.setattr(secagg, "quantise", recording)
+    monkeypatch.setattr(crypto, "quantise", recording)
     return seen
 
 
@@ -137,7 +137,7 @@ def adapter(cfg: RunConfig, n: int) -> dict[str, torch.Tensor]:
 
 
 def flat(state: dict[str, torch.Tensor]) -> np.ndarray:
-    return secagg.flatten(state, {k: tuple(v.shape) for k, v in state.items()})
+    return crypto.flatten(state, {k: tuple(v.shape) for k, v in state.items()})
 
 
 def assert_within(got: np.ndarray, expected: np.ndarray, start: np.ndarray, bound: float):
@@ -165,8 +165,8 @@ def test_the_coordinator_sees_masked_inputs_and_learns_the_fedavg_mean(
     run = deploy_rounds(monkeypatch, dep, loopback)
     assert run.finished == (True, "")
 
-    params = secagg.RoundParams(BITS, CLIP, 3)
-    masked = [loopback.received[(1, k, secagg_wire.MASKED)] for k in range(3)]
+    params = crypto.RoundParams(BITS, CLIP, 3)
+    masked = [loopback.received[(1, k, stages.MASKED)] for k in range(3)]
     assert len(recorded) == 3  # one quantised update per owner, in client order
     for (vector, quantised), reply in zip(recorded, masked, strict=True):
         assert np.max(np.abs(vector)) < CLIP  # nothing clipped: the bound below applies
@@ -182,7 +182,7 @@ def test_the_coordinator_sees_masked_inputs_and_learns_the_fedavg_mean(
         assert np.mean(gap < spread) < 2 * uniform + 0.05
         assert np.mean(np.abs(ours.astype(np.int64) - mid) < spread) < 2 * uniform + 0.05
         # and read as an update it is nowhere near one
-        as_update = secagg.dequantise_sum(ours, params, 1)
+        as_update = crypto.dequantise_sum(ours, params, 1)
         assert np.mean(np.abs(as_update - vector)) > CLIP / 4
         assert set(reply.keys()) == {"status", "masked", "metrics"}
         assert set(reply["metrics"].keys()) == {"train_loss"}
@@ -204,9 +204,9 @@ def test_the_coordinator_sees_masked_inputs_and_learns_the_fedavg_mean(
 @pytest.mark.parametrize(
     "stage, survivors",
     [
-        (secagg_wire.SHARES, [0, 2]),  # after (a): its keys only, no shares
-        (secagg_wire.MASKED, [0, 2]),  # after (b): its pair masks are rebuilt from shares
-        (secagg_wire.UNMASK, [0, 1, 2]),  # after (c): its self mask is rebuilt from shares
+        (stages.SHARES, [0, 2]),  # after (a): its keys only, no shares
+        (stages.MASKED, [0, 2]),  # after (b): its pair masks are rebuilt from shares
+        (stages.UNMASK, [0, 1, 2]),  # after (c): its self mask is rebuilt from shares
     ],
 )
 def test_a_client_leaving_after_any_stage_leaves_the_survivors_mean(
@@ -226,7 +226,7 @@ def test_a_client_leaving_after_any_stage_leaves_the_survivors_mean(
 
     trained = dict(zip(survivors, (vector for vector, _ in recorded), strict=True))
     expected = start + sum(trained[k] for k in survivors) / len(survivors)
-    bound = secagg.RoundParams(BITS, CLIP, 3).error_bound(len(survivors), len(survivors))
+    bound = crypto.RoundParams(BITS, CLIP, 3).error_bound(len(survivors), len(survivors))
     assert_within(flat(adapter(dep, 1)), expected, start, bound)
     line = metrics(dep)[-1]
     assert [c["id"] for c in line["clients"]] == survivors
@@ -246,10 +246,10 @@ def test_a_dropped_client_no_survivor_masked_with_needs_no_mask_key(
         **{"strategy.weighting": "uniform", "secagg.neighbours": 2},
     )
     seed = derive_seed(dep.seed, Stream.SECAGG_GRAPH, 0)
-    graph = secagg.neighbours(list(range(5)), 2, seed)
+    graph = crypto.neighbours(list(range(5)), 2, seed)
     c, (b, d) = 0, graph[0]
     survivors = sorted({1, 2, 3, 4} - {b, d})
-    leaves = {b: secagg_wire.SHARES, d: secagg_wire.SHARES, c: secagg_wire.MASKED}
+    leaves = {b: stages.SHARES, d: stages.SHARES, c: stages.MASKED}
     start = flat(start_adapter(dep))
     loopback = SecureLoopback(owners_for(tmp_path, files, dep), keys, leaves=leaves)
     deploy_rounds(monkeypatch, dep, loopback)
@@ -259,16 +259,16 @@ def test_a_dropped_client_no_survivor_masked_with_needs_no_mask_key(
     assert sorted(gone["client"] for gone in line["dropped"]) == sorted([b, c, d])
     assert len(recorded) == 2  # the survivors' updates, in client order
     expected = start + (recorded[0][0] + recorded[1][0]) / 2
-    bound = secagg.RoundParams(BITS, CLIP, 5).error_bound(2, 2)
+    bound = crypto.RoundParams(BITS, CLIP, 5).error_bound(2, 2)
     assert_within(flat(adapter(dep, 1)), expected, start, bound)
 
 
 @pytest.mark.parametrize(
     "leaves, why",
     [
-        ({1: secagg_wire.KEYS, 2: secagg_wire.KEYS}, "1 client.s. left after the keys stage, 2"),
-        ({1: secagg_wire.MASKED, 2: secagg_wire.MASKED}, "1 client.s. left after the masked"),
-        ({1: secagg_wire.UNMASK, 2: secagg_wire.UNMASK}, "self mask cannot be rebuilt: 1 share"),
+        ({1: stages.KEYS, 2: stages.KEYS}, "1 client.s. left after the keys stage, 2"),
+        ({1: stages.MASKED, 2: stages.MASKED}, "1 client.s. left after the masked"),
+        ({1: stages.UNMASK, 2: stages.UNMASK}, "self mask cannot be rebuilt: 1 share"),
     ],
 )
 def test_too_many_leaving_stops_the_round_with_nothing_committed(
@@ -294,7 +294,7 @@ def test_a_malformed_masked_input_is_rejected_and_treated_as_leaving(
     )
 
     def bad_dtype(k: int, stage: str, content: RecordDict) -> RecordDict:
-        if k == 1 and stage == secagg_wire.MASKED:
+        if k == 1 and stage == stages.MASKED:
             vector = content["masked"]["vector"].numpy().astype(np.int64)
             content["masked"]["vector"] = Array.from_numpy_ndarray(vector)
         return content
@@ -308,7 +308,7 @@ def test_a_malformed_masked_input_is_rejected_and_treated_as_leaving(
     assert rejected["client"] == 1
     assert "malformed reply: masked.vector: int64" in rejected["reason"]
     expected = start + (recorded[0][0] + recorded[2][0]) / 2
-    bound = secagg.RoundParams(BITS, CLIP, 3).error_bound(2, 2)
+    bound = crypto.RoundParams(BITS, CLIP, 3).error_bound(2, 2)
     assert_within(flat(adapter(dep, 1)), expected, start, bound)
 
 
@@ -328,8 +328,8 @@ def test_owners_refuse_stages_out_of_order_and_plain_tasks_of_a_secure_run(
         status = owner.handle(message)["status"]
         return status["outcome"], status["reason"]
 
-    shares = secagg_wire.encode_request(
-        secagg_wire.SHARES,
+    shares = stages.encode_request(
+        stages.SHARES,
         header,
         3,
         0,
@@ -337,17 +337,17 @@ def test_owners_refuse_stages_out_of_order_and_plain_tasks_of_a_secure_run(
         enc_keys=[b"k" * 32],
         mask_keys=[b"m" * 32],
     )
-    assert ask(secagg_wire.SHARES, shares) == ("refused", "secagg: no keys of round 3 here")
-    keys_request = secagg_wire.encode_request(secagg_wire.KEYS, header, 3, 0, sampled=3)
-    assert ask(secagg_wire.KEYS, keys_request)[0] == "ok"
-    unmask = secagg_wire.encode_request(secagg_wire.UNMASK, header, 3, 0, survivors=[0], dropped=[])
-    outcome, reason = ask(secagg_wire.UNMASK, unmask)
+    assert ask(stages.SHARES, shares) == ("refused", "secagg: no keys of round 3 here")
+    keys_request = stages.encode_request(stages.KEYS, header, 3, 0, sampled=3)
+    assert ask(stages.KEYS, keys_request)[0] == "ok"
+    unmask = stages.encode_request(stages.UNMASK, header, 3, 0, survivors=[0], dropped=[])
+    outcome, reason = ask(stages.UNMASK, unmask)
     assert (outcome, reason) == (
         "refused",
-        f"secagg: {secagg_wire.UNMASK} after {secagg_wire.KEYS}, out of order",
+        f"secagg: {stages.UNMASK} after {stages.KEYS}, out of order",
     )
-    other = secagg_wire.encode_request(secagg_wire.KEYS, header, 3, 2, sampled=3)
-    assert ask(secagg_wire.KEYS, other) == (
+    other = stages.encode_request(stages.KEYS, header, 3, 2, sampled=3)
+    assert ask(stages.KEYS, other) == (
         "refused",
         "round.client_id: 2, but this owner is client 0",
     )
@@ -376,20 +376,18 @@ def test_engines_without_a_coordinator_across_the_network_refuse_it(
     """`fedit train` and `fedit simulate-ray` refuse secagg.enabled (nothing to hide in one
     machine; the runtime's workers could not keep a client's secrets between stages), and
     a deployment needs two clients a round."""
-    from fedit.config import ConfigError
-    from fedit.deploy.coordinator import check_deployable
-    from fedit.deploy.simulation_runtime import check_simulatable
+    from fedit.config import ConfigError, rules
 
     _, dep, _, _ = secure_configs(tmp_path, tiny_model_dir)
     with pytest.raises(ConfigError, match="secagg.enabled: secure aggregation hides"):
         Simulation(dep, show_progress=False).run()
     assert not Path(dep.output_dir).exists()
     with pytest.raises(ConfigError, match="secagg.enabled: the runtime's workers"):
-        check_simulatable(dep)
-    check_deployable(dep)
+        rules.check(dep, "simulate-ray")
+    rules.check(dep, "coordinate")
     one = replace(dep, federation=replace(dep.federation, clients_per_round=1))
     with pytest.raises(ConfigError, match="federation.clients_per_round: secure aggregation"):
-        check_deployable(one)
+        rules.check(one, "coordinate")
 
 
 def test_owners_that_insist_refuse_a_run_without_secure_aggregation(
@@ -418,7 +416,7 @@ def test_a_low_order_public_key_is_refused_at_the_keys_stage(
     _, dep, files, keys = secure_configs(tmp_path, tiny_model_dir)
 
     def zero_key(k: int, stage: str, content: RecordDict) -> RecordDict:
-        if k == 2 and stage == secagg_wire.KEYS:
+        if k == 2 and stage == stages.KEYS:
             content["secagg"]["mask_key"] = bytes(32)
         return content
 

@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 
 from fedit.config import RunConfig, load_config
 from fedit.deploy import coordinator, simulation_runtime
-from fedit.deploy.flower_io import reply_for
+from fedit.deploy.flower.flower_io import reply_for
 from fedit.deploy.simulation_runtime import RuntimeOwners
 from fedit.engine.simulation import Simulation
 from tests.conftest import tiny_run_overrides

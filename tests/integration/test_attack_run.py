@@ -15,9 +15,9 @@ from fedit.attacks import malicious_clients
 from fedit.config import AttackConfig, RunConfig, load_config
 from fedit.data.prepare import load_heldout
 from fedit.engine import rounds
-from fedit.engine.compare import run_comparison
 from fedit.engine.simulation import Simulation
 from fedit.eval import attack as attack_eval
+from fedit.experiments.compare import run_comparison
 from tests.conftest import tiny_run_overrides
 from tests.integration.test_crash_resume import tensor_files
 

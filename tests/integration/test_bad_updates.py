@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from fedit.config import load_config
 from fedit.engine import simulation
 from fedit.engine.simulation import Simulation
-from fedit.server.validation import Rejection
+from fedit.types import Rejection
 from tests.conftest import tiny_run_overrides
 
 SMALL = {

@@ -8,7 +8,7 @@ import pytest
 from fedit.config import ConfigError, load_config
 from fedit.data.prepare import load_heldout
 from fedit.data.synthetic import SKILL_NAMES
-from fedit.engine.compare import Contender, final_heldout_loss, run_comparison, score_model
+from fedit.experiments.compare import Contender, final_heldout_loss, run_comparison, score_model
 from tests.conftest import tiny_run_overrides
 
 

@@ -11,8 +11,8 @@ import pytest
 from safetensors.torch import load_file
 
 from fedit.config import ConfigError, RunConfig, load_config
-from fedit.engine.compare import Contender
 from fedit.engine.simulation import Simulation
+from fedit.experiments.compare import Contender
 from tests.conftest import tiny_run_overrides
 from tests.integration.test_crash_resume import assert_same_run
 

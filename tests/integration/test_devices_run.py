@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from fedit.config import RunConfig, load_config
-from fedit.engine import devices
 from fedit.engine.simulation import Simulation
+from fedit.fleet import devices
 from tests.conftest import tiny_run_overrides
 from tests.integration.test_crash_resume import assert_same_run
 

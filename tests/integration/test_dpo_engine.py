@@ -14,8 +14,8 @@ from fedit.client import dpo_trainer
 from fedit.client.dpo import preference_scores
 from fedit.client.dpo_trainer import pair_logps
 from fedit.config import ModelConfig, RunConfig, load_config
-from fedit.engine import compare
 from fedit.engine.simulation import Simulation
+from fedit.experiments import compare
 from fedit.models.adapters import load_saved_adapter
 from fedit.models.inference import load_for_inference
 from fedit.models.loading import load_model

@@ -19,7 +19,7 @@ from fedit.engine.simulation import Simulation
 from fedit.models.adapters import attach_lora, set_adapter_state, set_base_residual
 from fedit.models.loading import load_model
 from fedit.models.tiny import byte_tokenizer
-from fedit.server.ranks import global_at
+from fedit.ops.ranks import global_at
 from fedit.types import ClientUpdate
 from tests.conftest import tiny_run_overrides
 

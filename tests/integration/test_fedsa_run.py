@@ -16,9 +16,9 @@ from safetensors.torch import load_file
 
 from fedit.client.own_factors import OwnFactors
 from fedit.config import ConfigError, RunConfig, load_config
-from fedit.engine.compare import compare_configs
-from fedit.engine.personalize import personalize
 from fedit.engine.simulation import Simulation
+from fedit.experiments.compare import compare_configs
+from fedit.experiments.personalize import personalize
 from tests.conftest import tiny_run_overrides
 from tests.integration.test_crash_resume import assert_same_run
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from fedit.compression.feedback import FEEDBACK_DIR
+from fedit.client.feedback import FEEDBACK_DIR
 from fedit.engine.checkpoint import CLIENT_STATE
 from tests.conftest import REPO, tiny_run_overrides
 

@@ -11,7 +11,7 @@ from fedit.cli.main import app
 from fedit.client import session
 from fedit.config import load_config
 from fedit.engine.simulation import Simulation
-from fedit.server.aggregation import client_weights, weighted_mean
+from fedit.ops.aggregation import client_weights, weighted_mean
 from tests.conftest import BadStep, tiny_run_overrides
 
 SMALL = {

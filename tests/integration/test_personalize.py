@@ -10,8 +10,8 @@ import pytest
 from safetensors.torch import load_file
 
 from fedit.config import ConfigError, load_config
-from fedit.engine.personalize import ClientScores, category_mix, personalize, report
 from fedit.engine.simulation import Simulation
+from fedit.experiments.personalize import ClientScores, category_mix, personalize, report
 from tests.conftest import tiny_run_overrides
 
 

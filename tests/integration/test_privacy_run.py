@@ -16,9 +16,9 @@ from fedit.client import session
 from fedit.client.releases import RELEASES_DIR, Releases
 from fedit.config import RunConfig, load_config
 from fedit.engine.simulation import Simulation
+from fedit.fleet.selection import select_clients
 from fedit.privacy import accountant, resolve_plan
 from fedit.seeding import Stream, derive_seed
-from fedit.server.selection import select_clients
 from tests.conftest import tiny_run_overrides
 from tests.integration.test_crash_resume import assert_same_run
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from fedit.client import session
 from fedit.config import load_config
 from fedit.engine.simulation import Simulation
-from fedit.server.aggregation import client_deltas, state_norm, subtract
+from fedit.ops.aggregation import client_deltas, state_norm, subtract
 from fedit.server.aggregators.robust import TooFewUpdatesError
 from tests.conftest import BadStep, tiny_run_overrides
 

@@ -19,8 +19,7 @@ from fedit.engine.checkpoint import completed_rounds
 from fedit.engine.rounds import RoundLoop, RoundPlan, RoundReplies, TooFewRepliesError
 from fedit.models.adapters import attach_lora, get_adapter_state
 from fedit.models.loading import load_model
-from fedit.server.validation import Rejection
-from fedit.types import AdapterState, ClientUpdate
+from fedit.types import AdapterState, ClientUpdate, Rejection
 from tests.conftest import tiny_run_overrides
 
 

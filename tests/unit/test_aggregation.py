@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedit.server.aggregation import (
+from fedit.ops.aggregation import (
     add_prefix,
     add_scaled,
     client_deltas,

@@ -14,7 +14,16 @@ from typer.testing import CliRunner
 import fedit
 from fedit.cli.main import app
 
-HEAVY = ("torch", "transformers", "peft", "fedit.engine", "flwr", "cryptography", "fedit.deploy")
+HEAVY = (
+    "torch",
+    "transformers",
+    "peft",
+    "fedit.engine",
+    "flwr",
+    "cryptography",
+    "fedit.deploy",
+    "fedit.experiments",
+)
 COMMANDS = [
     "train",
     "partition",

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from fedit.client.feedback import UploadCompressor, compress
 from fedit.client.store import RoundStore
 from fedit.compression import codecs
 from fedit.compression.codecs import CodecError, decode_tensor, encode_tensor, payload_bytes
-from fedit.compression.feedback import UploadCompressor, compress
 from fedit.config import CompressionConfig
 from fedit.types import ClientTask, ClientUpdate
 

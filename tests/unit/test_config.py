@@ -5,6 +5,7 @@ from typing import get_args, get_origin, get_type_hints
 import pytest
 
 from fedit.config import ConfigError, RunConfig, load_config
+from tests.conftest import SHIPPED_CONFIGS
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -58,9 +59,14 @@ def test_save_round_trip(tmp_path: Path) -> None:
     assert isinstance(again, RunConfig)
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.toml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: str(p.relative_to(REPO)))
 def test_every_shipped_config_validates(path: Path) -> None:
     load_config(path)
+
+
+def test_the_shipped_configs_include_the_benchmarks() -> None:
+    names = {str(p.relative_to(REPO)) for p in SHIPPED_CONFIGS}
+    assert {"configs/demo.toml", "bench/configs/w0.toml", "bench/configs/w1.toml"} <= names
 
 
 @pytest.mark.parametrize(

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from fedit.config import ConfigError, DataConfig, PartitionConfig, RunConfig, SystemConfig
-from fedit.engine import devices
-from fedit.engine.devices import Device, Fate
+from fedit.fleet import devices
+from fedit.fleet.devices import Device, Fate
+from fedit.fleet.selection import highest_losses, select_clients
+from fedit.ops.ranks import rank_shapes
 from fedit.seeding import Stream, derive_seed
-from fedit.server.ranks import rank_shapes
-from fedit.server.selection import highest_losses, select_clients
 
 
 def base(num_clients: int = 10) -> RunConfig:

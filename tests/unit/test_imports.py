@@ -1,9 +1,11 @@
-"""fedit's modules import each other without a circle (issue 27): read from the source, lazy
-imports inside functions included, `if TYPE_CHECKING:` imports excepted."""
+"""fedit's modules import each other without a circle, and only down the layers (issue 27):
+read from the source, lazy imports inside functions included, `if TYPE_CHECKING:` imports
+excepted."""
 
 from __future__ import annotations
 
 import ast
+from collections.abc import Iterable
 from graphlib import CycleError, TopologicalSorter
 from pathlib import Path
 
@@ -80,3 +82,82 @@ def test_the_check_finds_a_circle() -> None:
     except CycleError:
         return
     raise AssertionError("the circle config -> strategies -> config was not found")
+
+
+# The layering of issue 27: a module imports only from a package of a lower rank or from
+# inside its own package. The modules right under fedit (errors, types, plugins, ...) are the
+# root, rank 0. Every package must be named here, so a new one is placed on purpose.
+RANKS = {
+    "fedit": 0,
+    "config": 1,
+    "ops": 2,
+    "data": 2,
+    "models": 2,
+    "compression": 3,
+    "fleet": 4,
+    "privacy": 5,
+    "attacks": 6,
+    "client": 7,
+    "server": 7,  # client and server are peers: neither imports the other
+    "protocol": 8,
+    "eval": 8,
+    "engine": 9,
+    "deploy": 10,
+    "experiments": 10,
+    "serve": 11,
+    "cli": 12,
+}
+
+
+def layer(module: str, modules: Iterable[str]) -> str:
+    """The package of fedit `module` is in ("config" also while it is one file), or "fedit"
+    for a module right under fedit."""
+    parts = module.split(".")
+    if len(parts) == 1:
+        return "fedit"
+    if len(parts) > 2 or parts[1] in RANKS or any(m.startswith(module + ".") for m in modules):
+        return parts[1]
+    return "fedit"
+
+
+def layer_violations(graph: dict[str, set[str]], ranks: dict[str, int]) -> list[str]:
+    """Every package missing from `ranks`, then every import between two packages whose
+    target does not rank below its source, as "source -> target (ranks)"."""
+    layers = {module: layer(module, graph) for module in graph}
+    unranked = sorted(set(layers.values()) - ranks.keys())
+    found = [f"package fedit.{name} is not in the layering" for name in unranked]
+    for source, targets in sorted(graph.items()):
+        high = layers[source]
+        # importing fedit.ops.aggregation runs fedit.ops too: name the module, not both
+        named = [t for t in sorted(targets) if not any(o.startswith(t + ".") for o in targets)]
+        for target in named:
+            low = layers[target]
+            if {low, high} <= ranks.keys() and low != high and ranks[low] >= ranks[high]:
+                found.append(f"{source} -> {target} ({high} {ranks[high]} -> {low} {ranks[low]})")
+    return found
+
+
+def test_every_import_goes_down_the_layering() -> None:
+    found = layer_violations(import_graph(SRC), RANKS)
+    assert not found, f"{len(found)} imports against the layering:\n" + "\n".join(found)
+
+
+def test_the_layer_check_finds_an_unranked_package_and_an_upward_import() -> None:
+    """A package the table does not rank fails (a new package is placed on purpose), and so
+    does an import between peers; imports down the layers and inside a package do not."""
+    graph = {
+        "fedit.types": set(),
+        "fedit.ops": set(),
+        "fedit.ops.aggregation": {"fedit.types"},
+        "fedit.server": set(),
+        "fedit.server.validation": {"fedit.ops", "fedit.ops.aggregation", "fedit.types"},
+        "fedit.client": set(),
+        "fedit.client.store": {"fedit.ops", "fedit.ops.aggregation"},
+        "fedit.client.session": {"fedit.client.store", "fedit.server", "fedit.server.validation"},
+        "fedit.shiny": set(),
+        "fedit.shiny.thing": {"fedit.types"},
+    }
+    assert layer_violations(graph, RANKS) == [
+        "package fedit.shiny is not in the layering",
+        "fedit.client.session -> fedit.server.validation (client 7 -> server 7)",
+    ]

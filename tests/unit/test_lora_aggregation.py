@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fedit.config import StrategyConfig
-from fedit.server.lora_aggregation import (
+from fedit.ops.lora_aggregation import (
     exact_mean_delta_w,
     fedex_residual,
     lora_pairs,

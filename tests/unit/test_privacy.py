@@ -15,8 +15,10 @@ from dp_accounting.rdp.rdp_privacy_accountant import RdpAccountant
 from fedit import plugins
 from fedit.client.session import LocalClient
 from fedit.config import ConfigError, DPOConfig, RunConfig, load_config
-from fedit.engine.compare import Contender
 from fedit.engine.run_dir import resume_conflicts
+from fedit.experiments.compare import Contender
+from fedit.fleet.selection import select_clients
+from fedit.ops.aggregation import clip_to_norm
 from fedit.privacy import accountant
 from fedit.privacy.mechanism import (
     dp_mean,
@@ -33,10 +35,8 @@ from fedit.privacy.plan import (
     selection_seed,
 )
 from fedit.seeding import Stream, derive_seed
-from fedit.server.aggregation import clip_to_norm
 from fedit.server.aggregators import AGGREGATORS, MeanAggregator, build_aggregator
 from fedit.server.aggregators.dp_fedavg import DPFedAvgAggregator
-from fedit.server.selection import select_clients
 from fedit.types import ClientUpdate
 
 DP = {"privacy.mode": "central", "privacy.noise_multiplier": 1.0, "strategy.weighting": "uniform"}

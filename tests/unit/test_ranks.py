@@ -18,8 +18,8 @@ from fedit.config import (
     TrainConfig,
 )
 from fedit.models.adapters import get_adapter_state
-from fedit.server.lora_aggregation import exact_mean_delta_w, fedex_residual
-from fedit.server.ranks import (
+from fedit.ops.lora_aggregation import exact_mean_delta_w, fedex_residual
+from fedit.ops.ranks import (
     at_rank,
     client_ranks,
     for_aggregation,

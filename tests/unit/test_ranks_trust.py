@@ -20,9 +20,9 @@ from fedit.config import (
     RunConfig,
     StrategyConfig,
 )
-from fedit.server.aggregation import client_weights
+from fedit.ops.aggregation import client_weights
+from fedit.ops.ranks import at_rank, for_aggregation
 from fedit.server.aggregators import build_aggregator
-from fedit.server.ranks import at_rank, for_aggregation
 from fedit.types import ClientUpdate
 
 A, B = "m.lora_A.default.weight", "m.lora_B.default.weight"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from fedit.deploy.processes import Child, FederationError, discard_undelivered_messages
+from fedit.deploy.flower.processes import Child, FederationError, discard_undelivered_messages
 
 SLEEPER = "import sys, time; time.sleep(120)"
 

@@ -286,17 +286,24 @@ def test_centered_clippings_centre_survives_a_checkpoint_and_reset_clears_it():
 # --- configs refused --------------------------------------------------------------------
 
 
+def validated(**strategy) -> RunConfig:
+    """A run with this [strategy], validated (the refusals are fedit.config.rules')."""
+    return load_config(
+        None, ["data.path=synthetic", *(f"strategy.{k}={v!r}" for k, v in strategy.items())]
+    )
+
+
 @pytest.mark.parametrize("aggregator", ROBUST_AGGREGATORS)
 def test_robust_rules_are_refused_with_scaffold_and_with_exact_lora(aggregator):
     with pytest.raises(ConfigError, match=r"strategy.aggregator: .*'scaffold'.*control variate"):
-        StrategyConfig(name="scaffold", aggregator=aggregator).validate()
+        validated(name="scaffold", aggregator=aggregator)
     with pytest.raises(ConfigError, match="strategy.aggregator: .*'exact'.*FedEx-LoRA residual"):
-        StrategyConfig(aggregator=aggregator, lora_aggregation="exact").validate()
-    StrategyConfig(name="fedadam", aggregator=aggregator).validate()
+        validated(aggregator=aggregator, lora_aggregation="exact")
+    validated(name="fedadam", aggregator=aggregator)
 
 
 def test_the_mean_still_goes_with_scaffold_and_exact():
-    StrategyConfig(name="scaffold", lora_aggregation="exact").validate()
+    validated(name="scaffold", lora_aggregation="exact")
 
 
 @pytest.mark.parametrize(

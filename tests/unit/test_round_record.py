@@ -7,7 +7,7 @@ from types import SimpleNamespace
 from fedit.config import TrainConfig
 from fedit.engine.round_record import round_line, round_record
 from fedit.engine.rounds import RoundPlan, RoundReplies
-from fedit.server.validation import Rejection
+from fedit.types import Rejection
 
 
 def plan(probed: dict[int, float] | None = None) -> RoundPlan:

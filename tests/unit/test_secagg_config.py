@@ -86,7 +86,7 @@ def test_a_resume_may_change_how_long_the_stages_wait_and_nothing_else_of_it() -
 def test_too_few_levels_for_the_clients_of_a_round_are_refused() -> None:
     """m inputs share the 2**bits of the sum: too many clients for the bits would leave an
     entry a handful of levels (or none: a division by zero in the quantiser)."""
-    from fedit.deploy.secagg import MIN_LEVELS, RoundParams
+    from fedit.deploy.secagg.crypto import MIN_LEVELS, RoundParams
 
     many = ["partition.num_clients=70000", "federation.clients_per_round=70000"]
     with pytest.raises(ConfigError, match=r"secagg\.bits: .*70000 clients"):

@@ -1,4 +1,4 @@
-"""Secure aggregation's stage messages (fedit.deploy.secagg_wire): round trips through
+"""Secure aggregation's stage messages (fedit.deploy.secagg.stages): round trips through
 Flower's serialisation, and every malformed field refused with a reason naming it."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ pytest.importorskip("flwr", reason="the stage messages are Flower records")
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 
-from fedit.deploy import secagg_wire as sw
-from fedit.deploy.wire import ReplyStatus, RunHeader, WireError, encode_status, encode_task
+from fedit.deploy.secagg import stages as sw
+from fedit.protocol.wire import ReplyStatus, RunHeader, WireError, encode_status, encode_task
 from fedit.types import ClientTask
 
 HEADER = RunHeader.of("seed = 1\n", "ab" * 32)
@@ -216,7 +216,7 @@ def test_owners_get_the_secagg_parameters_but_not_the_coordinators_waiting() -> 
     import tomllib
 
     from fedit.config import load_config
-    from fedit.deploy.traffic import owners_config
+    from fedit.protocol.traffic import owners_config
 
     cfg = load_config(None, ["data.path=synthetic", "secagg.enabled=true", "secagg.bits=24"])
     sent = tomllib.loads(owners_config(cfg))["secagg"]

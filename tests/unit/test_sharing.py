@@ -19,10 +19,10 @@ from fedit.config import (
     TrainConfig,
     load_config,
 )
-from fedit.deploy import wire
-from fedit.deploy.traffic import reply_content
 from fedit.models.adapters import get_adapter_state
-from fedit.server.sharing import kept_part, shared_part, with_kept, with_zero_kept
+from fedit.ops.sharing import kept_part, shared_part, with_kept, with_zero_kept
+from fedit.protocol import wire
+from fedit.protocol.traffic import reply_content
 from fedit.types import ClientTask, ClientUpdate
 from tests.conftest import tiny_local_client
 

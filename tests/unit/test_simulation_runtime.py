@@ -10,13 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedit.config import ConfigError, load_config
+from fedit.config import ConfigError, load_config, rules
 from fedit.deploy.simulation_runtime import (
     RayResources,
     RuntimeStoppedError,
     _NodesInOrder,
     _StoppableGrid,
-    check_simulatable,
 )
 from tests.conftest import tiny_run_overrides
 
@@ -96,4 +95,4 @@ def test_configs_the_runtime_cannot_run_are_refused(
 ) -> None:
     cfg = load_config(None, [*tiny_run_overrides(tmp_path, tmp_path / "run"), override])
     with pytest.raises(ConfigError, match=named):
-        check_simulatable(cfg)
+        rules.check(cfg, "simulate-ray")

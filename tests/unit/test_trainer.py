@@ -20,7 +20,7 @@ from fedit.data.synthetic import generate_records
 from fedit.data.tokenize import tokenize_records
 from fedit.models.adapters import attach_lora, get_adapter_state, set_adapter_state
 from fedit.models.loading import load_model
-from fedit.server.aggregation import zeros_like
+from fedit.ops.aggregation import zeros_like
 from tests.conftest import BadStep, CountingHook, check_token_cap_keeps_the_gradient
 
 

@@ -11,11 +11,10 @@ from fedit.config import StrategyConfig
 from fedit.server.strategies import build_strategy
 from fedit.server.validation import (
     AllUpdatesRejectedError,
-    Rejection,
     RoundExpectations,
     validate_updates,
 )
-from fedit.types import ClientUpdate
+from fedit.types import ClientUpdate, Rejection
 
 X = {"a": torch.zeros(2, 3), "b": torch.zeros(4)}
 STEPS = 3

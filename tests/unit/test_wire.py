@@ -20,16 +20,16 @@ from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_conte
 from transformers import AutoTokenizer
 
 from fedit.client.dpo_trainer import train_client_dpo
+from fedit.client.feedback import UploadCompressor
 from fedit.client.trainer import train_client
-from fedit.compression.feedback import UploadCompressor
 from fedit.config import CompressionConfig, DPOConfig, LoraConfig, ModelConfig, TrainConfig
 from fedit.data.preferences import synthetic_pairs, tokenize_pairs
 from fedit.data.synthetic import generate_records
 from fedit.data.tokenize import tokenize_records
-from fedit.deploy import wire
-from fedit.deploy.wire import ReplyStatus, RunHeader, WireError
 from fedit.models.adapters import attach_lora
 from fedit.models.loading import load_model
+from fedit.protocol import wire
+from fedit.protocol.wire import ReplyStatus, RunHeader, WireError
 from fedit.types import ClientInstructions, ClientTask, ClientUpdate
 
 FINGERPRINT = "ab" * 32
@@ -454,7 +454,7 @@ def plain_adapter() -> dict[str, torch.Tensor]:
 
 
 def compressed_update(codec: str, x: dict[str, torch.Tensor]) -> ClientUpdate:
-    """An update as a compressing client sends it (fedit.compression.feedback)."""
+    """An update as a compressing client sends it (fedit.client.feedback)."""
     y = {k: v + 0.01 * w for (k, v), w in zip(x.items(), adapter(7).values(), strict=True)}
     metrics = dict.fromkeys(wire.SFT_METRICS, 1.0)
     update = ClientUpdate(0, y, 10, 3, 0.1, {}, metrics)

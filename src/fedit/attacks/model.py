@@ -14,9 +14,9 @@ from dataclasses import dataclass, replace
 
 from fedit.attacks import malicious_clients
 from fedit.config import MODEL_ATTACKS, AttackConfig, RunConfig
+from fedit.ops.aggregation import add_scaled, subtract
 from fedit.privacy.mechanism import gaussian_noise
 from fedit.seeding import Stream, derive_seed
-from fedit.server.aggregation import add_scaled, subtract
 from fedit.types import AdapterState, ClientUpdate
 
 

@@ -16,7 +16,7 @@ def compare(config: ConfigOption = None, set_: OverrideOption = None) -> None:
     """Train and score every model in eval.compare; tables and charts go to output_dir."""
     started = time.perf_counter()
     cfg = resolve_config(config, set_)
-    from fedit.engine.compare import run_comparison  # torch & co. only once a run starts
+    from fedit.experiments.compare import run_comparison  # torch & co. only once a run starts
 
     out_dir = Path(cfg.output_dir)
     run_comparison(cfg, cfg.eval.compare, out_dir)

@@ -34,7 +34,7 @@ def personalize(
 ) -> None:
     """Personalise: fine-tune the global adapter on each client's records (the run's config)."""
     cfg = resolve_config(config, set_)
-    from fedit.engine.personalize import PERSONALIZED_DIR, SCORES_FILE, personalize, report
+    from fedit.experiments.personalize import PERSONALIZED_DIR, SCORES_FILE, personalize, report
 
     scores = personalize(cfg, steps, show_progress=not quiet)
     console.print(report(scores))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fedit.server.aggregation import zeros_like
+from fedit.ops.aggregation import zeros_like
 from fedit.types import AdapterState, ClientInstructions
 
 

@@ -1,4 +1,4 @@
-"""FedSA-LoRA on the client: the B factors it keeps to itself (fedit.server.sharing).
+"""FedSA-LoRA on the client: the B factors it keeps to itself (fedit.ops.sharing).
 
 A client of a ``lora.shared = "A"`` run trains from (Ā, B_k): the global A factors and its
 own B factors of the last round the coordinator accepted from it (B = 0 before its first).
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from fedit.client.store import RoundStore
 from fedit.config import RunConfig
-from fedit.server.sharing import kept_part, with_kept
+from fedit.ops.sharing import kept_part, with_kept
 from fedit.types import AdapterState, ClientTask, ClientUpdate
 
 OWN_FACTORS_DIR = "own_factors"  # under the run directory (simulation) or an owner's state dir

@@ -23,7 +23,7 @@ from safetensors import safe_open
 from fedit.client.store import round_file, save_round, saved_rounds
 from fedit.config import RunConfig
 from fedit.errors import write_atomic
-from fedit.server.aggregation import add_scaled
+from fedit.ops.aggregation import add_scaled
 from fedit.types import AdapterState, ClientUpdate
 
 RELEASES_DIR = "local_dp_releases"  # under the run directory (simulation) or an owner's state dir

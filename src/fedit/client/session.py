@@ -16,21 +16,20 @@ from torch import Tensor
 
 from fedit.attacks.model import ModelAttack, attack_update
 from fedit.client.dpo_trainer import reference_logps, train_client_dpo
+from fedit.client.feedback import UploadCompressor
 from fedit.client.hooks import make_hook
 from fedit.client.own_factors import OwnFactors
 from fedit.client.releases import Releases
 from fedit.client.trainer import NonFiniteTrainingError, train_client
-from fedit.compression.feedback import UploadCompressor
 from fedit.config import DPOConfig, TrainConfig
 from fedit.data.preferences import TokenizedPair
 from fedit.data.tokenize import TokenizedExample
 from fedit.models.adapters import set_adapter_state
+from fedit.ops.ranks import global_at
 from fedit.privacy import PrivacyPlan
 from fedit.privacy.mechanism import local_release, released_update
 from fedit.seeding import Stream
-from fedit.server.ranks import global_at
-from fedit.server.validation import Rejection
-from fedit.types import AdapterState, ClientTask, ClientUpdate
+from fedit.types import AdapterState, ClientTask, ClientUpdate, Rejection
 
 
 class LocalClient:
@@ -42,10 +41,10 @@ class LocalClient:
     round asked for again gets that release back. ``privacy`` is
     fedit.privacy.client_plan's answer (None: no local DP), ``attack`` is
     fedit.attacks.model.client_attack's (None: an honest client, the default of every
-    run), ``compressor`` fedit.compression.feedback.client_compressor's (None: float32
+    run), ``compressor`` fedit.client.feedback.client_compressor's (None: float32
     uploads), all required so that no engine can build a client that forgets them.
     ``own`` (fedit.client.own_factors.own_factors's; None unless lora.shared = "A") holds
-    the B factors it keeps under FedSA-LoRA. ``rank`` (fedit.server.ranks.client_ranks)
+    the B factors it keeps under FedSA-LoRA. ``rank`` (fedit.ops.ranks.client_ranks)
     truncates the global adapter it trains from to its first r_k components; everything
     after works from that truncated x."""
 

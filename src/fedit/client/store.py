@@ -1,7 +1,7 @@
 """Tensors a client keeps on its own disk from one round to the next, by round.
 
 Two kinds live here: the error-feedback memory of a compressed upload
-(fedit.compression.feedback) and, under FedSA-LoRA (fedit.server.sharing), the client's
+(fedit.client.feedback) and, under FedSA-LoRA (fedit.ops.sharing), the client's
 own B factors. Both follow the federation's accepted updates, not the client's own
 training: each is saved under the round it was made in and read back under the round the
 coordinator names (``ClientTask.feedback_round``: this client's last update the coordinator
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from fedit.server.aggregation import zeros_like
+from fedit.ops.aggregation import zeros_like
 from fedit.types import AdapterState
 
 log = logging.getLogger("fedit.client")

@@ -1,3 +1,3 @@
-"""Compressed uploads: the codecs (fedit.compression.codecs) and the client's error
-feedback (fedit.compression.feedback), used alike by the simulation's clients and a
-deployment's data owners."""
+"""Compressed uploads: the codecs (fedit.compression.codecs), shared by the client, the wire
+and the simulated devices. The client's error feedback, which keeps per-round memories on
+its disk, lives with the client (fedit.client.feedback)."""

@@ -15,9 +15,9 @@ before they are read). Per entry of a tensor with n entries:
   (int8): |v − s·q| ≤ s/2. n bytes plus 4 per slice. Other shapes are one slice.
 - ``topk``: the k = ⌈fraction·n⌉ entries of largest |v| as float32 values with their int32
   flat indices (ascending), 8 bytes per kept entry; every other entry decodes to 0, which
-  is what error feedback carries to the client's next round (fedit.compression.feedback).
+  is what error feedback carries to the client's next round (fedit.client.feedback).
 
-The wire's bytes (metrics.jsonl's bytes_up) are what fedit.deploy.wire.content_bytes counts
+The wire's bytes (metrics.jsonl's bytes_up) are what fedit.protocol.wire.content_bytes counts
 of the encoded parts (one array per part, so a few hundred bytes of framing);
 ``payload_bytes`` is their raw size, the figure the per-entry costs
 above describe. Written here rather than taken from a library because the parts must be

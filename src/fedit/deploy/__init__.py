@@ -1,5 +1,8 @@
 """fedit across machines on Flower 1.42 (docs/design/deployment.md).
 
-flwr is imported only inside this package, and only by the modules that talk to Flower
-(`flower_io`, the app placeholders), so importing `fedit.deploy` itself stays light.
+The two roles (`coordinator`, `owner`, with `join` starting an owner's process), the keys
+and certificates (`pki`), Flower's Ray simulation runtime driven as a third engine
+(`simulation_runtime`), and two subpackages they build on: `flower/` (everything pinned to
+Flower) and `secagg/` (secure aggregation). This file imports nothing, so importing
+`fedit.deploy` itself stays light.
 """

@@ -2,15 +2,15 @@
 
 One long-lived process: it starts Flower's SuperLink as a child on 127.0.0.1 (TLS, node
 authentication, ``--isolation process``), puts the fleet-only front on
-``deploy.fleet_address`` (the only address bound beyond loopback; fedit.deploy.front),
+``deploy.fleet_address`` (the only address bound beyond loopback; fedit.deploy.flower.front),
 registers the roster's public keys, creates the Flower run, takes its ServerApp task
-itself (fedit.deploy.flower_io) and drives it with fedit's own round loop
+itself (fedit.deploy.flower.flower_io) and drives it with fedit's own round loop
 (fedit.engine.rounds.RoundLoop) through ``FlowerRunner``. It writes the same run directory
 a simulation writes, and ``--resume`` continues it after a crash.
 
 Client ids are positions in ``deploy.clients`` (a roster of public keys): each round, the
 online nodes are mapped to ids by the key they authenticate with, never by a name or a node
-id they could choose. Whatever comes back is decoded and checked (fedit.deploy.wire, then
+id they could choose. Whatever comes back is decoded and checked (fedit.protocol.wire, then
 fedit.server.validation in the shared round) before the strategy sees it; a client that does
 not answer in ``deploy.round_timeout`` is listed as dropped and the round goes on with the
 others if at least ``deploy.min_replies`` valid updates came.
@@ -29,24 +29,15 @@ from flwr.app import Message, RecordDict
 from rich.console import Console
 from rich.markup import escape
 
-from fedit.config import ConfigError, RunConfig
+from fedit.config import ConfigError, DeployConfig, RunConfig, rules
 from fedit.data.preferences import read_preferences
 from fedit.data.readers import read_records
-from fedit.deploy import wire
-from fedit.deploy.flower_io import ServerRun, acquire_server_run, exchange, online_nodes
-from fedit.deploy.front import FleetFront
+from fedit.deploy.flower.flower_io import ServerRun, acquire_server_run, exchange, online_nodes
+from fedit.deploy.flower.flwr_cli import APP_DIR, register_node, submit_run, write_connection
+from fedit.deploy.flower.front import FleetFront
+from fedit.deploy.flower.processes import SuperLink, ensure_secret, free_port
 from fedit.deploy.pki import load_public_key, load_public_key_file
-from fedit.deploy.processes import (
-    APP_DIR,
-    SuperLink,
-    ensure_secret,
-    free_port,
-    register_node,
-    submit_run,
-    write_connection,
-)
-from fedit.deploy.secagg_round import SecureRound
-from fedit.deploy.traffic import REFERENCE_GROUP, run_header, task_content
+from fedit.deploy.secagg.coordinator import SecureRound
 from fedit.engine.checkpoint import load_global_adapter, round_dir
 from fedit.engine.federation_data import tokenize_heldout, tokenize_pairs_for
 from fedit.engine.heldout import HeldOutSet
@@ -56,57 +47,31 @@ from fedit.engine.rounds import (
     RoundReplies,
     completed_run,
     finished,
-    refuse_in_process_only,
 )
 from fedit.errors import DeployError
 from fedit.models.adapters import attach_lora, get_adapter_state, set_adapter_state
 from fedit.models.loading import load_model, load_tokenizer
-from fedit.server.ranks import client_ranks, shrink
-from fedit.server.selection import clients_per_round
-from fedit.server.sharing import shared_part, with_zero_kept
+from fedit.ops.ranks import client_ranks, shrink
+from fedit.ops.sharing import shared_part, with_zero_kept
+from fedit.protocol import wire
+from fedit.protocol.traffic import REFERENCE_GROUP, run_header, task_content
 from fedit.server.strategies import STRATEGIES
-from fedit.server.validation import Rejection
-from fedit.types import AdapterState, ClientTask
+from fedit.types import AdapterState, ClientTask, Rejection
 
 console = Console(stderr=True)
 CONNECTION = "coordinator"
 
 
-# Per-client tensors the owner keeps itself (SCAFFOLD's c_k): sent by digest, and in full
-# only when the owner answers that it lacks them.
-def check_deployable(cfg: RunConfig) -> None:
-    """What a deployment needs of a config beyond what every run needs."""
-    deploy = cfg.deploy
-    if not deploy.clients:
-        raise ConfigError("deploy.clients: list the data owners' public keys (one file each)")
-    if len(deploy.clients) != cfg.partition.num_clients:
-        raise ConfigError(
-            f"deploy.clients: {len(deploy.clients)} keys, but partition.num_clients is "
-            f"{cfg.partition.num_clients}; they are the same federation"
-        )
-    if cfg.federation.mode != "federated":
-        raise ConfigError(
-            f"federation.mode: {cfg.federation.mode!r} is a baseline, run it as a simulation"
-        )
-    refuse_in_process_only(cfg, "a deployment")
-    if cfg.strategy.lora_aggregation == "exact":
-        raise ConfigError(
-            "strategy.lora_aggregation: 'exact' folds a dense residual into every owner's "
-            "base weights each round (model-sized traffic); deployments use 'separate'"
-        )
-    if cfg.secagg.enabled:
-        fed = cfg.federation
-        if clients_per_round(len(deploy.clients), fed.clients_per_round, fed.fraction) < 2:
-            raise ConfigError(
-                "federation.clients_per_round: secure aggregation needs at least 2 clients a "
-                "round (the sum of one client's update is that update)"
-            )
+def check_roster(deploy: DeployConfig) -> None:
+    """Every data owner's public-key file in deploy.clients exists and loads."""
     for path in deploy.clients:
         if not Path(path).is_file():
             raise ConfigError(f"deploy.clients: {path}: no such file")
         load_public_key_file(Path(path))
 
 
+# Per-client tensors the owner keeps itself (SCAFFOLD's c_k): sent by digest, and in full
+# only when the owner answers that it lacks them.
 RESENT_FOR = ("needs_c_k", "needs_reference")  # owner replies answered by a full resend
 
 
@@ -353,7 +318,8 @@ class CoordinatorSide:
 
 def coordinate(cfg: RunConfig, resume: bool = False, show_progress: bool = True) -> Path:
     """Run the configured federation across machines; the final round's directory."""
-    check_deployable(cfg)
+    rules.check(cfg, "coordinate")
+    check_roster(cfg.deploy)
     done = completed_run(cfg, resume)
     if finished(cfg, done):
         return round_dir(Path(cfg.output_dir), cfg.federation.rounds)

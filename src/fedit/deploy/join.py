@@ -14,9 +14,9 @@ import logging
 import threading
 from pathlib import Path
 
-from fedit.deploy.flower_io import serve_client_tasks
+from fedit.deploy.flower.flower_io import serve_client_tasks
+from fedit.deploy.flower.processes import SuperNode, SuperNodeKeeper, ensure_secret, free_port
 from fedit.deploy.owner import DataOwner, OwnerInputs
-from fedit.deploy.processes import SuperNode, SuperNodeKeeper, ensure_secret, free_port
 
 log = logging.getLogger("fedit.join")
 

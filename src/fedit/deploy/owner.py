@@ -1,9 +1,9 @@
 """A data owner's side of a deployment (`fedit join`): its records, its model, its rounds.
 
 The owner process reads and validates its own records at start, then serves the rounds its
-SuperNode receives (fedit.deploy.flower_io.serve_client_tasks) from this one process, so
+SuperNode receives (fedit.deploy.flower.flower_io.serve_client_tasks) from this one process, so
 the base model is loaded once per run and stays resident. Each round's message is checked
-like any peer's input (fedit.deploy.wire): a task for another base model, a config that does
+like any peer's input (fedit.protocol.wire): a task for another base model, a config that does
 not validate or tensors of the wrong shape are refused with a reason and never trained on.
 Training is fedit.client.session.LocalClient's, the very code the simulation runs, and the
 reply holds the adapter, the record count and scalar metrics only.
@@ -11,7 +11,7 @@ reply holds the adapter, the record count and scalar metrics only.
 SCAFFOLD's c_k lives on the owner (``OwnerState``): the coordinator names the version it
 holds by its sha256 and sends the tensors only when the owner lacks them (a new disk), so
 the per-client state stays on the owner's machine across rounds and restarts. So do the
-error-feedback memories of compressed uploads (fedit.compression.feedback), which never
+error-feedback memories of compressed uploads (fedit.client.feedback), which never
 leave it at all, and local DP's releases (fedit.client.releases): a round asked for again,
 after a restart too, gets the release already made, and the owner logs the ε of the
 releases it counted itself.
@@ -29,30 +29,30 @@ from flwr.app import Message, RecordDict
 from safetensors.torch import load_file, save_file
 
 from fedit.attacks.model import client_attack
+from fedit.client.feedback import FEEDBACK_DIR, client_compressor
 from fedit.client.own_factors import OWN_FACTORS_DIR, own_factors
 from fedit.client.precision import half_precision_frozen_weights
 from fedit.client.releases import RELEASES_DIR, local_releases
 from fedit.client.session import LocalClient
-from fedit.compression.feedback import FEEDBACK_DIR, client_compressor
 from fedit.config import ConfigError, RunConfig, config_from_toml
 from fedit.data.preferences import PreferencePair, read_preferences
 from fedit.data.readers import read_records
 from fedit.data.records import Record
-from fedit.deploy import secagg_wire, wire
-from fedit.deploy.secagg_owner import SecureOwner
-from fedit.deploy.traffic import REFERENCE_GROUP, reply_content
+from fedit.deploy.secagg import stages
+from fedit.deploy.secagg.owner import SecureOwner
 from fedit.engine.federation_data import tokenize_owner_data
 from fedit.engine.run_dir import INPUTS, input_changes
 from fedit.errors import write_atomic
 from fedit.fingerprint import content_hash
 from fedit.models.adapters import attach_lora, get_adapter_state, set_adapter_state
 from fedit.models.loading import base_fingerprint, load_model, load_tokenizer
+from fedit.ops.aggregation import add_scaled, zeros_like
+from fedit.ops.ranks import client_ranks
+from fedit.ops.sharing import shared_part, with_zero_kept
 from fedit.privacy import client_plan
-from fedit.server.aggregation import add_scaled, zeros_like
-from fedit.server.ranks import client_ranks
-from fedit.server.sharing import shared_part, with_zero_kept
-from fedit.server.validation import Rejection
-from fedit.types import AdapterState, ClientTask, ClientUpdate
+from fedit.protocol import wire
+from fedit.protocol.traffic import REFERENCE_GROUP, reply_content
+from fedit.types import AdapterState, ClientTask, ClientUpdate, Rejection
 
 log = logging.getLogger("fedit.join")
 KEPT_VERSIONS = 2  # c_k files per client: the newest, and the one before (a lost reply)
@@ -276,9 +276,9 @@ class DataOwner:
         self.rounds_trained = 0
 
     def handle(self, message: Message) -> RecordDict:
-        """One round, or one stage of a secure round (fedit.deploy.secagg_owner): check the
+        """One round, or one stage of a secure round (fedit.deploy.secagg.owner): check the
         task, train, reply (a refusal is a status reply)."""
-        if message.metadata.message_type in secagg_wire.STAGES:
+        if message.metadata.message_type in stages.STAGES:
             return self.secure.handle(message.metadata.message_type, message.content)
         answer = self.train(message.content, secure=False)
         if isinstance(answer, RecordDict):

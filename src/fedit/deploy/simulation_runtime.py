@@ -4,7 +4,7 @@
 The same two sides as a deployment, on one machine. The ServerApp is the coordinator's:
 ``CoordinatorSide.run_rounds`` (fedit's RoundLoop over a FlowerRunner) on the runtime's
 Grid, so tasks and replies are the deployment's messages, encoded, decoded and checked the
-same way (fedit.deploy.wire). The ClientApp is a data owner's: ``DataOwner.handle`` with a
+same way (fedit.protocol.wire). The ClientApp is a data owner's: ``DataOwner.handle`` with a
 session that holds every client's records, prepared and partitioned the way the
 simulation prepares them (fedit.engine.federation_data.prepare_data), so any Ray worker
 can train any client the task names. Each worker process loads the base model once and
@@ -40,20 +40,20 @@ from flwr.serverapp import Grid, ServerApp
 from rich.console import Console
 
 from fedit.client.session import LocalClient
-from fedit.config import ConfigError, RunConfig, to_toml
-from fedit.deploy import wire
+from fedit.config import ConfigError, RunConfig, rules, to_toml
 from fedit.deploy.coordinator import CoordinatorSide
-from fedit.deploy.flower_io import reply_for
+from fedit.deploy.flower.flower_io import reply_for
 from fedit.deploy.owner import DataOwner, RunSession
-from fedit.deploy.traffic import run_header
 from fedit.engine.checkpoint import round_dir
 from fedit.engine.federation_data import prepare_data
-from fedit.engine.rounds import completed_run, finished, refuse_in_process_only
+from fedit.engine.rounds import completed_run, finished
 from fedit.engine.simulation import local_clients
 from fedit.errors import RunStopped, write_atomic
 from fedit.models.adapters import attach_lora, get_adapter_state, set_adapter_state
 from fedit.models.loading import load_model, load_tokenizer
-from fedit.server.ranks import client_ranks
+from fedit.ops.ranks import client_ranks
+from fedit.protocol import wire
+from fedit.protocol.traffic import run_header
 
 console = Console(stderr=True)
 log = logging.getLogger("fedit.simulate_ray")
@@ -123,39 +123,16 @@ class RayResources:
         return max(1, int(self.cpus_per_client))
 
 
-def check_simulatable(cfg: RunConfig) -> None:
-    """What the simulation runtime needs of a config beyond what every run needs."""
-    if cfg.federation.mode != "federated":
-        raise ConfigError(
-            f"federation.mode: {cfg.federation.mode!r} is a baseline of one client; run it "
-            "with `fedit train`"
-        )
-    if cfg.strategy.lora_aggregation == "exact":
-        raise ConfigError(
-            "strategy.lora_aggregation: 'exact' folds a dense residual into the base weights "
-            "each round, which the runtime's workers (fed as a deployment's owners, with "
-            "adapters only) never receive; use 'separate', or `fedit train`"
-        )
-    if cfg.secagg.enabled:
-        raise ConfigError(
-            "secagg.enabled: the runtime's workers answer any client's messages, so no "
-            "client could keep its secrets from one stage of a secure round to the next, and "
-            "in one machine the coordinator holds every update anyway; run secure "
-            "aggregation with `fedit coordinate`"
-        )
-    refuse_in_process_only(cfg, "the Ray runtime")
-    if importlib.util.find_spec("ray") is None:
-        raise ConfigError(
-            "fedit simulate-ray needs Ray: pip install 'fedit[ray]' (flwr[simulation])"
-        )
-
-
 def simulate_ray(
     cfg: RunConfig, resources: RayResources, resume: bool = False, show_progress: bool = True
 ) -> Path:
     """Run the configured federation under Flower's simulation runtime; the final round's
     directory (the same run directory `fedit train` writes)."""
-    check_simulatable(cfg)
+    rules.check(cfg, "simulate-ray")
+    if importlib.util.find_spec("ray") is None:
+        raise ConfigError(
+            "fedit simulate-ray needs Ray: pip install 'fedit[ray]' (flwr[simulation])"
+        )
     resources.check()
     done = completed_run(cfg, resume)
     if finished(cfg, done):

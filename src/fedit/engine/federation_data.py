@@ -27,7 +27,7 @@ from fedit.data.records import Record
 from fedit.data.templates import render_prompt, response_frame
 from fedit.data.token_store import StoredExamples, TokenStore, pooled
 from fedit.data.tokenize import TokenizedExample, TruncationReport, tokenize_records
-from fedit.server.selection import select_clients
+from fedit.fleet.selection import select_clients
 
 
 @dataclass

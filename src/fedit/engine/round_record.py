@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from fedit.types import Rejection
+
 if TYPE_CHECKING:
     from fedit.engine.rounds import RoundPlan, RoundReplies
     from fedit.server.strategies.base import Strategy
-    from fedit.server.validation import Rejection
 
 
 def round_record(

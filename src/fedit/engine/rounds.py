@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from fedit import attacks
 from fedit.client.trainer import round_learning_rate, steps_per_round
-from fedit.config import ConfigError, RunConfig, TrainConfig
+from fedit.config import ConfigError, RunConfig, TrainConfig, clients_per_round
 from fedit.engine.checkpoint import (
     Checkpoint,
     ClientStateStore,
@@ -46,7 +46,6 @@ from fedit.engine.checkpoint import (
     round_dir,
     save_checkpoint,
 )
-from fedit.engine.devices import round_candidates
 from fedit.engine.federation_data import round_objective
 from fedit.engine.heldout import HeldOutScorer, HeldOutSet
 from fedit.engine.round_record import round_line, round_record
@@ -59,6 +58,8 @@ from fedit.engine.run_dir import (
 )
 from fedit.engine.update_transforms import apply, unseen_part, update_transforms
 from fedit.errors import RunStopped, write_atomic
+from fedit.fleet.devices import round_candidates
+from fedit.fleet.selection import highest_losses
 from fedit.models.adapters import (
     get_adapter_state,
     in_base_layout,
@@ -66,21 +67,19 @@ from fedit.models.adapters import (
     set_adapter_state,
     set_base_residual,
 )
+from fedit.ops.aggregation import add_scaled
+from fedit.ops.ranks import client_ranks, unseen_product
+from fedit.ops.sharing import with_kept
 from fedit.privacy import resolve_plan, selection_seed
 from fedit.seeding import Stream, derive_seed
-from fedit.server.aggregation import add_scaled
 from fedit.server.aggregators import build_aggregator
-from fedit.server.ranks import client_ranks, unseen_product
-from fedit.server.selection import clients_per_round, highest_losses
-from fedit.server.sharing import with_kept
 from fedit.server.strategies import build_strategy
 from fedit.server.validation import (
     AllUpdatesRejectedError,
-    Rejection,
     RoundExpectations,
     validate_updates,
 )
-from fedit.types import AdapterState, ClientTask, ClientUpdate
+from fedit.types import AdapterState, ClientTask, ClientUpdate, Rejection
 
 console = Console(stderr=True)
 
@@ -108,7 +107,7 @@ class RoundPlan:
         """The base residual a client of `rank` must train under, or None where it is
         base_residual. Exact aggregation with mixed ranks: base_residual plus what the
         client's truncated global adapter leaves out of the global merged model
-        (fedit.server.ranks.unseen_product), so that every client starts from that model,
+        (fedit.ops.ranks.unseen_product), so that every client starts from that model,
         W0 + R + s·B·A, and a round in which no client changes anything changes nothing
         (FLoRA's fixed point). The round loop folds the same parts, p-weighted, into R."""
         if self.unseen_scaling is None or rank is None:
@@ -122,7 +121,7 @@ class RoundPlan:
 
 @dataclass
 class SecureAggregate:
-    """All a secure-aggregation round reveals (fedit.deploy.secagg_round): the weighted
+    """All a secure-aggregation round reveals (fedit.deploy.secagg.coordinator): the weighted
     mean Δ = Σ w_k Δ_k / Σ w_k of its surviving clients, not one of their updates."""
 
     delta: AdapterState
@@ -152,7 +151,7 @@ class RoundReplies:
     traffic: dict[int, dict[str, int]] = field(default_factory=dict)
     # secure aggregation: the sum in place of `updates` (checked by its protocol)
     aggregate: SecureAggregate | None = None
-    # [system]: the round's simulated duration (fedit.engine.devices), else None
+    # [system]: the round's simulated duration (fedit.fleet.devices), else None
     simulated_seconds: float | None = None
 
 
@@ -165,23 +164,6 @@ class ClientRunner(Protocol):
 # power_of_choice's question to the candidates: (candidates, global adapter, round index)
 # -> {candidate: its loss on a seeded sample of its records under the global adapter}
 LossProbe = Callable[[list[int], AdapterState, int], dict[int, float]]
-
-
-def refuse_in_process_only(cfg: RunConfig, engine: str) -> None:
-    """Refuse what only `fedit train`'s in-process engine runs, before `engine` (one that
-    reaches its clients as messages) starts: the loss probe of power-of-choice selection,
-    which needs a loss-query message no engine sends yet, and the simulated devices, which
-    stand in for the real ones those engines have."""
-    if cfg.federation.selection == "power_of_choice":
-        raise ConfigError(
-            "federation.selection: 'power_of_choice' needs each candidate's loss before the "
-            f"round, which only `fedit train`'s engine measures, not {engine}; use 'uniform'"
-        )
-    if cfg.system.enabled:
-        raise ConfigError(
-            "system.enabled: simulated devices drop and time clients in `fedit train`'s "
-            f"engine only; {engine} has real ones (deploy.round_timeout is its deadline)"
-        )
 
 
 class TooFewRepliesError(RunStopped):
@@ -260,12 +242,7 @@ class RoundLoop:
         self.base_originals = base_originals  # W0 of weights with a residual, shared
         self.min_replies, self.show_progress = min_replies, show_progress
         self.final_eval = final_eval  # the attack's success after the last round, or None
-        if cfg.federation.selection == "power_of_choice" and loss_probe is None:
-            raise ConfigError(
-                "federation.selection: 'power_of_choice' needs each candidate's loss, which "
-                "only `fedit train`'s engine measures; use 'uniform' here"
-            )
-        self.loss_probe = loss_probe
+        self.loss_probe = loss_probe  # None where fedit.config.rules refuses power_of_choice
         self.strategy = build_strategy(
             cfg.strategy, num_clients, build_aggregator(cfg, num_clients)
         )
@@ -283,7 +260,7 @@ class RoundLoop:
         self.scorer = HeldOutScorer(model, held_out or HeldOutSet(), cfg)
         self.client_state = ClientStateStore([])
         # {client: the last round that aggregated its update}: where its error feedback
-        # continues from (fedit.compression.feedback), rebuilt from the records on resume
+        # continues from (fedit.client.feedback), rebuilt from the records on resume
         self.accepted: dict[int, int] = {}
         # {client: the rounds it was asked to train in}: local DP's releases (PrivacyPlan)
         self.asked: Counter[int] = Counter()

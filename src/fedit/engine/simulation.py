@@ -4,7 +4,7 @@ The rounds are fedit.engine.rounds.RoundLoop's, shared with the deployment engin
 the simulation's own is here: every client's records prepared and tokenised once in this
 process, and ``InProcessRunner``, which trains the round's clients one after the other on
 the one shared model (each a fedit.client.session.LocalClient), drops those its simulated
-devices leave out ([system], fedit.engine.devices) and probes candidates' losses for
+devices leave out ([system], fedit.fleet.devices) and probes candidates' losses for
 power-of-choice selection. Nothing is written to
 output_dir before the config, the data and the model are ready, and --resume continues a
 run only with a config that cannot change the rounds already trained
@@ -39,24 +39,14 @@ from rich.console import Console
 from rich.markup import escape
 
 from fedit.attacks.model import client_attack
+from fedit.client.feedback import FEEDBACK_DIR, client_compressor
 from fedit.client.own_factors import OWN_FACTORS_DIR, own_factors
 from fedit.client.precision import half_precision_frozen_weights
 from fedit.client.releases import RELEASES_DIR, local_releases
 from fedit.client.session import LocalClient
 from fedit.client.trainer import steps_per_round
-from fedit.compression.feedback import FEEDBACK_DIR, client_compressor
-from fedit.config import ConfigError, RunConfig, TrainConfig
-from fedit.deploy.traffic import round_trip_bytes, run_header
-from fedit.deploy.wire import RunHeader, shapes_of
+from fedit.config import RunConfig, TrainConfig, rules
 from fedit.engine.checkpoint import load_checkpoint, round_dir
-from fedit.engine.devices import (
-    Fate,
-    devices,
-    fate,
-    online_clients,
-    round_seconds,
-    transfer_bytes,
-)
 from fedit.engine.federation_data import (
     FederationData,
     centralized_steps,
@@ -67,6 +57,14 @@ from fedit.engine.heldout import HeldOutSet
 from fedit.engine.rounds import RoundLoop, RoundPlan, RoundReplies, completed_run, finished
 from fedit.eval.attack import final_attack_eval
 from fedit.eval.loss import heldout_loss
+from fedit.fleet.devices import (
+    Fate,
+    devices,
+    fate,
+    online_clients,
+    round_seconds,
+    transfer_bytes,
+)
 from fedit.models.adapters import (
     attach_lora,
     require_full_precision_base,
@@ -74,11 +72,12 @@ from fedit.models.adapters import (
     set_base_residual,
 )
 from fedit.models.loading import load_model, load_tokenizer
+from fedit.ops.ranks import client_ranks, rank_shapes
 from fedit.privacy import client_plan
+from fedit.protocol.traffic import round_trip_bytes, run_header
+from fedit.protocol.wire import RunHeader, shapes_of
 from fedit.seeding import Stream, derive_seed
-from fedit.server.ranks import client_ranks, rank_shapes
-from fedit.server.validation import Rejection
-from fedit.types import AdapterState
+from fedit.types import AdapterState, Rejection
 
 console = Console(stderr=True)
 
@@ -101,13 +100,7 @@ class Simulation:
         adapter are ready: a command that fails on bad input leaves the directory as it was.
         """
         cfg = self.cfg
-        if cfg.secagg.enabled:
-            raise ConfigError(
-                "secagg.enabled: secure aggregation hides each update from a coordinator on "
-                "another machine; a simulation trains and aggregates every client in this "
-                "process, so it has nothing to hide: run it with `fedit coordinate`, or "
-                "simulate the same config with secagg.enabled = false"
-            )
+        rules.check(cfg, "train")
         done = completed_run(cfg, resume)
         if finished(cfg, done):
             return round_dir(Path(cfg.output_dir), cfg.federation.rounds)

@@ -9,7 +9,7 @@ trained, whatever it sent beyond that):
      global's own values (Δ = 0 there: it has no such components).
 For aggregation, after validation:
   3. Mixed ranks: each update beyond its client's rank zero-padded, or holding the holders'
-     mean (strategy.rank_aggregation; fedit.server.ranks.for_aggregation).
+     mean (strategy.rank_aggregation; fedit.ops.ranks.for_aggregation).
 ``unseen_part`` is exact aggregation's counterpart with mixed ranks, for the base residual.
 """
 
@@ -22,9 +22,9 @@ from functools import partial
 import torch
 
 from fedit.config import RunConfig
-from fedit.server.aggregation import client_weights
-from fedit.server.ranks import at_rank, for_aggregation, unseen_product
-from fedit.server.sharing import with_kept
+from fedit.ops.aggregation import client_weights
+from fedit.ops.ranks import at_rank, for_aggregation, unseen_product
+from fedit.ops.sharing import with_kept
 from fedit.types import AdapterState, ClientUpdate
 
 # (updates, the round's global adapter) -> the updates as the next step must see them

@@ -10,7 +10,7 @@ sensitivity would be C; fedit does not use it, because it samples a fixed number
 clients, which dp-accounting analyses only under replace-one.
 
 Central mode: each round samples m of the N clients uniformly without replacement (what
-fedit.server.selection does, with a secret seed) and releases the noised sum:
+fedit.fleet.selection does, with a secret seed) and releases the noised sum:
 ``SampledWithoutReplacementDpEvent(N, m, Gaussian(σ/2))`` per round, amplified by the
 sampling (RDP: Wang, Balle & Kasiviswanathan, AISTATS 2019, Theorem 27; PLD: the dominating
 pair derived in fedit.privacy.pld), composed over the rounds done. With m = N there is no

@@ -2,7 +2,7 @@
 
 McMahan et al., "Learning Differentially Private Recurrent Language Models" (ICLR 2018):
 each client's round delta Δ_k = y_k − x is clipped to L2 norm at most C, taken globally
-over all adapter tensors (fedit.server.aggregation.clip_to_norm, the clip the
+over all adapter tensors (fedit.ops.aggregation.clip_to_norm, the clip the
 norm-clipping aggregators use too), and Gaussian noise N(0, σ²C²·I) is added, to the sum
 of the clipped deltas by the server (``dp_mean``, central) or to each clipped delta by its
 client (``local_release``, local). The noise is drawn by ``gaussian_noise`` from a seed that
@@ -19,8 +19,8 @@ from dataclasses import replace
 
 import torch
 
+from fedit.ops.aggregation import add_scaled, clip_to_norm, subtract
 from fedit.seeding import Stream, derive_seed
-from fedit.server.aggregation import add_scaled, clip_to_norm, subtract
 from fedit.types import AdapterState, ClientUpdate
 
 

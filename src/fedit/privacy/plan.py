@@ -7,12 +7,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from fedit.config import ConfigError, RunConfig
-from fedit.engine.devices import round_candidates
+from fedit.config import ConfigError, RunConfig, clients_per_round
+from fedit.fleet.devices import round_candidates
 from fedit.privacy import accountant
 from fedit.privacy.mechanism import noise_seed
 from fedit.seeding import Stream
-from fedit.server.selection import clients_per_round
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ goes on with the rest, and no rejected update touches the global adapter or serv
 What each update must be comes from the coordinator's own knowledge (``RoundExpectations``:
 the global adapter's keys, shapes and dtypes, the round's sampled clients and learning rate,
 the steps a client of n records takes), never from the update itself. The wire decoder
-(fedit.deploy.wire) checks the same structure earlier, as it must to build tensors at all;
+(fedit.protocol.wire) checks the same structure earlier, as it must to build tensors at all;
 these checks hold for updates that never crossed a wire too.
 """
 
@@ -22,25 +22,12 @@ import math
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from fedit.errors import RunStopped
-from fedit.server.aggregation import state_norm, subtract
-from fedit.types import AdapterState, ClientUpdate
-
-
-@dataclass(frozen=True)
-class Rejection:
-    """A client left out of a round's aggregate, and why."""
-
-    client_id: int
-    reason: str
-
-    def as_record(self) -> dict[str, Any]:
-        """The entry under "rejected" in the round's metrics line."""
-        return {"client": self.client_id, "reason": self.reason}
+from fedit.ops.aggregation import state_norm, subtract
+from fedit.types import AdapterState, ClientUpdate, Rejection
 
 
 class AllUpdatesRejectedError(RunStopped):

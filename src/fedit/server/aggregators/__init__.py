@@ -57,7 +57,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from fedit import plugins
-from fedit.config import ConfigError, RunConfig, StrategyConfig
+from fedit.config import ConfigError, RunConfig, StrategyConfig, clients_per_round
 from fedit.privacy.plan import resolve_plan
 from fedit.server.aggregators.base import Aggregator, MeanAggregator
 from fedit.server.aggregators.centered_clip import CenteredClipAggregator
@@ -67,7 +67,6 @@ from fedit.server.aggregators.krum import KrumAggregator, MultiKrumAggregator
 from fedit.server.aggregators.median import MedianAggregator
 from fedit.server.aggregators.robust import RobustAggregator
 from fedit.server.aggregators.trimmed_mean import TrimmedMeanAggregator
-from fedit.server.selection import clients_per_round
 
 AGGREGATORS: dict[str, Callable[[RunConfig, int], Aggregator]] = {}
 # The rules refused with SCAFFOLD and exact LoRA aggregation (see above, and

@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import Tensor
 
-from fedit.server.aggregation import client_deltas, weighted_mean
+from fedit.ops.aggregation import client_deltas, weighted_mean
 from fedit.types import AdapterState, ClientUpdate
 
 

@@ -7,7 +7,7 @@ import statistics
 
 from torch import Tensor
 
-from fedit.server.aggregation import (
+from fedit.ops.aggregation import (
     _check_keys,
     _wide,
     add_prefix,

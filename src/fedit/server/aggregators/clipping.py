@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import statistics
 
-from fedit.server.aggregation import client_deltas, clip_to_norm, state_norm, weighted_mean
+from fedit.ops.aggregation import client_deltas, clip_to_norm, state_norm, weighted_mean
 from fedit.server.aggregators.robust import RobustAggregator, ids
 from fedit.types import AdapterState, ClientUpdate
 

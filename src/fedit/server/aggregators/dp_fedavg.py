@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from fedit.ops.aggregation import clip_to_norm, subtract
 from fedit.privacy.mechanism import dp_mean, gaussian_noise
 from fedit.privacy.plan import PrivacyPlan
 from fedit.seeding import Stream
-from fedit.server.aggregation import clip_to_norm, subtract
 from fedit.server.aggregators.base import Aggregator
 from fedit.types import AdapterState
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fedit.server.aggregation import _check_keys, _wide, client_deltas, weighted_mean
+from fedit.ops.aggregation import _check_keys, _wide, client_deltas, weighted_mean
 from fedit.server.aggregators.robust import RobustAggregator, ids
 from fedit.types import AdapterState, ClientUpdate
 

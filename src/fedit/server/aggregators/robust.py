@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from fedit.errors import RunStopped
-from fedit.server.aggregation import state_norm, subtract
+from fedit.ops.aggregation import state_norm, subtract
 from fedit.server.aggregators.base import Aggregator
 from fedit.types import AdapterState, ClientUpdate
 

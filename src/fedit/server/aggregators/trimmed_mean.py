@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from fedit.server.aggregation import _check_keys, _wide, client_deltas
+from fedit.ops.aggregation import _check_keys, _wide, client_deltas
 from fedit.server.aggregators.robust import RobustAggregator, distances_to
 from fedit.types import AdapterState, ClientUpdate
 

@@ -13,15 +13,15 @@ from typing import Protocol
 from torch import Tensor
 
 from fedit.config import StrategyConfig
-from fedit.server.aggregation import (
+from fedit.ops.aggregation import (
     add_prefix,
     client_weights,
     state_norm,
     subtract,
     take_prefix,
 )
+from fedit.ops.lora_aggregation import fedex_residual, separate_error
 from fedit.server.aggregators import Aggregator, MeanAggregator
-from fedit.server.lora_aggregation import fedex_residual, separate_error
 from fedit.types import AdapterState, ClientInstructions, ClientUpdate
 
 AGGREGATOR_PREFIX = "aggregator"
@@ -42,7 +42,7 @@ class ClientStore(Protocol):
 class Strategy(ABC):
     """Base class. Subclasses are registered with ``fedit.server.strategies.register``.
 
-    LoRA aggregation (``config.lora_aggregation``, see ``fedit.server.lora_aggregation``):
+    LoRA aggregation (``config.lora_aggregation``, see ``fedit.ops.lora_aggregation``):
     in "separate" mode A and B are aggregated like any other tensor. In "exact" mode the
     algorithm still steps A and B as usual, and the FedEx-LoRA residual
     R = Σ_k p_k s·B_k A_k − s·B̄Ā (B̄, Ā the p-weighted means of the clients' factors) is

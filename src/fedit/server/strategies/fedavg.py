@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fedit.server.aggregation import add_scaled, client_weights, weighted_mean
+from fedit.ops.aggregation import add_scaled, client_weights, weighted_mean
 from fedit.server.aggregators import MeanAggregator
 from fedit.server.strategies.base import Strategy
 from fedit.types import AdapterState, ClientUpdate

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from fedit.config import StrategyConfig
-from fedit.server.aggregation import add_prefix, add_scaled, take_prefix, zeros_like
+from fedit.ops.aggregation import add_prefix, add_scaled, take_prefix, zeros_like
 from fedit.server.aggregators import Aggregator
 from fedit.server.strategies.base import Strategy
 from fedit.types import AdapterState, ClientUpdate

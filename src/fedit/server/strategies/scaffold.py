@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from fedit.config import StrategyConfig
-from fedit.server.aggregation import add_prefix, add_scaled, take_prefix, zeros_like
+from fedit.ops.aggregation import add_prefix, add_scaled, take_prefix, zeros_like
 from fedit.server.aggregators import Aggregator
 from fedit.server.strategies.base import ClientStore, Strategy
 from fedit.types import AdapterState, ClientInstructions, ClientUpdate

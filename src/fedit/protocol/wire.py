@@ -30,8 +30,8 @@ from flwr.supercore.inflatable.inflatable_object import (
 from torch import Tensor
 
 from fedit.compression import codecs
-from fedit.server.aggregation import add_scaled
-from fedit.server.ranks import grow, rank_shapes
+from fedit.ops.aggregation import add_scaled
+from fedit.ops.ranks import grow, rank_shapes
 from fedit.server.validation import non_finite_metric
 from fedit.types import AdapterState, ClientInstructions, ClientTask, ClientUpdate
 
@@ -274,7 +274,7 @@ def decode_task(
     type and range, every tensor against `expected_shapes` (the owner's adapter), the run
     header as decode_header checks it. `held`: {group: state_digest} of the tensor groups
     the coordinator left for the owner to fill in from its own state. With mixed LoRA
-    ranks (`ranks`, fedit.server.ranks.client_ranks) the tensors come at the task's
+    ranks (`ranks`, fedit.ops.ranks.client_ranks) the tensors come at the task's
     client's rank and are returned zero-padded to `expected_shapes`."""
     decode_header(content)
     records = _records(content, "task")

@@ -42,8 +42,8 @@ import numpy as np
 import torch
 
 from fedit.config import RunConfig
+from fedit.ops.lora_aggregation import BASE_WEIGHT, LORA_A, LORA_B, lora_pairs
 from fedit.seeding import Stream, derive_seed
-from fedit.server.lora_aggregation import BASE_WEIGHT, LORA_A, LORA_B, lora_pairs
 from fedit.types import AdapterState
 
 

@@ -10,7 +10,7 @@ categories, in its proportions. Three adapters per client:
 - personalised: the global adapter after `steps` more optimizer steps on k's records
   (local fine-tuning, the simplest personalisation; Wang et al. 2019, "Federated
   Evaluation of On-device Personalization"). Under FedSA-LoRA (lora.shared = "A",
-  fedit.server.sharing) it starts from the client's own adapter made during federation,
+  fedit.ops.sharing) it starts from the client's own adapter made during federation,
   (Ā, B_k) with B_k kept on its disk as of its last accepted round, and `steps` may be 0:
   that adapter as the federation left it. There the global adapter is the base model;
 - local-only: a fresh LoRA trained on k's records alone for the steps the `local`
@@ -32,7 +32,7 @@ import torch
 from fedit.client.hooks import make_hook
 from fedit.client.own_factors import OWN_FACTORS_DIR, own_factors
 from fedit.client.trainer import round_learning_rate, steps_per_round, train_client
-from fedit.config import ConfigError, RunConfig
+from fedit.config import ConfigError, RunConfig, rules
 from fedit.data.tokenize import TokenizedExample
 from fedit.engine.checkpoint import (
     accepted_rounds,
@@ -88,7 +88,7 @@ def own_loss(
 
 def personalize(cfg: RunConfig, steps: int, show_progress: bool = False) -> list[ClientScores]:
     """Every client's three scores (see the module docstring), its adapter saved."""
-    check_personalizable(cfg)
+    rules.check(cfg, "personalize")
     out = Path(cfg.output_dir)
     done = completed_rounds(out)
     if not done or done[-1] != cfg.federation.rounds:
@@ -171,22 +171,6 @@ def own_adapter(
             "theirs in their state directory), and personalize reads a simulation's"
         )
     return own.load(round_number, global_state)
-
-
-def check_personalizable(cfg: RunConfig) -> None:
-    """What `fedit personalize` covers: an SFT federation whose adapter holds the model."""
-    if cfg.federation.mode != "federated":
-        raise ConfigError(f"federation.mode: {cfg.federation.mode!r} has no clients to personalise")
-    if cfg.train.objective != "sft":
-        raise ConfigError("train.objective: `fedit personalize` fine-tunes SFT federations only")
-    if cfg.strategy.lora_aggregation == "exact":
-        raise ConfigError(
-            "strategy.lora_aggregation: 'exact' keeps part of the model in a base residual, "
-            "which local fine-tuning from the adapter alone would drop; personalise a "
-            "'separate' run"
-        )
-    if cfg.lora.client_ranks or cfg.lora.rank_tiers:
-        raise ConfigError("lora.client_ranks: personalising mixed-rank clients is not built yet")
 
 
 def report(scores: list[ClientScores]) -> str:

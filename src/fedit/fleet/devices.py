@@ -28,9 +28,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedit.compression.codecs import state_layout
-from fedit.config import RunConfig
+from fedit.config import RunConfig, clients_per_round
+from fedit.fleet.selection import select_clients
 from fedit.seeding import Stream, derive_seed
-from fedit.server.selection import clients_per_round, select_clients
 
 BITS_PER_BYTE = 8
 BITS_PER_MEGABIT = 10**6

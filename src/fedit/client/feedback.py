@@ -19,8 +19,8 @@ import torch
 from fedit.client.store import RoundStore
 from fedit.compression.codecs import decode_state, encode_state
 from fedit.config import CompressionConfig, RunConfig
-from fedit.server.aggregation import add_scaled, subtract
-from fedit.server.ranks import grow, shrink
+from fedit.ops.aggregation import add_scaled, subtract
+from fedit.ops.ranks import grow, shrink
 from fedit.types import AdapterState, ClientTask, ClientUpdate
 
 FEEDBACK_DIR = "feedback"  # under the run directory (simulation) or an owner's state dir
@@ -69,7 +69,7 @@ class UploadCompressor:
     ):
         """`update` as the coordinator will read it: y = x + decode(parts), the parts in
         ``encoded``; the memory of this round saved first. A client of LoRA rank `rank`
-        encodes (and remembers) its own components only (fedit.server.ranks.shrink)."""
+        encodes (and remembers) its own components only (fedit.ops.ranks.shrink)."""
         shapes = {name: tuple(t.shape) for name, t in global_state.items()}
         delta = shrink(subtract(update.state, global_state), rank)
         memory = None

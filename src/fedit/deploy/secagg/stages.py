@@ -4,7 +4,7 @@ Each stage is one message each way with its own message_type; a coordinator mess
 the run header ("run", as every task) and a "secagg" ConfigRecord of the stage's fields;
 the masked-input stage adds the round's usual task records ("global", "round"). A reply
 holds fedit's "status" record and, when "ok", the stage's own records. As in
-fedit.deploy.wire (whose checks these reuse) every field is checked for name, type, length
+fedit.protocol.wire (whose checks these reuse) every field is checked for name, type, length
 and range before it is used, and a WireError names the first that is wrong.
 
 Coordinator → owner, the "secagg" record's fields (besides round and client_id):
@@ -25,8 +25,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.common.constant import SType
 
-from fedit.deploy import secagg
-from fedit.deploy.wire import (
+from fedit.deploy.secagg import crypto
+from fedit.protocol.wire import (
     GLOBAL,
     METRICS,
     NPY_HEADER_ROOM,
@@ -113,7 +113,7 @@ def decode_request(stage: str, content: object) -> Request:
         ids = _ids(get("neighbours", list), "secagg.neighbours")
         fields["neighbours"] = ids
         for name in ("enc_keys", "mask_keys"):
-            fields[name] = _blobs(get(name, list), len(ids), secagg.KEY_BYTES, f"secagg.{name}")
+            fields[name] = _blobs(get(name, list), len(ids), crypto.KEY_BYTES, f"secagg.{name}")
     elif stage == MASKED:
         ids = _ids(get("senders", list), "secagg.senders")
         fields["senders"] = ids
@@ -170,7 +170,7 @@ def decode_reply(stage: str, content: object) -> dict[str, Any] | ReplyStatus:
     get = _reader(record, SECAGG)
     if stage == KEYS:
         return {
-            name: _blob(get(name, bytes), secagg.KEY_BYTES, f"secagg.{name}")
+            name: _blob(get(name, bytes), crypto.KEY_BYTES, f"secagg.{name}")
             for name in REPLY_FIELDS[KEYS]
         }
     if stage == SHARES:
@@ -181,7 +181,7 @@ def decode_reply(stage: str, content: object) -> dict[str, Any] | ReplyStatus:
             "b_digest": _blob(get("b_digest", bytes), DIGEST_BYTES, "secagg.b_digest"),
         }
     return {
-        name: _blobs(get(name, list), None, secagg.SHARE_BYTES, f"secagg.{name}")
+        name: _blobs(get(name, list), None, crypto.SHARE_BYTES, f"secagg.{name}")
         for name in REPLY_FIELDS[UNMASK]
     }
 

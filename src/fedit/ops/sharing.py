@@ -22,7 +22,7 @@ from typing import TypeVar
 import torch
 
 from fedit.config import SHARED_FACTORS
-from fedit.server.lora_aggregation import LORA_A
+from fedit.ops.lora_aggregation import LORA_A
 from fedit.types import AdapterState
 
 V = TypeVar("V")

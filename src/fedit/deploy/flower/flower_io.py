@@ -54,7 +54,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from flwr.superlink.grid.http_grid import HttpGrid
 from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
-from fedit.deploy.processes import FederationError
+from fedit.deploy.flower.processes import FederationError
 
 log = logging.getLogger("fedit.deploy")
 

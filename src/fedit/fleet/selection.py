@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
 
+from fedit.config import clients_per_round
 from fedit.seeding import Stream, derive_seed
-
-
-def clients_per_round(num_clients: int, count: int | None, fraction: float | None) -> int:
-    """A count, or ceil(fraction × clients), or everyone."""
-    if count is not None:
-        return min(count, num_clients)
-    if fraction is not None:
-        return max(1, math.ceil(fraction * num_clients))
-    return num_clients
 
 
 def select_clients(

@@ -14,12 +14,11 @@ import torch
 from flwr.app import RecordDict
 
 from fedit.config import RunConfig, to_toml
-from fedit.deploy import wire
 from fedit.models.loading import base_fingerprint
-from fedit.server.ranks import shrink
-from fedit.server.sharing import shared_part
-from fedit.server.validation import Rejection
-from fedit.types import AdapterState, ClientTask, ClientUpdate
+from fedit.ops.ranks import shrink
+from fedit.ops.sharing import shared_part
+from fedit.protocol import wire
+from fedit.types import AdapterState, ClientTask, ClientUpdate, Rejection
 
 # Per-client tensor groups the owner keeps itself (design §2.6): sent by digest, not in full.
 HELD_BY_OWNER = ("c_k",)
@@ -73,7 +72,7 @@ def reply_content(
 ) -> RecordDict:
     """What an owner replies for a trained round (a non-finite one is a status); mixed
     LoRA ranks: its tensors at the client's `rank` (a compressed update's parts already
-    are, fedit.compression.feedback); FedSA-LoRA (`shared`): its shared factors only."""
+    are, fedit.client.feedback); FedSA-LoRA (`shared`): its shared factors only."""
     if isinstance(answer, Rejection):
         return wire.encode_status("non_finite", answer.reason)
     answer = replace(answer, state=shared_part(answer.state, shared))

@@ -1,7 +1,7 @@
 """Secure aggregation's arithmetic and cryptography (SecAgg+: Bell, Bonawitz, Gascón,
 Lepoint, Raykova, CCS 2020; SecAgg: Bonawitz et al., CCS 2017), without any transport.
 
-Both ends of a secure round (fedit.deploy.secagg_round, fedit.deploy.secagg_owner) use
+Both ends of a secure round (fedit.deploy.secagg.coordinator, fedit.deploy.secagg.owner) use
 these functions only, so what a client masks is exactly what the coordinator unmasks.
 Flower's maintained primitives are reused where they fit
 (``flwr.common.secure_aggregation``: Shamir shares, Fernet encryption, the share plaintext

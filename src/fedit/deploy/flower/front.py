@@ -30,7 +30,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from fedit.deploy.processes import FederationError
+from fedit.deploy.flower.processes import FederationError
 
 FLEET_PATH = re.compile(r"/v1/fleet/[a-z][a-z-]*")
 # a Fleet request carries at most one 5 MiB array chunk (F/common/constant.py

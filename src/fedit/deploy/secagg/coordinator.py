@@ -19,24 +19,22 @@ anything of the round is committed.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from flwr.app import RecordDict
 
-from fedit.deploy import secagg, secagg_wire, wire
-from fedit.deploy.secagg import RoundParams, SecAggError
-from fedit.deploy.secagg_wire import KEYS, MASKED, SHARES, UNMASK
-from fedit.deploy.traffic import task_content
+from fedit.config import RunConfig
+from fedit.deploy.secagg import crypto, stages
+from fedit.deploy.secagg.crypto import RoundParams, SecAggError
+from fedit.deploy.secagg.stages import KEYS, MASKED, SHARES, UNMASK
 from fedit.engine.rounds import RoundPlan, RoundReplies, SecureAggregate
 from fedit.errors import RunStopped
+from fedit.protocol import wire
+from fedit.protocol.traffic import task_content
 from fedit.seeding import Stream, derive_seed
-from fedit.server.validation import Rejection
-from fedit.types import AdapterState, ClientTask
-
-if TYPE_CHECKING:
-    from fedit.deploy.coordinator import FlowerRunner
+from fedit.types import AdapterState, ClientTask, Rejection
 
 STAGE_NAMES = {KEYS: "secagg keys", SHARES: "secagg shares", MASKED: "secagg masked input"}
 STAGE_NAMES[UNMASK] = "secagg unmask"
@@ -54,12 +52,33 @@ class SecureAggregationError(RunStopped):
         )
 
 
+class StageRunner(Protocol):
+    """What a secure round needs of the coordinator's runner (FlowerRunner), declared here
+    so this side never imports the role that drives it: the run's config, adapter shapes
+    and header, and the delivery of one stage's messages to the online clients' nodes."""
+
+    cfg: RunConfig
+    shapes: dict[str, tuple[int, ...]]
+    header: wire.RunHeader
+
+    def deliver(
+        self,
+        contents: dict[int, RecordDict],
+        nodes: dict[int, int],
+        message_type: str,
+        round_number: int,
+        deadline: float,
+        replies: RoundReplies,
+        stage: str = "",
+    ) -> dict[int, RecordDict]: ...
+
+
 class SecureRound:
     """One secure round for the clients of `plan` that are online (`nodes`)."""
 
     def __init__(
         self,
-        runner: FlowerRunner,
+        runner: StageRunner,
         plan: RoundPlan,
         global_state: AdapterState,
         nodes: dict[int, int],
@@ -72,17 +91,17 @@ class SecureRound:
         config = self.cfg.secagg
         self.params = RoundParams(config.bits, config.clip_range, len(plan.tasks))
         self.weighted = self.cfg.strategy.weighting == "examples"
-        self.length = secagg.vector_length(runner.shapes, self.weighted)
+        self.length = crypto.vector_length(runner.shapes, self.weighted)
 
     def run(self, tasks: list[ClientTask], deadline: float) -> RoundReplies:
         """The four stages, the unmasking; `replies` with the aggregate (and who left)."""
         keys = self._keys([t.client_id for t in tasks])
         alive = sorted(keys)
-        degree = secagg.round_degree(self.cfg.secagg.neighbours, len(alive))
-        self.threshold = secagg.round_threshold(self.cfg.secagg.threshold, degree)
+        degree = crypto.round_degree(self.cfg.secagg.neighbours, len(alive))
+        self.threshold = crypto.round_threshold(self.cfg.secagg.threshold, degree)
         self._require(alive, "the keys stage")
         seed = derive_seed(self.cfg.seed, Stream.SECAGG_GRAPH, self.plan.round_index)
-        graph = secagg.neighbours(alive, degree, seed)
+        graph = crypto.neighbours(alive, degree, seed)
         outbox, digests = self._shares(graph, keys)
         self._require(sorted(digests), "the shares stage")
         inputs, masked_with, metrics = self._masked(tasks, graph, outbox, deadline)
@@ -110,13 +129,13 @@ class SecureRound:
 
     def _request(self, stage: str, k: int, **fields) -> RecordDict:
         header = self.runner.header
-        return secagg_wire.encode_request(stage, header, self.round_number, k, **fields)
+        return stages.encode_request(stage, header, self.round_number, k, **fields)
 
     def _decoded(self, stage: str, k: int, content: RecordDict, decode=None) -> object | None:
-        """A reply's fields (`decode`, by default secagg_wire.decode_reply of the stage), or
+        """A reply's fields (`decode`, by default stages.decode_reply of the stage), or
         None with the client listed as rejected."""
         try:
-            answer = decode(content) if decode else secagg_wire.decode_reply(stage, content)
+            answer = decode(content) if decode else stages.decode_reply(stage, content)
         except wire.WireError as err:
             self._reject(k, f"malformed reply: {err}", stage)
             return None
@@ -137,7 +156,7 @@ class SecureRound:
             fields = self._decoded(KEYS, k, content)
             if fields is None:
                 continue
-            if not all(map(secagg.usable_public_key, (fields["enc_key"], fields["mask_key"]))):
+            if not all(map(crypto.usable_public_key, (fields["enc_key"], fields["mask_key"]))):
                 self._reject(k, "malformed reply: secagg: a public key of low order", KEYS)
                 continue
             keys[k] = (fields["enc_key"], fields["mask_key"])
@@ -182,13 +201,13 @@ class SecureRound:
             request = self._request(
                 MASKED, u, senders=senders, ciphertexts=[outbox[v][u] for v in senders]
             )
-            content[secagg_wire.SECAGG] = request[secagg_wire.SECAGG]
+            content[stages.SECAGG] = request[stages.SECAGG]
             contents[u], masked_with[u] = content, senders
         inputs, metrics = {}, {}
         bits, objective = self.params.bits, self.plan.objective
 
         def decode(content):
-            return secagg_wire.decode_masked(content, self.length, bits, objective)
+            return stages.decode_masked(content, self.length, bits, objective)
 
         for u, content in self._stage(MASKED, contents, deadline).items():
             answer = self._decoded(MASKED, u, content, decode)
@@ -234,22 +253,22 @@ class SecureRound:
         bits, length = self.params.bits, self.length
         total = np.zeros(length, dtype=np.uint64)
         for vector in inputs.values():
-            total = secagg.add(total, vector, bits)
+            total = crypto.add(total, vector, bits)
         for u in inputs:
             b = self._rebuild(
-                u, "self mask", b_shares, lambda s, u=u: secagg.digest(s) == digests[u]
+                u, "self mask", b_shares, lambda s, u=u: crypto.digest(s) == digests[u]
             )
-            total = secagg.add(total, secagg.negate(secagg.prg(b, length, bits), bits), bits)
+            total = crypto.add(total, crypto.negate(crypto.prg(b, length, bits), bits), bits)
         for v in self._paired_dropouts(inputs, masked_with):
             secret = self._rebuild(
-                v, "mask key", sk_shares, lambda s, v=v: secagg.mask_key_matches(s, keys[v][1])
+                v, "mask key", sk_shares, lambda s, v=v: crypto.mask_key_matches(s, keys[v][1])
             )
             key = X25519PrivateKey.from_private_bytes(secret)
             for w in inputs:
                 if v in masked_with[w]:
-                    seed = secagg.mask_seed(key, keys[w][1])
-                    mask = secagg.pair_mask(seed, w, v, length, bits)
-                    total = secagg.add(total, secagg.negate(mask, bits), bits)
+                    seed = crypto.mask_seed(key, keys[w][1])
+                    mask = crypto.pair_mask(seed, w, v, length, bits)
+                    total = crypto.add(total, crypto.negate(mask, bits), bits)
         return total
 
     @staticmethod
@@ -264,7 +283,7 @@ class SecureRound:
 
     def _rebuild(self, k: int, what: str, shares: dict[int, list[bytes]], check) -> bytes:
         try:
-            return secagg.rebuild(shares.get(k, []), self.threshold, check)
+            return crypto.rebuild(shares.get(k, []), self.threshold, check)
         except SecAggError as err:
             raise self._error(f"client {k}'s {what} cannot be rebuilt: {err}") from None
 
@@ -281,7 +300,7 @@ class SecureRound:
         most = count * self.cfg.validation.max_examples
         if not count <= weight <= most:
             raise self._error(f"the summed record count {weight} is not in [{count}, {most}]")
-        mean = secagg.dequantise_sum(quantised, params, count) / weight
+        mean = crypto.dequantise_sum(quantised, params, count) / weight
         bound = params.error_bound(count, weight)
         record = {
             "survivors": count,
@@ -294,7 +313,7 @@ class SecureRound:
             "quantisation_error_bound": bound,
         }
         clients = [(k, metrics[k]) for k in sorted(metrics)]
-        delta = secagg.unflatten(mean, self.runner.shapes)
+        delta = crypto.unflatten(mean, self.runner.shapes)
         return SecureAggregate(delta, weight, clients, record)
 
     def _require(self, alive: list[int], where: str) -> None:
