@@ -16,7 +16,8 @@ import torch
 
 from fedit.config import load_config
 from fedit.engine.checkpoint import completed_rounds
-from fedit.engine.rounds import RoundLoop, RoundPlan, RoundReplies, TooFewRepliesError
+from fedit.engine.rounds import RoundLoop, TooFewRepliesError
+from fedit.engine.runner import RoundPlan, RoundReplies
 from fedit.models.adapters import attach_lora, get_adapter_state
 from fedit.models.loading import load_model
 from fedit.types import AdapterState, ClientUpdate, Rejection

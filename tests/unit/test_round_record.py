@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 from fedit.config import TrainConfig
 from fedit.engine.round_record import round_line, round_record
-from fedit.engine.rounds import RoundPlan, RoundReplies
+from fedit.engine.runner import RoundPlan, RoundReplies
 from fedit.types import Rejection
 
 

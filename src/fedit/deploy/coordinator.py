@@ -41,13 +41,8 @@ from fedit.deploy.secagg.coordinator import SecureRound
 from fedit.engine.checkpoint import load_global_adapter, round_dir
 from fedit.engine.federation_data import tokenize_heldout, tokenize_pairs_for
 from fedit.engine.heldout import HeldOutSet
-from fedit.engine.rounds import (
-    RoundLoop,
-    RoundPlan,
-    RoundReplies,
-    completed_run,
-    finished,
-)
+from fedit.engine.rounds import RoundLoop, completed_run, finished
+from fedit.engine.runner import RoundPlan, RoundReplies
 from fedit.errors import DeployError
 from fedit.models.adapters import attach_lora, get_adapter_state, set_adapter_state
 from fedit.models.loading import load_model, load_tokenizer

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from fedit.engine.runner import RoundPlan, RoundReplies
 from fedit.types import Rejection
 
 if TYPE_CHECKING:
-    from fedit.engine.rounds import RoundPlan, RoundReplies
     from fedit.server.strategies.base import Strategy
 
 

@@ -54,7 +54,8 @@ from fedit.engine.federation_data import (
     round_objective,
 )
 from fedit.engine.heldout import HeldOutSet
-from fedit.engine.rounds import RoundLoop, RoundPlan, RoundReplies, completed_run, finished
+from fedit.engine.rounds import RoundLoop, completed_run, finished
+from fedit.engine.runner import RoundPlan, RoundReplies
 from fedit.eval.attack import final_attack_eval
 from fedit.eval.loss import heldout_loss
 from fedit.fleet.devices import (

@@ -19,7 +19,7 @@ strategy aggregates (``for_aggregation``):
   al. 2024) gets by stacking the factors: the same mechanism, no second copy of it. Across
   rounds too: a client's truncated start lacks the components j ≥ r_k of the global
   product, so it trains under its own base weights W0 + R + s·Σ_{j≥r_k} B_j A_j
-  (``unseen_product``; fedit.engine.rounds.RoundPlan.start_residual) and starts from the
+  (``unseen_product``; fedit.engine.runner.RoundPlan.start_residual) and starts from the
   global merged model, and the round folds Σ_k p_k of those parts into R. A round in which
   no client changes anything then leaves the merged model as it was (FLoRA's fixed point;
   before, with ranks 1/2/4 on the tiny model it moved by up to 16% of what the first

@@ -29,7 +29,7 @@ from fedit.config import RunConfig
 from fedit.deploy.secagg import crypto, stages
 from fedit.deploy.secagg.crypto import RoundParams, SecAggError
 from fedit.deploy.secagg.stages import KEYS, MASKED, SHARES, UNMASK
-from fedit.engine.rounds import RoundPlan, RoundReplies, SecureAggregate
+from fedit.engine.runner import RoundPlan, RoundReplies, SecureAggregate
 from fedit.errors import RunStopped
 from fedit.protocol import wire
 from fedit.protocol.traffic import task_content
