@@ -139,6 +139,8 @@ def parse_args() -> argparse.Namespace:
     args.w0_rounds = 2 if args.quick else args.rounds
     args.w0_clients_per_round = 2 if args.quick else args.clients_per_round
     args.before = args.before or git("merge-base", "HEAD", "main")
+    if git("rev-parse", args.before) == git("rev-parse", "HEAD") and "+" not in describe_after():
+        parser.error(f"before ({args.before[:7]}) is this very tree: pass --before REV")
     return args
 
 

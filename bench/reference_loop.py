@@ -38,9 +38,13 @@ from fedit.config import ModelConfig
 from fedit.data.readers import read_records
 from fedit.data.tokenize import tokenize_records
 from fedit.eval.loss import heldout_loss
-from fedit.fleet.selection import select_clients
 from fedit.models.loading import load_model, load_tokenizer
 from fedit.seeding import Stream, derive_seed
+
+try:
+    from fedit.fleet.selection import select_clients
+except ImportError:  # fedit before issue 27's moves, as bench/before_after.py may measure it
+    from fedit.server.selection import select_clients
 
 W1_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "w1"
 SEED, BATCH, LR, CUTOFF = 42, 8, 1.5e-4, 256
