@@ -45,7 +45,7 @@ from fedit.deploy.coordinator import CoordinatorSide
 from fedit.deploy.flower_io import reply_for
 from fedit.deploy.owner import DataOwner, RunSession
 from fedit.deploy.traffic import run_header
-from fedit.engine.assembly import assemble, every_client, local_clients
+from fedit.engine.assembly import assemble, in_process_clients
 from fedit.engine.checkpoint import round_dir
 from fedit.engine.federation_data import prepare_data
 from fedit.engine.rounds import completed_run, finished, refuse_in_process_only
@@ -417,10 +417,9 @@ def _quiet_worker() -> None:
 def worker_session(cfg: RunConfig, state_dir: Path, threads: int) -> RunSession:
     """The run's model and every client's LocalClient on this worker. The data is the
     simulation's (prepare_data of the run config), not an owner's files; the clients keep
-    their own state where the simulation's do (fedit.engine.assembly.local_clients)."""
+    their own state where the simulation's do (in the run directory)."""
     parts = assemble(cfg, prepare_data, threads)
     header = run_header(cfg, parts.model)
-    data, out = parts.data, Path(cfg.output_dir)
-    clients = local_clients(cfg, data.num_clients, parts.pad_id, out, every_client(data))
+    clients = in_process_clients(cfg, parts.data, parts.pad_id)
     state_root = state_dir / header.config_sha256[:12]
     return RunSession(cfg, header, state_root, parts, header.base_fingerprint, clients)

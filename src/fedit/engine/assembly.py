@@ -93,7 +93,14 @@ def heldout_files(cfg: RunConfig, tokenizer: Any) -> HeldOut:
     return held
 
 
-def every_client(data: FederationData) -> Iterator[ClientData]:
+def in_process_clients(cfg: RunConfig, data: FederationData, pad_id: int) -> list[LocalClient]:
+    """Every client of the federation `data` prepared in this process (the simulation's, a
+    Ray worker's), their own state on one disk: the run directory."""
+    clients = _every_client(data)
+    return local_clients(cfg, data.num_clients, pad_id, Path(cfg.output_dir), clients)
+
+
+def _every_client(data: FederationData) -> Iterator[ClientData]:
     """Each client's (id, records, pairs); an objective's data missing is an empty list."""
     for k in range(data.num_clients):
         examples = data.clients[k] if data.clients else []

@@ -46,9 +46,8 @@ from fedit.deploy.traffic import round_trip_bytes, run_header
 from fedit.deploy.wire import RunHeader, shapes_of
 from fedit.engine.assembly import (
     assemble,
-    every_client,
     fix_references,
-    local_clients,
+    in_process_clients,
     reference_after_sft,
     reference_at_start,
 )
@@ -110,8 +109,7 @@ class Simulation:
         parts = assemble(cfg, self._prepare, cfg.train.threads)
         (data, train_cfgs), model, tokenizer = parts.data, parts.model, parts.tokenizer
         base_originals: dict[str, torch.Tensor] = {}  # W0 of weights with a residual
-        out = Path(cfg.output_dir)  # the clients' own disks, in one process
-        clients = local_clients(cfg, data.num_clients, parts.pad_id, out, every_client(data))
+        clients = in_process_clients(cfg, data, parts.pad_id)
         runner = InProcessRunner(cfg, model, clients, base_originals, self.show_progress)
         loop = RoundLoop(
             cfg,
