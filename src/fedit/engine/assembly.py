@@ -21,10 +21,10 @@ from typing import Any, Generic, TypeVar
 import torch
 
 from fedit.attacks.model import client_attack
+from fedit.client.feedback import FEEDBACK_DIR, client_compressor
 from fedit.client.own_factors import OWN_FACTORS_DIR, own_factors
 from fedit.client.releases import RELEASES_DIR, local_releases
 from fedit.client.session import LocalClient
-from fedit.compression.feedback import FEEDBACK_DIR, client_compressor
 from fedit.config import DPOConfig, RunConfig, TrainConfig
 from fedit.data.preferences import TokenizedPair, read_preferences
 from fedit.data.readers import read_records
@@ -32,8 +32,8 @@ from fedit.data.tokenize import TokenizedExample
 from fedit.engine.federation_data import FederationData, tokenize_heldout, tokenize_pairs_for
 from fedit.models.adapters import attach_lora, require_full_precision_base, set_adapter_state
 from fedit.models.loading import load_model, load_tokenizer
+from fedit.ops.ranks import client_ranks
 from fedit.privacy import client_plan
-from fedit.server.ranks import client_ranks
 from fedit.types import AdapterState
 
 D = TypeVar("D")
