@@ -116,7 +116,7 @@ def configs(root: Path, model_dir: Path, strategy: str, **extra: object):
 def owners_for(root: Path, files: list[Path], cfg: RunConfig, tag: str = "") -> list[DataOwner]:
     pairs = bool(cfg.data.preference_path)
     return [
-        DataOwner(
+        DataOwner.joining(
             OwnerInputs(
                 data=files[k] if cfg.data.path else None,
                 preference_data=root / f"pairs_{k}.jsonl" if pairs else None,

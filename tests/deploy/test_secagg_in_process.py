@@ -401,7 +401,8 @@ def test_owners_that_insist_refuse_a_run_without_secure_aggregation(
     _, dep, files, keys = secure_configs(tmp_path, tiny_model_dir)
     plain = replace(dep, secagg=replace(dep.secagg, enabled=False))
     owners = [
-        DataOwner(replace(o.inputs, secure_only=True)) for o in owners_for(tmp_path, files, plain)
+        DataOwner.joining(replace(o.sessions.inputs, secure_only=True))
+        for o in owners_for(tmp_path, files, plain)
     ]
     with pytest.raises(AllUpdatesRejectedError, match="--secure-aggregation-only"):
         deploy_rounds(monkeypatch, plain, SecureLoopback(owners, keys))

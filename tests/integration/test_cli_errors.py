@@ -21,6 +21,7 @@ from safetensors import SafetensorError
 from typer.testing import CliRunner
 
 import fedit.client.session
+import fedit.engine.assembly
 import fedit.engine.checkpoint
 import fedit.engine.simulation
 from fedit.cli.main import app
@@ -31,6 +32,8 @@ LONG = {"instruction": "x" * 400, "context": "", "response": "y", "category": "c
 SHORT = {"instruction": "hi", "context": "", "response": "ok", "category": "c"}
 NO_SPACE = os.strerror(errno.ENOSPC)
 LOADING = ("load_tokenizer", "prepare_data")  # what a config-time refusal never reaches
+# where each is looked up (load_tokenizer, load_model: fedit.engine.assembly's)
+NEVER_IN = {"train_client": fedit.client.session, "prepare_data": fedit.engine.simulation}
 
 
 def train(model_dir: Path, tmp: Path, *raw: str, **extra: object) -> list[str]:
@@ -154,7 +157,7 @@ class Case:
     args: Callable[[Path, Path], list[str]]  # (tiny model dir, tmp dir) -> CLI arguments
     expected: str  # "{tmp}" stands for the tmp dir; whitespace is ignored
     code: int = 2
-    never: tuple[str, ...] = ()  # fedit.engine.simulation functions the run must not reach
+    never: tuple[str, ...] = ()  # functions the run must not reach (see NEVER_IN)
     patch: Callable[[pytest.MonkeyPatch, Path], None] | None = None
 
 
@@ -292,8 +295,7 @@ def test_bad_input_gets_one_clear_line(
         def reached(*args: object, _name: str = name, **kwargs: object) -> None:
             raise AssertionError(f"{_name} ran: the input should have been refused before")
 
-        module = fedit.client.session if name == "train_client" else fedit.engine.simulation
-        monkeypatch.setattr(module, name, reached)
+        monkeypatch.setattr(NEVER_IN.get(name, fedit.engine.assembly), name, reached)
     args = case.args(tiny_model_dir, tmp_path)
     if case.patch is not None:
         case.patch(monkeypatch, tmp_path)

@@ -30,22 +30,20 @@ from rich.console import Console
 from rich.markup import escape
 
 from fedit.config import ConfigError, DeployConfig, RunConfig, rules
-from fedit.data.preferences import read_preferences
-from fedit.data.readers import read_records
 from fedit.deploy.flower.flower_io import ServerRun, acquire_server_run, exchange, online_nodes
 from fedit.deploy.flower.flwr_cli import APP_DIR, register_node, submit_run, write_connection
 from fedit.deploy.flower.front import FleetFront
 from fedit.deploy.flower.processes import SuperLink, ensure_secret, free_port
 from fedit.deploy.pki import load_public_key, load_public_key_file
 from fedit.deploy.secagg.coordinator import SecureRound
+from fedit.engine.assembly import HeldOut, RunParts, assemble, heldout_files, reference_after_sft
 from fedit.engine.checkpoint import load_global_adapter, round_dir
-from fedit.engine.federation_data import tokenize_heldout, tokenize_pairs_for
+from fedit.engine.federation_data import FederationData
 from fedit.engine.heldout import HeldOutSet
 from fedit.engine.rounds import RoundLoop, completed_run, finished
 from fedit.engine.runner import RoundPlan, RoundReplies
 from fedit.errors import DeployError
-from fedit.models.adapters import attach_lora, get_adapter_state, set_adapter_state
-from fedit.models.loading import load_model, load_tokenizer
+from fedit.models.adapters import get_adapter_state, set_adapter_state
 from fedit.ops.ranks import client_ranks, shrink
 from fedit.ops.sharing import shared_part, with_zero_kept
 from fedit.protocol import wire
@@ -146,7 +144,7 @@ class FlowerRunner:
         """The task with what an owner may have lost added: the SFT-end adapter of a
         dpo.reference = "sft" run after its first DPO round (round dpo.sft_rounds' checkpoint)."""
         dpo = self.cfg.dpo
-        if task.objective != "dpo" or dpo.reference != "sft" or dpo.sft_rounds == 0:
+        if task.objective != "dpo" or not reference_after_sft(dpo):
             return task
         if task.round_number == dpo.sft_rounds + 1:  # its global adapter is that model
             return task
@@ -273,18 +271,14 @@ class CoordinatorSide:
 
     @classmethod
     def prepare(cls, cfg: RunConfig) -> CoordinatorSide:
-        if cfg.train.threads:
-            torch.set_num_threads(cfg.train.threads)
-        tokenizer = load_tokenizer(cfg.model)
-        heldout, pairs = [], []
-        if cfg.data.heldout_path:
-            records = read_records(cfg.data.heldout_path, cfg.data.fields)
-            heldout, _ = tokenize_heldout(cfg, tokenizer, records)
-        if cfg.data.heldout_preference_path:
-            raw = read_preferences(cfg.data.heldout_preference_path, cfg.data.preference_format)
-            pairs, _ = tokenize_pairs_for(cfg, tokenizer, raw)
-        model = attach_lora(load_model(cfg.model), cfg.lora, cfg.seed)
-        return cls(model, heldout, pairs, tokenizer.pad_token_id, run_header(cfg, model))
+        """A deployment's coordinator: it evaluates on its own held-out files."""
+        return cls.of(cfg, assemble(cfg, heldout_files, cfg.train.threads))
+
+    @classmethod
+    def of(cls, cfg: RunConfig, parts: RunParts[HeldOut | FederationData]) -> CoordinatorSide:
+        """The side of the run `parts` assembled (its data: the held-out sets)."""
+        held, model = parts.data, parts.model
+        return cls(model, held.heldout, held.heldout_pairs, parts.pad_id, run_header(cfg, model))
 
     def run_rounds(
         self, cfg: RunConfig, run: ServerRun, done: int, show_progress: bool, nodes_by_client=None

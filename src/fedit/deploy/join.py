@@ -33,7 +33,7 @@ def join_federation(
 ) -> None:
     """Serve this owner's rounds until the process is stopped or `stop` is set (or the
     SuperNode fails for good, which is raised)."""
-    owner = DataOwner(inputs)
+    owner = DataOwner.joining(inputs)
     node_dir = inputs.state_dir / "node"
     node_dir.mkdir(parents=True, exist_ok=True)
     secret = ensure_secret(node_dir / "superexec.secret")

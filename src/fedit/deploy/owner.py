@@ -21,18 +21,15 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
-import torch
 from flwr.app import Message, RecordDict
 from safetensors.torch import load_file, save_file
 
-from fedit.attacks.model import client_attack
-from fedit.client.feedback import FEEDBACK_DIR, client_compressor
-from fedit.client.own_factors import OWN_FACTORS_DIR, own_factors
 from fedit.client.precision import half_precision_frozen_weights
-from fedit.client.releases import RELEASES_DIR, local_releases
 from fedit.client.session import LocalClient
 from fedit.config import ConfigError, RunConfig, config_from_toml
 from fedit.data.preferences import PreferencePair, read_preferences
@@ -40,16 +37,22 @@ from fedit.data.readers import read_records
 from fedit.data.records import Record
 from fedit.deploy.secagg import stages
 from fedit.deploy.secagg.owner import SecureOwner
+from fedit.engine.assembly import (
+    RunParts,
+    assemble,
+    fix_references,
+    local_clients,
+    reference_at_start,
+)
 from fedit.engine.federation_data import tokenize_owner_data
 from fedit.engine.run_dir import INPUTS, input_changes
 from fedit.errors import write_atomic
 from fedit.fingerprint import content_hash
-from fedit.models.adapters import attach_lora, get_adapter_state, set_adapter_state
-from fedit.models.loading import base_fingerprint, load_model, load_tokenizer
+from fedit.models.adapters import get_adapter_state
+from fedit.models.loading import base_fingerprint
 from fedit.ops.aggregation import add_scaled, zeros_like
 from fedit.ops.ranks import client_ranks
 from fedit.ops.sharing import shared_part, with_zero_kept
-from fedit.privacy import client_plan
 from fedit.protocol import wire
 from fedit.protocol.traffic import REFERENCE_GROUP, reply_content
 from fedit.types import AdapterState, ClientTask, ClientUpdate, Rejection
@@ -108,61 +111,65 @@ class OwnerState:
 
 
 class RunSession:
-    """What the owner holds for one run: the run's config (with this owner's files), the
-    base model with its adapter, the records and the LocalClient (the records tokenised
-    once the first task names the owner's client id)."""
+    """What an owner holds for one run: the run's config, the base model with its adapter
+    (and the starting adapter, a fixed π_ref's), and its clients. A deployed owner's
+    (``joining``) is one client, its records tokenised once the first task names its id; a
+    Ray worker's (fedit.deploy.simulation_runtime) holds every client, prepared as the
+    simulation prepares them. Both are built by this constructor."""
 
     def __init__(
         self,
+        cfg: RunConfig,
+        header: wire.RunHeader,
+        state_root: Path,
+        parts: RunParts,
+        fingerprint: str,
+        clients: list[LocalClient],
+        own_data: tuple[Sequence[Record], Sequence[PreferencePair]] | None = None,
+    ) -> None:
+        self.cfg, self.header, self.state_root = cfg, header, state_root
+        self.tokenizer, self.model, self.pad_id = parts.tokenizer, parts.model, parts.pad_id
+        self.fingerprint = fingerprint  # of the base model as loaded here
+        self.start_adapter = {k: v.clone() for k, v in get_adapter_state(self.model).items()}
+        self.shapes = wire.shapes_of(self.start_adapter)
+        self.ranks = client_ranks(cfg, cfg.partition.num_clients)  # mixed LoRA ranks, or None
+        self.clients = {client.client_id: client for client in clients}
+        self.own_data = own_data  # a deployed owner's records and pairs, not yet tokenised
+
+    @classmethod
+    def joining(
+        cls,
         inputs: OwnerInputs,
         header: wire.RunHeader,
-        records,
-        pairs,
+        records: Sequence[Record],
+        pairs: Sequence[PreferencePair],
         fingerprints: dict[str, dict[str, str]],
-    ) -> None:
-        self.cfg = owner_config(header.config_toml, inputs)
-        self.state_root = inputs.state_dir / header.config_sha256[:12]
-        check_own_inputs(self.state_root, fingerprints)  # before the model: a refusal is cheap
-        if inputs.threads:
-            torch.set_num_threads(inputs.threads)
-        self.tokenizer = load_tokenizer(self.cfg.model)
-        self.records, self.raw_pairs = records, pairs
-        self.model = attach_lora(load_model(self.cfg.model), self.cfg.lora, self.cfg.seed)
-        self.fingerprint = base_fingerprint(self.model)
-        self.shapes = wire.shapes_of(get_adapter_state(self.model))
-        self.header = header
-        self.client: LocalClient | None = None  # built once the first task names our id
-        self.ranks = client_ranks(self.cfg, self.cfg.partition.num_clients)  # or None
-        self.pad_id = self.tokenizer.pad_token_id
+    ) -> RunSession:
+        """A deployed owner's session of the run `header` names, with its own files."""
+        cfg = owner_config(header.config_toml, inputs)
+        state_root = inputs.state_dir / header.config_sha256[:12]
+        check_own_inputs(state_root, fingerprints)  # before the model: a refusal is cheap
+        parts = assemble(cfg, threads=inputs.threads)
+        fingerprint = base_fingerprint(parts.model)
+        return cls(cfg, header, state_root, parts, fingerprint, [], (records, pairs))
 
     def client_for(self, client_id: int) -> LocalClient:
-        if self.client is None:
-            # partition.num_clients is the roster's size (fedit.deploy.coordinator checks)
-            cfg, n = self.cfg, self.cfg.partition.num_clients
-            if not 0 <= client_id < n:
-                raise wire.WireError(f"round.client_id: {client_id}, the run has {n} clients")
+        # partition.num_clients is the roster's size (fedit.deploy.coordinator checks)
+        n = self.cfg.partition.num_clients
+        if not 0 <= client_id < n:
+            raise wire.WireError(f"round.client_id: {client_id}, the run has {n} clients")
+        if self.own_data is not None and not self.clients:
             # Tokenised once the first task names this owner's id: a data attack needs it.
             examples, pairs = tokenize_owner_data(
-                cfg, self.tokenizer, self.records, self.raw_pairs, client_id
+                self.cfg, self.tokenizer, *self.own_data, client_id
             )
-            self.client = LocalClient(
-                client_id,
-                examples,
-                pairs,
-                self.pad_id,
-                cfg.dpo,
-                privacy=client_plan(cfg, n),
-                attack=client_attack(cfg, client_id, n),
-                compressor=client_compressor(cfg, client_id, self.state_root / FEEDBACK_DIR),
-                own=own_factors(cfg, client_id, self.state_root / OWN_FACTORS_DIR),
-                rank=None if self.ranks is None else self.ranks[client_id],
-                releases=local_releases(cfg, client_id, self.state_root / RELEASES_DIR),
-            )
-        if self.client.client_id != client_id:
-            raise wire.WireError(
-                f"round.client_id: {client_id}, but this owner is client {self.client.client_id}"
-            )
-        return self.client
+            data = [(client_id, examples, pairs)]
+            [client] = local_clients(self.cfg, n, self.pad_id, self.state_root, data)
+            self.clients[client_id] = client
+        if client_id not in self.clients:
+            only = next(iter(self.clients))
+            raise wire.WireError(f"round.client_id: {client_id}, but this owner is client {only}")
+        return self.clients[client_id]
 
     def fix_reference(
         self,
@@ -178,15 +185,14 @@ class RunSession:
         was not `sent` the SFT-end adapter.
 
         "base" (and "sft" of a run without SFT rounds: the starting model, W0) come from the
-        model as loaded; "sft" from the global adapter of the first DPO round (the SFT-end
-        model), kept in `directory` so a restarted owner has it."""
-        dpo, model = self.cfg.dpo, self.model
+        model under its starting adapter (a Ray worker may have trained other clients since
+        it loaded the model); "sft" from the global adapter of the first DPO round (the
+        SFT-end model), kept in `directory` so a restarted owner has it."""
+        dpo, model, train_cfg = self.cfg.dpo, self.model, self.cfg.train
         if client.reference is not None or dpo.reference == "round_start":
             return True
-        if dpo.reference == "base" or dpo.sft_rounds == 0:
-            # Before any training in this process (a DPO round computes it first): the
-            # adapter is still the starting one, and "base" disables it anyway.
-            client.compute_reference(model, self.cfg.train)
+        if reference_at_start(dpo):
+            fix_references([client], model, train_cfg, self.start_adapter)
             return True
         path = directory / REFERENCE_FILE
         if path.is_file():
@@ -197,8 +203,7 @@ class RunSession:
         start = global_state if task.round_number == dpo.sft_rounds + 1 else sent
         if start is None:
             return False
-        set_adapter_state(model, start)
-        client.compute_reference(model, self.cfg.train)
+        fix_references([client], model, train_cfg, start)
         directory.mkdir(parents=True, exist_ok=True)
         save_file({"logps": client.reference}, directory / f".tmp-{REFERENCE_FILE}")
         (directory / f".tmp-{REFERENCE_FILE}").replace(path)
@@ -250,16 +255,24 @@ def _toml_path(path: Path | str | None) -> str:
     return "" if path is None else str(path).replace("\\", "\\\\").replace('"', '\\"')
 
 
-class DataOwner:
-    """Serves a data owner's rounds; ``handle`` is the executor's message handler."""
+class Sessions(Protocol):
+    """Where a DataOwner's run sessions come from: ``session_for`` gives the session of the
+    run a task's header names (loading the base model when it has none for that run)."""
 
-    secure_only = False  # OwnerInputs.secure_only
+    session: RunSession | None
+    model_loads: int
+
+    def session_for(self, header: wire.RunHeader) -> RunSession: ...
+
+
+class OwnerFiles:
+    """A deployed owner's sessions: from its own files, read and validated at start, one run
+    at a time (a task of another run's config replaces the session)."""
 
     def __init__(self, inputs: OwnerInputs) -> None:
         if inputs.data is None and inputs.preference_data is None:
             raise ConfigError("a data owner needs --data (records) or --preference-data")
         self.inputs = inputs
-        self.secure_only = inputs.secure_only
         # Read and validated now, so a bad file is reported before joining anything.
         self.records: list[Record] = (
             read_records(str(inputs.data), inputs.fields) if inputs.data else []
@@ -271,9 +284,47 @@ class DataOwner:
         )
         self.fingerprints = own_fingerprints(inputs)  # of the files as just read
         self.session: RunSession | None = None
-        self.secure = SecureOwner(self)  # secure aggregation's per-round secrets
         self.model_loads = 0
+
+    def session_for(self, header: wire.RunHeader) -> RunSession:
+        """The run's session, built (and the model loaded) on the run's first task."""
+        session = self.session
+        if session is None or session.header.config_sha256 != header.config_sha256:
+            self.session = session = None  # release the old run's model first
+            session = RunSession.joining(
+                self.inputs, header, self.records, self.pairs, self.fingerprints
+            )
+            self.model_loads += 1
+            log.info("base model loads: %d", self.model_loads)
+            self.session = session
+        return session
+
+
+class DataOwner:
+    """Serves a data owner's rounds; ``handle`` is the executor's message handler. Its
+    sessions are a deployed owner's own files (``joining``), or a Ray worker's preparation
+    of every client (fedit.deploy.simulation_runtime, which holds a DataOwner: both are
+    built by this constructor)."""
+
+    def __init__(self, sessions: Sessions, secure_only: bool = False) -> None:
+        self.sessions = sessions
+        # refuse every run whose config does not enable secure aggregation (OwnerInputs)
+        self.secure_only = secure_only
+        self.secure = SecureOwner(self)  # secure aggregation's per-round secrets
         self.rounds_trained = 0
+
+    @classmethod
+    def joining(cls, inputs: OwnerInputs) -> DataOwner:
+        """The owner `fedit join` serves: its own files."""
+        return cls(OwnerFiles(inputs), inputs.secure_only)
+
+    @property
+    def session(self) -> RunSession | None:
+        return self.sessions.session
+
+    @property
+    def model_loads(self) -> int:
+        return self.sessions.model_loads
 
     def handle(self, message: Message) -> RecordDict:
         """One round, or one stage of a secure round (fedit.deploy.secagg.owner): check the
@@ -352,14 +403,8 @@ class DataOwner:
         return update
 
     def session_for(self, header: wire.RunHeader) -> RunSession:
-        """The run's session, built (and the model loaded) on the run's first task."""
-        session = self.session
-        if session is None or session.header.config_sha256 != header.config_sha256:
-            self.session = session = None  # release the old run's model first
-            session = RunSession(self.inputs, header, self.records, self.pairs, self.fingerprints)
-            self.model_loads += 1
-            log.info("base model loads: %d", self.model_loads)
-            self.session = session
+        """The run's session, refused when its base model is not the coordinator's."""
+        session = self.sessions.session_for(header)
         if header.base_fingerprint != session.fingerprint:
             raise wire.WireError(
                 "run.base_fingerprint: the coordinator's base model differs from this "

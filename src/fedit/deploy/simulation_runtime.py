@@ -34,24 +34,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import Context, Message
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from rich.console import Console
 
-from fedit.client.session import LocalClient
 from fedit.config import ConfigError, RunConfig, rules, to_toml
 from fedit.deploy.coordinator import CoordinatorSide
 from fedit.deploy.flower.flower_io import reply_for
 from fedit.deploy.owner import DataOwner, RunSession
+from fedit.engine.assembly import assemble, in_process_clients
 from fedit.engine.checkpoint import round_dir
 from fedit.engine.federation_data import prepare_data
 from fedit.engine.rounds import completed_run, finished
-from fedit.engine.simulation import local_clients
 from fedit.errors import RunStopped, write_atomic
-from fedit.models.adapters import attach_lora, get_adapter_state, set_adapter_state
-from fedit.models.loading import load_model, load_tokenizer
-from fedit.ops.ranks import client_ranks
 from fedit.protocol import wire
 from fedit.protocol.traffic import run_header
 
@@ -184,13 +180,8 @@ def _cause(err: BaseException) -> str:
 
 def _coordinator_side(cfg: RunConfig) -> tuple[CoordinatorSide, int]:
     """The coordinator's model and held-out sets, as the simulation prepares them."""
-    tokenizer = load_tokenizer(cfg.model)
-    data = prepare_data(cfg, tokenizer)
-    model = attach_lora(load_model(cfg.model), cfg.lora, cfg.seed)
-    side = CoordinatorSide(
-        model, data.heldout, data.heldout_pairs, tokenizer.pad_token_id, run_header(cfg, model)
-    )
-    return side, data.num_clients
+    parts = assemble(cfg, prepare_data)
+    return CoordinatorSide.of(cfg, parts), parts.data.num_clients
 
 
 class _Server:
@@ -340,42 +331,53 @@ class ClientSide:
         return reply
 
 
-class RuntimeOwners(DataOwner):
-    """A DataOwner for every client at once: its session holds all clients' records (the
-    simulation's preparation of the run's data), its per-client state is kept under
-    <output_dir>/federation/state/, shared by the workers on this box. Deployment
-    owners read their own files instead (DataOwner.__init__, not called here)."""
+class RuntimeOwners:
+    """Every client's data owner on this worker: a DataOwner (a deployed owner's task
+    handling, built by its constructor) whose sessions hold all clients' records (the
+    simulation's preparation of the run's data), their per-client state kept under
+    <output_dir>/federation/state/, shared by the workers on this box."""
 
     def __init__(self, cfg: RunConfig, threads: int) -> None:
-        self.cfg, self.threads = cfg, threads
-        self.session: RunSession | None = None
-        self.model_loads = 0
-        self.rounds_trained = 0
+        self.owner = DataOwner(WorkerSessions(cfg, threads))
         self.messages = 0
         self.record_path = (
             Path(cfg.output_dir) / FEDERATION_DIR / WORKERS_DIR / f"{os.getpid()}.json"
         )
 
-    def session_for(self, header: wire.RunHeader) -> RunSession:
-        """The run's session (the model loaded on the first task), then DataOwner's check
-        of the base model. A task of another config is refused: this worker's records are
-        prepared for its own."""
-        if self.session is None:
-            _quiet_worker()
-            torch.set_num_threads(self.threads)
-            state_dir = Path(self.cfg.output_dir) / FEDERATION_DIR / STATE_DIR
-            self.session = RuntimeSession(self.cfg, state_dir)
-            self.model_loads += 1
-            log.info("worker %d: base model loads: %d", os.getpid(), self.model_loads)
-        if header.config_sha256 != self.session.header.config_sha256:
-            raise wire.WireError("run.config_sha256: not the config this worker prepared")
-        return super().session_for(header)
+    def handle(self, message: Message) -> RecordDict:
+        return self.owner.handle(message)
+
+    @property
+    def model_loads(self) -> int:
+        return self.owner.model_loads
 
     def record(self) -> None:
         """This worker's counts, for the driver's report (and the tests)."""
         self.record_path.parent.mkdir(parents=True, exist_ok=True)
         counts = {"pid": os.getpid(), "model_loads": self.model_loads, "messages": self.messages}
         write_atomic(self.record_path, json.dumps(counts))
+
+
+class WorkerSessions:
+    """A Ray worker's session: its one run's, built on the first task (the model loaded
+    once). A task of another config is refused: this worker's records are prepared for
+    its own."""
+
+    def __init__(self, cfg: RunConfig, threads: int) -> None:
+        self.cfg, self.threads = cfg, threads
+        self.session: RunSession | None = None
+        self.model_loads = 0
+
+    def session_for(self, header: wire.RunHeader) -> RunSession:
+        if self.session is None:
+            _quiet_worker()
+            state_dir = Path(self.cfg.output_dir) / FEDERATION_DIR / STATE_DIR
+            self.session = worker_session(self.cfg, state_dir, self.threads)
+            self.model_loads += 1
+            log.info("worker %d: base model loads: %d", os.getpid(), self.model_loads)
+        if header.config_sha256 != self.session.header.config_sha256:
+            raise wire.WireError("run.config_sha256: not the config this worker prepared")
+        return self.session
 
 
 def _quiet_worker() -> None:
@@ -389,35 +391,12 @@ def _quiet_worker() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
 
 
-class RuntimeSession(RunSession):
+def worker_session(cfg: RunConfig, state_dir: Path, threads: int) -> RunSession:
     """The run's model and every client's LocalClient on this worker. The data is the
-    simulation's (prepare_data of the run config), not an owner's files, so RunSession's
-    own constructor (which tokenises one owner's records) is not called."""
-
-    def __init__(self, cfg: RunConfig, state_dir: Path) -> None:
-        self.cfg = cfg
-        tokenizer = load_tokenizer(cfg.model)
-        data = prepare_data(cfg, tokenizer)
-        self.model = attach_lora(load_model(cfg.model), cfg.lora, cfg.seed)
-        self.start_adapter = {k: v.clone() for k, v in get_adapter_state(self.model).items()}
-        self.header = run_header(cfg, self.model)
-        self.fingerprint = self.header.base_fingerprint
-        self.shapes = wire.shapes_of(self.start_adapter)
-        self.state_root = state_dir / self.header.config_sha256[:12]
-        self.pad_id = tokenizer.pad_token_id
-        self.clients = local_clients(cfg, data, self.pad_id)
-        self.ranks = client_ranks(cfg, len(self.clients))  # mixed LoRA ranks, or None
-
-    def client_for(self, client_id: int) -> LocalClient:
-        if not 0 <= client_id < len(self.clients):
-            raise wire.WireError(f"round.client_id: {client_id}, not a client of this run")
-        return self.clients[client_id]
-
-    def fix_reference(self, client, task, global_state, sent, directory) -> bool:
-        """RunSession's, with the starting adapter put back first where the reference is
-        the starting model (dpo.reference = "sft" without SFT rounds): unlike an owner's,
-        this worker may have trained other clients since it loaded the model."""
-        dpo = self.cfg.dpo
-        if client.reference is None and dpo.reference == "sft" and dpo.sft_rounds == 0:
-            set_adapter_state(self.model, self.start_adapter)
-        return super().fix_reference(client, task, global_state, sent, directory)
+    simulation's (prepare_data of the run config), not an owner's files; the clients keep
+    their own state where the simulation's do (in the run directory)."""
+    parts = assemble(cfg, prepare_data, threads)
+    header = run_header(cfg, parts.model)
+    clients = in_process_clients(cfg, parts.data, parts.pad_id)
+    state_root = state_dir / header.config_sha256[:12]
+    return RunSession(cfg, header, state_root, parts, header.base_fingerprint, clients)

@@ -38,14 +38,17 @@ import torch
 from rich.console import Console
 from rich.markup import escape
 
-from fedit.attacks.model import client_attack
-from fedit.client.feedback import FEEDBACK_DIR, client_compressor
-from fedit.client.own_factors import OWN_FACTORS_DIR, own_factors
 from fedit.client.precision import half_precision_frozen_weights
-from fedit.client.releases import RELEASES_DIR, local_releases
 from fedit.client.session import LocalClient
 from fedit.client.trainer import steps_per_round
 from fedit.config import RunConfig, TrainConfig, rules
+from fedit.engine.assembly import (
+    assemble,
+    fix_references,
+    in_process_clients,
+    reference_after_sft,
+    reference_at_start,
+)
 from fedit.engine.checkpoint import load_checkpoint, round_dir
 from fedit.engine.federation_data import (
     FederationData,
@@ -67,14 +70,10 @@ from fedit.fleet.devices import (
     transfer_bytes,
 )
 from fedit.models.adapters import (
-    attach_lora,
-    require_full_precision_base,
     set_adapter_state,
     set_base_residual,
 )
-from fedit.models.loading import load_model, load_tokenizer
-from fedit.ops.ranks import client_ranks, rank_shapes
-from fedit.privacy import client_plan
+from fedit.ops.ranks import rank_shapes
 from fedit.protocol.traffic import round_trip_bytes, run_header
 from fedit.protocol.wire import RunHeader, shapes_of
 from fedit.seeding import Stream, derive_seed
@@ -105,17 +104,10 @@ class Simulation:
         done = completed_run(cfg, resume)
         if finished(cfg, done):
             return round_dir(Path(cfg.output_dir), cfg.federation.rounds)
-        if cfg.train.threads:
-            torch.set_num_threads(cfg.train.threads)
-        tokenizer = load_tokenizer(cfg.model)
-        data = prepare_data(cfg, tokenizer)
-        self._describe(data)
-        train_cfgs = self._train_configs(data)
-        model = attach_lora(load_model(cfg.model), cfg.lora, cfg.seed)
-        if cfg.strategy.lora_aggregation == "exact":  # "auto" may have resolved to half
-            require_full_precision_base(model)
+        parts = assemble(cfg, self._prepare, cfg.train.threads)
+        (data, train_cfgs), model, tokenizer = parts.data, parts.model, parts.tokenizer
         base_originals: dict[str, torch.Tensor] = {}  # W0 of weights with a residual
-        clients = local_clients(cfg, data, tokenizer.pad_token_id)
+        clients = in_process_clients(cfg, data, parts.pad_id)
         runner = InProcessRunner(cfg, model, clients, base_originals, self.show_progress)
         loop = RoundLoop(
             cfg,
@@ -124,7 +116,7 @@ class Simulation:
             num_clients=data.num_clients,
             train_cfgs=train_cfgs,
             base_originals=base_originals,
-            held_out=HeldOutSet(data.heldout, data.heldout_pairs, tokenizer.pad_token_id),
+            held_out=HeldOutSet(data.heldout, data.heldout_pairs, parts.pad_id),
             show_progress=self.show_progress,
             final_eval=final_attack_eval(cfg, tokenizer, data.heldout_records)
             if self.score_attack
@@ -134,6 +126,13 @@ class Simulation:
         # Before the loop restores (and folds) any exact-aggregation residual: π_ref = W0.
         runner.fix_references_at_start(train_cfgs)
         return loop.run(done)
+
+    def _prepare(self, cfg: RunConfig, tokenizer) -> tuple[FederationData, dict[str, TrainConfig]]:
+        """Every client's data, described, and the train config of each objective (before
+        the model is loaded: a run refused for its data costs no model load)."""
+        data = prepare_data(cfg, tokenizer)
+        self._describe(data)
+        return data, self._train_configs(data)
 
     def _describe(self, data: FederationData) -> None:
         cfg = self.cfg
@@ -169,38 +168,6 @@ class Simulation:
                 steps = centralized_steps(cfg, sizes, rounds)
                 configs[objective] = replace(cfg.train, max_steps=steps)
         return configs
-
-
-def local_clients(cfg: RunConfig, data: FederationData, pad_id: int) -> list[LocalClient]:
-    """Every client of the run as a LocalClient, with local DP's plan, its attack and its
-    upload compressor."""
-    privacy, n = client_plan(cfg, data.num_clients), data.num_clients
-    out = Path(cfg.output_dir)  # the clients' own disks, in one process
-    ranks = client_ranks(cfg, n)
-    return [
-        LocalClient(
-            k,
-            examples,
-            pairs,
-            pad_id,
-            cfg.dpo,
-            privacy=privacy,
-            attack=client_attack(cfg, k, n),
-            compressor=client_compressor(cfg, k, out / FEEDBACK_DIR),
-            own=own_factors(cfg, k, out / OWN_FACTORS_DIR),
-            rank=None if ranks is None else ranks[k],
-            releases=local_releases(cfg, k, out / RELEASES_DIR),
-        )
-        for k, (examples, pairs) in enumerate(client_data(data))
-    ]
-
-
-def client_data(data: FederationData):
-    """(records, pairs) of each client; an objective's data missing is an empty list."""
-    for k in range(data.num_clients):
-        examples = data.clients[k] if data.clients else []
-        pairs = data.pair_clients[k] if data.pair_clients else []
-        yield examples, pairs
 
 
 class InProcessRunner:
@@ -329,9 +296,7 @@ class InProcessRunner:
         """DPO π_ref log-probs of every client's pairs that are fixed from the start: "base"
         (W0: computed before any exact-aggregation residual is folded in, as the held-out
         reference is) and "sft" in a pure DPO run (its starting model, B = 0, also W0)."""
-        dpo = self.cfg.dpo
-        fixed = dpo.reference == "base" or (dpo.reference == "sft" and dpo.sft_rounds == 0)
-        if self.cfg.train.objective == "sft" or not fixed:
+        if self.cfg.train.objective == "sft" or not reference_at_start(self.cfg.dpo):
             return
         self._compute_references(train_cfgs["dpo"])
 
@@ -340,12 +305,12 @@ class InProcessRunner:
         global model after them. In round sft_rounds + 1 the global adapter is that model;
         a run resumed later loads round sft_rounds' checkpoint (adapter and residual) for
         the pass, then restores the present."""
-        if plan.objective != "dpo" or self.cfg.dpo.reference != "sft" or self.references_fixed:
+        dpo = self.cfg.dpo
+        if plan.objective != "dpo" or not reference_after_sft(dpo) or self.references_fixed:
             return
-        sft_end, model = self.cfg.dpo.sft_rounds, self.model
+        sft_end, model = dpo.sft_rounds, self.model
         if plan.round_index == sft_end:
-            set_adapter_state(model, global_state)
-            self._compute_references(plan.train_cfg)
+            self._compute_references(plan.train_cfg, global_state)
             return
         directory = round_dir(Path(self.cfg.output_dir), sft_end)
         checkpoint = load_checkpoint(model, directory, sft_end)
@@ -356,7 +321,8 @@ class InProcessRunner:
             set_base_residual(model, self.base_originals, plan.base_residual)
             set_adapter_state(model, global_state)
 
-    def _compute_references(self, train_cfg: TrainConfig) -> None:
-        for client in self.clients:
-            client.compute_reference(self.model, train_cfg)
+    def _compute_references(
+        self, train_cfg: TrainConfig, adapter: AdapterState | None = None
+    ) -> None:
+        fix_references(self.clients, self.model, train_cfg, adapter)
         self.references_fixed = True

@@ -34,6 +34,7 @@ from fedit.client.own_factors import OWN_FACTORS_DIR, own_factors
 from fedit.client.trainer import round_learning_rate, steps_per_round, train_client
 from fedit.config import ConfigError, RunConfig, rules
 from fedit.data.tokenize import TokenizedExample
+from fedit.engine.assembly import assemble
 from fedit.engine.checkpoint import (
     accepted_rounds,
     committed_records,
@@ -44,8 +45,7 @@ from fedit.engine.checkpoint import (
 from fedit.engine.federation_data import prepare_data
 from fedit.engine.run_dir import CONFIG
 from fedit.eval.loss import heldout_loss
-from fedit.models.adapters import attach_lora, get_adapter_state, save_adapter, set_adapter_state
-from fedit.models.loading import load_model, load_tokenizer
+from fedit.models.adapters import get_adapter_state, save_adapter, set_adapter_state
 from fedit.seeding import Stream, derive_seed
 from fedit.types import AdapterState, ClientInstructions
 
@@ -96,14 +96,13 @@ def personalize(cfg: RunConfig, steps: int, show_progress: bool = False) -> list
             f"{out}: the federation has not finished its {cfg.federation.rounds} rounds "
             "(run `fedit train` first)"
         )
-    tokenizer = load_tokenizer(cfg.model)
-    data = prepare_data(cfg, tokenizer)
-    model = attach_lora(load_model(cfg.model), cfg.lora, cfg.seed)
+    parts = assemble(cfg, prepare_data)
+    data, model = parts.data, parts.model
     fresh = get_adapter_state(model)
     global_state = load_global_adapter(model, round_dir(out, cfg.federation.rounds))
     own_root = out / OWN_FACTORS_DIR
     accepted = accepted_rounds(committed_records(out, done))
-    pad_id, batch = tokenizer.pad_token_id, cfg.eval.batch_size
+    pad_id, batch = parts.pad_id, cfg.eval.batch_size
     scores = []
     for k, examples in enumerate(data.clients):
         if not examples:
