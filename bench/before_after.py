@@ -13,8 +13,8 @@ that drift in the machine's speed reaches both:
                    selection and held-out loss, so it runs per tree too)
   W1 fedit-all     bench/w1.py's fedit-all variant: its wall / the same tree's reference's
 
-    .venv/bin/python bench/before_after.py                     # full (~17-23 min)
-    .venv/bin/python bench/before_after.py --before 239577e    # another "before"
+    .venv/bin/python bench/before_after.py                     # on a branch: vs its merge base
+    .venv/bin/python bench/before_after.py --before 239577e    # vs issue 27's start (~17-23 min)
     .venv/bin/python bench/before_after.py --quick             # smoke run (~2 min)
     .venv/bin/python bench/before_after.py --rounds 2 --steps 2  # W1 (and W0) scaled down
 
