@@ -36,9 +36,8 @@ from fedit.deploy.flower.front import FleetFront
 from fedit.deploy.flower.processes import SuperLink, ensure_secret, free_port
 from fedit.deploy.pki import load_public_key, load_public_key_file
 from fedit.deploy.secagg.coordinator import SecureRound
-from fedit.engine.assembly import HeldOut, RunParts, assemble, heldout_files, reference_after_sft
+from fedit.engine.assembly import assemble, heldout_files, reference_after_sft
 from fedit.engine.checkpoint import load_global_adapter, round_dir
-from fedit.engine.federation_data import FederationData
 from fedit.engine.heldout import HeldOutSet
 from fedit.engine.rounds import RoundLoop, completed_run, finished
 from fedit.engine.runner import RoundPlan, RoundReplies
@@ -264,21 +263,18 @@ class CoordinatorSide:
     the coordinator's own held-out files), the header every task carries."""
 
     model: torch.nn.Module
-    heldout: list
-    heldout_pairs: list
-    pad_id: int
+    held_out: HeldOutSet
     header: wire.RunHeader
 
     @classmethod
     def prepare(cls, cfg: RunConfig) -> CoordinatorSide:
         """A deployment's coordinator: it evaluates on its own held-out files."""
-        return cls.of(cfg, assemble(cfg, heldout_files, cfg.train.threads))
+        parts = assemble(cfg, heldout_files, cfg.train.threads)
+        return cls.of(cfg, parts.model, parts.data)
 
     @classmethod
-    def of(cls, cfg: RunConfig, parts: RunParts[HeldOut | FederationData]) -> CoordinatorSide:
-        """The side of the run `parts` assembled (its data: the held-out sets)."""
-        held, model = parts.data, parts.model
-        return cls(model, held.heldout, held.heldout_pairs, parts.pad_id, run_header(cfg, model))
+    def of(cls, cfg: RunConfig, model: torch.nn.Module, held_out: HeldOutSet) -> CoordinatorSide:
+        return cls(model, held_out, run_header(cfg, model))
 
     def run_rounds(
         self, cfg: RunConfig, run: ServerRun, done: int, show_progress: bool, nodes_by_client=None
@@ -292,7 +288,7 @@ class CoordinatorSide:
             num_clients=cfg.partition.num_clients,  # == len(deploy.clients) in a deployment
             train_cfgs={"sft": cfg.train, "dpo": cfg.train},
             base_originals={},  # exact aggregation is refused: no residual to fold
-            held_out=HeldOutSet(self.heldout, self.heldout_pairs, self.pad_id),
+            held_out=self.held_out,
             min_replies=cfg.deploy.min_replies,
             show_progress=show_progress,
         )

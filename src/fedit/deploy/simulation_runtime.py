@@ -43,7 +43,7 @@ from fedit.config import ConfigError, RunConfig, rules, to_toml
 from fedit.deploy.coordinator import CoordinatorSide
 from fedit.deploy.flower.flower_io import reply_for
 from fedit.deploy.owner import DataOwner, RunSession
-from fedit.engine.assembly import assemble, in_process_clients
+from fedit.engine.assembly import assemble, federation_heldout, in_process_clients
 from fedit.engine.checkpoint import round_dir
 from fedit.engine.federation_data import prepare_data
 from fedit.engine.rounds import completed_run, finished
@@ -181,7 +181,8 @@ def _cause(err: BaseException) -> str:
 def _coordinator_side(cfg: RunConfig) -> tuple[CoordinatorSide, int]:
     """The coordinator's model and held-out sets, as the simulation prepares them."""
     parts = assemble(cfg, prepare_data)
-    return CoordinatorSide.of(cfg, parts), parts.data.num_clients
+    side = CoordinatorSide.of(cfg, parts.model, federation_heldout(parts.data, parts.pad_id))
+    return side, parts.data.num_clients
 
 
 class _Server:

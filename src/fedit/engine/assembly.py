@@ -14,7 +14,7 @@ adapter.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -30,6 +30,7 @@ from fedit.data.preferences import TokenizedPair, read_preferences
 from fedit.data.readers import read_records
 from fedit.data.tokenize import TokenizedExample
 from fedit.engine.federation_data import FederationData, tokenize_heldout, tokenize_pairs_for
+from fedit.engine.heldout import HeldOutSet
 from fedit.models.adapters import attach_lora, require_full_precision_base, set_adapter_state
 from fedit.models.loading import load_model, load_tokenizer
 from fedit.ops.ranks import client_ranks
@@ -72,25 +73,24 @@ def assemble(
     return RunParts(tokenizer, data, model)  # type: ignore[arg-type]
 
 
-@dataclass
-class HeldOut:
-    """A coordinator's own held-out records and pairs, tokenised as the rounds score them."""
-
-    heldout: list[TokenizedExample] = field(default_factory=list)
-    heldout_pairs: list[TokenizedPair] = field(default_factory=list)
-
-
-def heldout_files(cfg: RunConfig, tokenizer: Any) -> HeldOut:
+def heldout_files(cfg: RunConfig, tokenizer: Any) -> HeldOutSet:
     """data.heldout_path and data.heldout_preference_path (either may be unset): what a
     coordinator, which holds no client's data, evaluates on."""
-    held = HeldOut()
+    examples: list[TokenizedExample] = []
+    pairs: list[TokenizedPair] = []
     if cfg.data.heldout_path:
         records = read_records(cfg.data.heldout_path, cfg.data.fields)
-        held.heldout, _ = tokenize_heldout(cfg, tokenizer, records)
+        examples, _ = tokenize_heldout(cfg, tokenizer, records)
     if cfg.data.heldout_preference_path:
         raw = read_preferences(cfg.data.heldout_preference_path, cfg.data.preference_format)
-        held.heldout_pairs, _ = tokenize_pairs_for(cfg, tokenizer, raw)
-    return held
+        pairs, _ = tokenize_pairs_for(cfg, tokenizer, raw)
+    return HeldOutSet(examples, pairs, tokenizer.pad_token_id)
+
+
+def federation_heldout(data: FederationData, pad_id: int) -> HeldOutSet:
+    """The held-out sets an in-process engine (the simulation, the Ray runtime's
+    coordinator) set aside from the run's data."""
+    return HeldOutSet(data.heldout, data.heldout_pairs, pad_id)
 
 
 def in_process_clients(cfg: RunConfig, data: FederationData, pad_id: int) -> list[LocalClient]:

@@ -44,6 +44,7 @@ from fedit.client.trainer import steps_per_round
 from fedit.config import RunConfig, TrainConfig, rules
 from fedit.engine.assembly import (
     assemble,
+    federation_heldout,
     fix_references,
     in_process_clients,
     reference_after_sft,
@@ -56,7 +57,6 @@ from fedit.engine.federation_data import (
     prepare_data,
     round_objective,
 )
-from fedit.engine.heldout import HeldOutSet
 from fedit.engine.rounds import RoundLoop, completed_run, finished
 from fedit.engine.runner import RoundPlan, RoundReplies
 from fedit.eval.attack import final_attack_eval
@@ -116,7 +116,7 @@ class Simulation:
             num_clients=data.num_clients,
             train_cfgs=train_cfgs,
             base_originals=base_originals,
-            held_out=HeldOutSet(data.heldout, data.heldout_pairs, parts.pad_id),
+            held_out=federation_heldout(data, parts.pad_id),
             show_progress=self.show_progress,
             final_eval=final_attack_eval(cfg, tokenizer, data.heldout_records)
             if self.score_attack
