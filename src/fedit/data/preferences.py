@@ -56,6 +56,8 @@ ROLES = ("system", "user", "assistant")
 IGNORE_INDEX = -100  # label value that cross-entropy and sequence_logps skip
 
 Row = dict[str, Any]
+Turns = tuple[tuple[str, str], ...]  # (role, content) messages
+Parsed = tuple[str, Turns, str, str]  # prompt text, prompt turns, chosen, rejected
 
 
 @dataclass(frozen=True)
@@ -171,10 +173,6 @@ def parse_pair(
     return PreferencePair(prompt, chosen, rejected, category or "default", turns)
 
 
-Turns = tuple[tuple[str, str], ...]
-Parsed = tuple[str, Turns, str, str]  # prompt text, prompt turns, chosen, rejected
-
-
 def _field(row: Row, name: str, where: str, default: str | None = None) -> str:
     """A string field; missing (or null) is an error unless ``default`` is given."""
     value = row.get(name)
@@ -244,7 +242,8 @@ def _parse_conversational(row: Row, where: str) -> Parsed:
         chosen_text = _one_reply(chosen, "chosen", where)
         rejected_text = _one_reply(rejected, "rejected", where)
     _check_prompt_turns(turns, where)
-    return _pair_prompt_text(turns), _keep_turns(turns), chosen_text, rejected_text
+    kept = _keep_turns(turns)
+    return ("" if kept else turns[0][1]), kept, chosen_text, rejected_text
 
 
 def _messages(row: Row, name: str, where: str) -> Turns:
@@ -313,11 +312,6 @@ def _check_prompt_turns(turns: Turns, where: str) -> None:
 def _keep_turns(turns: Turns) -> Turns:
     """The turns to keep: none when the prompt is one user turn (its text says it all)."""
     return () if len(turns) == 1 and turns[0][0] == "user" else turns
-
-
-def _pair_prompt_text(turns: Turns) -> str:
-    """The prompt as one text, for one-turn templates: a single user turn's content, else ""."""
-    return turns[0][1] if len(turns) == 1 and turns[0][0] == "user" else ""
 
 
 # ---------------------------------------------------------------------------- tokenising
