@@ -296,3 +296,42 @@ def test_compare_scores_preferences_against_w0_in_exact_lora_aggregation(
     (policy, reference), (w0, _) = seen
     assert not torch.allclose(policy, w0, atol=1e-3)  # the run moved the model
     assert torch.allclose(reference, w0, atol=1e-5)  # π_base is W0, not W0 + R
+
+
+def conversation_pairs(path: Path, count: int) -> Path:
+    """TRL conversational pairs: a system turn, an earlier exchange, the question, two replies."""
+    rows = []
+    for i in range(count):
+        a, b = i % 7, i % 5 + 1
+        prompt = [
+            {"role": "system", "content": "Answer with a number."},
+            {"role": "user", "content": f"What is {a}+{a}?"},
+            {"role": "assistant", "content": str(a + a)},
+            {"role": "user", "content": f"And {a}+{b}?"},
+        ]
+        rows.append({
+            "prompt": prompt,
+            "chosen": [{"role": "assistant", "content": str(a + b)}],
+            "rejected": [{"role": "assistant", "content": f"{a + b + 3}, I think"}],
+            "category": ("small", "large")[i % 2],
+        })  # fmt: skip
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def test_multi_turn_conversation_pairs_train_under_the_chat_template(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    pairs = conversation_pairs(tmp_path / "pairs.jsonl", 16)
+    cfg = dpo_config(
+        tiny_model_dir,
+        tmp_path / "run",
+        **{"data.preference_path": str(pairs), "data.template": "chat"},
+        **{"partition.num_clients": 2, "federation.clients_per_round": 2, "federation.rounds": 2},
+    )
+    lines = run(cfg)
+    assert [line["round"] for line in lines] == [0, 1, 2]
+    assert lines[-1]["heldout_dpo"]["overall"]["pairs"] == 4  # 2 per category held out
+    for client in lines[-1]["clients"]:
+        assert math.isfinite(client["train_loss"]) and client["label_tokens"] > 0
+    assert any(t.abs().sum() > 0 for n, t in adapter(tmp_path / "run", 2).items() if "lora_B" in n)

@@ -44,7 +44,7 @@ def tiny_peft(tiny_model_dir: Path):
 def pairs(tiny_model_dir: Path):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     raw = [p for p in synthetic_pairs(4, seed=0) if p.category in ("addition", "sentiment")]
-    tokenized, _ = tokenize_pairs(raw, tokenizer, 64, 96, lambda p: f"Q: {p}\nA: ")
+    tokenized, _ = tokenize_pairs(raw, tokenizer, 64, 96, lambda p: f"Q: {p.prompt}\nA: ")
     return tokenized, tokenizer.pad_token_id
 
 

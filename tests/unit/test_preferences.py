@@ -49,7 +49,8 @@ def write_jsonl(path: Path, rows: list) -> str:
 
 def test_hh_multi_turn_prompt_is_shared_prefix_through_last_assistant(tmp_path: Path) -> None:
     [pair] = read_preferences(write_jsonl(tmp_path / "hh.jsonl", [HH_RECORD]), format="hh")
-    assert pair == PreferencePair(HH_PROMPT, "An apple.", "A brick.", "default")
+    turns = (("user", "Hi there."), ("assistant", "Hello!"), ("user", "Name a fruit."))
+    assert pair == PreferencePair(HH_PROMPT, "An apple.", "A brick.", "default", turns)
 
 
 def test_hh_responses_sharing_their_first_words_are_split_at_the_assistant_turn(
@@ -183,41 +184,30 @@ MULTI_TURN = [
     {"role": "assistant", "content": "6"},
 ]
 CONVERSATIONS = [
-    # a later question: its answer would be trained against the first one
-    ({**UF_RECORD, "chosen": MULTI_TURN}, "chosen", "multi-turn"),
+    # chosen and rejected answer different conversations: which question is unclear
+    ({**UF_RECORD, "chosen": MULTI_TURN}, "rejected", "differ from chosen's"),
     (
         {**UF_RECORD, "rejected": [*MULTI_TURN[:3], {"role": "assistant", "content": "7"}]},
         "rejected",
-        "multi-turn",
-    ),
-    # a system turn would be dropped
-    (
-        {**UF_RECORD, "chosen": [{"role": "system", "content": "Be terse."}, *UF_RECORD["chosen"]]},
-        "chosen",
-        "multi-turn",
+        "differ from chosen's",
     ),
     # the user turn is not the prompt: which question the answer belongs to is unclear
     (
-        {**UF_RECORD, "chosen": [{"role": "user", "content": "Other?"}, UF_RECORD["chosen"][1]]},
+        {
+            **UF_RECORD,
+            "chosen": [{"role": "user", "content": "Other?"}, UF_RECORD["chosen"][1]],
+            "rejected": [{"role": "user", "content": "Other?"}, UF_RECORD["rejected"][1]],
+        },
         "chosen",
         "differs from field 'prompt'",
     ),
-    # TRL's conversational layout: the prompt itself a message list
-    (
-        {
-            "prompt": [{"role": "user", "content": "Hi"}],
-            "chosen": [{"role": "assistant", "content": "a"}],
-            "rejected": [{"role": "assistant", "content": "b"}],
-        },
-        "prompt",
-        "not supported yet",
-    ),
-    ({"messages": MULTI_TURN, "chosen": "6", "rejected": "7"}, "messages", "not supported yet"),
+    # an SFT conversation record is no preference pair: the error names the formats there are
+    ({"messages": MULTI_TURN, "chosen": "6", "rejected": "7"}, "prompt", "known: plain, hh"),
 ]
 
 
 @pytest.mark.parametrize(("record", "field", "problem"), CONVERSATIONS)
-def test_conversation_pairs_are_refused_naming_file_line_and_field(
+def test_unsupported_conversation_pairs_are_refused_naming_file_line_and_field(
     tmp_path: Path, record: dict, field: str, problem: str
 ) -> None:
     path = write_jsonl(tmp_path / "conv.jsonl", [UF_RECORD, record])
@@ -226,6 +216,17 @@ def test_conversation_pairs_are_refused_naming_file_line_and_field(
     message = str(raised.value)
     assert message.startswith(f"{path}:2: field '{field}': ")
     assert problem in message and "\n" not in message
+
+
+def test_multi_turn_message_lists_are_read_as_a_conversation(tmp_path: Path) -> None:
+    """Issue 26 refused these (they were read as the first question and the last answer);
+    now the earlier turns are the prompt conversation."""
+    system = {"role": "system", "content": "Be terse."}
+    rejected = [*MULTI_TURN[:3], {"role": "assistant", "content": "7"}]
+    record = {**UF_RECORD, "chosen": [system, *MULTI_TURN], "rejected": [system, *rejected]}
+    [pair] = read_preferences(write_jsonl(tmp_path / "uf.jsonl", [record]))
+    turns = tuple((m["role"], m["content"]) for m in [system, *MULTI_TURN[:3]])
+    assert pair == PreferencePair("", "6", "7", "default", turns)
 
 
 def test_single_turn_message_lists_are_still_read(tmp_path: Path) -> None:
@@ -271,7 +272,9 @@ def ids(text: str) -> list[int]:
 def test_tokenize_pairs_appends_eos_and_renders_prompt() -> None:
     tokenizer = byte_tokenizer()
     pair = PreferencePair("Hi", "ok", "no!", "c")
-    [item], report = tokenize_pairs([pair], tokenizer, 16, 64, render_prompt=lambda p: f"Q:{p}>")
+    [item], report = tokenize_pairs(
+        [pair], tokenizer, 16, 64, render_prompt=lambda p: f"Q:{p.prompt}>"
+    )
     eos = tokenizer.eos_token_id
     assert item == TokenizedPair(ids("Q:Hi>"), [*ids("ok"), eos], [*ids("no!"), eos], "c")
     assert report == PairTruncationReport(1, 0, 0, 0)

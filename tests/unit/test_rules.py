@@ -203,6 +203,10 @@ CASES: dict[str, Case] = {
     "federation.clients_per_round x secagg.enabled [coordinate]": Case(
         [*ROSTER, *SECAGG, "federation.clients_per_round=1"], ["federation.clients_per_round=2"]
     ),
+    "data.preference_fields x data.preference_format": Case(
+        [*DPO, "data.preference_fields=prompt=q,chosen=a,rejected=b", "data.preference_format=hh"],
+        ["data.preference_format=plain"],
+    ),
     "secagg.enabled [train]": Case(SECAGG, ["secagg.enabled=false"]),
     "federation.mode [personalize]": Case(["federation.mode=local"], ["federation.mode=federated"]),
     "train.objective [personalize]": Case(DPO, ["train.objective=sft"]),

@@ -434,7 +434,7 @@ def test_the_metric_sets_are_what_the_trainers_report(tiny_peft, tiny_model_dir:
     common = {"client_id": 0, "learning_rate": 1e-3, "seed": 1, "pad_id": tokenizer.pad_token_id}
     sft = train_client(tiny_peft, examples, cfg, **common)
     raw = [p for p in synthetic_pairs(2, seed=0) if p.category == "addition"]
-    pairs = tokenize_pairs(raw, tokenizer, 64, 96, lambda p: f"Q: {p}\nA: ")[0]
+    pairs = tokenize_pairs(raw, tokenizer, 64, 96, lambda p: f"Q: {p.prompt}\nA: ")[0]
     dpo = train_client_dpo(tiny_peft, pairs, cfg, DPOConfig(), **common)
     assert set(sft.metrics) == wire.SFT_METRICS
     assert set(dpo.metrics) == wire.DPO_METRICS

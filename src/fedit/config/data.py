@@ -4,9 +4,29 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedit.config.fields import require
+from fedit.config.fields import ConfigError, require
 
-PREFERENCE_FORMATS = ("auto", "plain", "hh", "ultrafeedback")  # see fedit.data.preferences
+# see fedit.data.preferences
+PREFERENCE_FORMATS = ("auto", "plain", "hh", "ultrafeedback", "conversational")
+PREFERENCE_FIELDS = ("prompt", "chosen", "rejected", "category")  # category optional
+
+
+def parse_preference_fields(fields: str) -> dict[str, str]:
+    """{fedit's name: the file's key} from 'prompt=q,chosen=good,rejected=bad[,category=c]'
+    ("" maps nothing: the file uses fedit's names)."""
+    mapping: dict[str, str] = {}
+    for part in fields.split(",") if fields.strip() else []:
+        target, sep, source = (s.strip() for s in part.partition("="))
+        if not sep or not source or target not in PREFERENCE_FIELDS or target in mapping:
+            raise ConfigError(
+                f"data.preference_fields: bad entry {part.strip()!r} in {fields!r}; expected "
+                "'prompt=KEY,chosen=KEY,rejected=KEY[,category=KEY]'"
+            )
+        mapping[target] = source
+    missing = [name for name in PREFERENCE_FIELDS[:3] if mapping and name not in mapping]
+    if missing:
+        raise ConfigError(f"data.preference_fields: {fields!r} does not map {', '.join(missing)}")
+    return mapping
 
 
 @dataclass
@@ -34,7 +54,10 @@ class DataConfig:
     # the same held-out split and partitioner as the records; max_seq_len limits each pair's
     # prompt + response.
     preference_path: str = ""
-    preference_format: str = "auto"  # auto | plain | hh | ultrafeedback (fedit.data.preferences)
+    # auto | plain | hh | ultrafeedback | conversational (fedit.data.preferences)
+    preference_format: str = "auto"
+    # plain pairs under other keys: "prompt=question,chosen=good,rejected=bad[,category=c]"
+    preference_fields: str = ""
     preference_split: str = "train"  # for Hugging Face datasets (e.g. "train_prefs")
     heldout_preference_path: str = ""  # a pairs file to hold out instead of splitting
 
@@ -49,6 +72,7 @@ class DataConfig:
             "data.preference_format",
             f"must be one of {', '.join(PREFERENCE_FORMATS)}",
         )
+        parse_preference_fields(self.preference_fields)
         require(self.template in {"alpaca", "chat"}, "data.template", "must be alpaca or chat")
         require(
             self.system_prompt is None or self.template == "chat",

@@ -265,6 +265,18 @@ RULES: tuple[Rule, ...] = (
         ),
     ),
     Rule(
+        ("data.preference_fields", "data.preference_format"),
+        lambda c: (
+            bool(c.data.preference_fields.strip())
+            and c.data.preference_format not in ("auto", "plain")
+        ),
+        lambda c: (
+            "maps the keys of plain pairs (prompt, chosen, rejected as strings); "
+            f"data.preference_format = {c.data.preference_format!r} has its own fixed keys, "
+            "so use 'plain' (or 'auto') with a field map"
+        ),
+    ),
+    Rule(
         ("data.preference_path", "train.objective"),
         lambda c: c.train.objective in ("dpo", "sft_then_dpo") and not c.data.preference_path,
         lambda c: (

@@ -1,19 +1,24 @@
 """Preference pairs for DPO: read them, tokenise them within length limits, collate them.
 
-Three record formats, detected per record with ``format="auto"``:
+Four record formats, detected per record with ``format="auto"``:
 
-* ``plain``: ``{"prompt": str, "chosen": str, "rejected": str, "category"?: str}``.
+* ``plain``: ``{"prompt": str, "chosen": str, "rejected": str, "category"?: str}``; other
+  key names through a field map (``data.preference_fields``, ``parse_preference_fields``).
 * ``hh`` (Anthropic HH-RLHF): ``chosen`` and ``rejected`` are whole dialogues
   ``"\\n\\nHuman: ...\\n\\nAssistant: ..."`` that share their opening turns; the prompt is
-  their longest shared prefix up to and including the last ``"\\n\\nAssistant:"`` both share.
+  their longest shared prefix up to and including the last ``"\\n\\nAssistant:"`` both share,
+  kept as that text (for one-turn templates) and as its Human/Assistant turns (for "chat").
 * ``ultrafeedback`` (UltraFeedback-binarized): ``prompt`` is a string, ``chosen`` and
-  ``rejected`` are lists of ``{"role", "content"}`` messages: the prompt as a user turn,
-  then the response as an assistant turn (or the assistant turn alone).
+  ``rejected`` are lists of ``{"role", "content"}`` messages: the conversation, then the
+  response as the final assistant turn (or the assistant turn alone).
+* ``conversational`` (TRL's): ``prompt`` is a list of messages (system / user / assistant,
+  any number of turns, ending with the user's) and ``chosen`` / ``rejected`` each one
+  assistant message; or, the "implicit prompt" form, no ``prompt`` and ``chosen`` /
+  ``rejected`` two whole conversations whose shared messages are the prompt.
 
-Conversations (more turns than one question and its answer, a system turn, a prompt given
-as a message list, OpenAI ``messages`` or ShareGPT ``conversations``) are refused, naming
-the field: read as one prompt and one response they would train the last answer against
-another question.
+A prompt of more than one user turn (a system turn, earlier exchanges) is kept as turns
+(``PreferencePair.turns``) and needs ``data.template = "chat"``, which renders every turn
+in its role; the one-turn "alpaca" template refuses it at tokenisation.
 
 Responses are stripped of surrounding whitespace in every format; prompts are kept verbatim
 (the prompt template, applied at tokenisation, decides what separates prompt and response).
@@ -26,12 +31,14 @@ bad record in a client's shard fails loudly instead of as a ``KeyError`` mid-tra
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fedit.config import PREFERENCE_FORMATS
-from fedit.data.readers import CONVERSATIONS_UNSUPPORTED, iter_rows, refuse_conversation
+from fedit.config.data import parse_preference_fields
+from fedit.data.readers import iter_rows
 from fedit.data.records import DataFormatError
 from fedit.data.synthetic import generate_records, wrong_answer
 from fedit.data.templates import ResponseFrame
@@ -43,26 +50,39 @@ if TYPE_CHECKING:
 FORMATS = PREFERENCE_FORMATS
 ASSISTANT_MARKER = "\n\nAssistant:"
 HUMAN_MARKER = "Human:"
+HH_TURN = re.compile(r"\n\n(Human|Assistant):")  # where each HH dialogue turn starts
+HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+ROLES = ("system", "user", "assistant")
 IGNORE_INDEX = -100  # label value that cross-entropy and sequence_logps skip
 
 Row = dict[str, Any]
+Turns = tuple[tuple[str, str], ...]  # (role, content) messages
+Parsed = tuple[str, Turns, str, str]  # prompt text, prompt turns, chosen, rejected
 
 
 @dataclass(frozen=True)
 class PreferencePair:
     """One prompt with a preferred (``chosen``) and a dispreferred (``rejected``) response."""
 
-    prompt: str
+    prompt: str  # the prompt as one text ("" when it is a conversation with no such form)
     chosen: str
     rejected: str
     category: str = "default"
+    # the prompt as (role, content) turns ending with the user's, when it is more than one
+    # user turn (or an HH dialogue): what data.template = "chat" renders
+    turns: tuple[tuple[str, str], ...] = ()
+
+    def messages(self) -> list[dict[str, str]]:
+        """The prompt conversation as chat-template messages."""
+        turns = self.turns or (("user", self.prompt),)
+        return [{"role": role, "content": content} for role, content in turns]
 
 
 # ---------------------------------------------------------------------------- reading
 
 
 def read_preferences(
-    source: str, format: str = "auto", split: str = "train"
+    source: str, format: str = "auto", split: str = "train", fields: str = ""
 ) -> list[PreferencePair]:
     """Read preference pairs from a .json (list), .jsonl or .csv file, or a Hub dataset.
 
@@ -70,11 +90,13 @@ def read_preferences(
     Rows come from ``fedit.data.readers.iter_rows``, so errors name the row the way record
     errors do: ``path:LINE: field 'x': ...``, ``path: item N: ...`` (JSON lists, 1-based).
     A source that is not a file path is loaded with ``datasets.load_dataset`` (``split``
-    selects the split, e.g. ``"train_prefs"`` for UltraFeedback-binarized).
+    selects the split, e.g. ``"train_prefs"`` for UltraFeedback-binarized). ``fields`` is
+    ``data.preference_fields``, a field map of plain pairs.
     """
     if format not in FORMATS:
         raise ValueError(f"unknown preference format {format!r}; expected one of {FORMATS}")
-    pairs = [parse_pair(row, format, where) for where, row in iter_rows(source, split)]
+    mapping = parse_preference_fields(fields)
+    pairs = [parse_pair(row, format, where, mapping) for where, row in iter_rows(source, split)]
     if not pairs:
         raise DataFormatError(f"{source}: no preference pairs")
     return pairs
@@ -102,25 +124,45 @@ def _error(where: str, field: str, problem: str) -> DataFormatError:
 
 
 def detect_format(row: Row) -> str:
-    """Guess a record's format from its keys: "plain", "hh", "ultrafeedback" or "" (unknown)."""
+    """Guess a record's format from its keys: one of ``FORMATS`` but "auto", or "" (unknown)."""
+    prompt, chosen = row.get("prompt"), row.get("chosen")
+    if isinstance(prompt, list) or (prompt is None and isinstance(chosen, list)):
+        return "conversational"
     if "prompt" in row:
-        return "ultrafeedback" if isinstance(row.get("chosen"), list) else "plain"
-    if isinstance(row.get("chosen"), str) and ASSISTANT_MARKER in row["chosen"]:
+        return "ultrafeedback" if isinstance(chosen, list) else "plain"
+    if isinstance(chosen, str) and ASSISTANT_MARKER in chosen:
         return "hh"
     return ""
 
 
-def parse_pair(row: Any, format: str, where: str = "record") -> PreferencePair:
-    """Turn one raw record into a validated ``PreferencePair`` (``format`` may be "auto")."""
+def parse_pair(
+    row: Any, format: str, where: str = "record", fields: dict[str, str] | None = None
+) -> PreferencePair:
+    """Turn one raw record into a validated ``PreferencePair`` (``format`` may be "auto").
+
+    ``fields`` ({fedit's name: the record's key}, ``parse_preference_fields``) renames the
+    record's keys first, so errors name fedit's field."""
     if not isinstance(row, dict):
         raise _error(where, "(record)", f"expected an object, got {type(row).__name__}")
+    if fields:
+        row = {name: row.get(key) for name, key in fields.items()}
     if format == "auto":
         format = detect_format(row)
         if not format:
-            refuse_conversation(row, where)  # the likelier reason it has no prompt
-            raise _error(where, "prompt", "missing (and chosen is not an HH dialogue)")
-    parsers = {"plain": _parse_plain, "hh": _parse_hh, "ultrafeedback": _parse_ultrafeedback}
-    prompt, chosen, rejected = parsers[format](row, where)
+            known = ", ".join(f for f in FORMATS if f != "auto")
+            raise _error(
+                where,
+                "prompt",
+                f"missing, and chosen is neither an HH dialogue nor a message list; no "
+                f"preference format fits (known: {known}; see docs/configuration.md)",
+            )
+    parsers = {
+        "plain": _parse_plain,
+        "hh": _parse_hh,
+        "ultrafeedback": _parse_ultrafeedback,
+        "conversational": _parse_conversational,
+    }
+    prompt, turns, chosen, rejected = parsers[format](row, where)
     if not chosen:
         raise _error(where, "chosen", "empty response")
     if not rejected:
@@ -128,7 +170,7 @@ def parse_pair(row: Any, format: str, where: str = "record") -> PreferencePair:
     if chosen == rejected:
         raise _error(where, "rejected", "identical to chosen")
     category = _field(row, "category", where, default="default")
-    return PreferencePair(prompt, chosen, rejected, category or "default")
+    return PreferencePair(prompt, chosen, rejected, category or "default", turns)
 
 
 def _field(row: Row, name: str, where: str, default: str | None = None) -> str:
@@ -138,21 +180,19 @@ def _field(row: Row, name: str, where: str, default: str | None = None) -> str:
         if default is None:
             raise _error(where, name, "missing")
         return default
-    if isinstance(value, list):  # e.g. TRL's conversational prompt: a message list
-        raise _error(where, name, f"a message list: {CONVERSATIONS_UNSUPPORTED}")
+    if isinstance(value, list):
+        raise _error(where, name, "a message list: use preference_format 'conversational'")
     if not isinstance(value, str):
         raise _error(where, name, f"expected a string, got {type(value).__name__}")
     return value
 
 
-def _parse_plain(row: Row, where: str) -> tuple[str, str, str]:
+def _parse_plain(row: Row, where: str) -> Parsed:
     prompt = _field(row, "prompt", where)
-    chosen = _field(row, "chosen", where).strip()
-    rejected = _field(row, "rejected", where).strip()
-    return prompt, chosen, rejected
+    return prompt, (), _field(row, "chosen", where).strip(), _field(row, "rejected", where).strip()
 
 
-def _parse_hh(row: Row, where: str) -> tuple[str, str, str]:
+def _parse_hh(row: Row, where: str) -> Parsed:
     """Split two HH dialogues at the last "\\n\\nAssistant:" of their shared prefix."""
     chosen = _field(row, "chosen", where)
     rejected = _field(row, "rejected", where)
@@ -161,46 +201,117 @@ def _parse_hh(row: Row, where: str) -> tuple[str, str, str]:
     if cut < 0 or HUMAN_MARKER not in chosen[:cut]:
         raise _error(where, "chosen", "no shared Human/Assistant prefix with rejected")
     end = cut + len(ASSISTANT_MARKER)
-    return chosen[:end], chosen[end:].strip(), rejected[end:].strip()
+    return chosen[:end], _hh_turns(chosen[:cut]), chosen[end:].strip(), rejected[end:].strip()
 
 
-def _parse_ultrafeedback(row: Row, where: str) -> tuple[str, str, str]:
+def _hh_turns(dialogue: str) -> Turns:
+    """The (role, content) turns of an HH dialogue; text before its first turn is dropped."""
+    pieces = HH_TURN.split(dialogue)[1:]  # [speaker, text, speaker, text, ...]
+    return tuple(
+        (HH_ROLES[speaker], text.strip())
+        for speaker, text in zip(pieces[::2], pieces[1::2], strict=True)
+    )
+
+
+def _parse_ultrafeedback(row: Row, where: str) -> Parsed:
+    """``prompt`` a string; the lists are the conversation, then the response (or the
+    response alone, the prompt then its one user turn). A conversation must have
+    ``prompt`` as one of its user turns."""
     prompt = _field(row, "prompt", where)
-    chosen = _final_assistant(row, "chosen", prompt, where)
-    rejected = _final_assistant(row, "rejected", prompt, where)
-    return prompt, chosen, rejected
+    chosen, rejected = (
+        _with_prompt(_messages(row, name, where), prompt) for name in ("chosen", "rejected")
+    )
+    turns, chosen_text, rejected_text = _split_conversations(chosen, rejected, where)
+    _check_prompt_turns(turns, where)
+    if prompt.strip() not in [content.strip() for role, content in turns if role == "user"]:
+        raise _error(where, "chosen", "the user turn differs from field 'prompt'")
+    turns = _keep_turns(turns)
+    return ("" if turns else prompt), turns, chosen_text, rejected_text
 
 
-def _final_assistant(row: Row, name: str, prompt: str, where: str) -> str:
-    """Content of the final message of an UltraFeedback list; it must be the assistant's,
-    after nothing but the prompt as the user's turn."""
+def _parse_conversational(row: Row, where: str) -> Parsed:
+    """TRL's conversational pairs: explicit (``prompt`` a message list, the responses one
+    assistant message each) or implicit (no ``prompt``; two conversations sharing it)."""
+    chosen, rejected = _messages(row, "chosen", where), _messages(row, "rejected", where)
+    if row.get("prompt") is None:
+        turns, chosen_text, rejected_text = _split_conversations(chosen, rejected, where)
+        if not turns:
+            raise _error(where, "chosen", "shares no prompt turn with rejected (and no 'prompt')")
+    else:
+        turns = _messages(row, "prompt", where)
+        chosen_text = _one_reply(chosen, "chosen", where)
+        rejected_text = _one_reply(rejected, "rejected", where)
+    _check_prompt_turns(turns, where)
+    kept = _keep_turns(turns)
+    return ("" if kept else turns[0][1]), kept, chosen_text, rejected_text
+
+
+def _messages(row: Row, name: str, where: str) -> Turns:
+    """A field holding a list of {"role", "content"} messages, as (role, content) turns."""
     messages = row.get(name)
     if messages is None:
         raise _error(where, name, "missing")
     if not isinstance(messages, list):
         raise _error(where, name, f"expected a message list, got {type(messages).__name__}")
-    last = messages[-1] if messages else None
-    if not isinstance(last, dict) or last.get("role") != "assistant":
-        raise _error(where, name, "message list has no final assistant turn")
-    content = last.get("content")
-    if not isinstance(content, str):
-        raise _error(where, name, "final assistant message has no string content")
-    _check_single_turn(messages[:-1], name, prompt, where)
-    return content.strip()
+    turns = []
+    for i, message in enumerate(messages, 1):
+        role = message.get("role") if isinstance(message, dict) else None
+        content = message.get("content") if isinstance(message, dict) else None
+        if role not in ROLES or not isinstance(content, str):
+            raise _error(
+                where,
+                name,
+                f"message {i}: expected {{'role': system|user|assistant, "
+                f"'content': str}}, got {message!r:.60}",
+            )
+        turns.append((role, content))
+    return tuple(turns)
 
 
-def _check_single_turn(before: list, name: str, prompt: str, where: str) -> None:
-    """The turns before the response may only be the prompt, as one user turn."""
-    if len(before) > 1 or (before and not isinstance(before[0], dict)):
-        raise _error(where, name, f"multi-turn message list: {CONVERSATIONS_UNSUPPORTED}")
-    if not before:
-        return
-    first = before[0]
-    if first.get("role") != "user":
-        raise _error(where, name, f"multi-turn message list: {CONVERSATIONS_UNSUPPORTED}")
-    content = first.get("content")
-    if not isinstance(content, str) or content.strip() != prompt.strip():
-        raise _error(where, name, "the user turn differs from field 'prompt'")
+def _split_conversations(chosen: Turns, rejected: Turns, where: str) -> tuple[Turns, str, str]:
+    """(prompt turns, chosen reply, rejected reply) of two whole conversations that differ
+    only in their final assistant message (TRL's implicit prompt)."""
+    for name, messages in (("chosen", chosen), ("rejected", rejected)):
+        if not messages or messages[-1][0] != "assistant":
+            raise _error(where, name, "message list has no final assistant turn")
+    if chosen[:-1] != rejected[:-1]:
+        raise _error(
+            where,
+            "rejected",
+            "its turns before the final reply differ from chosen's; both must answer the "
+            "same conversation (multi-message responses are not supported)",
+        )
+    return chosen[:-1], chosen[-1][1].strip(), rejected[-1][1].strip()
+
+
+def _with_prompt(messages: Turns, prompt: str) -> Turns:
+    """An UltraFeedback list of the answer alone gets the prompt as its user turn."""
+    alone = len(messages) == 1 and messages[0][0] == "assistant"
+    return (("user", prompt), *messages) if alone else messages
+
+
+def _one_reply(messages: Turns, name: str, where: str) -> str:
+    if len(messages) != 1 or messages[0][0] != "assistant":
+        raise _error(
+            where,
+            name,
+            "the response must be one assistant message after the prompt's turns "
+            f"(got {len(messages)} message(s)); multi-message responses are not supported",
+        )
+    return messages[0][1].strip()
+
+
+def _check_prompt_turns(turns: Turns, where: str) -> None:
+    """A prompt conversation: a system turn first if any, ending with the user's turn."""
+    if not turns or turns[-1][0] != "user":
+        raise _error(where, "prompt", "the conversation must end with a user turn")
+    if any(role == "system" for role, _ in turns[1:]):
+        raise _error(where, "prompt", "a system turn is allowed only as the first message")
+
+
+def _keep_turns(turns: Turns) -> Turns:
+    """The turns to keep: none when the prompt is one user turn (its text says it all)."""
+    return () if len(turns) == 1 and turns[0][0] == "user" else turns
 
 
 # ---------------------------------------------------------------------------- tokenising
@@ -251,12 +362,13 @@ def tokenize_pairs(
     tokenizer: Any,
     max_prompt_len: int,
     max_total_len: int,
-    render_prompt: Callable[[str], str] | None = None,
+    render_prompt: Callable[[PreferencePair], str] | None = None,
     frame: ResponseFrame | None = None,
 ) -> tuple[list[TokenizedPair], PairTruncationReport]:
     """Tokenise pairs so each prompt ≤ ``max_prompt_len`` and prompt + response ≤ ``max_total_len``.
 
-    The prompt text goes through ``render_prompt`` (a template; identity by default). Each
+    Each pair's prompt is rendered by ``render_prompt`` (a template; default: the prompt
+    text as it is). Each
     response is closed by ``frame`` (``fedit.data.templates.response_frame``; default: eos
     only) and tokenised with its prompt as one text, as SFT records are
     (``fedit.data.tokenize.split_whole_texts``), without special tokens. A long prompt
@@ -271,8 +383,8 @@ def tokenize_pairs(
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos token; responses must end with one")
     frame = frame or ResponseFrame("", "", tokenizer.eos_token_id)
-    render = render_prompt or (lambda text: text)
-    prompts = [render(pair.prompt) for pair in pairs]
+    render = render_prompt or (lambda pair: pair.prompt)
+    prompts = [render(pair) for pair in pairs]
     chosens = split_whole_texts(tokenizer, prompts, [_framed(p.chosen, frame) for p in pairs])
     rejecteds = split_whole_texts(tokenizer, prompts, [_framed(p.rejected, frame) for p in pairs])
     report = PairTruncationReport(total=len(pairs))

@@ -142,8 +142,8 @@ def _record_prompt(record: Record) -> tuple[str, str]:
     return record.instruction, record.context
 
 
-def _pair_prompt(pair: PreferencePair) -> str:
-    return pair.prompt
+def _pair_prompt(pair: PreferencePair) -> tuple:
+    return pair.prompt, pair.turns
 
 
 def prepare_records(cfg: RunConfig) -> PreparedRecords:
@@ -181,7 +181,9 @@ def _read_preference_source(cfg: RunConfig, source: str) -> list[PreferencePair]
     data = cfg.data
     if source == "synthetic":
         return synthetic_pairs(data.synthetic_per_skill, cfg.seed)
-    return read_preferences(source, data.preference_format, data.preference_split)
+    return read_preferences(
+        source, data.preference_format, data.preference_split, data.preference_fields
+    )
 
 
 def prepare_preferences(cfg: RunConfig) -> PreparedPreferences:

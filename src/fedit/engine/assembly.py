@@ -82,7 +82,10 @@ def heldout_files(cfg: RunConfig, tokenizer: Any) -> HeldOutSet:
         records = read_records(cfg.data.heldout_path, cfg.data.fields)
         examples, _ = tokenize_heldout(cfg, tokenizer, records)
     if cfg.data.heldout_preference_path:
-        raw = read_preferences(cfg.data.heldout_preference_path, cfg.data.preference_format)
+        data = cfg.data
+        raw = read_preferences(
+            data.heldout_preference_path, data.preference_format, fields=data.preference_fields
+        )
         pairs, _ = tokenize_pairs_for(cfg, tokenizer, raw)
     return HeldOutSet(examples, pairs, tokenizer.pad_token_id)
 

@@ -23,8 +23,8 @@ from fedit.data.preferences import (
     tokenize_pairs,
 )
 from fedit.data.prepare import prepare_preferences, prepare_records
-from fedit.data.records import Record
-from fedit.data.templates import render_prompt, response_frame
+from fedit.data.records import DataFormatError, Record
+from fedit.data.templates import render_conversation, render_prompt, response_frame
 from fedit.data.token_store import StoredExamples, TokenStore, pooled
 from fedit.data.tokenize import TokenizedExample, TruncationReport, tokenize_records
 from fedit.fleet.selection import select_clients
@@ -207,13 +207,20 @@ def _prepare_pairs(cfg: RunConfig, tokenizer, data: FederationData) -> None:
 def tokenize_pairs_for(
     cfg: RunConfig, tokenizer, pairs: Sequence[PreferencePair]
 ) -> tuple[list[TokenizedPair], PairTruncationReport]:
-    """Prompts rendered with data.template (as SFT prompts are), then length-limited."""
-    template = cfg.data.template
+    """Prompts rendered with data.template (as SFT prompts are), then length-limited: a
+    conversation (``pair.turns``) with the chat template, every turn in its role."""
+    template, system_prompt = cfg.data.template, cfg.data.system_prompt
 
-    def render(prompt: str) -> str:
-        return render_prompt(
-            Record(instruction=prompt, response=""), template, tokenizer, cfg.data.system_prompt
-        )
+    def render(pair: PreferencePair) -> str:
+        if template == "chat" and pair.turns:
+            return render_conversation(pair.messages(), template, tokenizer, system_prompt)
+        if not pair.prompt:
+            raise DataFormatError(
+                f"data.template = {template!r} renders one user turn, but a preference pair's "
+                f"prompt is a conversation (a system turn or earlier turns, ending "
+                f"{pair.turns[-1][1][:40]!r}); set data.template = 'chat'"
+            )
+        return render_prompt(Record(pair.prompt, ""), template, tokenizer, system_prompt)
 
     frame = response_frame(template, tokenizer)
     limits = (cfg.dpo.max_prompt_len, cfg.data.max_seq_len)
