@@ -35,7 +35,6 @@ FIELD_MAPS: dict[str, dict[str, str]] = {
 REQUIRED = ("instruction", "response")
 OPTIONAL = ("context", "category")
 FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
-ON_BAD_RECORD = ("error", "skip")  # data.on_bad_record
 SKIPPED_SHOWN = 3  # skipped records named in a summary line; the rest are counted
 # Keys under which conversation layouts keep a whole dialogue (OpenAI's, ShareGPT's), and
 # the key of Alpaca's earlier turns (LLaMA-Factory's "history"). fedit reads one prompt and
