@@ -310,3 +310,21 @@ def test_skipped_records_of_every_file_are_named(tmp_path: Path) -> None:
     cfg.data.on_bad_record = "error"
     with pytest.raises(DataFormatError, match="field 'response': empty"):
         prepare_records(cfg)
+
+
+def test_partition_cli_names_skipped_records(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    write_records_jsonl(make_records(), path)
+    with path.open("a") as f:
+        f.write(json.dumps({"instruction": "x", "response": ""}) + "\n")
+    app = typer.Typer()
+    app.command()(partition)
+    sets = [f"data.path={path}", "data.on_bad_record=skip", "partition.num_clients=2"]
+    result = CliRunner().invoke(
+        app, ["--out", str(tmp_path / "o")] + [a for s in sets for a in ("--set", s)]
+    )
+    assert result.exit_code == 0, result.output
+    line = (
+        f"warning: skipped 1 bad records: {path}:{len(make_records()) + 1}: field 'response': empty"
+    )
+    assert line in result.output.replace("\n", "")
