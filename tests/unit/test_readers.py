@@ -270,3 +270,10 @@ def test_skip_summary_is_capped() -> None:
     text = skipped_summary([f"d.jsonl:{n}: field 'response': empty" for n in range(1, 8)])
     assert text.startswith("skipped 7 bad records: d.jsonl:1: field 'response': empty; ")
     assert text.endswith("(and 4 more)")
+
+
+def test_a_file_that_is_not_parquet_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "d.parquet"
+    path.write_text("instruction,response\n")
+    with pytest.raises(DataFormatError, match=re.escape(f"{path}: not a readable Parquet file")):
+        read_records(str(path))

@@ -111,11 +111,13 @@ def skipped_summary(skipped: list[str]) -> str:
 
 
 def iter_rows(source: str, split: str = "train") -> Iterator[tuple[str, Any]]:
-    """(where, raw row) for every row of a .json/.jsonl/.csv file or a HF dataset split.
+    """(where, raw row) for every row of a .json/.jsonl/.csv/.parquet file, a
+    ``save_to_disk`` directory or a HF dataset split.
 
     ``where`` locates the row for error messages: ``path:LINE`` (JSONL, CSV), ``path: item N``
-    (JSON lists, 1-based) or ``name[split] row N``. A missing or unsupported file fails here,
-    before any row is read; malformed JSON fails when its line is reached.
+    (JSON lists, 1-based), ``path: row N`` (Parquet) or ``name[split] row N``. A missing or
+    unsupported file fails here, before any row is read; malformed JSON fails when its line
+    is reached.
     """
     path = Path(source)
     suffix = path.suffix.lower()
@@ -215,11 +217,12 @@ def _csv_rows(path: Path) -> Iterator[tuple[str, Any]]:
 
 def _parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
     """("<path>: row N", the row as a dict) of each row of a Parquet file (1-based)."""
-    import pyarrow.parquet as pq  # only this path needs it
+    import pyarrow as pa  # only this path needs it
+    import pyarrow.parquet as pq
 
     try:
         table = pq.read_table(path)
-    except Exception as err:  # pyarrow's errors share no base class; a bad file is bad input
+    except (pa.ArrowException, OSError) as err:  # not Parquet, or cut short: bad input
         raise DataFormatError(f"{path}: not a readable Parquet file: {err}") from None
     for number, row in enumerate(table.to_pylist(), start=1):
         yield f"{path}: row {number}", row
