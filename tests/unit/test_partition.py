@@ -22,7 +22,7 @@ from fedit.data.partition import (
 )
 from fedit.data.prepare import cap_records, prepare_preferences, prepare_records
 from fedit.data.readers import read_records, write_records_jsonl
-from fedit.data.records import Record
+from fedit.data.records import DataFormatError, Record
 
 DOLLY = Path(__file__).resolve().parents[2].parent / "shared/data/databricks-dolly-15k.jsonl"
 SIZES = {"a": 40, "b": 25, "c": 17, "d": 9, "e": 3}  # uneven on purpose: shards straddle
@@ -254,3 +254,77 @@ def test_partition_cli_reports_data_error(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["--out", str(tmp_path / "o"), "--set", f"data.path={bad}"])
     assert result.exit_code == 2
     assert "bad.jsonl:1: field 'response': empty" in result.output
+
+
+# --- per-client files: N from the files, max_records, the client -> file map (issue 28) ----
+
+
+def test_files_method_takes_num_clients_from_the_files(tmp_path: Path) -> None:
+    from fedit.config import load_config
+
+    pattern = write_client_files(make_records(), tmp_path)
+    files = ["partition.method=files", f"data.path={json.dumps(pattern)}"]
+    assert load_config(overrides=files).partition.num_clients == 3
+    typed = load_config(overrides=[*files, "partition.num_clients=4"])  # kept; prepare refuses
+    with pytest.raises(ConfigError, match="num_clients is 4 but data.path matches 3 files"):
+        prepare_records(typed)
+
+
+def test_files_method_honours_max_records(tmp_path: Path) -> None:
+    records = make_records()
+    cfg = RunConfig()
+    cfg.data.path, cfg.data.max_records = write_client_files(records, tmp_path), 30
+    cfg.data.heldout_per_category = 0
+    cfg.partition.method, cfg.partition.num_clients = "files", 3
+    prepared = prepare_records(cfg)
+    assert len(prepared.train) == 30
+    for k, part in enumerate(prepared.parts):  # each kept record stays with its file's client
+        assert {prepared.train[i] for i in part} <= set(records[k::3])
+
+
+def test_client_file_map_names_each_clients_file(tmp_path: Path) -> None:
+    from fedit.data.prepare import client_file_map
+
+    cfg = RunConfig()
+    cfg.data.path = write_client_files(make_records(), tmp_path)
+    cfg.partition.method, cfg.partition.num_clients = "files", 3
+    assert client_file_map(cfg) == {
+        str(k): {"data.path": str(tmp_path / f"client_{k}.jsonl")} for k in range(3)
+    }
+    cfg.partition.method = "iid"
+    assert client_file_map(cfg) == {}
+
+
+def test_skipped_records_of_every_file_are_named(tmp_path: Path) -> None:
+    records = make_records()
+    pattern = write_client_files(records, tmp_path)
+    with (tmp_path / "client_1.jsonl").open("a") as f:
+        f.write(json.dumps({"instruction": "q", "response": ""}) + "\n")
+    cfg = RunConfig()
+    cfg.data.path, cfg.data.on_bad_record = pattern, "skip"
+    cfg.partition.method, cfg.partition.num_clients = "files", 3
+    prepared = prepare_records(cfg)
+    assert prepared.skipped == [
+        f"{tmp_path / 'client_1.jsonl'}:{len(records[1::3]) + 1}: field 'response': empty"
+    ]
+    cfg.data.on_bad_record = "error"
+    with pytest.raises(DataFormatError, match="field 'response': empty"):
+        prepare_records(cfg)
+
+
+def test_partition_cli_names_skipped_records(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    write_records_jsonl(make_records(), path)
+    with path.open("a") as f:
+        f.write(json.dumps({"instruction": "x", "response": ""}) + "\n")
+    app = typer.Typer()
+    app.command()(partition)
+    sets = [f"data.path={path}", "data.on_bad_record=skip", "partition.num_clients=2"]
+    result = CliRunner().invoke(
+        app, ["--out", str(tmp_path / "o")] + [a for s in sets for a in ("--set", s)]
+    )
+    assert result.exit_code == 0, result.output
+    line = (
+        f"warning: skipped 1 bad records: {path}:{len(make_records()) + 1}: field 'response': empty"
+    )
+    assert line in result.output.replace("\n", "")

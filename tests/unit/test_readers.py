@@ -193,3 +193,87 @@ def test_crlf_jsonl_still_reads(tmp_path: Path) -> None:
     path = tmp_path / "d.jsonl"
     path.write_bytes(json.dumps(DOLLY_ROW).encode() + b"\r\n" + json.dumps(DOLLY_ROW).encode())
     assert len(read_records(str(path))) == 2
+
+
+# --- Parquet, save_to_disk directories, BOM CSV (issue 28) ---------------------------------
+
+
+def test_parquet_file(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.Table.from_pylist([DOLLY_ROW, {**DOLLY_ROW, "response": ""}]), path)
+    assert read_records(str(path), on_bad_record="skip") == [Record("Say hi", "hi", "", "open_qa")]
+    with pytest.raises(DataFormatError, match=re.escape(f"{path}: row 2: field 'response': empty")):
+        read_records(str(path))
+
+
+@pytest.mark.parametrize("dict_", [False, True])
+def test_save_to_disk_directory(tmp_path: Path, dict_: bool) -> None:
+    import datasets
+
+    dataset = datasets.Dataset.from_list([DOLLY_ROW, {**DOLLY_ROW, "category": "qa"}])
+    saved = datasets.DatasetDict({"train": dataset}) if dict_ else dataset
+    saved.save_to_disk(str(tmp_path / "saved"))
+    records = read_records(str(tmp_path / "saved"))
+    assert [r.category for r in records] == ["open_qa", "qa"]
+
+
+def test_save_to_disk_dict_names_its_splits(tmp_path: Path) -> None:
+    import datasets
+
+    saved = datasets.DatasetDict({"train": datasets.Dataset.from_list([DOLLY_ROW])})
+    saved.save_to_disk(str(tmp_path / "saved"))
+    with pytest.raises(DataFormatError, match="no split 'test'.*train"):
+        read_records(str(tmp_path / "saved"), split="test")
+
+
+def test_csv_with_utf8_bom(tmp_path: Path) -> None:
+    path = tmp_path / "d.csv"
+    path.write_bytes("\ufeffinstruction,response\nSay hi,hi\n".encode())
+    assert read_records(str(path)) == [Record("Say hi", "hi", "", "default")]
+
+
+# --- data.on_bad_record = "skip" ------------------------------------------------------------
+
+
+def test_skip_drops_and_names_each_bad_record(tmp_path: Path) -> None:
+    rows = [
+        DOLLY_ROW,
+        {**DOLLY_ROW, "response": " "},
+        {"instruction": "x"},
+        {**DOLLY_ROW, "context": 3},
+    ]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    skipped: list[str] = []
+    records = read_records(path, on_bad_record="skip", skipped=skipped)
+    assert records == [Record("Say hi", "hi", "", "open_qa")]
+    assert skipped == [
+        f"{path}:2: field 'response': empty",
+        f"{path}:3: field 'response': missing",
+        f"{path}:4: field 'context': expected a string, got int",
+    ]
+
+
+def test_skip_still_fails_a_file_without_one_good_record(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "d.jsonl", [{**DOLLY_ROW, "response": ""}])
+    with pytest.raises(
+        DataFormatError, match="no good record .skipped 1 bad records: .*:1: field 'response'"
+    ):
+        read_records(path, on_bad_record="skip")
+
+
+def test_skip_summary_is_capped() -> None:
+    from fedit.data.readers import skipped_summary
+
+    text = skipped_summary([f"d.jsonl:{n}: field 'response': empty" for n in range(1, 8)])
+    assert text.startswith("skipped 7 bad records: d.jsonl:1: field 'response': empty; ")
+    assert text.endswith("(and 4 more)")
+
+
+def test_a_file_that_is_not_parquet_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "d.parquet"
+    path.write_text("instruction,response\n")
+    with pytest.raises(DataFormatError, match=re.escape(f"{path}: not a readable Parquet file")):
+        read_records(str(path))

@@ -21,7 +21,7 @@ from rich.text import Text
 from fedit.cli.common import ConfigOption, OverrideOption, friendly_errors, resolve_config
 from fedit.data.partition import category_table, format_table, save_heatmap
 from fedit.data.prepare import prepare_records
-from fedit.data.readers import write_records_jsonl
+from fedit.data.readers import skipped_summary, write_records_jsonl
 
 
 def _rich_table(categories: list[str], counts: list[list[int]]) -> Table:
@@ -57,6 +57,8 @@ def partition(
         f"{len(train)} training records over {len(parts)} clients "
         f"({cfg.partition.method}), {len(heldout)} held out"
     )
+    if prepared.skipped:  # data.on_bad_record = "skip": never silent
+        console.print(f"warning: {skipped_summary(prepared.skipped)}", markup=False)
     outputs = ["heldout.jsonl", "partition_table.txt", "partition_heatmap.png", "config.toml"]
     console.print(f"wrote {out / 'client_'}{{0..{len(parts) - 1}}}.jsonl", markup=False)
     for name in outputs:

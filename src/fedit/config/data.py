@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import glob
 from dataclasses import dataclass
 
 from fedit.config.fields import ConfigError, require
 
 # see fedit.data.preferences
 PREFERENCE_FORMATS = ("auto", "plain", "hh", "ultrafeedback", "conversational")
+ON_BAD_RECORD = ("error", "skip")
 PREFERENCE_FIELDS = ("prompt", "chosen", "rejected", "category")  # category optional
 
 
@@ -47,6 +49,10 @@ class DataConfig:
     heldout_per_category: int = 10  # records per category set aside as the global test set
     heldout_path: str = ""  # a records file to use as the held-out set instead of splitting
     max_records: int | None = None  # keep only this many records (after a seeded shuffle)
+    # error: a malformed record (empty response, missing field, ...) stops the run, naming
+    # file, line and field; skip: it is dropped, and the skipped records are counted and
+    # named in the run's log (a file with no good record still fails)
+    on_bad_record: str = "error"
     synthetic_per_skill: int = 200  # for path = "synthetic": records generated per skill
     # DPO preference pairs (train.objective = dpo | sft_then_dpo; with sft they are only
     # scored): a .json/.jsonl/.csv file, a Hugging Face dataset name, or "synthetic" (the
@@ -73,6 +79,7 @@ class DataConfig:
             f"must be one of {', '.join(PREFERENCE_FORMATS)}",
         )
         parse_preference_fields(self.preference_fields)
+        require(self.on_bad_record in ON_BAD_RECORD, "data.on_bad_record", "must be error or skip")
         require(self.template in {"alpaca", "chat"}, "data.template", "must be alpaca or chat")
         require(
             self.system_prompt is None or self.template == "chat",
@@ -93,6 +100,8 @@ class PartitionConfig:
     """How training records are split over clients (see fedit.data.partition)."""
 
     method: str = "category_shards"
+    # N, the number of clients; with method = "files", unless typed, the number of files
+    # data.path (or data.preference_path) matches (a typed value must match it)
     num_clients: int = 10
     shards_per_client: int = 2  # category_shards: the FedIT paper's 2N shards, two per client
     alpha: float = 0.5  # dirichlet concentration (smaller = more skewed)
@@ -110,3 +119,15 @@ class PartitionConfig:
         require(self.alpha > 0, "partition.alpha", "must be positive")
         require(self.min_client_size >= 0, "partition.min_client_size", "must be >= 0")
         require(self.quantity_sigma > 0, "partition.quantity_sigma", "must be positive")
+
+
+def clients_from_files(data: DataConfig, partition: PartitionConfig) -> None:
+    """With partition.method = "files" and partition.num_clients not typed, N is the number
+    of files the data.path glob (or, for DPO-only data, data.preference_path) matches. None
+    matching (a coordinator holds no client file) leaves N as it is; reading the records
+    then names the glob that matched nothing."""
+    pattern = data.path or data.preference_path
+    if partition.method == "files" and pattern:
+        matches = glob.glob(pattern)
+        if matches:
+            partition.num_clients = len(matches)

@@ -11,6 +11,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
+from fedit.config.data import clients_from_files
 from fedit.config.fields import ConfigError, require
 from fedit.config.run import RunConfig
 from fedit.textfile import NotUTF8Error, read_utf8
@@ -128,7 +129,10 @@ def build_config(data: dict[str, Any], overrides: list[str] | None = None) -> Ru
 def _config_from(data: dict[str, Any], source: str, overrides: list[str] | None) -> RunConfig:
     _override(data, overrides)
     try:
-        return build_config(data).validate()
+        cfg = build_config(data)
+        if "num_clients" not in data.get("partition", {}):  # typed, it must match the files
+            clients_from_files(cfg.data, cfg.partition)
+        return cfg.validate()
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
 

@@ -5,7 +5,9 @@ sets aside the global held-out set and partitions the rest over clients. The
 ``partition`` command, the engine and the comparison driver all call it, so they always
 see the same split. With ``partition.method = "files"`` the clients come pre-partitioned:
 ``data.path`` is a glob and every matching file is one client's records, less the held-out
-set, which is set aside and removed exactly as for the other partitions.
+set, which is set aside and removed exactly as for the other partitions; ``data.max_records``
+caps the files' records together (a seeded choice, each kept record staying with its file's
+client), and ``client_file_map`` names each client's file for the run directory.
 
 ``prepare_preferences(cfg)`` does the same for DPO preference pairs (``data.preference_path``):
 the same cap, per-category held-out split and partitioner, so the two sets are split alike
@@ -17,7 +19,7 @@ from __future__ import annotations
 import glob
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -38,6 +40,7 @@ class PreparedRecords:
     heldout: list[Record]
     parts: list[list[int]]  # per client, indices into train
     removed_duplicates: int  # training records dropped because a held-out record equals them
+    skipped: list[str] = field(default_factory=list)  # data.on_bad_record = "skip": the dropped
 
 
 def cap_records(records: list[T], max_records: int | None, seed: int) -> list[T]:
@@ -64,6 +67,30 @@ def client_files(pattern: str, num_clients: int) -> list[str]:
     return paths
 
 
+def cap_owned(
+    items: list[T], owners: list[int], max_records: int | None, seed: int
+) -> tuple[list[T], list[int]]:
+    """``cap_records`` for per-client files: the same seeded choice of `max_records` items,
+    kept in file order, each with its owner."""
+    kept = sorted(cap_records(list(range(len(items))), max_records, seed))
+    return [items[i] for i in kept], [owners[i] for i in kept]
+
+
+def client_file_map(cfg: RunConfig) -> dict[str, dict[str, str]]:
+    """{client id: {"data.path": its file, ...}} of a run whose partition.method is "files"
+    (data.path and data.preference_path globs); empty for other methods, or where the files
+    are not here (a coordinator holds none)."""
+    if cfg.partition.method != "files":
+        return {}
+    found: dict[str, dict[str, str]] = {}
+    for key in ("path", "preference_path"):
+        pattern = getattr(cfg.data, key)
+        if pattern and glob.glob(pattern):
+            for k, path in enumerate(client_files(pattern, cfg.partition.num_clients)):
+                found.setdefault(str(k), {})[f"data.{key}"] = path
+    return found
+
+
 DATA_FILE_KEYS = ("path", "heldout_path", "preference_path", "heldout_preference_path")
 
 
@@ -79,12 +106,19 @@ def data_files(cfg: RunConfig) -> dict[str, list[str]]:
     return found
 
 
-def _read_source(cfg: RunConfig) -> list[Record]:
+def _read_source(cfg: RunConfig, skipped: list[str]) -> list[Record]:
     if cfg.data.path == "synthetic":
         from fedit.data.synthetic import generate_records
 
         return generate_records(cfg.data.synthetic_per_skill, cfg.seed)
-    return read_records(cfg.data.path, cfg.data.fields, cfg.data.split)
+    return _read(cfg.data.path, cfg, skipped, cfg.data.split)
+
+
+def _read(path: str, cfg: RunConfig, skipped: list[str], split: str = "train") -> list[Record]:
+    """A records file read as data.fields and data.on_bad_record say, skipped ones named
+    into `skipped`."""
+    data = cfg.data
+    return read_records(path, data.fields, split, data.on_bad_record, skipped)
 
 
 def hold_out(
@@ -151,21 +185,21 @@ def prepare_records(cfg: RunConfig) -> PreparedRecords:
     data = cfg.data
     if not data.path:  # a DPO-only config: its pairs come from prepare_preferences
         raise ConfigError("data.path: not set, so this run has no instruction records")
-    heldout_file = read_records(data.heldout_path, data.fields) if data.heldout_path else None
+    skipped: list[str] = []
+    heldout_file = _read(data.heldout_path, cfg, skipped) if data.heldout_path else None
     owners = None
     if cfg.partition.method == "files":
-        records, owners = _read_client_files(
-            data.path, cfg, lambda path: read_records(path, data.fields)
-        )
+        records, owners = _read_client_files(data.path, cfg, lambda path: _read(path, cfg, skipped))
+        records, owners = cap_owned(records, owners, data.max_records, cfg.seed)
     else:
-        records = cap_records(_read_source(cfg), data.max_records, cfg.seed)
-    return PreparedRecords(*_split(records, owners, heldout_file, cfg, _record_prompt))
+        records = cap_records(_read_source(cfg, skipped), data.max_records, cfg.seed)
+    return PreparedRecords(*_split(records, owners, heldout_file, cfg, _record_prompt), skipped)
 
 
 def load_heldout(cfg: RunConfig) -> list[Record]:
     """Only the held-out records of a run config (for evaluation commands)."""
     if cfg.data.heldout_path:
-        return read_records(cfg.data.heldout_path, cfg.data.fields)
+        return _read(cfg.data.heldout_path, cfg, [])
     return prepare_records(cfg).heldout
 
 
@@ -207,6 +241,7 @@ def prepare_preferences(cfg: RunConfig) -> PreparedPreferences:
         pairs, owners = _read_client_files(
             data.preference_path, cfg, lambda path: _read_preference_source(cfg, path)
         )
+        pairs, owners = cap_owned(pairs, owners, data.max_records, cfg.seed)
     else:
         pairs = cap_records(
             _read_preference_source(cfg, data.preference_path), data.max_records, cfg.seed

@@ -1,8 +1,10 @@
-"""Read instruction records from JSON, JSONL, CSV files or a Hugging Face dataset.
+"""Read instruction records from JSON, JSONL, CSV, Parquet files, a ``Dataset.save_to_disk``
+directory or a Hugging Face dataset.
 
 ``read_records("data/dolly.jsonl")`` returns validated ``Record`` objects; any malformed
 record raises ``DataFormatError`` naming the file, the line (or item) and the field, e.g.
-``data/x.jsonl:17: field 'response': empty``. ``write_records_jsonl`` writes records back
+``data/x.jsonl:17: field 'response': empty``; with ``on_bad_record="skip"`` such records
+are dropped and named instead (``skipped_summary``). ``write_records_jsonl`` writes records back
 in Dolly's fields, which ``read_records`` reads again unchanged.
 """
 
@@ -32,7 +34,8 @@ FIELD_MAPS: dict[str, dict[str, str]] = {
 }
 REQUIRED = ("instruction", "response")
 OPTIONAL = ("context", "category")
-FILE_SUFFIXES = (".json", ".jsonl", ".csv")
+FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+SKIPPED_SHOWN = 3  # skipped records named in a summary line; the rest are counted
 # Keys under which conversation layouts keep a whole dialogue (OpenAI's, ShareGPT's), and
 # the key of Alpaca's earlier turns (LLaMA-Factory's "history"). fedit reads one prompt and
 # one response per record, so such a record is refused rather than read without its turns.
@@ -63,34 +66,72 @@ def parse_fields(fields: str) -> dict[str, str]:
     return mapping
 
 
-def read_records(source: str, fields: str = "dolly", split: str = "train") -> list[Record]:
-    """Read and validate every record of a file (.json/.jsonl/.csv) or a HF dataset name.
+def read_records(
+    source: str,
+    fields: str = "dolly",
+    split: str = "train",
+    on_bad_record: str = "error",
+    skipped: list[str] | None = None,
+) -> list[Record]:
+    """Read and validate every record of a file (.json/.jsonl/.csv/.parquet), a
+    ``save_to_disk`` directory or a HF dataset name.
 
-    The file readers are hand-written rather than ``datasets.load_dataset``'s because an
-    error must name the file, line and field, which the ``datasets`` loaders do not.
+    ``on_bad_record="skip"`` drops each malformed record instead of raising, appending its
+    error line to `skipped` (when given) so the caller can report it; a source without one
+    good record still fails. The text readers are hand-written rather than
+    ``datasets.load_dataset``'s because an error must name the file, line and field, which
+    the ``datasets`` loaders do not.
     """
     mapping = parse_fields(fields)
-    records = [to_record(row, mapping, where) for where, row in iter_rows(source, split)]
+    bad: list[str] = []
+    records = []
+    for where, row in iter_rows(source, split):
+        try:
+            records.append(to_record(row, mapping, where))
+        except DataFormatError as err:
+            if on_bad_record != "skip":
+                raise
+            bad.append(str(err))
+    if not records and bad:
+        raise DataFormatError(f"{source}: no good record ({skipped_summary(bad)})")
     if not records:
         raise DataFormatError(f"{source}: no records")
+    if skipped is not None:
+        skipped += bad
     return records
 
 
+def skipped_summary(skipped: list[str]) -> str:
+    """One line naming the first skipped records and counting the rest."""
+    shown = "; ".join(skipped[:SKIPPED_SHOWN])
+    more = len(skipped) - SKIPPED_SHOWN
+    return f"skipped {len(skipped)} bad records: {shown}" + (
+        f" (and {more} more)" if more > 0 else ""
+    )
+
+
 def iter_rows(source: str, split: str = "train") -> Iterator[tuple[str, Any]]:
-    """(where, raw row) for every row of a .json/.jsonl/.csv file or a HF dataset split.
+    """(where, raw row) for every row of a .json/.jsonl/.csv/.parquet file, a
+    ``save_to_disk`` directory or a HF dataset split.
 
     ``where`` locates the row for error messages: ``path:LINE`` (JSONL, CSV), ``path: item N``
-    (JSON lists, 1-based) or ``name[split] row N``. A missing or unsupported file fails here,
-    before any row is read; malformed JSON fails when its line is reached.
+    (JSON lists, 1-based), ``path: row N`` (Parquet) or ``name[split] row N``. A missing or
+    unsupported file fails here, before any row is read; malformed JSON fails when its line
+    is reached.
     """
     path = Path(source)
     suffix = path.suffix.lower()
+    if is_saved_dataset(path):
+        return _saved_rows(path, split)
     if suffix in FILE_SUFFIXES or path.is_file():
         if not path.is_file():
             raise DataFormatError(f"{source}: file not found")
         if suffix not in FILE_SUFFIXES:
-            raise DataFormatError(f"{source}: unsupported file type (use .json, .jsonl or .csv)")
-        return {".json": _json_rows, ".jsonl": jsonl_rows, ".csv": _csv_rows}[suffix](path)
+            raise DataFormatError(
+                f"{source}: unsupported file type (use .json, .jsonl, .csv or .parquet)"
+            )
+        readers = {".json": _json_rows, ".jsonl": jsonl_rows, ".csv": _csv_rows}
+        return readers.get(suffix, _parquet_rows)(path)
     return _hf_rows(source, split)
 
 
@@ -132,7 +173,8 @@ def refuse_conversation(row: dict, where: str, keys: tuple[str, ...] = CONVERSAT
 
 def _read_text(path: Path) -> str:
     try:
-        return read_utf8(path)
+        # A byte-order mark (Excel's "CSV UTF-8") would otherwise stick to the first key.
+        return read_utf8(path).removeprefix("\ufeff")
     except NotUTF8Error as err:
         raise DataFormatError(str(err)) from None
 
@@ -171,6 +213,41 @@ def _csv_rows(path: Path) -> Iterator[tuple[str, Any]]:
         yield f"{path}:{start}", row
         # A quoted field may span lines; the next row starts after this one ends.
         start = reader.line_num + 1
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    """("<path>: row N", the row as a dict) of each row of a Parquet file (1-based)."""
+    import pyarrow as pa  # only this path needs it
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as err:  # not Parquet, or cut short: bad input
+        raise DataFormatError(f"{path}: not a readable Parquet file: {err}") from None
+    for number, row in enumerate(table.to_pylist(), start=1):
+        yield f"{path}: row {number}", row
+
+
+def is_saved_dataset(path: Path) -> bool:
+    """Whether `path` is a directory ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``
+    wrote (its marker files; ``datasets.load_dataset`` refuses such a directory)."""
+    return (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
+
+
+def _saved_rows(path: Path, split: str) -> Iterator[tuple[str, Any]]:
+    """Rows of a ``save_to_disk`` directory; of a saved DatasetDict, the rows of `split`."""
+    import datasets  # slow to import; only this path needs it
+
+    dataset = datasets.load_from_disk(str(path))
+    name = str(path)
+    if isinstance(dataset, datasets.DatasetDict):
+        if split not in dataset:
+            raise DataFormatError(
+                f"{path}: no split {split!r} (data.split; it has {', '.join(dataset)})"
+            )
+        dataset, name = dataset[split], f"{path}[{split}]"
+    for number, row in enumerate(dataset, start=1):
+        yield f"{name} row {number}", row
 
 
 def _hf_rows(name: str, split: str) -> Iterator[tuple[str, Any]]:

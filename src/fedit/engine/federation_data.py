@@ -46,6 +46,7 @@ class FederationData:
     # what max_seq_len left of the held-out set: a warning when it emptied a non-empty one
     heldout_warnings: list[str] = field(default_factory=list)
     heldout_records: list[Record] = field(default_factory=list)  # for generation scores
+    skipped: list[str] = field(default_factory=list)  # data.on_bad_record = "skip": dropped
 
     @property
     def num_clients(self) -> int:
@@ -97,13 +98,24 @@ def _prepare_records(cfg: RunConfig, tokenizer) -> FederationData:
         _check_not_empty(cfg, clients, reports, "records")
         _check_steps(cfg, sizes or [len(c) for c in clients])
     data = FederationData(clients, heldout_examples, total, sizes)
-    data.heldout_records = prepared.heldout
+    data.heldout_records, data.skipped = prepared.heldout, prepared.skipped
+    if not prepared.heldout:
+        data.heldout_warnings.append(nothing_held_out(cfg))
     if prepared.heldout and not heldout_examples:
         data.heldout_warnings.append(
             f"held-out set: {dropped_reason(cfg, heldout_report, 'records')}; "
             "no held-out loss will be reported"
         )
     return data
+
+
+def nothing_held_out(cfg: RunConfig) -> str:
+    """Why no record is held out, and what it costs: every record trains."""
+    return (
+        f"no record is held out (data.heldout_per_category = {cfg.data.heldout_per_category}, "
+        "no data.heldout_path): every record trains and no held-out loss will be reported; "
+        "set either to measure the global model"
+    )
 
 
 def _records_to_tokenize(cfg: RunConfig, train: list, parts: list[list[int]]) -> list[list]:

@@ -7,7 +7,9 @@ view rebuilt from them, so a crash at any point leaves one line per committed ro
 
 inputs.json holds the content fingerprints (fedit.fingerprint) of the files the run read
 its data and its base model from, written when it starts; --resume refuses a run whose
-files changed since, though their paths (in the config) did not.
+files changed since, though their paths (in the config) did not. With per-client files
+(partition.method = "files") clients.json names each client's file, {client id:
+{"data.path": file}}, so a client's numbers can be traced to the data it trained on.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from fedit.config import ConfigError, RunConfig, load_config, to_toml
-from fedit.data.prepare import data_files
+from fedit.data.prepare import client_file_map, data_files
 from fedit.engine.checkpoint import metrics_record, round_dir
 from fedit.errors import write_atomic, write_error
 from fedit.fingerprint import content_hash, sampled_fingerprint
@@ -31,6 +33,7 @@ console = Console(stderr=True)
 METRICS = "metrics.jsonl"
 CONFIG = "config.toml"
 INPUTS = "inputs.json"
+CLIENT_FILES = "clients.json"
 LEGACY_CLIENT_STATE = "client_state"  # c_k of older fedit, written before the round committed
 
 # Keys a resumed run may change: they cannot alter the maths of the rounds already trained
@@ -182,7 +185,8 @@ def prepare_run_dir(output_dir: Path, cfg: RunConfig, done: list[int]) -> None:
     also removes an earlier attempt's metrics and client state, so none of it leaks in.
     config.toml is (re)written only when it differs from the run's config (a resume may
     have changed RESUMABLE_KEYS), inputs.json at a fresh start (or on the first resume of
-    an older run dir), and metrics.jsonl is rebuilt from the committed rounds.
+    an older run dir), clients.json with per-client files, and metrics.jsonl is rebuilt
+    from the committed rounds.
     """
     output_dir.mkdir(parents=True, exist_ok=True)
     stale = list(output_dir.glob(".tmp-*"))
@@ -197,6 +201,9 @@ def prepare_run_dir(output_dir: Path, cfg: RunConfig, done: list[int]) -> None:
         write_atomic(config, text)
     if not done or not (output_dir / INPUTS).is_file():  # a resume checked them
         write_atomic(output_dir / INPUTS, json.dumps(input_fingerprints(cfg), indent=1))
+    clients = client_file_map(cfg)  # the files are those inputs.json fingerprints
+    if clients:
+        write_atomic(output_dir / CLIENT_FILES, json.dumps(clients, indent=1))
     rebuild_metrics(output_dir, done)
 
 

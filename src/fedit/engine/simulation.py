@@ -42,6 +42,7 @@ from fedit.client.precision import half_precision_frozen_weights
 from fedit.client.session import LocalClient
 from fedit.client.trainer import steps_per_round
 from fedit.config import RunConfig, TrainConfig, rules
+from fedit.data.readers import skipped_summary
 from fedit.engine.assembly import (
     assemble,
     federation_heldout,
@@ -142,12 +143,16 @@ class Simulation:
                 f", {sum(map(len, data.clients))} training records, {len(data.heldout)} held "
                 f"out; {data.report.summary()}"
             )
+            if data.skipped:
+                text += f", {len(data.skipped)} bad record(s) skipped"
         if data.pair_report is not None:
             text += (
                 f"; {sum(map(len, data.pair_clients))} training pairs, "
                 f"{len(data.heldout_pairs)} held out; {data.pair_report.summary()}"
             )
         console.print(text)
+        if data.skipped:  # data.on_bad_record = "skip": never silent
+            console.print(f"[bold yellow]warning[/]: {escape(skipped_summary(data.skipped))}")
         for warning in data.heldout_warnings:  # e.g. max_seq_len dropped every held-out record
             console.print(f"[bold yellow]warning[/]: {escape(warning)}")
 
