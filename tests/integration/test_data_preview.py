@@ -80,6 +80,25 @@ def test_preview_marks_exactly_the_label_tokens(tiny_model_dir: Path) -> None:
     assert "Records per client and category" in done.output  # the partition's table
 
 
+def test_a_preference_pair_shows_both_responses_marked(tiny_model_dir: Path) -> None:
+    sets = [*preview_sets(tiny_model_dir), "--set", "data.preference_path=synthetic"]
+    sets += ["--set", "train.objective=dpo", "--set", "dpo.max_prompt_len=300"]
+    done = runner.invoke(app, ["data", "preview", *sets, "--records", "1"])
+    assert done.exit_code == 0, done.output
+    cfg = load_config(None, [s for s in sets if s != "--set"])
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    pair = prepare_data(cfg, tokenizer).pair_clients[0][0]
+    prompt = decode(tokenizer, pair.prompt_ids)
+    for side, response in (("chosen", pair.chosen_ids), ("rejected", pair.rejected_ids)):
+        length = len(pair.prompt_ids) + len(response)
+        assert (
+            f"client 0, pair 0, {side}: {length} tokens, {len(response)} with loss" in done.output
+        )
+        marked = prompt + LOSS_OPEN + decode(tokenizer, response) + LOSS_CLOSE
+        assert marked in done.output
+    assert "Preference pairs per client and category" in done.output
+
+
 def decode(tokenizer, ids: list[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 

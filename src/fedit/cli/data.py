@@ -8,13 +8,15 @@ functions a run uses (fedit.engine.federation_data.prepare_data): records are re
 out, partitioned and tokenised once. It prints records as the model sees them, the
 loss-carrying tokens between ⟦ and ⟧ (and highlighted on a terminal), then the clients ×
 categories table of `fedit partition`. Any tokenised record shows this way, whatever format
-it was read from: the marks come from its labels.
+it was read from: the marks come from its labels. A preference pair shows as two rows, the
+prompt followed by the chosen and by the rejected response, the response marked (the
+tokens whose log-probabilities DPO compares).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Annotated
+from collections.abc import Iterator, Sequence
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -24,7 +26,7 @@ from fedit.cli.common import ConfigOption, OverrideOption, friendly_errors, reso
 from fedit.cli.partition import rich_table
 from fedit.config import ConfigError, RunConfig
 from fedit.data.partition import category_table
-from fedit.data.prepare import prepare_records
+from fedit.data.prepare import prepare_preferences, prepare_records
 from fedit.data.tokenize import IGNORE_INDEX
 
 app = typer.Typer(
@@ -41,31 +43,49 @@ LOSS_STYLE = "bold green"
 def preview(
     config: ConfigOption = None,
     set_: OverrideOption = None,
-    records: Annotated[int, typer.Option("--records", min=0, help="Records to show")] = 3,
+    records: Annotated[
+        int, typer.Option("--records", min=0, help="Records (and preference pairs) to show")
+    ] = 3,
     client: Annotated[
         int | None,
         typer.Option("--client", min=0, help="Show this client's records only (federated mode)"),
     ] = None,
 ) -> None:
-    """A few training records rendered as the model sees them, loss-carrying tokens marked
-    ⟦like this⟧, then the records per client and category."""
+    """A few training records (and preference pairs) rendered as the model sees them,
+    loss-carrying tokens marked ⟦like this⟧, then the items per client and category."""
     from fedit.engine.federation_data import prepare_data  # torch only now
     from fedit.models.loading import load_tokenizer
 
     cfg = resolve_config(config, set_)
-    if not cfg.data.path:
-        raise ConfigError("data.path: unset; `fedit data preview` shows SFT records only")
     tokenizer = load_tokenizer(cfg.model)
     data = prepare_data(cfg, tokenizer)
     console = Console(soft_wrap=True, highlight=False)
-    clients = _clients_to_show(cfg, len(data.clients), client)
-    for name, example in _first_examples(cfg, data.clients, clients, records):
-        console.print(_header(cfg, name, example.input_ids, example.labels), markup=False)
-        console.print(marked_text(tokenizer, example.input_ids, example.labels))
-        console.print()
+    if cfg.data.path:
+        _preview_records(console, cfg, tokenizer, data, client, records)
+    if cfg.data.preference_path:
+        _preview_pairs(console, cfg, tokenizer, data, client, records)
+
+
+def _preview_records(console: Console, cfg: RunConfig, tokenizer, data, client, limit) -> None:
+    chosen = _clients_to_show(cfg, len(data.clients), client)
+    for name, example in _first_items(cfg, data.clients, chosen, limit, "record"):
+        _show(console, cfg, tokenizer, name, example.input_ids, example.labels)
     prepared = prepare_records(cfg)  # the partition `fedit partition` prints
     console.print(rich_table(*category_table(prepared.train, prepared.parts)))
-    console.print(f"{cfg.federation.mode}: {data.report.summary()}", markup=False)
+    console.print(data.report.summary(), markup=False)
+
+
+def _preview_pairs(console: Console, cfg: RunConfig, tokenizer, data, client, limit) -> None:
+    chosen = _clients_to_show(cfg, len(data.pair_clients), client)
+    for name, pair in _first_items(cfg, data.pair_clients, chosen, limit, "pair"):
+        for side, response in (("chosen", pair.chosen_ids), ("rejected", pair.rejected_ids)):
+            # as collate_pairs scores it: the response's tokens after the prompt
+            ids, labels = pair.prompt_ids + response, [IGNORE_INDEX] * len(pair.prompt_ids)
+            _show(console, cfg, tokenizer, f"{name}, {side}", ids, labels + response)
+    pairs = prepare_preferences(cfg)  # the same split, as pairs
+    title = "Preference pairs per client and category"
+    console.print(rich_table(*category_table(pairs.train, pairs.parts), title=title))
+    console.print(data.pair_report.summary(), markup=False)
 
 
 def _clients_to_show(cfg: RunConfig, count: int, client: int | None) -> list[int]:
@@ -78,23 +98,32 @@ def _clients_to_show(cfg: RunConfig, count: int, client: int | None) -> list[int
     return [client]
 
 
-def _first_examples(cfg: RunConfig, per_client: Sequence, clients: list[int], limit: int):
-    """Up to `limit` (name, example) pairs, taking each client's next record in turn."""
+def _first_items(
+    cfg: RunConfig, per_client: Sequence[Sequence], clients: list[int], limit: int, what: str
+) -> Iterator[tuple[str, Any]]:
+    """Up to `limit` (name, item) pairs, taking each client's next item in turn."""
     shown, depth = 0, 0
     while shown < limit and any(depth < len(per_client[k]) for k in clients):
         for k in clients:
             if shown < limit and depth < len(per_client[k]):
-                yield _client_label(cfg, k, depth), per_client[k][depth]
+                yield f"{_client_name(cfg, k)}, {what} {depth}", per_client[k][depth]
                 shown += 1
         depth += 1
 
 
-def _client_label(cfg: RunConfig, index: int, record: int) -> str:
+def _client_name(cfg: RunConfig, index: int) -> str:
     mode = cfg.federation.mode
     if mode == "centralized":
-        return f"pooled client, record {record}"
-    who = cfg.federation.local_client if mode == "local" else index
-    return f"client {who}, record {record}"
+        return "pooled client"
+    return f"client {cfg.federation.local_client if mode == 'local' else index}"
+
+
+def _show(
+    console: Console, cfg: RunConfig, tokenizer, name: str, ids: list[int], labels: list[int]
+):
+    console.print(_header(cfg, name, ids, labels), markup=False)
+    console.print(marked_text(tokenizer, ids, labels))
+    console.print()
 
 
 def _header(cfg: RunConfig, name: str, input_ids: list[int], labels: list[int]) -> str:

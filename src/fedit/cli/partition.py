@@ -24,8 +24,10 @@ from fedit.data.prepare import prepare_records
 from fedit.data.readers import write_records_jsonl
 
 
-def rich_table(categories: list[str], counts: list[list[int]]) -> Table:
-    table = Table("client", "total", title="Records per client and category")
+def rich_table(
+    categories: list[str], counts: list[list[int]], title: str = "Records per client and category"
+) -> Table:
+    table = Table("client", "total", title=title)
     for category in categories:
         table.add_column(Text(category))  # Text: a category name is not markup
     for client, row in enumerate(counts):
