@@ -8,7 +8,7 @@ from pathlib import Path
 from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
-from fedit.cli.data import LOSS_CLOSE, LOSS_OPEN, loss_segments
+from fedit.cli.data import LOSS_CLOSE, LOSS_OPEN, LOSS_STYLE, loss_segments, marked_text
 from fedit.cli.main import app
 from fedit.config import load_config
 from fedit.data.tokenize import IGNORE_INDEX
@@ -62,6 +62,17 @@ def test_segments_mark_every_labelled_run_and_join_to_the_whole_text() -> None:
     assert [m.strip() for m in marked] == [decode(ids[a:b]).strip() for a, b in (first, second)]
 
 
+def test_on_a_terminal_the_marked_runs_are_also_styled() -> None:
+    tokenizer = sentencepiece_tokenizer()
+    ids = tokenizer("Red is a color.", add_special_tokens=False)["input_ids"]
+    labels = [IGNORE_INDEX] * 2 + ids[2:]
+    text = marked_text(tokenizer, ids, labels)
+    styled = [text.plain[span.start : span.end] for span in text.spans if span.style == LOSS_STYLE]
+    assert styled == [
+        LOSS_OPEN + decode(tokenizer, ids)[len(decode(tokenizer, ids[:2])) :] + LOSS_CLOSE
+    ]
+
+
 def test_preview_marks_exactly_the_label_tokens(tiny_model_dir: Path) -> None:
     sets = preview_sets(tiny_model_dir)
     done = runner.invoke(app, ["data", "preview", *sets, "--records", "1"])
@@ -78,6 +89,8 @@ def test_preview_marks_exactly_the_label_tokens(tiny_model_dir: Path) -> None:
     assert expected + LOSS_CLOSE in done.output
     assert done.output.count(LOSS_OPEN) == done.output.count(LOSS_CLOSE) == 1
     assert "Records per client and category" in done.output  # the partition's table
+    # in a pipe, its plain text: no category name cut to fit 80 columns
+    assert "name_age_json" in done.output.split("Records per client and category")[1]
 
 
 def test_a_preference_pair_shows_both_responses_marked(tiny_model_dir: Path) -> None:

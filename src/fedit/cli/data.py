@@ -25,7 +25,7 @@ from rich.text import Text
 from fedit.cli.common import ConfigOption, OverrideOption, friendly_errors, resolve_config
 from fedit.cli.partition import rich_table
 from fedit.config import ConfigError, RunConfig
-from fedit.data.partition import category_table
+from fedit.data.partition import category_table, format_table
 from fedit.data.prepare import prepare_preferences, prepare_records
 from fedit.data.tokenize import IGNORE_INDEX
 
@@ -71,7 +71,7 @@ def _preview_records(console: Console, cfg: RunConfig, tokenizer, data, client, 
     for name, example in _first_items(cfg, data.clients, chosen, limit, "record"):
         _show(console, cfg, tokenizer, name, example.input_ids, example.labels)
     prepared = prepare_records(cfg)  # the partition `fedit partition` prints
-    console.print(rich_table(*category_table(prepared.train, prepared.parts)))
+    _print_table(console, category_table(prepared.train, prepared.parts))
     console.print(data.report.summary(), markup=False)
 
 
@@ -84,8 +84,22 @@ def _preview_pairs(console: Console, cfg: RunConfig, tokenizer, data, client, li
             _show(console, cfg, tokenizer, f"{name}, {side}", ids, labels + response)
     pairs = prepare_preferences(cfg)  # the same split, as pairs
     title = "Preference pairs per client and category"
-    console.print(rich_table(*category_table(pairs.train, pairs.parts), title=title))
+    _print_table(console, category_table(pairs.train, pairs.parts), title)
     console.print(data.pair_report.summary(), markup=False)
+
+
+def _print_table(
+    console: Console,
+    table: tuple[list[str], list[list[int]]],
+    title: str = "Records per client and category",
+) -> None:
+    """`fedit partition`'s table: drawn on a terminal; in a pipe, the plain text it writes to
+    partition_table.txt, whose columns are never cut to 80 characters."""
+    if console.is_terminal:
+        console.print(rich_table(*table, title=title))
+    else:
+        console.print(title, markup=False)
+        console.print(format_table(*table), markup=False)
 
 
 def _clients_to_show(cfg: RunConfig, count: int, client: int | None) -> list[int]:
