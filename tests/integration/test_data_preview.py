@@ -3,6 +3,7 @@ between ⟦ ⟧ exactly where the tokenised record's labels are, and the partiti
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from transformers import AutoTokenizer
@@ -125,6 +126,21 @@ def test_client_picks_one_clients_records(tiny_model_dir: Path) -> None:
     beyond = runner.invoke(app, ["data", "preview", *sets, "--client", "3"])
     assert beyond.exit_code == 2
     assert beyond.output.strip() == "error: --client 3: the run has clients 0..2"
+
+
+def test_text_that_looks_like_markup_is_shown_as_it_is(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    row = {"instruction": "Say [bold]hi[/bold].", "context": "", "response": "[red]hi"}
+    rows = [{**row, "category": "[c]"}, {**row, "category": "[c]"}]
+    (tmp_path / "markup.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sets = [*preview_sets(tiny_model_dir), "--set", f"data.path={tmp_path / 'markup.jsonl'}"]
+    sets += ["--set", "partition.num_clients=1", "--set", "data.heldout_per_category=0"]
+    done = runner.invoke(app, ["data", "preview", *sets, "--records", "1"])
+    assert done.exit_code == 0, done.output
+    assert "Say [bold]hi[/bold]." in done.output
+    assert f"{LOSS_OPEN}[red]hi" in done.output
+    assert "[c]" in done.output  # the category's column
 
 
 def test_a_bad_config_is_one_line_and_exit_2(tiny_model_dir: Path) -> None:
