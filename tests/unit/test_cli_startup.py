@@ -27,6 +27,9 @@ HEAVY = (
 COMMANDS = [
     "train",
     "partition",
+    "config",
+    "data",
+    "data preview",
     "compare",
     "eval",
     "generate",

@@ -11,6 +11,8 @@ import typer
 from fedit.cli import (
     certs,
     compare,
+    config,
+    data,
     deploy,
     evaluate,
     export,
@@ -37,6 +39,8 @@ app = typer.Typer(
 )
 app.command("train")(train.train)
 app.command("partition")(partition.partition)
+app.add_typer(data.app, name="data")
+app.command("config")(config.config)
 app.command("compare")(compare.compare)
 app.command("personalize")(personalize.personalize)
 app.command("eval")(evaluate.evaluate)

@@ -24,8 +24,10 @@ from fedit.data.prepare import prepare_records
 from fedit.data.readers import skipped_summary, write_records_jsonl
 
 
-def _rich_table(categories: list[str], counts: list[list[int]]) -> Table:
-    table = Table("client", "total", title="Records per client and category")
+def rich_table(
+    categories: list[str], counts: list[list[int]], title: str = "Records per client and category"
+) -> Table:
+    table = Table("client", "total", title=title)
     for category in categories:
         table.add_column(Text(category))  # Text: a category name is not markup
     for client, row in enumerate(counts):
@@ -52,7 +54,7 @@ def partition(
     save_heatmap(categories, counts, out / "partition_heatmap.png")
     cfg.save(out / "config.toml")  # so the files can be traced back to what produced them
     console = Console(soft_wrap=True)
-    console.print(_rich_table(categories, counts))
+    console.print(rich_table(categories, counts))
     console.print(
         f"{len(train)} training records over {len(parts)} clients "
         f"({cfg.partition.method}), {len(heldout)} held out"

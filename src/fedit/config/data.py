@@ -44,6 +44,8 @@ class DataConfig:
     # chat: a system turn put first; unset: the chat template's own default (SmolLM2 writes
     # "You are a helpful AI assistant named SmolLM, ..."); "" an empty one (fewer tokens)
     system_prompt: str | None = None
+    # tokens per record (prompt + response); longer records are truncated and counted; a record
+    # whose response would be cut away entirely is never trained on
     max_seq_len: int = 256
     train_on_prompt: bool = False  # False: loss on response tokens only
     heldout_per_category: int = 10  # records per category set aside as the global test set
@@ -99,6 +101,8 @@ PARTITION_METHODS = ("category_shards", "dirichlet", "iid", "quantity_skew", "fi
 class PartitionConfig:
     """How training records are split over clients (see fedit.data.partition)."""
 
+    # category_shards (the FedIT paper: category-sorted, 2N shards, two per client) | dirichlet |
+    # iid | quantity_skew | files (data.path is a glob, one file per client)
     method: str = "category_shards"
     # N, the number of clients; with method = "files", unless typed, the number of files
     # data.path (or data.preference_path) matches (a typed value must match it)

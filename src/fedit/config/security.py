@@ -30,8 +30,11 @@ class PrivacyConfig:
     mode: str = "off"  # off | central | local
     clip_norm: float = 1.0  # C
     noise_multiplier: float | None = None  # σ; or set target_epsilon
+    # ε after federation.rounds rounds; σ is searched so that ε ≤ it (or set noise_multiplier)
     target_epsilon: float | None = None
     delta: float | None = None  # unset: 1 / N² (N = number of clients)
+    # derive the noise seed (and, central, the client selection) from the run seed: for experiments
+    # and tests only, it voids the guarantee against anyone who has the config
     reproducible_noise: bool = False
     accountant: str = "pld"  # pld | rdp
 

@@ -18,8 +18,10 @@ class CompressionConfig:
     Downloads stay float32: the global adapter is the point every client's Δ is taken
     from, so both ends must hold it bit for bit."""
 
-    upload: str = "none"
+    upload: str = "none"  # none (float32 y_k) | bf16 | int8 (per-slice absmax) | topk
+    # topk: the ⌈topk_fraction·n⌉ largest-|v| entries of each tensor are sent
     topk_fraction: float = 0.1
+    # a lossy codec sends Δ + e and the client keeps e, what it dropped, for its next round
     error_feedback: bool = True
 
     def validate(self) -> None:
@@ -48,7 +50,7 @@ class SystemConfig:
     upload) passes ``deadline``, is dropped without training. Every round's metrics line
     gets its simulated seconds and the clock so far."""
 
-    enabled: bool = False
+    enabled: bool = False  # simulated devices on (simulation only)
     step_seconds: float = 1.0  # a speed-1 device's seconds per optimizer step
     speed_spread: float = 0.0  # σ of ln(speed) across clients (0: all alike)
     bandwidth_mbps: float = 20.0  # median link, megabits per second each way
@@ -56,7 +58,7 @@ class SystemConfig:
     dropout: float = 0.0  # probability that a client is offline in a round
     deadline: float = 0.0  # simulated seconds a round waits for replies (0: for all of them)
     speeds: list[float] = field(default_factory=list)  # per client, instead of the draw
-    bandwidths_mbps: list[float] = field(default_factory=list)
+    bandwidths_mbps: list[float] = field(default_factory=list)  # per client, instead of the draw
     availabilities: list[float] = field(default_factory=list)  # per client, instead of dropout
 
     def validate(self) -> None:

@@ -19,20 +19,20 @@ MAX_STEPS_PER_ROUND = 1_000_000
 class TrainConfig:
     """The local training loop every client runs each round."""
 
-    micro_batch_size: int = 4
+    micro_batch_size: int = 4  # records per micro-batch (with DPO: pairs)
     grad_accum_steps: int = 2  # optimizer batch = micro_batch_size * grad_accum_steps
     # split micro-batches further so no training forward exceeds this many padded tokens
     # (bounds peak activation memory on long records; a DPO pair counts both its sequences,
     # which stay in one forward). Same gradient only with lora.dropout = 0: dropout masks are
     # drawn per forward. None: micro_batch_size only.
     max_tokens_per_forward: int | None = None
-    local_epochs: float = 1.0
+    local_epochs: float = 1.0  # passes over a client's records per round (unless max_steps is set)
     max_steps: int | None = None  # optimizer steps per client per round; overrides local_epochs
-    learning_rate: float = 1.5e-4
+    learning_rate: float = 1.5e-4  # the clients' AdamW learning rate
     lr_schedule: str = "constant"  # constant | cosine (decayed across rounds)
     min_lr: float = 0.0  # cosine floor
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
+    weight_decay: float = 0.0  # the clients' AdamW weight decay
+    max_grad_norm: float | None = 1.0  # gradient-norm clipping of each optimizer step (unset: none)
     group_by_length: bool = True  # length-grouped batches: little compute wasted on padding
     logits_on_labels_only: bool = True  # apply the LM head only where a label exists
     threads: int | None = None  # torch intra-op threads (None: torch's default)
@@ -143,7 +143,7 @@ class EvalConfig:
 
     every_rounds: int = 1  # evaluate held-out loss every N rounds (and after the last)
     at_start: bool = True  # also evaluate the starting model (metrics line "round": 0)
-    batch_size: int = 8
+    batch_size: int = 8  # records (or preference pairs) per forward of the held-out scoring
     max_new_tokens: int = 64  # for generation-based scores
     # models `fedit compare` trains and scores: base | fedit | centralized | local:<client>
     # | local:<category>+<category>
@@ -155,10 +155,10 @@ class EvalConfig:
     # judge_against compared pairwise with each other contender, by the OpenAI-compatible
     # endpoint judge_url with the key in environment variable judge_key_env
     judge_model: str = ""
-    judge_url: str = "https://api.openai.com/v1"
-    judge_key_env: str = "OPENAI_API_KEY"
-    judge_questions: int = 20
-    judge_against: str = "fedit"
+    judge_url: str = "https://api.openai.com/v1"  # the judge's OpenAI-compatible endpoint
+    judge_key_env: str = "OPENAI_API_KEY"  # the environment variable holding the judge's API key
+    judge_questions: int = 20  # held-out instructions the judge grades
+    judge_against: str = "fedit"  # the contender compared pairwise with each other contender
     judge_max_tokens: int = 1024  # of each judgment (its explanation, then the verdict)
 
     def validate(self) -> None:
