@@ -17,11 +17,13 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from fedit.config import EMBEDDED_MODEL, ConfigError, ModelConfig
 
@@ -244,6 +246,20 @@ def _quantization_config(cfg: ModelConfig, device: torch.device, dtype: torch.dt
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
+def attention_for(cfg: ModelConfig, source: str) -> str:
+    """model.attn_implementation, except that a family whose transformers class has no SDPA
+    path gets "eager" under the "sdpa" default: Gemma-2's attention logit soft-cap cannot
+    be expressed in torch's fused kernel, so transformers refuses to load it with SDPA
+    (`_supports_sdpa = False`) and names eager as the way to load it."""
+    if cfg.attn_implementation != "sdpa":
+        return cfg.attn_implementation
+    config = AutoConfig.from_pretrained(source)
+    causal_lm = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)  # None: remote code
+    if causal_lm is not None and not causal_lm._supports_sdpa:
+        return "eager"
+    return cfg.attn_implementation
+
+
 def load_model(cfg: ModelConfig) -> PreTrainedModel:
     """Load the base causal LM on the run-time device and dtype, frozen and in train mode."""
     device = resolve_device(cfg.device)
@@ -255,7 +271,7 @@ def load_model(cfg: ModelConfig) -> PreTrainedModel:
         dtype=dtype,
         quantization_config=quantization,
         device_map={"": device.index or 0} if quantization else None,
-        attn_implementation=cfg.attn_implementation,
+        attn_implementation=attention_for(cfg, source),
     )
     if quantization is None:
         model.to(device)
