@@ -2,19 +2,22 @@
 fedit's loss equals the model's own, and a federated round runs with SFT, DPO and exact
 LoRA aggregation (seconds per family)."""
 
+import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from fedit.cli.main import app
 from fedit.client.batching import IGNORE_INDEX, collate
 from fedit.client.loss import row_loss_sums
-from fedit.config import LoraConfig, ModelConfig, load_config
+from fedit.config import ConfigError, LoraConfig, ModelConfig, load_config
 from fedit.engine.simulation import Simulation
 from fedit.models.adapters import attach_lora
-from fedit.models.loading import load_model
-from fedit.models.tiny import FAMILIES, make_tiny_model
+from fedit.models.loading import load_model, quantization_config
+from fedit.models.tiny import FAMILIES, byte_tokenizer, make_tiny_model
 from tests.conftest import tiny_run_overrides
 
 
@@ -90,3 +93,55 @@ def test_one_federated_round(family_dir: Path, tmp_path: Path, kind: str) -> Non
         for key, value in row.items()
         if "loss" in key
     )
+
+
+def train_args(model_dir: Path, tmp_path: Path, **extra: object) -> list[str]:
+    overrides = tiny_run_overrides(model_dir, tmp_path / "run", **{"federation.rounds": 1, **extra})
+    return ["train", "--quiet", *[a for o in overrides for a in ("--set", o)]]
+
+
+def one_line_error(args: list[str]) -> str:
+    """`fedit` in-process: exit 2 and one error line, no traceback; that line."""
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert "Traceback" not in result.output and result.output.count("error:") == 1
+    return " ".join(result.output.split())
+
+
+def test_chat_template_on_a_model_without_one_is_one_line(tmp_path: Path) -> None:
+    tokenizer = byte_tokenizer()
+    tokenizer.chat_template = None  # a base model's tokenizer, as GPT-2's or Pythia's
+    model_dir = make_tiny_model(tmp_path / "base", hidden_size=32, tokenizer=tokenizer)
+    line = one_line_error(train_args(model_dir, tmp_path, **{"data.template": "chat"}))
+    assert (
+        f"data.template = 'chat': the tokenizer of {model_dir} has no chat template; "
+        "use data.template = 'alpaca', or a model that has one" in line
+    )
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantised_loading_without_a_gpu_is_one_line(
+    tiny_model_dir: Path, tmp_path: Path, bits: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(importlib.util, "find_spec", no_bitsandbytes(importlib.util.find_spec))
+    line = one_line_error(train_args(tiny_model_dir, tmp_path, **{"model.load_in_bits": bits}))
+    assert (
+        f"model.load_in_bits = {bits} needs a CUDA GPU and the bitsandbytes package "
+        '(pip install -e ".[gpu]"); this machine has no CUDA GPU (model.device: cpu) and '
+        "no bitsandbytes" in line
+    )
+
+
+def test_quantised_loading_on_a_gpu_without_bitsandbytes_names_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(importlib.util, "find_spec", no_bitsandbytes(importlib.util.find_spec))
+    cfg = ModelConfig(load_in_bits=4)
+    with pytest.raises(ConfigError, match=r"this machine has no bitsandbytes$"):
+        quantization_config(cfg, torch.device("cuda"), torch.bfloat16)
+
+
+def no_bitsandbytes(find_spec):
+    """importlib.util.find_spec as on a machine where bitsandbytes is not installed."""
+    return lambda name, *args: None if name == "bitsandbytes" else find_spec(name, *args)

@@ -232,11 +232,21 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def _quantization_config(cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
+def quantization_config(cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
+    """bitsandbytes' settings for model.load_in_bits (None when unset). What the machine
+    lacks for it (a CUDA GPU, the bitsandbytes package) is one ConfigError naming what."""
     if cfg.load_in_bits is None:
         return None
+    missing = []
     if device.type != "cuda":
-        raise ValueError(f"model.load_in_bits={cfg.load_in_bits} needs a CUDA GPU, got {device}")
+        missing.append(f"no CUDA GPU (model.device: {_normalised(device)})")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        missing.append("no bitsandbytes")
+    if missing:
+        raise ConfigError(
+            f"model.load_in_bits = {cfg.load_in_bits} needs a CUDA GPU and the bitsandbytes "
+            f'package (pip install -e ".[gpu]"); this machine has {" and ".join(missing)}'
+        )
     from transformers import BitsAndBytesConfig  # needs the optional `gpu` extra
 
     if cfg.load_in_bits == 4:
@@ -265,7 +275,7 @@ def load_model(cfg: ModelConfig) -> PreTrainedModel:
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     source = model_source(cfg)
-    quantization = _quantization_config(cfg, device, dtype)
+    quantization = quantization_config(cfg, device, dtype)
     model = AutoModelForCausalLM.from_pretrained(
         source,
         dtype=dtype,
