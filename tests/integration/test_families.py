@@ -4,10 +4,12 @@ LoRA aggregation (seconds per family)."""
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from fedit.cli.main import app
@@ -85,14 +87,20 @@ def test_one_federated_round(family_dir: Path, tmp_path: Path, kind: str) -> Non
     }
     cfg = load_config(None, tiny_run_overrides(family_dir, tmp_path / "run", **overrides))
     Simulation(cfg, show_progress=False).run()
-    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    metrics = [json.loads(line) for line in lines]
-    assert metrics and all(
-        isinstance(value, float) and value == value  # not NaN
-        for row in metrics
-        for key, value in row.items()
-        if "loss" in key
-    )
+    run_dir = tmp_path / "run"
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    round_one = json.loads(lines[-1])
+    assert round_one["round"] == 1 and len(round_one["clients"]) == 2
+    assert all(c["steps"] == 1 and math.isfinite(c["train_loss"]) for c in round_one["clients"])
+    adapter = load_file(run_dir / "round_0001" / "adapter_model.safetensors")
+    assert adapter and all(t.isfinite().all() for t in adapter.values())
+    if kind == "sft-exact":  # W0 + R: each residual in its base weight's layout
+        base = load_file(family_dir / "model.safetensors")
+        residual = load_file(run_dir / "round_0001" / "base_residual.safetensors")
+        assert residual
+        for name, tensor in residual.items():
+            base_name = name.removeprefix("base_model.model.").replace(".base_layer", "")
+            assert tensor.shape == base[base_name].shape and tensor.isfinite().all(), name
 
 
 def train_args(model_dir: Path, tmp_path: Path, **extra: object) -> list[str]:
