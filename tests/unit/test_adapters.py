@@ -15,6 +15,7 @@ from fedit.models.adapters import (
     set_base_residual,
 )
 from fedit.models.loading import load_model, resolve_device, resolve_dtype
+from fedit.models.tiny import make_tiny_model
 
 
 def randomised_adapter(model: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
@@ -74,6 +75,17 @@ def test_last_layers_puts_lora_on_the_top_layers_only(tiny_model_dir: Path, tmp_
     assert sorted(n for n, _ in reloaded.named_parameters() if ".lora_" in n) == sorted(names)
     with pytest.raises(ConfigError, match="lora.last_layers: 3 is more than the model's 2"):
         attach_lora(load_model(cfg), LoraConfig(last_layers=3), seed=0)
+
+
+def test_last_layers_on_gpt2_takes_its_conv1d_layers(tmp_path: Path) -> None:
+    # GPT-2's projections are transformers' Conv1D (weights stored transposed), not Linear
+    model_dir = make_tiny_model(tmp_path / "gpt2", hidden_size=32, family="gpt2")
+    model = load_model(ModelConfig(name_or_path=str(model_dir)))
+    model = attach_lora(model, LoraConfig(r=2, alpha=4, last_layers=1), seed=0)
+    names = list(adapter_parameters(model))
+    assert names and all(".h.1." in name for name in names)
+    modules = {name.split(".lora_")[0].rsplit(".", 1)[-1] for name in names}
+    assert modules == {"c_attn", "c_proj", "c_fc"}
 
 
 def test_cpu_defaults_to_fp32() -> None:

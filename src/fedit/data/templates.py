@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from fedit.config import ConfigError
 from fedit.data.records import Record
 
 if TYPE_CHECKING:
@@ -133,6 +134,11 @@ def response_frame(template: str, tokenizer: PreTrainedTokenizerBase) -> Respons
         raise ValueError("the tokenizer has no eos_token_id; responses must end with one")
     if template != "chat":
         return ResponseFrame("", "", eos)
+    if not tokenizer.chat_template:  # a base model's tokenizer (GPT-2, Pythia, most bases)
+        raise ConfigError(
+            f"data.template = 'chat': the tokenizer of {tokenizer.name_or_path} has no chat "
+            "template; use data.template = 'alpaca', or a model that has one"
+        )
     question = [{"role": "user", "content": _PROBE_QUESTION}]
     turn = [*question, {"role": "assistant", "content": _PROBE_ANSWER}]
     prompt = tokenizer.apply_chat_template(question, tokenize=False, add_generation_prompt=True)

@@ -14,6 +14,7 @@ import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from transformers import PreTrainedModel
+from transformers.pytorch_utils import Conv1D
 
 from fedit.config import ConfigError, LoraConfig
 from fedit.models.lora_dropout import share_dropout_masks
@@ -21,6 +22,7 @@ from fedit.types import AdapterState
 
 # exact LoRA aggregation: what a run folded into the frozen base weights, beside the adapter
 BASE_RESIDUAL = "base_residual.safetensors"
+LINEAR_LAYERS = (torch.nn.Linear, Conv1D)  # Conv1D: GPT-2's Linear, weights transposed
 
 
 def attach_lora(model: PreTrainedModel, cfg: LoraConfig, seed: int) -> PeftModel:
@@ -56,13 +58,14 @@ def attach_lora(model: PreTrainedModel, cfg: LoraConfig, seed: int) -> PeftModel
 
 
 def decoder_linear_names(model: torch.nn.Module) -> list[str]:
-    """Leaf names of the Linear layers inside numbered decoder blocks (q_proj, ..., down_proj):
-    what "all-linear" means once the LM head is left out."""
+    """Leaf names of the linear layers inside numbered decoder blocks (q_proj, ..., down_proj;
+    GPT-2's c_attn, c_proj, c_fc, which are transformers' Conv1D, as PEFT's "all-linear"
+    counts them): what "all-linear" means once the LM head is left out."""
     return sorted(
         {
             name.rsplit(".", 1)[-1]
             for name, module in model.named_modules()
-            if isinstance(module, torch.nn.Linear) and re.search(r"\.\d+\.", name)
+            if isinstance(module, LINEAR_LAYERS) and re.search(r"\.\d+\.", name)
         }
     )
 

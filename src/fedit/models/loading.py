@@ -17,11 +17,13 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from fedit.config import EMBEDDED_MODEL, ConfigError, ModelConfig
 
@@ -230,11 +232,21 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def _quantization_config(cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
+def quantization_config(cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
+    """bitsandbytes' settings for model.load_in_bits (None when unset). What the machine
+    lacks for it (a CUDA GPU, the bitsandbytes package) is one ConfigError naming what."""
     if cfg.load_in_bits is None:
         return None
+    missing = []
     if device.type != "cuda":
-        raise ValueError(f"model.load_in_bits={cfg.load_in_bits} needs a CUDA GPU, got {device}")
+        missing.append(f"no CUDA GPU (model.device: {_normalised(device)})")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        missing.append("no bitsandbytes")
+    if missing:
+        raise ConfigError(
+            f"model.load_in_bits = {cfg.load_in_bits} needs a CUDA GPU and the bitsandbytes "
+            f'package (pip install -e ".[gpu]"); this machine has {" and ".join(missing)}'
+        )
     from transformers import BitsAndBytesConfig  # needs the optional `gpu` extra
 
     if cfg.load_in_bits == 4:
@@ -244,18 +256,32 @@ def _quantization_config(cfg: ModelConfig, device: torch.device, dtype: torch.dt
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
+def attention_for(cfg: ModelConfig, source: str) -> str:
+    """model.attn_implementation, except that a family whose transformers class has no SDPA
+    path gets "eager" under the "sdpa" default: Gemma-2's attention logit soft-cap cannot
+    be expressed in torch's fused kernel, so transformers refuses to load it with SDPA
+    (`_supports_sdpa = False`) and names eager as the way to load it."""
+    if cfg.attn_implementation != "sdpa":
+        return cfg.attn_implementation
+    config = AutoConfig.from_pretrained(source)
+    causal_lm = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)  # None: remote code
+    if causal_lm is not None and not causal_lm._supports_sdpa:
+        return "eager"
+    return cfg.attn_implementation
+
+
 def load_model(cfg: ModelConfig) -> PreTrainedModel:
     """Load the base causal LM on the run-time device and dtype, frozen and in train mode."""
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     source = model_source(cfg)
-    quantization = _quantization_config(cfg, device, dtype)
+    quantization = quantization_config(cfg, device, dtype)
     model = AutoModelForCausalLM.from_pretrained(
         source,
         dtype=dtype,
         quantization_config=quantization,
         device_map={"": device.index or 0} if quantization else None,
-        attn_implementation=cfg.attn_implementation,
+        attn_implementation=attention_for(cfg, source),
     )
     if quantization is None:
         model.to(device)

@@ -1,8 +1,9 @@
-"""Tiny random-initialised Llama models with a byte-level tokenizer, built offline.
+"""Tiny random-initialised models with a byte-level tokenizer, built offline.
 
 Tests, benchmarks of framework overhead and smoke runs use these instead of downloads:
 ``make_tiny_model(dir)`` writes an ordinary Hugging Face model directory that every
-fedit command loads like any other local model.
+fedit command loads like any other local model; a Llama unless `family` names another
+of FAMILIES (the model families the family matrix test runs).
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
-    LlamaConfig,
-    LlamaForCausalLM,
+    AutoConfig,
+    AutoModelForCausalLM,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
@@ -24,6 +25,23 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+# model_type -> what its config needs beyond the shared sizes (vocabulary, hidden size,
+# layers, 4 heads, context): the families people tune, each with what sets it apart
+# (Gemma's logit soft-caps and scaled embeddings, Phi-3's fused projections, GPT-2's
+# Conv1D, Granite's logit scaling, ...) at its config's defaults.
+LLAMA_LIKE = {"num_key_value_heads": 2, "tie_word_embeddings": True}
+FAMILIES: dict[str, dict[str, object]] = {
+    "llama": LLAMA_LIKE,
+    "mistral": {"num_key_value_heads": 2},
+    "qwen2": LLAMA_LIKE,
+    "gemma2": {"num_key_value_heads": 2, "head_dim": 16},
+    "gemma3_text": {"num_key_value_heads": 2, "head_dim": 16},
+    "phi3": {"num_key_value_heads": 2},
+    "gpt_neox": {},
+    "gpt2": {},
+    "granite": {**LLAMA_LIKE, "logits_scaling": 4.0},
+}
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
@@ -52,27 +70,28 @@ def make_tiny_model(
     seed: int = 0,
     tokenizer: PreTrainedTokenizerBase | None = None,
     context: int = 1024,
+    family: str = "llama",
 ) -> Path:
-    """Write a random Llama (hidden 64, 2 layers, 4 heads, 2 KV heads) and its tokenizer
-    (the byte-level one unless another is given, e.g. SmolLM2's for the W0 benchmark), with
-    `context` positions."""
+    """Write a random model of `family` (hidden 64, 2 layers, 4 heads; 2 KV heads where the
+    family has them) and its tokenizer (the byte-level one unless another is given, e.g.
+    SmolLM2's for the W0 benchmark), with `context` positions."""
     directory = Path(directory)
     tokenizer = tokenizer or byte_tokenizer()
-    config = LlamaConfig(
+    config = AutoConfig.for_model(
+        family,
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=hidden_size * 2,
         num_hidden_layers=num_layers,
         num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=context,
-        tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        **FAMILIES[family],
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
