@@ -160,7 +160,7 @@ def run_optimizer_steps(
             )
         else:
             hook.adjust_gradients(params)
-            if cfg.max_grad_norm is not None:
+            if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params.values(), cfg.max_grad_norm)
         scaler.step(optimizer)
         scaler.update()

@@ -32,7 +32,9 @@ class TrainConfig:
     lr_schedule: str = "constant"  # constant | cosine (decayed across rounds)
     min_lr: float = 0.0  # cosine floor
     weight_decay: float = 0.0  # the clients' AdamW weight decay
-    max_grad_norm: float | None = 1.0  # gradient-norm clipping of each optimizer step (unset: none)
+    # gradient-norm clipping of each optimizer step; 0: none (HF Trainer's convention). Not
+    # optional: TOML has no null, so an unset value would read back from a saved config as 1.0
+    max_grad_norm: float = 1.0
     group_by_length: bool = True  # length-grouped batches: little compute wasted on padding
     logits_on_labels_only: bool = True  # apply the LM head only where a label exists
     threads: int | None = None  # torch intra-op threads (None: torch's default)
@@ -82,9 +84,9 @@ class TrainConfig:
             "must be auto, off, bf16 or fp16",
         )
         require(
-            self.max_grad_norm is None or self.max_grad_norm > 0,
+            self.max_grad_norm >= 0,
             "train.max_grad_norm",
-            "must be positive or unset",
+            "must be >= 0 (0: no clipping)",
         )
 
     @property
