@@ -113,6 +113,14 @@ CASES: dict[str, Case] = {
         [*SHARED, "compression.upload=int8"], ["compression.upload=none"]
     ),
     "train.objective x lora.shared": Case([*SHARED, *DPO], ["train.objective=sft"]),
+    "data.train_on_turns x data.template": Case(
+        ["data.train_on_turns=last"], ["data.template=chat"]
+    ),
+    "data.train_on_turns x data.train_on_prompt": Case(
+        ["data.template=chat", "data.train_on_turns=last", "data.train_on_prompt=true"],
+        ["data.train_on_prompt=false"],
+    ),
+    "data.path x data.template": Case(["data.path=synthetic_chat"], ["data.template=chat"]),
     "data.path x train.objective": Case(
         ['data.path=""', "data.preference_path=synthetic"], ["train.objective=dpo"]
     ),
