@@ -189,6 +189,8 @@ def test_conversations_under_the_alpaca_template_are_refused(tmp_path: Path) -> 
         prepare_records(run_config(path, "data.template=alpaca"))
     with pytest.raises(ValueError, match="'alpaca' has one prompt"):
         tokenize_records(read_records(path), byte_tokenizer(), "alpaca", 512)
+    with pytest.raises(ConfigError, match="data.template: 'alpaca' has one prompt"):
+        prepare_records(run_config("synthetic_chat", "data.synthetic_per_skill=2"))
 
 
 def test_conversations_are_one_category_and_split_like_records(tmp_path: Path) -> None:

@@ -120,7 +120,6 @@ CASES: dict[str, Case] = {
         ["data.template=chat", "data.train_on_turns=last", "data.train_on_prompt=true"],
         ["data.train_on_prompt=false"],
     ),
-    "data.path x data.template": Case(["data.path=synthetic_chat"], ["data.template=chat"]),
     "data.path x train.objective": Case(
         ['data.path=""', "data.preference_path=synthetic"], ["train.objective=dpo"]
     ),

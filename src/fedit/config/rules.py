@@ -255,30 +255,15 @@ RULES: tuple[Rule, ...] = (
             "(`fedit personalize`): SFT only"
         ),
     ),
-    # Conversations (fedit.data.conversations): their turns need the chat template.
     Rule(
         ("data.train_on_turns", "data.template"),
         lambda c: c.data.train_on_turns == "last" and c.data.template != "chat",
-        (
-            "'last' picks among a conversation's assistant turns, which only "
-            "data.template = 'chat' renders (alpaca has one prompt and one response)"
-        ),
+        "'last' picks among a conversation's turns, which only data.template = 'chat' renders",
     ),
     Rule(
         ("data.train_on_turns", "data.train_on_prompt"),
         lambda c: c.data.train_on_turns == "last" and c.data.train_on_prompt,
-        (
-            "'last' leaves earlier turns out of the loss, which data.train_on_prompt puts "
-            "on every token"
-        ),
-    ),
-    Rule(
-        ("data.path", "data.template"),
-        lambda c: c.data.path == "synthetic_chat" and c.data.template != "chat",
-        (
-            "'synthetic_chat' is conversations, which need data.template = 'chat' "
-            "(alpaca has no turns)"
-        ),
+        "'last' leaves earlier turns out of the loss; data.train_on_prompt puts it on all",
     ),
     # Which data each objective needs, and the DPO limits that depend on other sections.
     Rule(
