@@ -3,6 +3,7 @@ and labelled token by token (loss on assistant turns only)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from pathlib import Path
@@ -18,6 +19,7 @@ from fedit.data.synthetic import CHAT_SYSTEM_PROMPT, SKILL_NAMES, generate_conve
 from fedit.data.templates import render_prompt
 from fedit.data.tokenize import IGNORE_INDEX, tokenize_records
 from fedit.models.tiny import byte_tokenizer
+from tests.conftest import chatml_base_tokenizer, gemma_like_tokenizer
 
 SYSTEM = "You are a terse arithmetic tutor."
 EXCHANGES = [("What is 2+3?", "5"), ("And times 4?", "It is 20."), ("Minus 6?", "14")]
@@ -218,3 +220,29 @@ def test_synthetic_chat_is_two_skills_per_conversation_after_a_system_turn() -> 
     assert first.category == SKILL_NAMES[0]
     examples, _ = tokenize_records(records, byte_tokenizer(), "chat", 512)
     assert len(examples) == len(records)
+
+
+@pytest.mark.parametrize(
+    ("make_tokenizer", "end"),
+    [(chatml_base_tokenizer, "<|im_end|>"), (gemma_like_tokenizer, "<end_of_turn>")],
+)
+def test_each_reply_ends_with_the_templates_end_of_turn_not_eos(make_tokenizer, end: str) -> None:
+    tokenizer = make_tokenizer()
+    record = Record("Minus 6?", "14", "", "c", tuple((m["role"], m["content"]) for m in MESSAGES))
+    (example,), _ = tokenize_records([record], tokenizer, "chat", 1024)
+    spans = [
+        [ids for ids, label in group]
+        for on, group in itertools.groupby(
+            zip(example.input_ids, example.labels, strict=True), key=lambda p: p[1] != IGNORE_INDEX
+        )
+        if on
+    ]
+    assert [tokenizer.decode(ids) for ids in spans] == [f"{a}{end}" for _, a in EXCHANGES]
+
+
+def test_a_local_dataset_folder_is_read_through_the_same_record_path(tmp_path: Path) -> None:
+    folder = tmp_path / "chats"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", [{"conversations": SHAREGPT}])
+    (record,) = read_records(str(folder))  # not a file: datasets.load_dataset reads it
+    assert record.messages == tuple((m["role"], m["content"]) for m in MESSAGES)
