@@ -13,7 +13,7 @@ import pytest
 from fedit.config import ConfigError
 from fedit.config.toml_read import build_config
 from fedit.data.prepare import prepare_records
-from fedit.data.readers import read_records
+from fedit.data.readers import read_records, write_records_jsonl
 from fedit.data.records import DataFormatError, Record
 from fedit.data.synthetic import CHAT_SYSTEM_PROMPT, SKILL_NAMES, generate_conversations
 from fedit.data.templates import render_prompt
@@ -246,3 +246,8 @@ def test_a_local_dataset_folder_is_read_through_the_same_record_path(tmp_path: P
     write_jsonl(folder / "train.jsonl", [{"conversations": SHAREGPT}])
     (record,) = read_records(str(folder))  # not a file: datasets.load_dataset reads it
     assert record.messages == tuple((m["role"], m["content"]) for m in MESSAGES)
+
+
+def test_written_conversations_read_back_with_their_turns(tmp_path: Path) -> None:
+    records = generate_conversations(per_skill=2, seed=0)[:4]  # e.g. `fedit partition`'s files
+    assert read_records(str(write_records_jsonl(records, tmp_path / "client_0.jsonl"))) == records

@@ -3,7 +3,8 @@
 ``read_records("data/dolly.jsonl")`` returns validated ``Record`` objects; any malformed
 record raises ``DataFormatError`` naming the file, the line (or item) and the field, e.g.
 ``data/x.jsonl:17: field 'response': empty``. ``write_records_jsonl`` writes records back
-in Dolly's fields, which ``read_records`` reads again unchanged.
+in Dolly's fields (conversations as OpenAI ``messages``), which ``read_records`` reads
+again unchanged.
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ FIELD_MAPS: dict[str, dict[str, str]] = {
     },
     "alpaca": {"instruction": "instruction", "context": "input", "response": "output"},
 }
+# What a file's first record may be, named when it is none of them.
+KNOWN_FORMATS = (
+    "dolly (instruction, response[, context, category]), alpaca (instruction, output[, input]), "
+    "a field map (data.fields), messages (OpenAI roles), sharegpt (conversations: from, value)"
+)
 REQUIRED = ("instruction", "response")
 OPTIONAL = ("context", "category")
 FILE_SUFFIXES = (".json", ".jsonl", ".csv")
@@ -98,12 +104,6 @@ def iter_rows(source: str, split: str = "train") -> Iterator[tuple[str, Any]]:
             raise DataFormatError(f"{source}: unsupported file type (use .json, .jsonl or .csv)")
         return {".json": _json_rows, ".jsonl": jsonl_rows, ".csv": _csv_rows}[suffix](path)
     return _hf_rows(source, split)
-
-
-KNOWN_FORMATS = (
-    "dolly (instruction, response[, context, category]), alpaca (instruction, output[, input]), "
-    "a field map (data.fields), messages (OpenAI roles), sharegpt (conversations: from, value)"
-)
 
 
 def record_reader(first: Any, mapping: dict[str, str], where: str) -> Callable[[Any, str], Record]:
@@ -242,6 +242,9 @@ def write_records_jsonl(records: Iterable[Record], path: str | Path) -> Path:
                 "response": r.response,
                 "category": r.category,
             }
+            if r.messages:  # a conversation keeps its turns, as OpenAI messages
+                turns = [{"role": role, "content": text} for role, text in r.messages]
+                row = {"messages": turns, "category": r.category}
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
     return path
