@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from fedit.attacks.data import plant_backdoor
 from fedit.config import ConfigError
 from fedit.config.toml_read import build_config
 from fedit.data.prepare import prepare_records
@@ -31,6 +32,7 @@ MESSAGES = [
         for turn in ({"role": "user", "content": q}, {"role": "assistant", "content": a})
     ),
 ]
+HISTORY = tuple((m["role"], m["content"]) for m in MESSAGES[:-2])  # before the last exchange
 SHAREGPT = [
     {
         "from": {"system": "system", "user": "human", "assistant": "gpt"}[m["role"]],
@@ -86,9 +88,7 @@ def test_sharegpt_reads_as_the_same_record_and_tokens(tmp_path: Path) -> None:
     (tmp_path / "s.json").write_text(json.dumps([{"conversations": SHAREGPT}]))  # a JSON list
     sharegpt = read_records(str(tmp_path / "s.json"))
     assert sharegpt == openai
-    assert openai[0] == Record(
-        "Minus 6?", "14", "", "conversation", tuple((m["role"], m["content"]) for m in MESSAGES)
-    )
+    assert openai[0] == Record("Minus 6?", "14", "", "conversation", HISTORY)
     a, _ = tokenize_records(openai, tokenizer, "chat", 512)
     b, _ = tokenize_records(sharegpt, tokenizer, "chat", 512)
     assert (a[0].input_ids, a[0].labels) == (b[0].input_ids, b[0].labels)
@@ -212,11 +212,8 @@ def test_synthetic_chat_is_two_skills_per_conversation_after_a_system_turn() -> 
     assert len(records) == 3 * len(SKILL_NAMES)
     assert records == generate_conversations(per_skill=3, seed=0)
     first = records[0]
-    assert [role for role, _ in first.messages] == ["system", "user", "assistant"] * 1 + [
-        "user",
-        "assistant",
-    ]
-    assert first.messages[0] == ("system", CHAT_SYSTEM_PROMPT)
+    assert [role for role, _ in first.history] == ["system", "user", "assistant"]
+    assert first.history[0] == ("system", CHAT_SYSTEM_PROMPT)
     assert first.category == SKILL_NAMES[0]
     examples, _ = tokenize_records(records, byte_tokenizer(), "chat", 512)
     assert len(examples) == len(records)
@@ -228,7 +225,7 @@ def test_synthetic_chat_is_two_skills_per_conversation_after_a_system_turn() -> 
 )
 def test_each_reply_ends_with_the_templates_end_of_turn_not_eos(make_tokenizer, end: str) -> None:
     tokenizer = make_tokenizer()
-    record = Record("Minus 6?", "14", "", "c", tuple((m["role"], m["content"]) for m in MESSAGES))
+    record = Record("Minus 6?", "14", "", "c", HISTORY)
     (example,), _ = tokenize_records([record], tokenizer, "chat", 1024)
     spans = [
         [ids for ids, label in group]
@@ -245,9 +242,18 @@ def test_a_local_dataset_folder_is_read_through_the_same_record_path(tmp_path: P
     folder.mkdir()
     write_jsonl(folder / "train.jsonl", [{"conversations": SHAREGPT}])
     (record,) = read_records(str(folder))  # not a file: datasets.load_dataset reads it
-    assert record.messages == tuple((m["role"], m["content"]) for m in MESSAGES)
+    assert record == Record("Minus 6?", "14", "", "conversation", HISTORY)
 
 
 def test_written_conversations_read_back_with_their_turns(tmp_path: Path) -> None:
     records = generate_conversations(per_skill=2, seed=0)[:4]  # e.g. `fedit partition`'s files
     assert read_records(str(write_records_jsonl(records, tmp_path / "client_0.jsonl"))) == records
+
+
+def test_a_data_attack_changes_a_conversations_last_exchange(tmp_path: Path) -> None:
+    (record,) = read_records(write_jsonl(tmp_path / "c.jsonl", [{"messages": MESSAGES}]))
+    (poisoned,) = plant_backdoor([record], [0], "cf", "EVIL")
+    (example,), _ = tokenize_records([poisoned], byte_tokenizer(), "chat", 512, turns="last")
+    trained = [t for t in example.labels if t != IGNORE_INDEX]
+    assert byte_tokenizer().decode(trained) == "EVIL<|im_end|>"
+    assert "<|im_start|>user\ncf Minus 6?" in byte_tokenizer().decode(example.input_ids)

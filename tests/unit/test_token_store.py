@@ -59,9 +59,8 @@ def test_no_writes_after_reading() -> None:
 
 
 def test_a_conversation_with_several_labelled_turns_reads_back_exactly() -> None:
-    turns = (("system", "Be brief."), ("user", "2+3?"), ("assistant", "5"))
-    turns += (("user", "Times 4?"), ("assistant", "20"))
-    chat = Record("Times 4?", "20", "", "conversation", turns)
+    history = (("system", "Be brief."), ("user", "2+3?"), ("assistant", "5"))
+    chat = Record("Times 4?", "20", "", "conversation", history)
     examples, _ = tokenize_records([chat, RECORDS[0]], byte_tokenizer(), "chat", 1024)
     labelled = [label != IGNORE_INDEX for label in examples[0].labels]
     assert sum(a != b for a, b in itertools.pairwise(labelled)) == 4  # two separate spans

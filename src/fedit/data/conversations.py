@@ -5,12 +5,14 @@
     {"conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}]}
 
 A conversation is an optional system turn, then user and assistant turns in alternation,
-ending with an assistant turn; ``conversation_record`` reads one into a ``Record`` whose
-``messages`` hold every turn (ShareGPT's human/gpt become user/assistant, so both layouts
-give the same record). Anything else is refused with one line naming the file, line and
-turn field, e.g. ``chat.jsonl:3: field 'messages[2].role': unknown role 'bot'``. A
-conversation has no category unless the record gives one (``category``); it is then
-"conversation", so partitioners and the held-out split see one category.
+ending with an assistant turn; ``conversation_record`` reads one into a ``Record``: the
+last exchange as its instruction and response, the turns before it as its ``history``
+(ShareGPT's human/gpt become user/assistant, so both layouts give the same record). A
+conversation of one exchange and no system turn is a single-turn record. Anything else is
+refused with one line naming the file, line and turn field, e.g.
+``chat.jsonl:3: field 'messages[2].role': unknown role 'bot'``. A conversation has no
+category unless the record gives one (``category``); it is then "conversation", so
+partitioners and the held-out split see one category.
 """
 
 from __future__ import annotations
@@ -64,8 +66,8 @@ def conversation_record(row: Any, fmt: str, where: str) -> Record:
     category = row.get("category")
     if not isinstance(category, str) or not category.strip():
         category = DEFAULT_CATEGORY
-    last_user = next(content for role, content in reversed(messages) if role == "user")
-    return Record(last_user, messages[-1][1], "", category, messages)
+    (_, question), (_, answer) = messages[-2:]  # _check_order: the user's, the assistant's
+    return Record(question, answer, "", category, messages[:-2])
 
 
 def _turn(
@@ -109,9 +111,14 @@ def _check_order(roles: list[str], key: str, where: str) -> None:
 
 
 def chat_messages(record: Record, system_prompt: str | None) -> list[dict[str, str]]:
-    """`record`'s turns as chat-template messages, after a `system_prompt` turn unless the
-    record has its own system turn (the record's wins)."""
-    messages = [{"role": role, "content": content} for role, content in record.messages]
+    """`record` as chat-template messages: its history, the question (with its context)
+    and the answer, after a `system_prompt` turn unless the record has its own system turn
+    (the record's wins)."""
+    question = record.instruction
+    if record.context.strip():
+        question += "\n\n" + record.context
+    turns = [*record.history, ("user", question), ("assistant", record.response)]
+    messages = [{"role": role, "content": content} for role, content in turns]
     if system_prompt is not None and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": system_prompt})
     return messages

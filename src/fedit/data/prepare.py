@@ -145,13 +145,13 @@ def _split(
 
 
 def _record_prompt(record: Record) -> tuple:
-    # a conversation's prompt is every turn before its last reply
-    return record.instruction, record.context, record.messages[:-1]
+    # a conversation's prompt is its last question after the earlier turns
+    return record.instruction, record.context, record.history
 
 
 def _require_turns(template: str, *record_sets: list[Record]) -> None:
     """Refuse conversation records under a template without turns (before any model)."""
-    if template != "chat" and any(r.messages for records in record_sets for r in records):
+    if template != "chat" and any(r.history for records in record_sets for r in records):
         raise ConfigError(f"data.template: {NO_TURNS}")
 
 

@@ -242,9 +242,10 @@ def write_records_jsonl(records: Iterable[Record], path: str | Path) -> Path:
                 "response": r.response,
                 "category": r.category,
             }
-            if r.messages:  # a conversation keeps its turns, as OpenAI messages
-                turns = [{"role": role, "content": text} for role, text in r.messages]
-                row = {"messages": turns, "category": r.category}
+            if r.history:  # a conversation keeps its turns, as OpenAI messages
+                turns = [*r.history, ("user", r.instruction), ("assistant", r.response)]
+                messages = [{"role": role, "content": text} for role, text in turns]
+                row = {"messages": messages, "category": r.category}
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
     return path

@@ -13,14 +13,15 @@ class DataFormatError(ValueError):
 class Record:
     """One instruction-tuning example (Dolly's fields; Alpaca's map onto them).
 
-    A conversation (fedit.data.conversations) keeps all its turns, as (role, content) pairs
-    ending with the assistant's, in ``messages``; its ``instruction`` and ``response`` are
-    its last user and assistant turns, so held-out scoring and generation read it as the
-    question it ends with, asked after the earlier turns.
+    A conversation (fedit.data.conversations) is its last exchange, ``instruction`` and
+    ``response``, after its earlier turns, ``history`` ((role, content) pairs, its system
+    turn first if it has one). Everything that reads or changes a record's question or
+    answer (held-out scoring, generation, the data attacks) so sees a conversation's last
+    one, asked after the earlier turns.
     """
 
     instruction: str
     response: str
     context: str = ""
     category: str = "default"
-    messages: tuple[tuple[str, str], ...] = ()  # () for a single-turn record
+    history: tuple[tuple[str, str], ...] = ()  # () for a single-turn record

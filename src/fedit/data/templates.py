@@ -47,7 +47,7 @@ NO_TURNS = (
 
 
 def _alpaca(record: Record, tokenizer: PreTrainedTokenizerBase, system_prompt: str | None) -> str:
-    if record.messages:
+    if record.history:
         raise ValueError(f"data.template: {NO_TURNS}")
     if record.context.strip():
         return ALPACA_WITH_INPUT.format(instruction=record.instruction, input=record.context)
@@ -55,15 +55,7 @@ def _alpaca(record: Record, tokenizer: PreTrainedTokenizerBase, system_prompt: s
 
 
 def _chat(record: Record, tokenizer: PreTrainedTokenizerBase, system_prompt: str | None) -> str:
-    if record.messages:  # a conversation: every turn before its last reply
-        messages = chat_messages(record, system_prompt)[:-1]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    content = record.instruction
-    if record.context.strip():
-        content += "\n\n" + record.context
-    messages = [{"role": "user", "content": content}]
-    if system_prompt is not None:
-        messages.insert(0, {"role": "system", "content": system_prompt})
+    messages = chat_messages(record, system_prompt)[:-1]  # every turn before the answer
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 

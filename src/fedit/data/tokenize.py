@@ -130,16 +130,16 @@ def tokenize_records(
     its assistant turns (`turns`: "all" or "last", see ``conversation_tokens``).
     """
     frame = response_frame(template, tokenizer)
-    single = [r for r in records if not r.messages]
+    single = [r for r in records if not r.history]
     prompts = [render_prompt(r, template, tokenizer, system_prompt) for r in single]
     responses = [frame.before + r.response + frame.after for r in single]
     pieces = iter(split_whole_texts(tokenizer, prompts, responses))
     examples: list[TokenizedExample] = []
     truncated = dropped = 0
     for record in records:
-        if record.messages and template != "chat":
+        if record.history and template != "chat":
             raise ValueError(f"data.template: {NO_TURNS}")
-        if record.messages:
+        if record.history:
             ids, trained = conversation_tokens(record, tokenizer, frame, system_prompt, turns)
         else:
             prompt, response = next(pieces)
