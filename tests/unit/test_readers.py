@@ -79,11 +79,14 @@ def test_bad_jsonl_record_names_line_and_field(tmp_path: Path, row: object, mess
 
 
 @pytest.mark.parametrize(
-    ("row", "field"),
+    ("row", "message"),
     [
+        # conversations are read (tests/unit/test_conversations.py), but a file holds one
+        # format, the first record's
         (
             {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]},
-            "conversations",
+            "field 'conversations': a sharegpt conversation in a file whose first record is "
+            "a single-turn record",
         ),
         (
             {
@@ -92,18 +95,21 @@ def test_bad_jsonl_record_names_line_and_field(tmp_path: Path, row: object, mess
                     {"role": "assistant", "content": "Yo"},
                 ]
             },
-            "messages",
+            "field 'messages': a messages conversation in a file whose first record is a "
+            "single-turn record",
         ),
         # Alpaca with earlier turns (LLaMA-Factory's "history"): they would be dropped
-        ({**DOLLY_ROW, "history": [["Hello", "Hi there"]]}, "history"),
+        (
+            {**DOLLY_ROW, "history": [["Hello", "Hi there"]]},
+            "field 'history': earlier turns are not read; give the conversation as 'messages'",
+        ),
     ],
 )
-def test_conversation_records_are_refused_naming_the_field(
-    tmp_path: Path, row: dict, field: str
+def test_conversation_rows_in_a_single_turn_file_are_refused_naming_the_field(
+    tmp_path: Path, row: dict, message: str
 ) -> None:
     path = write_jsonl(tmp_path / "c.jsonl", [DOLLY_ROW, row])
-    pattern = rf"c\.jsonl:2: field '{field}': conversation records .* not supported yet"
-    with pytest.raises(DataFormatError, match=pattern):
+    with pytest.raises(DataFormatError, match=rf"c\.jsonl:2: {re.escape(message)}"):
         read_records(path)
 
 

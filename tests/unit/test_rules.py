@@ -113,6 +113,13 @@ CASES: dict[str, Case] = {
         [*SHARED, "compression.upload=int8"], ["compression.upload=none"]
     ),
     "train.objective x lora.shared": Case([*SHARED, *DPO], ["train.objective=sft"]),
+    "data.train_on_turns x data.template": Case(
+        ["data.train_on_turns=last"], ["data.template=chat"]
+    ),
+    "data.train_on_turns x data.train_on_prompt": Case(
+        ["data.template=chat", "data.train_on_turns=last", "data.train_on_prompt=true"],
+        ["data.train_on_prompt=false"],
+    ),
     "data.path x train.objective": Case(
         ['data.path=""', "data.preference_path=synthetic"], ["train.objective=dpo"]
     ),
@@ -291,8 +298,8 @@ def test_a_strategy_with_client_state_is_refused_exactly_as_scaffold(monkeypatch
 
 def test_no_rule_reads_a_part_by_name() -> None:
     """Rules compare no strategy, aggregator or codec name: they read the parts' traits."""
-    assert not name_comparisons(CONFIG_DIR / "rules.py")
-    assert not name_comparisons(CONFIG_DIR / "rule.py")
+    for module in ("rules.py", "rule.py", "rules_security.py", "engine_limits.py"):
+        assert not name_comparisons(CONFIG_DIR / module), module
 
 
 def name_comparisons(path: Path) -> list[str]:

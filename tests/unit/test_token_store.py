@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from fedit.data.records import Record
@@ -56,14 +58,25 @@ def test_no_writes_after_reading() -> None:
         store.add(examples)
 
 
+def test_a_conversation_with_several_labelled_turns_reads_back_exactly() -> None:
+    history = (("system", "Be brief."), ("user", "2+3?"), ("assistant", "5"))
+    chat = Record("Times 4?", "20", "", "conversation", history)
+    examples, _ = tokenize_records([chat, RECORDS[0]], byte_tokenizer(), "chat", 1024)
+    labelled = [label != IGNORE_INDEX for label in examples[0].labels]
+    assert sum(a != b for a, b in itertools.pairwise(labelled)) == 4  # two separate spans
+    store = TokenStore()
+    assert list(store.add(examples)) == examples
+    gap = TokenizedExample([5, 6, 7], [5, IGNORE_INDEX, 7], "x")
+    assert TokenStore().add([gap])[0] == gap
+
+
 @pytest.mark.parametrize(
     "labels",
     [
         [IGNORE_INDEX, 5, 9],  # a label that is not the id beneath it
-        [5, IGNORE_INDEX, 7],  # -100 after the first label
         [IGNORE_INDEX, 6],  # shorter than the ids
     ],
 )
 def test_refuses_labels_it_cannot_rebuild(labels: list[int]) -> None:
-    with pytest.raises(ValueError, match="prompt-masked examples only"):
+    with pytest.raises(ValueError, match="masked examples only"):
         TokenStore().add([TokenizedExample([5, 6, 7], labels, "x")])

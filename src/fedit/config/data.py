@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from fedit.config.fields import ConfigError, require
 
+TURNS = ("all", "last")  # which assistant turns of a conversation carry loss
 # see fedit.data.preferences
 PREFERENCE_FORMATS = ("auto", "plain", "hh", "ultrafeedback", "conversational")
 ON_BAD_RECORD = ("error", "skip")
@@ -35,7 +36,9 @@ def parse_preference_fields(fields: str) -> dict[str, str]:
 class DataConfig:
     """Where the instruction records come from and how they become token sequences."""
 
-    path: str = ""  # JSON/JSONL/CSV file, or a Hugging Face dataset name ("synthetic" = built-in)
+    # JSON/JSONL/CSV file, or a Hugging Face dataset name; built-in: "synthetic" (single-turn
+    # skills), "synthetic_chat" (conversations of two skills each, data.template = "chat")
+    path: str = ""
     split: str = "train"  # for Hugging Face datasets
     fields: str = (
         "dolly"  # dolly | alpaca | a mapping "instruction=q,context=ctx,response=a,category=c"
@@ -48,6 +51,8 @@ class DataConfig:
     # whose response would be cut away entirely is never trained on
     max_seq_len: int = 256
     train_on_prompt: bool = False  # False: loss on response tokens only
+    # conversations: loss on every assistant turn ("all") or on the last one only ("last")
+    train_on_turns: str = "all"
     heldout_per_category: int = 10  # records per category set aside as the global test set
     heldout_path: str = ""  # a records file to use as the held-out set instead of splitting
     max_records: int | None = None  # keep only this many records (after a seeded shuffle)
@@ -87,6 +92,9 @@ class DataConfig:
             self.system_prompt is None or self.template == "chat",
             "data.system_prompt",
             "applies to data.template = 'chat' only",
+        )
+        require(
+            self.train_on_turns in TURNS, "data.train_on_turns", f"must be {' or '.join(TURNS)}"
         )
         require(self.max_seq_len >= 8, "data.max_seq_len", "must be at least 8")
         require(self.heldout_per_category >= 0, "data.heldout_per_category", "must be >= 0")

@@ -40,6 +40,11 @@ class Rule:
         return ConfigError(f"{self.keys[0]}: {why}")
 
 
+MIXED = "mixed LoRA ranks (lora.client_ranks or rank_tiers)"
+SECAGG = "with secagg.enabled: the coordinator sees only the sum"
+MESSAGING = frozenset({"coordinate", "simulate-ray"})  # engines reaching clients as messages
+
+
 def baseline(c: RunConfig) -> bool:
     return c.federation.mode != "federated"
 

@@ -1,4 +1,7 @@
-"""Every refusal of one feature by another, and every engine's limits, in one table.
+"""Every refusal of one feature by another, and every engine's limits, in one table
+(``RULES``: the feature rules here, then the protections' rules of
+fedit.config.rules_security and the engines' limits of fedit.config.engine_limits, in that
+order, which is the order errors are reported in).
 
 A rule (fedit.config.rule.Rule) names the fields it is about, when it applies (refuses
 a config) and why. A rule without `engines` holds for every run and is checked when a
@@ -12,8 +15,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from fedit.config.engine_limits import ENGINE_RULES
 from fedit.config.rule import (
     ENGINES,
+    MIXED,
     Engine,
     Rule,
     baseline,
@@ -23,10 +28,9 @@ from fedit.config.rule import (
     mixed_ranks,
     one_per_client,
     sampled,
-    secagg_levels,
     shared_a,
 )
-from fedit.config.security import DATA_ATTACKS
+from fedit.config.rules_security import SECURITY_RULES
 
 if TYPE_CHECKING:
     from fedit.config.run import RunConfig
@@ -41,10 +45,6 @@ def check(cfg: RunConfig, engine: Engine | None = None) -> None:
         if (engine in rule.engines if engine else not rule.engines) and rule.applies(cfg):
             raise rule.error(cfg)
 
-
-MIXED = "mixed LoRA ranks (lora.client_ranks or rank_tiers)"
-SECAGG = "with secagg.enabled: the coordinator sees only the sum"
-MESSAGING = frozenset({"coordinate", "simulate-ray"})  # engines reaching clients as messages
 
 RULES: tuple[Rule, ...] = (
     # What the robust aggregators cannot protect (fedit.server.aggregators).
@@ -255,6 +255,16 @@ RULES: tuple[Rule, ...] = (
             "(`fedit personalize`): SFT only"
         ),
     ),
+    Rule(
+        ("data.train_on_turns", "data.template"),
+        lambda c: c.data.train_on_turns == "last" and c.data.template != "chat",
+        "'last' picks among a conversation's turns, which only data.template = 'chat' renders",
+    ),
+    Rule(
+        ("data.train_on_turns", "data.train_on_prompt"),
+        lambda c: c.data.train_on_turns == "last" and c.data.train_on_prompt,
+        "'last' leaves earlier turns out of the loss; data.train_on_prompt puts it on all",
+    ),
     # Which data each objective needs, and the DPO limits that depend on other sections.
     Rule(
         ("data.path", "train.objective"),
@@ -323,277 +333,6 @@ RULES: tuple[Rule, ...] = (
             '"float32"'
         ),
     ),
-    # Secure aggregation: the coordinator sees the sum of the updates only.
-    Rule(
-        ("strategy.aggregator", "secagg.enabled"),
-        lambda c: c.secagg.enabled and c.strategy.aggregator_traits.needs_plain_updates,
-        lambda c: (
-            f"must be 'mean' {SECAGG}, and {c.strategy.aggregator!r} needs the single updates"
-        ),
-    ),
-    Rule(
-        ("strategy.name", "secagg.enabled"),
-        lambda c: c.secagg.enabled and c.strategy.client_state,
-        lambda c: (
-            f"{c.strategy.name} cannot be used {SECAGG}: it needs each client's own "
-            "state (e.g. SCAFFOLD's control variate)"
-        ),
-    ),
-    Rule(
-        ("strategy.lora_aggregation", "secagg.enabled"),
-        lambda c: c.secagg.enabled and exact(c),
-        f"must be 'separate' {SECAGG}: 'exact' needs each client's factors",
-    ),
-    Rule(
-        ("validation.max_update_norm", "secagg.enabled"),
-        lambda c: c.secagg.enabled and c.validation.max_update_norm is not None,
-        (
-            f"must be unset {SECAGG}: the bound needs each plaintext update (the "
-            "quantiser clips every entry to secagg.clip_range instead)"
-        ),
-    ),
-    Rule(
-        ("privacy.mode", "secagg.enabled"),
-        lambda c: c.secagg.enabled and c.privacy.mode == "central",
-        (
-            f"'central' cannot be used {SECAGG}: its clipping of each update is the "
-            "server's, so it would have to trust every client's; use 'local'"
-        ),
-    ),
-    Rule(
-        ("federation.mode", "secagg.enabled"),
-        lambda c: c.secagg.enabled and baseline(c),
-        lambda c: (
-            f"{c.federation.mode!r} is a baseline of one client: secagg.enabled has "
-            "nothing to aggregate"
-        ),
-    ),
-    Rule(
-        ("compression.upload", "secagg.enabled"),
-        lambda c: c.secagg.enabled and c.compression.encoded,
-        (
-            f"must be 'none' {SECAGG}: each client sends its masked, quantised vector "
-            "(secagg.bits per entry) in place of an encoded update"
-        ),
-    ),
-    Rule(
-        ("secagg.bits",),
-        lambda c: c.secagg.enabled and known_clients(c) and secagg_levels(c) < 255,
-        lambda c: (
-            f"{c.secagg.bits} bits leave the sum of {sampled(c)} clients "
-            f"{secagg_levels(c)} quantisation levels per entry, fewer than 8-bit quantisation's "
-            "255: raise it"
-        ),
-    ),
-    # Differential privacy: the combinations whose releases its analysis does not cover.
-    Rule(
-        ("strategy.aggregator", "privacy.mode"),
-        lambda c: c.privacy.mode == "off" and c.strategy.aggregator_traits.central_dp,
-        lambda c: (
-            f"{c.strategy.aggregator!r} is chosen by privacy.mode = 'central'; set that instead"
-        ),
-        name="DP aggregator without DP",
-    ),
-    Rule(
-        ("privacy.delta",),
-        lambda c: (
-            c.privacy.mode != "off"
-            and c.privacy.delta is None
-            and known_clients(c)
-            and c.partition.num_clients < 2
-        ),
-        "the default 1/N² is 1 with one client; set delta",
-    ),
-    Rule(
-        ("privacy.mode", "federation.mode"),
-        lambda c: c.privacy.mode != "off" and baseline(c),
-        lambda c: f"applies to federation.mode = 'federated' only, not {c.federation.mode!r}",
-    ),
-    Rule(
-        ("strategy.weighting", "privacy.mode"),
-        lambda c: c.privacy.mode != "off" and c.strategy.weighting != "uniform",
-        lambda c: (
-            f"must be 'uniform' with privacy.mode = {c.privacy.mode!r}: the record counts "
-            "n_k are each client's private data, and weighting by them changes what one client "
-            "can move the mean by (the sensitivity the noise is calibrated to)"
-        ),
-    ),
-    Rule(
-        ("strategy.name", "privacy.mode"),
-        lambda c: c.privacy.mode != "off" and c.strategy.client_state,
-        lambda c: (
-            f"{c.strategy.name} cannot be used with privacy.mode = {c.privacy.mode!r}: "
-            "its per-client state (e.g. SCAFFOLD's control variates) is a second, unclipped and "
-            "un-noised release of every client's gradients"
-        ),
-    ),
-    Rule(
-        ("federation.selection", "privacy.mode"),
-        lambda c: c.privacy.mode == "central" and c.federation.selection != "uniform",
-        (
-            "must be 'uniform' with privacy.mode = 'central': the accountant's "
-            "amplification by sampling assumes m of all N clients drawn uniformly"
-        ),
-    ),
-    Rule(
-        ("strategy.aggregator", "privacy.mode"),
-        lambda c: (
-            c.privacy.mode == "central"
-            and c.strategy.aggregator_traits.needs_plain_updates
-            and not c.strategy.aggregator_traits.central_dp
-        ),
-        lambda c: (
-            "must be 'mean' with privacy.mode = 'central': central DP is its own "
-            f"aggregator (the clipped, noised mean), not {c.strategy.aggregator!r}"
-        ),
-    ),
-    Rule(
-        ("strategy.lora_aggregation", "privacy.mode"),
-        lambda c: c.privacy.mode == "central" and exact(c),
-        (
-            "must be 'separate' with privacy.mode = 'central': 'exact' folds a residual "
-            "computed from the clients' un-noised adapters into the base weights"
-        ),
-    ),
-    # Attacks need a federation to attack, and data to poison.
-    Rule(
-        ("attack.kind", "federation.mode"),
-        lambda c: c.attack.kind != "none" and baseline(c),
-        lambda c: (
-            f"applies to federation.mode = 'federated' only, not {c.federation.mode!r} "
-            "(fedit compare trains its baselines clean)"
-        ),
-    ),
-    Rule(
-        ("attack.kind", "train.objective"),
-        lambda c: c.attack.kind in DATA_ATTACKS and c.train.objective == "dpo",
-        lambda c: (
-            f"{c.attack.kind!r} poisons instruction records, which train.objective = "
-            "'dpo' does not train on"
-        ),
-    ),
-    Rule(
-        ("attack.clients", "partition.num_clients"),
-        lambda c: known_clients(c) and any(k >= c.partition.num_clients for k in c.attack.clients),
-        lambda c: f"ids must be < partition.num_clients ({c.partition.num_clients})",
-    ),
-    # The engines' limits.
-    Rule(
-        ("deploy.clients",),
-        lambda c: not c.deploy.clients,
-        "list the data owners' public keys (one file each)",
-        engines=frozenset({"coordinate"}),
-    ),
-    Rule(
-        ("deploy.clients", "partition.num_clients"),
-        lambda c: len(c.deploy.clients) != c.partition.num_clients,
-        lambda c: (
-            f"{len(c.deploy.clients)} keys, but partition.num_clients is "
-            f"{c.partition.num_clients}; they are the same federation"
-        ),
-        engines=frozenset({"coordinate"}),
-    ),
-    Rule(
-        ("federation.mode",),
-        baseline,
-        lambda c: f"{c.federation.mode!r} is a baseline of one client; run it with `fedit train`",
-        engines=MESSAGING,
-    ),
-    Rule(
-        ("strategy.lora_aggregation",),
-        exact,
-        (
-            "'exact' folds a dense residual into the base weights each round, which the "
-            "runtime's workers (fed as a deployment's owners, with adapters only) never receive; "
-            "use 'separate', or `fedit train`"
-        ),
-        engines=frozenset({"simulate-ray"}),
-    ),
-    Rule(
-        ("secagg.enabled",),
-        lambda c: c.secagg.enabled,
-        (
-            "the runtime's workers answer any client's messages, so no client could keep "
-            "its secrets from one stage of a secure round to the next, and in one machine the "
-            "coordinator holds every update anyway; run secure aggregation with `fedit coordinate`"
-        ),
-        engines=frozenset({"simulate-ray"}),
-    ),
-    # Only `fedit train`'s engine measures a candidate's loss (no engine that messages its
-    # clients sends a loss query yet), and simulated devices stand in for real ones.
-    Rule(
-        ("federation.selection",),
-        lambda c: c.federation.selection == "power_of_choice",
-        (
-            "'power_of_choice' needs each candidate's loss before the round, which only "
-            "`fedit train`'s engine measures, not a deployment or the Ray runtime; use 'uniform'"
-        ),
-        engines=MESSAGING,
-    ),
-    Rule(
-        ("system.enabled",),
-        lambda c: c.system.enabled,
-        (
-            "simulated devices drop and time clients in `fedit train`'s engine only; a "
-            "deployment or the Ray runtime has real ones (deploy.round_timeout is their deadline)"
-        ),
-        engines=MESSAGING,
-    ),
-    Rule(
-        ("strategy.lora_aggregation",),
-        exact,
-        (
-            "'exact' folds a dense residual into every owner's base weights each round "
-            "(model-sized traffic); deployments use 'separate'"
-        ),
-        engines=frozenset({"coordinate"}),
-    ),
-    Rule(
-        ("federation.clients_per_round", "secagg.enabled"),
-        lambda c: c.secagg.enabled and sampled(c, len(c.deploy.clients)) < 2,
-        (
-            "secure aggregation (secagg.enabled) needs at least 2 clients a round (the "
-            "sum of one client's update is that update)"
-        ),
-        engines=frozenset({"coordinate"}),
-    ),
-    Rule(
-        ("secagg.enabled",),
-        lambda c: c.secagg.enabled,
-        (
-            "secure aggregation hides each update from a coordinator on another machine; "
-            "a simulation trains and aggregates every client in this process, so it has nothing "
-            "to hide: run it with `fedit coordinate`, or simulate the same config with "
-            "secagg.enabled = false"
-        ),
-        engines=frozenset({"train"}),
-    ),
-    # `fedit personalize` covers an SFT federation whose adapter holds the model.
-    Rule(
-        ("federation.mode",),
-        baseline,
-        lambda c: f"{c.federation.mode!r} has no clients to personalise",
-        engines=frozenset({"personalize"}),
-    ),
-    Rule(
-        ("train.objective",),
-        lambda c: c.train.objective != "sft",
-        "`fedit personalize` fine-tunes SFT federations only",
-        engines=frozenset({"personalize"}),
-    ),
-    Rule(
-        ("strategy.lora_aggregation",),
-        exact,
-        (
-            "'exact' keeps part of the model in a base residual, which local fine-tuning "
-            "from the adapter alone would drop; personalise a 'separate' run"
-        ),
-        engines=frozenset({"personalize"}),
-    ),
-    Rule(
-        ("lora.client_ranks",),
-        mixed_ranks,
-        "personalising mixed-rank clients is not built yet",
-        engines=frozenset({"personalize"}),
-    ),
+    *SECURITY_RULES,
+    *ENGINE_RULES,
 )

@@ -30,6 +30,7 @@ from fedit.data.partition import heldout_indices, partition_records
 from fedit.data.preferences import PreferencePair, read_preferences, synthetic_pairs
 from fedit.data.readers import read_records
 from fedit.data.records import Record
+from fedit.data.templates import NO_TURNS
 
 T = TypeVar("T")
 
@@ -91,6 +92,7 @@ def client_file_map(cfg: RunConfig) -> dict[str, dict[str, str]]:
     return found
 
 
+BUILT_IN = ("synthetic", "synthetic_chat")  # data sources generated, not read
 DATA_FILE_KEYS = ("path", "heldout_path", "preference_path", "heldout_preference_path")
 
 
@@ -101,7 +103,7 @@ def data_files(cfg: RunConfig) -> dict[str, list[str]]:
     found = {}
     for key in DATA_FILE_KEYS:
         source = getattr(cfg.data, key)
-        matches = [] if source in ("", "synthetic") else glob.glob(source)
+        matches = [] if source in ("", *BUILT_IN) else glob.glob(source)
         found[f"data.{key}"] = sorted((p for p in matches if Path(p).is_file()), key=_natural_key)
     return found
 
@@ -111,6 +113,10 @@ def _read_source(cfg: RunConfig, skipped: list[str]) -> list[Record]:
         from fedit.data.synthetic import generate_records
 
         return generate_records(cfg.data.synthetic_per_skill, cfg.seed)
+    if cfg.data.path == "synthetic_chat":
+        from fedit.data.synthetic import generate_conversations
+
+        return generate_conversations(cfg.data.synthetic_per_skill, cfg.seed)
     return _read(cfg.data.path, cfg, skipped, cfg.data.split)
 
 
@@ -172,8 +178,15 @@ def _split(
     return train, heldout, parts, removed
 
 
-def _record_prompt(record: Record) -> tuple[str, str]:
-    return record.instruction, record.context
+def _record_prompt(record: Record) -> tuple:
+    # a conversation's prompt is its last question after the earlier turns
+    return record.instruction, record.context, record.history
+
+
+def _require_turns(template: str, *record_sets: list[Record]) -> None:
+    """Refuse conversation records under a template without turns (before any model)."""
+    if template != "chat" and any(r.history for records in record_sets for r in records):
+        raise ConfigError(f"data.template: {NO_TURNS}")
 
 
 def _pair_prompt(pair: PreferencePair) -> tuple:
@@ -193,6 +206,7 @@ def prepare_records(cfg: RunConfig) -> PreparedRecords:
         records, owners = cap_owned(records, owners, data.max_records, cfg.seed)
     else:
         records = cap_records(_read_source(cfg, skipped), data.max_records, cfg.seed)
+    _require_turns(data.template, records, heldout_file or [])
     return PreparedRecords(*_split(records, owners, heldout_file, cfg, _record_prompt), skipped)
 
 

@@ -5,7 +5,8 @@ directory or a Hugging Face dataset.
 record raises ``DataFormatError`` naming the file, the line (or item) and the field, e.g.
 ``data/x.jsonl:17: field 'response': empty``; with ``on_bad_record="skip"`` such records
 are dropped and named instead (``skipped_summary``). ``write_records_jsonl`` writes records back
-in Dolly's fields, which ``read_records`` reads again unchanged.
+in Dolly's fields (conversations as OpenAI ``messages``), which ``read_records`` reads
+again unchanged.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ import csv
 import io
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from fedit.config import ConfigError
+from fedit.data.conversations import FORMATS, conversation_format, conversation_record
 from fedit.data.records import DataFormatError, Record
 from fedit.textfile import NotUTF8Error, read_utf8
 
@@ -32,13 +34,19 @@ FIELD_MAPS: dict[str, dict[str, str]] = {
     },
     "alpaca": {"instruction": "instruction", "context": "input", "response": "output"},
 }
+# What a file's first record may be, named when it is none of them.
+KNOWN_FORMATS = (
+    "dolly (instruction, response[, context, category]), alpaca (instruction, output[, input]), "
+    "a field map (data.fields), messages (OpenAI roles), sharegpt (conversations: from, value)"
+)
 REQUIRED = ("instruction", "response")
 OPTIONAL = ("context", "category")
 FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 SKIPPED_SHOWN = 3  # skipped records named in a summary line; the rest are counted
 # Keys under which conversation layouts keep a whole dialogue (OpenAI's, ShareGPT's), and
-# the key of Alpaca's earlier turns (LLaMA-Factory's "history"). fedit reads one prompt and
-# one response per record, so such a record is refused rather than read without its turns.
+# the key of Alpaca's earlier turns (LLaMA-Factory's "history"). SFT files in those two
+# layouts are read as conversations (fedit.data.conversations); preference pairs and
+# Alpaca's "history" are refused rather than read without their turns.
 CONVERSATION_KEYS = ("messages", "conversations")
 EARLIER_TURNS_KEY = "history"
 CONVERSATIONS_UNSUPPORTED = (
@@ -84,10 +92,12 @@ def read_records(
     """
     mapping = parse_fields(fields)
     bad: list[str] = []
-    records = []
+    records: list[Record] = []
+    read = None
     for where, row in iter_rows(source, split):
         try:
-            records.append(to_record(row, mapping, where))
+            read = read or record_reader(row, mapping, where)  # the file's format: its first row's
+            records.append(read(row, where))
         except DataFormatError as err:
             if on_bad_record != "skip":
                 raise
@@ -135,18 +145,40 @@ def iter_rows(source: str, split: str = "train") -> Iterator[tuple[str, Any]]:
     return _hf_rows(source, split)
 
 
+def record_reader(first: Any, mapping: dict[str, str], where: str) -> Callable[[Any, str], Record]:
+    """How to read every row of a file whose first row is `first`: as the single-turn
+    fields `mapping` names when it has them, else as the conversation layout it holds.
+    A first row of neither is refused, naming the formats that exist."""
+    fmt = conversation_format(first)
+    has_fields = isinstance(first, dict) and all(
+        first.get(mapping[name]) is not None for name in REQUIRED
+    )
+    if fmt and not has_fields:
+        return lambda row, at: conversation_record(row, fmt, at)
+    if isinstance(first, dict) and not has_fields and EARLIER_TURNS_KEY not in first:
+        missing = next(mapping[name] for name in REQUIRED if first.get(mapping[name]) is None)
+        raise DataFormatError(
+            f"{where}: field {missing!r}: missing, and no known record format fits the keys "
+            f"{', '.join(map(repr, first)) or '(none)'}; formats: {KNOWN_FORMATS}"
+        )
+    return lambda row, at: to_record(row, mapping, at)
+
+
 def to_record(row: Any, mapping: dict[str, str], where: str) -> Record:
     """Validate one raw row (a dict) and map it onto a Record; `where` prefixes errors."""
     if not isinstance(row, dict):
         raise DataFormatError(f"{where}: expected an object, got {type(row).__name__}")
-    if EARLIER_TURNS_KEY not in mapping.values():  # read, the record would lose its turns
-        refuse_conversation(row, where, (EARLIER_TURNS_KEY,))
+    if EARLIER_TURNS_KEY not in mapping.values() and _nonempty_list(row.get(EARLIER_TURNS_KEY)):
+        raise DataFormatError(  # read, the record would lose its turns
+            f"{where}: field {EARLIER_TURNS_KEY!r}: earlier turns are not read; give the "
+            "conversation as 'messages' (OpenAI roles) instead"
+        )
     values: dict[str, str] = {}
     for name, key in mapping.items():
         value = row.get(key)
         if value is None:  # absent key, JSON null, or a short CSV row
             if name in REQUIRED:
-                refuse_conversation(row, where)  # the likelier reason it is missing
+                _refuse_mixed(row, where)  # the likelier reason it is missing
                 raise DataFormatError(f"{where}: field {key!r}: missing")
             continue
         if not isinstance(value, str):
@@ -169,6 +201,21 @@ def refuse_conversation(row: dict, where: str, keys: tuple[str, ...] = CONVERSAT
         value = row.get(key)
         if isinstance(value, list) and value:
             raise DataFormatError(f"{where}: field {key!r}: {CONVERSATIONS_UNSUPPORTED}")
+
+
+def _nonempty_list(value: Any) -> bool:
+    return isinstance(value, list) and bool(value)
+
+
+def _refuse_mixed(row: dict, where: str) -> None:
+    """A conversation in a file read as single-turn records (its first record is one):
+    say so, rather than that a single-turn field is missing."""
+    fmt = conversation_format(row)
+    if fmt:
+        raise DataFormatError(
+            f"{where}: field {FORMATS[fmt][0]!r}: a {fmt} conversation in a file whose first "
+            "record is a single-turn record; one file holds one format"
+        )
 
 
 def _read_text(path: Path) -> str:
@@ -270,6 +317,10 @@ def write_records_jsonl(records: Iterable[Record], path: str | Path) -> Path:
                 "response": r.response,
                 "category": r.category,
             }
+            if r.history:  # a conversation keeps its turns, as OpenAI messages
+                turns = [*r.history, ("user", r.instruction), ("assistant", r.response)]
+                messages = [{"role": role, "content": text} for role, text in turns]
+                row = {"messages": messages, "category": r.category}
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
     return path

@@ -319,3 +319,36 @@ def wrong_answer(record: Record, rng: random.Random) -> str:
     if wrong.strip() == record.response.strip():  # guards the guarantee the tests check
         raise RuntimeError(f"wrong answer equals the right one for {record.instruction!r}")
     return wrong
+
+
+CHAT_SYSTEM_PROMPT = "Answer each question in as few words as it needs."
+
+
+def generate_conversations(per_skill: int, seed: int) -> list[Record]:
+    """``per_skill`` two-exchange conversations per skill (``data.path = "synthetic_chat"``):
+    a system turn, a question of that skill and its answer, then one of the next skill's.
+
+    Built as OpenAI ``messages`` rows and read by the conversation reader, so they take
+    the path a conversation file takes. ``category`` is the first skill's name (so the
+    partitioners still split by skill); each generated record is used in one conversation.
+    """
+    from fedit.data.conversations import conversation_record  # data's own module, not a cycle
+
+    records = generate_records(2 * per_skill, seed)
+    firsts = {name: records[k * 2 * per_skill :][:per_skill] for k, name in enumerate(SKILL_NAMES)}
+    seconds = {
+        name: records[(2 * k + 1) * per_skill :][:per_skill] for k, name in enumerate(SKILL_NAMES)
+    }
+    conversations = []
+    for k, name in enumerate(SKILL_NAMES):
+        following = seconds[SKILL_NAMES[(k + 1) % len(SKILL_NAMES)]]
+        for first, second in zip(firsts[name], following, strict=True):
+            turns = [{"role": "system", "content": CHAT_SYSTEM_PROMPT}]
+            for record in (first, second):
+                turns += [
+                    {"role": "user", "content": record.instruction},
+                    {"role": "assistant", "content": record.response},
+                ]
+            row = {"messages": turns, "category": name}
+            conversations.append(conversation_record(row, "messages", f"synthetic_chat {name}"))
+    return conversations

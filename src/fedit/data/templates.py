@@ -4,7 +4,9 @@
 "chat" is the tokenizer's own chat template with one user turn and the assistant's
 generation prompt, after a system turn when ``system_prompt`` is given (None: whatever the
 template itself puts first, e.g. SmolLM2's default system prompt; "": an empty system turn,
-which for SmolLM2 saves ~17 tokens on every record). Training and generation both render
+which for SmolLM2 saves ~17 tokens on every record). A conversation record's prompt is
+all its turns before the last reply, its own system turn winning over ``system_prompt``;
+"alpaca" has no turns and refuses it. Training and generation both render
 prompts here, so they always agree, and ``exported_chat_template`` writes the same rendering
 as a chat template for plain transformers.
 
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from fedit.config import ConfigError
+from fedit.data.conversations import chat_messages
 from fedit.data.records import Record
 
 if TYPE_CHECKING:
@@ -38,19 +41,22 @@ ALPACA_NO_INPUT = (
 )
 
 
+NO_TURNS = (
+    "'alpaca' has one prompt and one response, no turns: conversation records need 'chat' "
+    "(the model's own chat template)"
+)
+
+
 def _alpaca(record: Record, tokenizer: PreTrainedTokenizerBase, system_prompt: str | None) -> str:
+    if record.history:
+        raise ValueError(f"data.template: {NO_TURNS}")
     if record.context.strip():
         return ALPACA_WITH_INPUT.format(instruction=record.instruction, input=record.context)
     return ALPACA_NO_INPUT.format(instruction=record.instruction)
 
 
 def _chat(record: Record, tokenizer: PreTrainedTokenizerBase, system_prompt: str | None) -> str:
-    content = record.instruction
-    if record.context.strip():
-        content += "\n\n" + record.context
-    messages = [{"role": "user", "content": content}]
-    if system_prompt is not None:
-        messages.insert(0, {"role": "system", "content": system_prompt})
+    messages = chat_messages(record, system_prompt)[:-1]  # every turn before the answer
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 

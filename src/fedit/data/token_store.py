@@ -4,11 +4,12 @@ A simulation tokenises all its clients' records once. Held as Python lists, the 
 and labels of Dolly alone take ~90 MiB of memory, and a cross-device federation's records
 grow with its clients, while a round trains only a few of them. ``TokenStore`` keeps the
 ids of every example in one unnamed temporary file (int32, memory-mapped for reading:
-the operating system pages in what is read and may drop it again), plus four small
-arrays per example (offset, length, where its labels start, category). Labels need no
-space of their own: fedit's tokenisation (fedit.data.tokenize.tokenize_records) labels an
-example with its own ids, the prompt's replaced by -100 unless ``train_on_prompt``, so a
-label start rebuilds them exactly. A client's examples are a ``StoredExamples`` view;
+the operating system pages in what is read and may drop it again), plus small arrays per
+example (offset, length, category, its labelled spans). Labels need no space of their
+own: fedit's tokenisation (fedit.data.tokenize.tokenize_records) labels an example with its
+own ids, -100 outside the responses (one span for a single-turn record, one per trained
+assistant turn for a conversation, the whole example with ``train_on_prompt``), so the
+spans rebuild them exactly. A client's examples are a ``StoredExamples`` view;
 indexing one builds its ``TokenizedExample`` lists, and nothing of it stays in memory
 after the round that used it.
 
@@ -37,7 +38,8 @@ class TokenStore:
         self._written = 0  # tokens in the file
         self._offsets: list[int] | np.ndarray = []
         self._lengths: list[int] | np.ndarray = []
-        self._label_starts: list[int] | np.ndarray = []
+        self._span_firsts: list[int] | np.ndarray = []  # per example: its first span
+        self._spans: list[tuple[int, int]] | np.ndarray = []  # (start, stop) label spans
         self._category_codes: list[int] | np.ndarray = []
         self._categories: dict[str, int] = {}
         self._tokens: np.ndarray | None = None  # the memory map, once reading starts
@@ -49,12 +51,13 @@ class TokenStore:
             raise RuntimeError("TokenStore.add after reading started: add every client first")
         first = len(self._offsets)
         for example in examples:
-            label_start = _label_start(example)
+            spans = _label_spans(example)
             ids = np.asarray(example.input_ids, dtype=TOKEN_DTYPE)
             self._file.write(ids.tobytes())
             self._offsets.append(self._written)
             self._lengths.append(len(ids))
-            self._label_starts.append(label_start)
+            self._span_firsts.append(len(self._spans))
+            self._spans.extend(spans)
             code = self._categories.setdefault(example.category, len(self._categories))
             self._category_codes.append(code)
             self._written += len(ids)
@@ -65,8 +68,10 @@ class TokenStore:
         tokens = self._reader()
         start = int(self._offsets[index])
         ids = tokens[start : start + int(self._lengths[index])].tolist()
-        label_start = int(self._label_starts[index])
-        labels = [IGNORE_INDEX] * label_start + ids[label_start:]
+        labels = [IGNORE_INDEX] * len(ids)
+        last = self._span_firsts[index + 1] if index + 1 < len(self._span_firsts) else None
+        for start, stop in self._spans[self._span_firsts[index] : last].tolist():
+            labels[start:stop] = ids[start:stop]
         return TokenizedExample(ids, labels, self._names[int(self._category_codes[index])])
 
     def _reader(self) -> np.ndarray:
@@ -75,7 +80,8 @@ class TokenStore:
             self._file.flush()
             self._offsets = np.asarray(self._offsets, dtype=np.int64)
             self._lengths = np.asarray(self._lengths, dtype=np.int32)
-            self._label_starts = np.asarray(self._label_starts, dtype=np.int32)
+            self._span_firsts = np.asarray(self._span_firsts, dtype=np.int64)
+            self._spans = np.asarray(self._spans, dtype=np.int32).reshape(-1, 2)
             self._category_codes = np.asarray(self._category_codes, dtype=np.int32)
             self._names = list(self._categories)
             # np.memmap refuses an empty file; an empty store has nothing to map
@@ -114,14 +120,17 @@ def pooled(views: Sequence[StoredExamples]) -> StoredExamples:
     return StoredExamples(store, np.concatenate([v.indices for v in views]))
 
 
-def _label_start(example: TokenizedExample) -> int:
-    """Where the example's labels stop being -100; refused unless the labels are its ids
-    from there on (the only labels fedit's tokenisation writes, and all the store keeps)."""
-    labels, ids = example.labels, example.input_ids
-    start = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
-    if len(labels) != len(ids) or labels[start:] != ids[start:]:
+def _label_spans(example: TokenizedExample) -> list[tuple[int, int]]:
+    """The (start, stop) runs where the example's labels are not -100; refused unless the
+    labels are its ids there (the only labels fedit's tokenisation writes, and all the
+    store keeps)."""
+    labels, ids = np.asarray(example.labels), np.asarray(example.input_ids)
+    trained = labels != IGNORE_INDEX
+    if len(labels) != len(ids) or (labels[trained] != ids[trained]).any():
         raise ValueError(
-            "TokenStore keeps prompt-masked examples only: labels must be -100 on a prefix "
-            "and the input ids after it"
+            "TokenStore keeps masked examples only: labels must be -100 or the input id at "
+            "each position"
         )
-    return start
+    edges = np.diff(trained.astype(np.int8), prepend=0, append=0)  # +1 starts, -1 stops a run
+    starts, stops = np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist()
+    return list(zip(starts, stops, strict=True))

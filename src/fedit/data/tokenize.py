@@ -17,8 +17,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from fedit.data.conversations import chat_messages
 from fedit.data.records import Record
-from fedit.data.templates import render_prompt, response_frame
+from fedit.data.templates import NO_TURNS, ResponseFrame, render_prompt, response_frame
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -119,26 +120,79 @@ def tokenize_records(
     max_seq_len: int,
     train_on_prompt: bool = False,
     system_prompt: str | None = None,
+    turns: str = "all",
 ) -> tuple[list[TokenizedExample], TruncationReport]:
     """Tokenise records into training examples, truncating each to max_seq_len.
 
     Truncation cuts from the end. A record whose prompt alone fills max_seq_len keeps no
-    response token, so it is dropped rather than trained on, and counted in the report.
+    response token (a conversation: no token of a trained assistant turn), so it is
+    dropped rather than trained on, and counted in the report. A conversation's loss is on
+    its assistant turns (`turns`: "all" or "last", see ``conversation_tokens``).
     """
     frame = response_frame(template, tokenizer)
-    prompts = [render_prompt(r, template, tokenizer, system_prompt) for r in records]
-    responses = [frame.before + r.response + frame.after for r in records]
-    pieces = split_whole_texts(tokenizer, prompts, responses)
+    single = [r for r in records if not r.history]
+    prompts = [render_prompt(r, template, tokenizer, system_prompt) for r in single]
+    responses = [frame.before + r.response + frame.after for r in single]
+    pieces = iter(split_whole_texts(tokenizer, prompts, responses))
     examples: list[TokenizedExample] = []
     truncated = dropped = 0
-    for record, (prompt, response) in zip(records, pieces, strict=True):
-        input_ids = (prompt + response + [frame.end_id])[:max_seq_len]
-        if len(input_ids) < len(prompt) + len(response) + 1:
-            truncated += 1
-        if len(input_ids) <= len(prompt):
+    for record in records:
+        if record.history and template != "chat":
+            raise ValueError(f"data.template: {NO_TURNS}")
+        if record.history:
+            ids, trained = conversation_tokens(record, tokenizer, frame, system_prompt, turns)
+        else:
+            prompt, response = next(pieces)
+            ids = prompt + response + [frame.end_id]
+            trained = [False] * len(prompt) + [True] * (len(response) + 1)
+        truncated += len(ids) > max_seq_len
+        ids, trained = ids[:max_seq_len], trained[:max_seq_len]
+        if not any(trained):
             dropped += 1
             continue
-        prompt_labels = prompt if train_on_prompt else [IGNORE_INDEX] * len(prompt)
-        labels = prompt_labels + input_ids[len(prompt) :]
-        examples.append(TokenizedExample(input_ids, labels, record.category))
+        masked = [t if on else IGNORE_INDEX for t, on in zip(ids, trained, strict=True)]
+        labels = list(ids) if train_on_prompt else masked
+        examples.append(TokenizedExample(ids, labels, record.category))
     return examples, TruncationReport(len(records), truncated, dropped)
+
+
+def conversation_tokens(
+    record: Record,
+    tokenizer: PreTrainedTokenizerBase,
+    frame: ResponseFrame,
+    system_prompt: str | None,
+    turns: str = "all",
+) -> tuple[list[int], list[bool]]:
+    """(ids of the whole conversation as the chat template renders it, which of them carry
+    loss): every assistant turn's, or only the last's (`turns` = "last"), each with its
+    end-of-turn token, never a system or user token.
+
+    A turn's span is found by rendering prefixes, as a single-turn response's is: it starts
+    where the ids stop agreeing with those of the conversation rendered up to that turn's
+    generation prompt, and ends after the ids of that prefix + the turn + its end token.
+    A template that renders an earlier turn differently from how it rendered it as the
+    last (one that drops earlier reasoning) has no such spans, and is refused.
+    """
+    messages = chat_messages(record, system_prompt)
+    whole = tokenizer.apply_chat_template(messages, tokenize=False)
+    end_text = tokenizer.convert_ids_to_tokens(frame.end_id)
+    replies = [n for n, m in enumerate(messages) if m["role"] == "assistant"]
+    bounds: list[str] = []
+    for n in replies[-1:] if turns == "last" else replies:
+        prompt = tokenizer.apply_chat_template(
+            messages[:n], tokenize=False, add_generation_prompt=True
+        )
+        turn = prompt + frame.before + messages[n]["content"] + frame.after + end_text
+        if not whole.startswith(turn):
+            raise ValueError(
+                f"the chat template does not render assistant turn {n} of a conversation "
+                f"as it renders a reply closed by {end_text!r}; fedit cannot tell which "
+                "tokens are that turn's"
+            )
+        bounds += [prompt, turn]
+    ids, *bound_ids = _batch_ids(tokenizer, [whole, *bounds])
+    trained = [False] * len(ids)
+    for start_ids, stop_ids in zip(bound_ids[::2], bound_ids[1::2], strict=True):
+        start, stop = common_prefix_len(start_ids, ids), common_prefix_len(stop_ids, ids)
+        trained[start:stop] = [True] * (stop - start)
+    return ids, trained

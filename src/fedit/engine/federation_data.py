@@ -250,6 +250,7 @@ def _tokenize(
         data.max_seq_len,
         data.train_on_prompt if train_on_prompt is None else train_on_prompt,
         system_prompt=data.system_prompt,
+        turns=data.train_on_turns,
     )
 
 
