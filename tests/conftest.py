@@ -27,6 +27,15 @@ FEDIT = [sys.executable, "-m", "fedit.cli.main"]
 DOLLY = REPO.parent / "shared" / "data" / "databricks-dolly-15k.jsonl"
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread, and the tests share the CPU with other jobs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"))

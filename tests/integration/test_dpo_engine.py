@@ -23,14 +23,7 @@ from fedit.server.strategies import STRATEGIES
 from fedit.server.strategies.fedavgm import FedAvgM
 from tests.conftest import tiny_run_overrides
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and the tests share the CPU with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def dpo_config(model_dir: Path, output_dir: Path, **extra: object) -> RunConfig:

@@ -22,14 +22,7 @@ from fedit.models.loading import load_model, quantization_config
 from fedit.models.tiny import FAMILIES, byte_tokenizer, make_tiny_model
 from tests.conftest import tiny_run_overrides
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and the tests share the CPU with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))

@@ -25,13 +25,7 @@ from tests.conftest import BadStep, CountingHook, check_token_cap_keeps_the_grad
 CFG = TrainConfig(micro_batch_size=2, grad_accum_steps=2, max_steps=4, mixed_precision="off")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and the tests share the CPU with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
