@@ -22,6 +22,8 @@ from safetensors.torch import load_file
 
 from fedit.config import RunConfig, load_config, rules
 from fedit.data.preferences import synthetic_pairs
+from fedit.data.readers import read_records, write_records_jsonl
+from fedit.data.synthetic import generate_conversations
 from fedit.deploy import coordinator
 from fedit.deploy.coordinator import CoordinatorSide
 from fedit.deploy.flower.flower_io import NodeInfo
@@ -257,6 +259,21 @@ def test_fedsa_lora_deploys_as_it_simulates(
     assert len(simulated) == len(owned) > 0
     for a, b in zip(simulated, owned, strict=True):
         assert a.parts[-2:] == b.parts[-2:] and a.read_bytes() == b.read_bytes()
+
+
+def test_conversations_deploy_as_they_simulate(
+    monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Each owner reads its own file of multi-turn `messages` records and tokenises them
+    under the chat template with the code the simulated clients run: the same adapters."""
+    sim, dep, files, keys = configs(tmp_path, tiny_model_dir, "fedavg", **{"data.template": "chat"})
+    chats = generate_conversations(per_skill=3, seed=3)
+    for k, path in enumerate(files):
+        write_records_jsonl(chats[k::3], path)
+    assert all(record.history for record in read_records(str(files[0])))
+    Simulation(sim, show_progress=False).run()
+    deploy_rounds(monkeypatch, dep, LoopbackOwners(owners_for(tmp_path, files, dep), keys))
+    assert_same_adapters(sim, dep)
 
 
 @pytest.mark.parametrize(
